@@ -1,0 +1,177 @@
+//! Runs one exec on the agent: its own process group in the workspace, output streamed as binary
+//! frames, timeout and cancel enforced on the whole group.
+//!
+//! Owns nothing beyond the one child process; the session decides when to run and cancel.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::protocol::{ExecSpec, ExitStatus, OUTPUT_CHUNK_BYTES, Stream, encode_output};
+
+/// Time a cancelled job gets between SIGTERM and SIGKILL.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+async fn pump<R: AsyncRead + Unpin>(
+    mut r: R,
+    stream: Stream,
+    exec_id: u64,
+    out: mpsc::Sender<Message>,
+) {
+    let mut buf = vec![0u8; OUTPUT_CHUNK_BYTES];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                let frame = encode_output(stream, exec_id, &buf[..n]);
+                if out.send(Message::Binary(frame.into())).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn killpg(pgid: i32, sig: i32) {
+    // SAFETY: signalling the job's own process group.
+    unsafe {
+        libc::killpg(pgid, sig);
+    }
+}
+
+/// Runs `spec`; output frames go to `out`, the returned status is the exit to report.
+/// `pids` holds the job's leader pid while it runs (so housekeeping leaves it alone).
+pub async fn run(
+    exec_id: u64,
+    spec: ExecSpec,
+    workspace: &Path,
+    out: mpsc::Sender<Message>,
+    cancel: CancellationToken,
+    pids: Arc<Mutex<HashSet<i32>>>,
+) -> ExitStatus {
+    let mut cmd = match (&spec.argv, &spec.script) {
+        (Some(argv), _) if !argv.is_empty() => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+        (_, Some(script)) => {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(script);
+            c
+        }
+        _ => {
+            return ExitStatus {
+                error: Some("exec names no program".into()),
+                ..Default::default()
+            };
+        }
+    };
+    let cwd = match &spec.cwd {
+        Some(c) if Path::new(c).is_absolute() => Path::new(c).to_path_buf(),
+        Some(c) => workspace.join(c),
+        None => workspace.to_path_buf(),
+    };
+    cmd.current_dir(&cwd)
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let what = spec
+                .argv
+                .as_ref()
+                .map(|a| a[0].clone())
+                .unwrap_or_else(|| "sh".into());
+            return ExitStatus {
+                error: Some(format!("cannot start {what} in {}: {e}", cwd.display())),
+                ..Default::default()
+            };
+        }
+    };
+    let pid = child.id().unwrap_or(0) as i32;
+    pids.lock().expect("lock").insert(pid);
+    let readers = [
+        tokio::spawn(pump(
+            child.stdout.take().expect("piped"),
+            Stream::Stdout,
+            exec_id,
+            out.clone(),
+        )),
+        tokio::spawn(pump(
+            child.stderr.take().expect("piped"),
+            Stream::Stderr,
+            exec_id,
+            out,
+        )),
+    ];
+    let timeout = async {
+        match spec.timeout_ms {
+            Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let mut st = ExitStatus::default();
+    let status = tokio::select! {
+        s = child.wait() => s,
+        _ = timeout => {
+            st.timed_out = true;
+            killpg(pid, libc::SIGKILL);
+            child.wait().await
+        }
+        _ = cancel.cancelled() => {
+            st.cancelled = true;
+            killpg(pid, libc::SIGTERM);
+            match tokio::time::timeout(CANCEL_GRACE, child.wait()).await {
+                Ok(s) => s,
+                Err(_) => {
+                    killpg(pid, libc::SIGKILL);
+                    child.wait().await
+                }
+            }
+        }
+    };
+    // Output written before exit is drained; a background process that keeps the pipes open
+    // does not hold the exit back for long (it is a leftover, killed on release).
+    for r in readers {
+        let abort = r.abort_handle();
+        if tokio::time::timeout(Duration::from_millis(500), r)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
+    }
+    if st.timed_out || st.cancelled {
+        killpg(pid, libc::SIGKILL);
+    }
+    pids.lock().expect("lock").remove(&pid);
+    match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            st.code = s.code();
+            st.signal = s.signal();
+        }
+        Err(e) => st.error = Some(format!("wait failed: {e}")),
+    }
+    st
+}

@@ -1,0 +1,368 @@
+//! `warmpool agent`: dials the hub, registers, heartbeats, runs execs, cleans up after leases.
+//!
+//! Owns the agent's side of the remoting protocol and its reconnect policy (jittered
+//! exponential backoff). Each exec runs in its own process group in the workspace
+//! ([`exec`]); on `release` the agent kills every leftover descendant and wipes the workspace
+//! ([`procs`]) before reporting `ready` with its health. The agent is a child subreaper so jobs
+//! cannot escape cleanup by daemonising.
+
+pub mod exec;
+pub mod procs;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::Health;
+use crate::protocol::{AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, close};
+
+/// Errors of one agent session.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Could not connect or the connection broke.
+    #[error("hub {hub}: {message}")]
+    Transport {
+        /// Hub URL.
+        hub: String,
+        /// What happened.
+        message: String,
+    },
+    /// The hub refused the registration.
+    #[error("hub refused agent {agent}: {reason} (close code {code})")]
+    Refused {
+        /// Agent id.
+        agent: String,
+        /// Close code.
+        code: u16,
+        /// Close reason.
+        reason: String,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Hub URL (`ws://host:port/v1/agents/connect`).
+    pub hub: String,
+    /// Agent id.
+    pub agent_id: String,
+    /// HMAC token.
+    pub token: String,
+    /// Pool name, when known.
+    pub pool: Option<String>,
+    /// Labels to report.
+    pub labels: Vec<String>,
+    /// Workspace directory (wiped after each lease).
+    pub workspace: PathBuf,
+    /// Longest pause between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+/// How a session ended.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    /// Drained or terminated by the hub, or shutdown: exit.
+    Exit(String),
+    /// Connection lost: reconnect.
+    Lost(String),
+}
+
+struct Current {
+    exec_id: u64,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Runs the agent until it is drained, terminated by the hub, or `shutdown` fires.
+pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
+    procs::become_subreaper();
+    std::fs::create_dir_all(&cfg.workspace).map_err(|e| Error::Transport {
+        hub: cfg.hub.clone(),
+        message: format!("cannot create workspace {}: {e}", cfg.workspace.display()),
+    })?;
+    let pids = Arc::new(Mutex::new(HashSet::new()));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started = Instant::now();
+        let end = session(&cfg, &shutdown, pids.clone()).await;
+        match &end {
+            Ok(End::Exit(why)) => {
+                tracing::info!(agent = %cfg.agent_id, why = %why, "agent exiting");
+                break;
+            }
+            Ok(End::Lost(why)) => {
+                tracing::warn!(agent = %cfg.agent_id, why = %why, "connection lost")
+            }
+            Err(e) => tracing::warn!(agent = %cfg.agent_id, error = %e, "cannot register"),
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        // Full jitter: a fleet reconnecting after a hub restart spreads out.
+        let pause = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.cancelled() => break,
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+    procs::kill_leftovers(&HashSet::new(), Duration::from_secs(2)).await;
+    Ok(())
+}
+
+fn health(cfg: &AgentConfig, pids: &Arc<Mutex<HashSet<i32>>>) -> Health {
+    let keep = pids.lock().expect("lock").clone();
+    procs::reap_orphans(&keep);
+    Health {
+        workspace_bytes: procs::dir_bytes(&cfg.workspace),
+        leftover_processes: procs::leftovers(&keep).len() as u32,
+    }
+}
+
+async fn health_async(cfg: &AgentConfig, pids: &Arc<Mutex<HashSet<i32>>>) -> Health {
+    let (cfg, pids) = (cfg.clone(), pids.clone());
+    tokio::task::spawn_blocking(move || health(&cfg, &pids))
+        .await
+        .unwrap_or_default()
+}
+
+fn json(m: &AgentMessage) -> Message {
+    Message::Text(serde_json::to_string(m).expect("serialisable").into())
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    shutdown: &CancellationToken,
+    pids: Arc<Mutex<HashSet<i32>>>,
+) -> Result<End> {
+    let transport = |message: String| Error::Transport {
+        hub: cfg.hub.clone(),
+        message,
+    };
+    let ws_cfg = WebSocketConfig::default()
+        .max_message_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES))
+        .max_frame_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES));
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(&cfg.hub, Some(ws_cfg), true)
+        .await
+        .map_err(|e| transport(e.to_string()))?;
+    let (mut sink, mut stream) = ws.split();
+    let hello = AgentMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        agent_id: cfg.agent_id.clone(),
+        pool: cfg.pool.clone(),
+        token: cfg.token.clone(),
+        labels: cfg.labels.clone(),
+        lease: None,
+        health: health_async(cfg, &pids).await,
+    };
+    sink.send(json(&hello))
+        .await
+        .map_err(|e| transport(e.to_string()))?;
+    let interval = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .map_err(|_| transport("no welcome within 10s".into()))?;
+        match m {
+            Some(Ok(Message::Text(t))) => match serde_json::from_str::<HubMessage>(&t) {
+                Ok(HubMessage::Welcome {
+                    heartbeat_interval_ms,
+                    ..
+                }) => break Duration::from_millis(heartbeat_interval_ms.max(100)),
+                _ => return Err(transport(format!("expected welcome, got {t}"))),
+            },
+            Some(Ok(Message::Close(Some(f)))) => {
+                let code = u16::from(f.code);
+                if code == close::TERMINATED {
+                    return Ok(End::Exit(f.reason.to_string()));
+                }
+                return Err(Error::Refused {
+                    agent: cfg.agent_id.clone(),
+                    code,
+                    reason: f.reason.to_string(),
+                });
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(other)) => return Err(transport(format!("expected welcome, got {other:?}"))),
+            Some(Err(e)) => return Err(transport(e.to_string())),
+            None => return Err(transport("closed before welcome".into())),
+        }
+    };
+    tracing::info!(agent = %cfg.agent_id, hub = %cfg.hub, "registered");
+
+    // Single writer; everything else sends through the bounded channel.
+    let (tx, mut rx) = mpsc::channel::<Message>(256);
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            let closing = matches!(m, Message::Close(_));
+            if sink.send(m).await.is_err() || closing {
+                break;
+            }
+        }
+    });
+    let heartbeat = {
+        let (tx, cfg, pids) = (tx.clone(), cfg.clone(), pids.clone());
+        tokio::spawn(async move {
+            let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            loop {
+                iv.tick().await;
+                let health = health_async(&cfg, &pids).await;
+                if tx
+                    .send(json(&AgentMessage::Heartbeat { health }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        })
+    };
+    let current: Arc<Mutex<Option<Current>>> = Arc::new(Mutex::new(None));
+    let mut cleanup: Option<JoinHandle<()>> = None;
+    let mut draining = false;
+    let hub_silence = interval * 3;
+    let end = loop {
+        if draining && current.lock().expect("lock").is_none() {
+            break End::Exit("drained".into());
+        }
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break End::Exit("shutdown signal".into()),
+            m = tokio::time::timeout(hub_silence, stream.next()) => match m {
+                Err(_) => break End::Lost(format!("hub silent for {hub_silence:?}")),
+                Ok(None) => break End::Lost("connection closed".into()),
+                Ok(Some(Err(e))) => break End::Lost(e.to_string()),
+                Ok(Some(Ok(m))) => m,
+            },
+            // Wake up to re-check the drain condition when a job finishes.
+            _ = tokio::time::sleep(Duration::from_millis(100)), if draining => continue,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(f) => {
+                let (code, reason) = f
+                    .map(|f| (u16::from(f.code), f.reason.to_string()))
+                    .unwrap_or((1005, String::new()));
+                if code == close::TERMINATED {
+                    break End::Exit(format!("terminated by hub: {reason}"));
+                }
+                break End::Lost(format!("closed by hub ({code}): {reason}"));
+            }
+            _ => continue,
+        };
+        let m = match serde_json::from_str::<HubMessage>(&text) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a message this agent does not understand");
+                continue;
+            }
+        };
+        match m {
+            HubMessage::Heartbeat {} | HubMessage::Welcome { .. } => {}
+            HubMessage::Exec { exec_id, spec } => {
+                let mut cur = current.lock().expect("lock");
+                if cur.is_some() || draining {
+                    let status = ExitStatus {
+                        error: Some(format!("agent {} is busy or draining", cfg.agent_id)),
+                        ..Default::default()
+                    };
+                    let _ = tx.try_send(json(&AgentMessage::Exit { exec_id, status }));
+                    continue;
+                }
+                let cancel = CancellationToken::new();
+                let (tx2, ws, pids2, cur2, c2) = (
+                    tx.clone(),
+                    cfg.workspace.clone(),
+                    pids.clone(),
+                    current.clone(),
+                    cancel.clone(),
+                );
+                let task = tokio::spawn(async move {
+                    let status = exec::run(exec_id, spec, &ws, tx2.clone(), c2, pids2).await;
+                    let _ = tx2
+                        .send(json(&AgentMessage::Exit { exec_id, status }))
+                        .await;
+                    let mut cur = cur2.lock().expect("lock");
+                    if cur.as_ref().is_some_and(|c| c.exec_id == exec_id) {
+                        *cur = None;
+                    }
+                });
+                *cur = Some(Current {
+                    exec_id,
+                    cancel,
+                    task,
+                });
+            }
+            HubMessage::Cancel { exec_id } => {
+                if let Some(c) = current.lock().expect("lock").as_ref()
+                    && c.exec_id == exec_id
+                {
+                    c.cancel.cancel();
+                }
+            }
+            HubMessage::Release { lease } => {
+                let running = current.lock().expect("lock").take();
+                let (tx2, cfg2, pids2) = (tx.clone(), cfg.clone(), pids.clone());
+                let previous = cleanup.take();
+                cleanup = Some(tokio::spawn(async move {
+                    if let Some(p) = previous {
+                        let _ = p.await;
+                    }
+                    if let Some(c) = running {
+                        c.cancel.cancel();
+                        let _ = c.task.await;
+                    }
+                    let left = procs::kill_leftovers(&HashSet::new(), Duration::from_secs(5)).await;
+                    if left > 0 {
+                        tracing::warn!(left, "leftover processes survived SIGKILL");
+                    }
+                    let ws = cfg2.workspace.clone();
+                    let wiped = tokio::task::spawn_blocking(move || procs::wipe(&ws)).await;
+                    if let Ok(Err(e)) = wiped {
+                        tracing::warn!(error = %e, "workspace not fully wiped");
+                    }
+                    let health = health_async(&cfg2, &pids2).await;
+                    let _ = tx2
+                        .send(json(&AgentMessage::Ready {
+                            lease: Some(lease),
+                            health,
+                        }))
+                        .await;
+                }));
+            }
+            HubMessage::Drain { reason } => {
+                tracing::info!(reason = %reason, "draining");
+                draining = true;
+            }
+        }
+    };
+    // Stop whatever runs, say goodbye, and let the writer flush.
+    if let Some(c) = current.lock().expect("lock").take() {
+        c.cancel.cancel();
+        c.task.abort();
+    }
+    heartbeat.abort();
+    if let End::Exit(why) = &end {
+        let _ = tx
+            .send(Message::Close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: CloseCode::Away,
+                    reason: why.clone().into(),
+                },
+            )))
+            .await;
+    }
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+    Ok(end)
+}

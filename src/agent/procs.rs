@@ -1,0 +1,159 @@
+//! Process-tree and workspace housekeeping for the agent (Linux `/proc`).
+//!
+//! The agent makes itself a child subreaper, so every process a job leaves behind (even a
+//! double-forked daemon) stays its descendant and can be counted and killed on release. This
+//! module reads `/proc`, sends signals and walks the workspace; it keeps no state.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Makes this process the reaper of its orphaned descendants.
+pub fn become_subreaper() {
+    // SAFETY: prctl with plain integer arguments.
+    unsafe {
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+}
+
+/// (pid, parent pid, state char) of every process.
+fn table() -> Vec<(i32, i32, char)> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for ent in rd.flatten() {
+        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // The command name may contain spaces and parentheses; fields follow the last ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push((pid, ppid, state));
+    }
+    out
+}
+
+/// Live (non-zombie) descendants of this process, excluding `keep` and their descendants.
+pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let t = table();
+    let mut children: HashMap<i32, Vec<(i32, char)>> = HashMap::new();
+    for (pid, ppid, st) in &t {
+        children.entry(*ppid).or_default().push((*pid, *st));
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![me];
+    while let Some(p) = stack.pop() {
+        for (c, st) in children.get(&p).cloned().unwrap_or_default() {
+            if keep.contains(&c) {
+                continue;
+            }
+            if st != 'Z' {
+                out.push(c);
+            }
+            stack.push(c);
+        }
+    }
+    out
+}
+
+/// Reaps zombie children that nobody else waits for (orphans re-parented to us).
+pub fn reap_orphans(keep: &HashSet<i32>) {
+    let me = std::process::id() as i32;
+    for (pid, ppid, st) in table() {
+        if ppid == me && st == 'Z' && !keep.contains(&pid) {
+            // SAFETY: waitpid on a specific zombie child, non-blocking.
+            unsafe {
+                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+            }
+        }
+    }
+}
+
+/// Kills every descendant except `keep`, waiting up to `timeout` for them to go.
+/// Returns how many were still alive afterwards.
+pub async fn kill_leftovers(keep: &HashSet<i32>, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = leftovers(keep);
+        reap_orphans(keep);
+        if left.is_empty() {
+            return 0;
+        }
+        if Instant::now() >= deadline {
+            return left.len();
+        }
+        for pid in &left {
+            // SAFETY: signalling processes that are our own descendants.
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Bytes under `dir` (files and symlinks themselves; links are not followed).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for ent in rd.flatten() {
+            let Ok(md) = ent.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                stack.push(ent.path());
+            } else {
+                total += md.len();
+            }
+        }
+    }
+    total
+}
+
+/// Removes everything inside `dir`, keeping `dir` itself. Returns the first error.
+pub fn wipe(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut first_err = None;
+    for ent in std::fs::read_dir(dir)?.flatten() {
+        let p = ent.path();
+        let r = match p.symlink_metadata() {
+            Ok(md) if md.is_dir() => std::fs::remove_dir_all(&p),
+            Ok(_) => std::fs::remove_file(&p),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    first_err.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_bytes_and_wipe() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("a/b")).unwrap();
+        std::fs::write(d.path().join("a/b/f"), vec![0u8; 1000]).unwrap();
+        std::fs::write(d.path().join("g"), vec![0u8; 24]).unwrap();
+        assert_eq!(dir_bytes(d.path()), 1024);
+        wipe(d.path()).unwrap();
+        assert_eq!(dir_bytes(d.path()), 0);
+        assert!(d.path().exists());
+    }
+}

@@ -1,0 +1,536 @@
+//! The HTTP lease API (axum): leases, pools, the exec WebSocket, the hub endpoint, probes and
+//! metrics. Documented in docs/API.md.
+//!
+//! Handlers translate HTTP to service calls and back; they hold no state of their own. Errors
+//! are JSON `{"error":{"code","message"}}` with the matching status. Waiting lease requests are
+//! withdrawn when their client disconnects (the handler future is dropped).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Lease, LeaseError, LeaseRequest, PoolStatus};
+use crate::hub::{self, ExecEvent};
+use crate::labels::Expr;
+use crate::protocol::{ClientMessage, ServerMessage};
+use crate::service::{Requested, Service};
+
+/// Longest `waitSeconds` accepted.
+pub const MAX_WAIT_SECONDS: f64 = 3600.0;
+/// Longest `ttlSeconds` accepted.
+pub const MAX_TTL_SECONDS: f64 = 86_400.0;
+
+/// Shared handler state.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The service.
+    pub svc: Arc<Service>,
+    /// Bearer token required on `/v1/leases` and `/v1/pools`, when set.
+    pub api_token: Option<Arc<String>>,
+}
+
+/// An API error: status, machine code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Machine code.
+    pub code: String,
+    /// Human message naming the lease, pool or agent concerned.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Builds an error.
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code: code.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The JSON error body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Inside the error body.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Machine code.
+    pub code: String,
+    /// Human message.
+    pub message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<LeaseError> for ApiError {
+    fn from(e: LeaseError) -> ApiError {
+        let status = match &e {
+            LeaseError::Unsatisfiable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            LeaseError::WaitExpired { .. } => StatusCode::REQUEST_TIMEOUT,
+            LeaseError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            LeaseError::NotFound(_) => StatusCode::NOT_FOUND,
+            LeaseError::Ended { .. } | LeaseError::DuplicateRequest(_) => StatusCode::CONFLICT,
+            LeaseError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError::new(status, e.code(), e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text())
+    }
+}
+
+/// `POST /v1/leases` body.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateLease {
+    /// Label expression (Jenkins syntax); empty matches any agent.
+    #[serde(default)]
+    pub selector: String,
+    /// How long to wait for an agent (default 60).
+    #[serde(default)]
+    pub wait_seconds: Option<f64>,
+    /// Lease TTL; renew before it passes (default 300).
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+    /// Who holds the lease (free text: CI job URL, user@host).
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// Same key, same active lease: retries do not take a second agent.
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// `POST /v1/leases/{id}/renew` body (optional).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RenewLease {
+    /// New TTL; the lease then expires this long from now.
+    #[serde(default)]
+    pub ttl_seconds: Option<f64>,
+}
+
+/// A lease as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaseView {
+    /// Lease id.
+    pub id: String,
+    /// Agent id.
+    pub agent: String,
+    /// Pool.
+    pub pool: String,
+    /// The pool's labels.
+    pub labels: Vec<String>,
+    /// Holder.
+    pub holder: String,
+    /// Selector requested.
+    pub selector: String,
+    /// `active`, `released`, `expired` or `failed`.
+    pub state: String,
+    /// RFC 3339.
+    pub granted_at: String,
+    /// RFC 3339; renew before.
+    pub expires_at: String,
+    /// Renewal period.
+    pub ttl_seconds: f64,
+    /// Why it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<String>,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn view(svc: &Service, l: &Lease) -> LeaseView {
+    LeaseView {
+        id: l.id.clone(),
+        agent: l.agent.clone(),
+        pool: l.pool.clone(),
+        labels: l.labels.clone(),
+        holder: l.holder.clone(),
+        selector: l.selector.clone(),
+        state: l.state.as_str().to_string(),
+        granted_at: rfc3339(svc.wall(l.granted)),
+        expires_at: rfc3339(svc.wall(l.expires)),
+        ttl_seconds: l.ttl.as_secs_f64(),
+        end_reason: l.end_reason.clone(),
+    }
+}
+
+fn seconds(v: Option<f64>, default: f64, max: f64, field: &str) -> Result<Duration, ApiError> {
+    let s = v.unwrap_or(default);
+    if !s.is_finite() || s < 0.0 || s > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("{field} must be between 0 and {max}, got {s}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+/// Builds the router.
+pub fn router(state: ApiState) -> Router {
+    let svc = state.svc.clone();
+    let max = svc.cfg.max_frame_bytes;
+    let protected = Router::new()
+        .route("/v1/leases", post(create_lease))
+        .route("/v1/leases/{id}", get(get_lease).delete(delete_lease))
+        .route("/v1/leases/{id}/renew", post(renew_lease))
+        .route("/v1/leases/{id}/exec", get(exec_socket))
+        .route("/v1/pools", get(list_pools))
+        .route("/v1/pools/{name}", get(get_pool))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .merge(protected)
+        .route(
+            "/v1/agents/connect",
+            get(
+                move |State(st): State<ApiState>, ws: WebSocketUpgrade| async move {
+                    if !st.svc.hub.admit_handshake() {
+                        st.svc
+                            .metrics
+                            .rejected_connections
+                            .with_label_values(&["handshake-rate"])
+                            .inc();
+                        return ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "handshake_rate_limited",
+                            "too many agent handshakes per second; retry with backoff",
+                        )
+                        .into_response();
+                    }
+                    let svc = st.svc.clone();
+                    ws.max_message_size(max)
+                        .max_frame_size(max)
+                        .on_upgrade(move |socket| hub::serve_agent(svc, socket))
+                        .into_response()
+                },
+            ),
+        )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see docs/API.md",
+            )
+        })
+        .with_state(state)
+}
+
+async fn require_token(
+    State(st): State<ApiState>,
+    headers: HeaderMap,
+    req: Request,
+    next: Next,
+) -> Response {
+    if let Some(want) = &st.api_token {
+        let got = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !crate::auth::secrets_equal(got.trim().as_bytes(), want.as_bytes()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn create_lease(
+    State(st): State<ApiState>,
+    body: Result<Json<CreateLease>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let selector = Expr::parse(&body.selector)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_selector", e.to_string()))?;
+    let wait = seconds(body.wait_seconds, 60.0, MAX_WAIT_SECONDS, "waitSeconds")?;
+    let ttl = seconds(body.ttl_seconds, 300.0, MAX_TTL_SECONDS, "ttlSeconds")?;
+    if ttl.is_zero() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "ttlSeconds must be above 0",
+        ));
+    }
+    let req = LeaseRequest {
+        selector,
+        selector_text: body.selector.clone(),
+        wait,
+        ttl,
+        holder: body.holder.unwrap_or_default(),
+        idempotency_key: body.idempotency_key.filter(|k| !k.is_empty()),
+    };
+    let lease = match st.svc.request_lease(req)? {
+        Requested::Now(l, existing) => {
+            let status = if existing {
+                StatusCode::OK
+            } else {
+                StatusCode::CREATED
+            };
+            return Ok((status, Json(view(&st.svc, &l))).into_response());
+        }
+        Requested::Waiting(p) => p.outcome().await?,
+    };
+    Ok((StatusCode::CREATED, Json(view(&st.svc, &lease))).into_response())
+}
+
+async fn get_lease(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let l = st
+        .svc
+        .read(|e| e.lease(&id).cloned())
+        .ok_or(LeaseError::NotFound(id))?;
+    Ok(Json(view(&st.svc, &l)))
+}
+
+async fn renew_lease(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    body: Option<Json<RenewLease>>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let ttl = match body.and_then(|b| b.0.ttl_seconds) {
+        Some(s) => Some(seconds(Some(s), 0.0, MAX_TTL_SECONDS, "ttlSeconds")?),
+        None => None,
+    };
+    let l = st.svc.apply(|e, now| e.renew(&id, ttl, now))?;
+    Ok(Json(view(&st.svc, &l)))
+}
+
+async fn delete_lease(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<LeaseView>, ApiError> {
+    let l = st.svc.apply(|e, now| e.release(&id, now))?;
+    Ok(Json(view(&st.svc, &l)))
+}
+
+async fn list_pools(State(st): State<ApiState>) -> Json<Vec<PoolStatus>> {
+    Json(st.svc.pools())
+}
+
+async fn get_pool(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<PoolStatus>, ApiError> {
+    st.svc
+        .pools()
+        .into_iter()
+        .find(|p| p.name == name)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "pool_not_found",
+                format!("pool {name} not found"),
+            )
+        })
+}
+
+async fn metrics(State(st): State<ApiState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.svc.render_metrics(),
+    )
+}
+
+async fn readyz(State(st): State<ApiState>) -> Response {
+    if st.svc.is_ready() {
+        "ready\n".into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "warmpool is shutting down",
+        )
+        .into_response()
+    }
+}
+
+async fn exec_socket(
+    State(st): State<ApiState>,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let lease = st.svc.read(|e| e.active_lease(&id).cloned())?;
+    let svc = st.svc.clone();
+    let max = svc.cfg.max_frame_bytes;
+    Ok(ws
+        .max_message_size(max)
+        .on_upgrade(move |socket| run_exec(svc, lease, socket)))
+}
+
+async fn send_json(socket: &mut WebSocket, m: &ServerMessage) -> bool {
+    let text = serde_json::to_string(m).expect("serialisable");
+    socket.send(Message::Text(text.into())).await.is_ok()
+}
+
+async fn fail(socket: &mut WebSocket, code: &str, message: String) {
+    let _ = send_json(
+        socket,
+        &ServerMessage::Error {
+            code: code.into(),
+            message,
+        },
+    )
+    .await;
+    let _ = socket.send(Message::Close(None)).await;
+}
+
+/// One exec: read the request, start it on the lease's agent, stream output, send the exit.
+async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
+    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let spec = match first {
+        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ClientMessage>(&t) {
+            Ok(ClientMessage::Exec(spec)) => spec,
+            Ok(ClientMessage::Cancel) => {
+                return fail(&mut socket, "invalid_request", "cancel before exec".into()).await;
+            }
+            Err(e) => {
+                return fail(
+                    &mut socket,
+                    "invalid_request",
+                    format!("malformed exec request: {e}"),
+                )
+                .await;
+            }
+        },
+        Ok(_) => {
+            return fail(
+                &mut socket,
+                "invalid_request",
+                "expected an exec request text frame".into(),
+            )
+            .await;
+        }
+        Err(_) => {
+            return fail(
+                &mut socket,
+                "invalid_request",
+                "no exec request within 30s".into(),
+            )
+            .await;
+        }
+    };
+    if let Err(e) = spec.validate() {
+        return fail(
+            &mut socket,
+            "invalid_request",
+            format!("invalid exec request: {e}"),
+        )
+        .await;
+    }
+    // The lease may have ended while the socket was being upgraded.
+    if let Err(e) = svc.read(|e| e.active_lease(&lease.id).map(|_| ())) {
+        return fail(&mut socket, e.code(), e.to_string()).await;
+    }
+    let started = std::time::Instant::now();
+    let (exec_id, mut rx) = match svc.hub.start_exec(&svc, &lease.agent, &lease.id, spec) {
+        Ok(x) => x,
+        Err(e) => {
+            return fail(
+                &mut socket,
+                "agent_unavailable",
+                format!("lease {}: {e}", lease.id),
+            )
+            .await;
+        }
+    };
+    tracing::debug!(lease = %lease.id, agent = %lease.agent, exec_id, "exec started");
+    if !send_json(
+        &mut socket,
+        &ServerMessage::Started {
+            exec_id,
+            agent: lease.agent.clone(),
+        },
+    )
+    .await
+    {
+        svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+        return;
+    }
+    let mut first_byte = true;
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                if first_byte {
+                    first_byte = false;
+                    svc.metrics.exec_ttfb.with_label_values(&[&lease.pool]).observe(started.elapsed().as_secs_f64());
+                }
+                match ev {
+                    Some(ExecEvent::Output(frame)) => {
+                        if socket.send(Message::Binary(frame)).await.is_err() {
+                            svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+                            return;
+                        }
+                    }
+                    Some(ExecEvent::Exit(status)) => {
+                        let _ = send_json(&mut socket, &ServerMessage::Exit(status)).await;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return;
+                    }
+                    Some(ExecEvent::Lost(why)) => return fail(&mut socket, "agent_lost", why).await,
+                    None => return fail(&mut socket, "agent_lost", format!("agent {} went away", lease.agent)).await,
+                }
+            }
+            m = socket.recv() => match m {
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(ClientMessage::Cancel) = serde_json::from_str::<ClientMessage>(&t) {
+                        // Keep the route: the agent answers with an exit (cancelled).
+                        svc.hub.send(
+                            &svc,
+                            &lease.agent,
+                            crate::protocol::HubMessage::Cancel { exec_id },
+                        );
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
+                    tracing::info!(lease = %lease.id, exec_id, "exec client left; cancelling");
+                    svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+                    return;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+}

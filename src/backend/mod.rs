@@ -1,0 +1,73 @@
+//! Backends: where agents come from and how they are stopped.
+//!
+//! A backend receives `provision` and `terminate` requests from the service's action dispatcher
+//! and must never block it: work is spawned, and outcomes come back as [`BackendEvent`]s on an
+//! unbounded channel (bounded in practice by a few events per agent). Backends know nothing of
+//! leases or sizing; that is the engine's job.
+
+pub mod process;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::mpsc;
+
+use crate::engine::AgentId;
+use crate::spec::PoolSpec;
+
+/// What the service asks a backend to start.
+#[derive(Debug, Clone)]
+pub struct ProvisionRequest {
+    /// Pool name.
+    pub pool: String,
+    /// The id the agent must register with.
+    pub agent: AgentId,
+    /// The agent's HMAC token.
+    pub token: String,
+    /// The pool's spec.
+    pub spec: PoolSpec,
+}
+
+/// What a backend reports back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendEvent {
+    /// The agent was started (process spawned, pod running).
+    Started {
+        /// Agent.
+        agent: AgentId,
+    },
+    /// The agent could not be started.
+    Failed {
+        /// Pool.
+        pool: String,
+        /// Agent.
+        agent: AgentId,
+        /// Why, for people.
+        error: String,
+    },
+    /// The agent is gone (process reaped, pod deleted).
+    Exited {
+        /// Agent.
+        agent: AgentId,
+        /// How it ended.
+        detail: String,
+    },
+}
+
+/// Where backend events go.
+pub type EventSink = mpsc::UnboundedSender<BackendEvent>;
+
+/// A boxed future, for the object-safe trait.
+pub type BoxFuture<'a> = Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+/// A source of agents.
+pub trait Backend: Send + Sync + 'static {
+    /// Short name (`process`, `kubernetes`).
+    fn name(&self) -> &'static str;
+    /// Starts one agent; must return at once.
+    fn provision(&self, req: ProvisionRequest, events: EventSink);
+    /// Stops one agent (idempotent); must return at once. Reports `Exited` when it is gone.
+    fn terminate(&self, agent: &str, events: EventSink);
+    /// Stops every agent and resolves once all are gone.
+    fn shutdown(&self) -> BoxFuture<'_>;
+}

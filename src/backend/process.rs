@@ -1,0 +1,212 @@
+//! The `process` backend: every agent is a local child process (`warmpool agent` by default,
+//! or the pool's `agentCommand`), in its own process group, with its own workspace directory
+//! under the service's work dir.
+//!
+//! Termination is SIGTERM, then SIGKILL to the agent's process group after a grace period; the
+//! child is always reaped and its directory removed before `Exited` is reported. Agents also get
+//! `PR_SET_PDEATHSIG` so they die with the service even if it is killed with SIGKILL.
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::process::Command;
+use tokio::sync::{Notify, oneshot};
+
+use super::{Backend, BackendEvent, BoxFuture, EventSink, ProvisionRequest};
+
+/// Settings of the process backend.
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// The `warmpool` executable agents run (`warmpool agent`).
+    pub agent_exe: PathBuf,
+    /// Hub URL agents dial (`ws://127.0.0.1:7420/v1/agents/connect`).
+    pub hub_url: String,
+    /// Directory for agents' workspaces (`<work_dir>/agents/<agent-id>`).
+    pub work_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL.
+    pub grace: Duration,
+}
+
+struct Child {
+    pid: u32,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+/// The process backend.
+pub struct ProcessBackend {
+    cfg: ProcessConfig,
+    children: Arc<DashMap<String, Child>>,
+    gone: Arc<Notify>,
+}
+
+impl ProcessBackend {
+    /// A backend with no agents yet.
+    pub fn new(cfg: ProcessConfig) -> ProcessBackend {
+        ProcessBackend {
+            cfg,
+            children: Arc::new(DashMap::new()),
+            gone: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Pids of the live agent processes.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(|c| c.pid).collect()
+    }
+}
+
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "exited".into(),
+        },
+        Err(e) => format!("wait failed: {e}"),
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn provision(&self, req: ProvisionRequest, events: EventSink) {
+        let dir = self.cfg.work_dir.join("agents").join(&req.agent);
+        let workspace = dir.join("workspace");
+        let failed = |error: String| {
+            let _ = events.send(BackendEvent::Failed {
+                pool: req.pool.clone(),
+                agent: req.agent.clone(),
+                error,
+            });
+        };
+        if let Err(e) = std::fs::create_dir_all(&workspace) {
+            failed(format!(
+                "cannot create workspace {}: {e}",
+                workspace.display()
+            ));
+            return;
+        }
+        let mut cmd = match &req.spec.agent_command {
+            Some(argv) => {
+                let mut c = Command::new(&argv[0]);
+                c.args(&argv[1..]);
+                c
+            }
+            None => {
+                let mut c = Command::new(&self.cfg.agent_exe);
+                c.arg("agent");
+                c
+            }
+        };
+        cmd.env("WARMPOOL_HUB", &self.cfg.hub_url)
+            .env("WARMPOOL_AGENT_ID", &req.agent)
+            .env("WARMPOOL_TOKEN", &req.token)
+            .env("WARMPOOL_POOL", &req.pool)
+            .env("WARMPOOL_LABELS", req.spec.labels.join(","))
+            .env("WARMPOOL_WORKSPACE", &workspace)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .process_group(0)
+            .kill_on_drop(true);
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let program = req
+                    .spec
+                    .agent_command
+                    .as_ref()
+                    .map(|a| a[0].clone())
+                    .unwrap_or_else(|| self.cfg.agent_exe.display().to_string());
+                failed(format!("cannot start {program}: {e}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                return;
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let (kill_tx, kill_rx) = oneshot::channel();
+        self.children.insert(
+            req.agent.clone(),
+            Child {
+                pid,
+                kill: Some(kill_tx),
+            },
+        );
+        let _ = events.send(BackendEvent::Started {
+            agent: req.agent.clone(),
+        });
+        let children = self.children.clone();
+        let gone = self.gone.clone();
+        let grace = self.cfg.grace;
+        let agent = req.agent;
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = kill_rx => {
+                    // SAFETY: plain syscalls on our own child's pid / process group.
+                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                    match tokio::time::timeout(grace, child.wait()).await {
+                        Ok(s) => s,
+                        Err(_) => {
+                            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+                            let _ = child.start_kill();
+                            child.wait().await
+                        }
+                    }
+                }
+            };
+            // Anything left in the agent's own process group goes too.
+            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+            let detail = describe(status);
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+            children.remove(&agent);
+            gone.notify_waiters();
+            let _ = events.send(BackendEvent::Exited { agent, detail });
+        });
+    }
+
+    fn terminate(&self, agent: &str, _events: EventSink) {
+        if let Some(mut c) = self.children.get_mut(agent)
+            && let Some(k) = c.kill.take()
+        {
+            let _ = k.send(());
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_> {
+        Box::pin(async move {
+            for mut c in self.children.iter_mut() {
+                if let Some(k) = c.kill.take() {
+                    let _ = k.send(());
+                }
+            }
+            let deadline =
+                tokio::time::Instant::now() + self.cfg.grace * 2 + Duration::from_secs(1);
+            while !self.children.is_empty() {
+                let notified = self.gone.notified();
+                if self.children.is_empty() {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                    tracing::error!(
+                        left = self.children.len(),
+                        "agents still running after shutdown deadline"
+                    );
+                    break;
+                }
+            }
+        })
+    }
+}

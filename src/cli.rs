@@ -1,0 +1,237 @@
+//! Command-line definitions (clap derive). Every flag has an `env` twin; each component's flags
+//! are a flattened struct. Parsing only: `main.rs` acts on the result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::spec::Dur;
+
+/// warmpool keeps CI build agents warm and leases them by label in milliseconds.
+#[derive(Debug, Parser)]
+#[command(name = "warmpool", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Logging.
+    #[command(flatten)]
+    pub log: LogArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: pool engine, agent hub, lease API, metrics.
+    Serve(ServeArgs),
+    /// Run one agent (started by the service, or by a pod).
+    Agent(AgentArgs),
+    /// Lease an agent, run a command on it, stream its output, exit with its code.
+    Run(RunArgs),
+    /// Show the pools.
+    Status(StatusArgs),
+}
+
+/// Log format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging flags.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log format.
+    #[arg(
+        long,
+        env = "WARMPOOL_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info,warmpool=debug`.
+    #[arg(long, env = "WARMPOOL_LOG", global = true)]
+    pub log: Option<String>,
+}
+
+/// Backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Agents are local child processes.
+    Process,
+}
+
+fn dur(s: &str) -> Result<Dur, String> {
+    Dur::parse(s)
+}
+
+/// `warmpool serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address for the lease API, the agent hub and /metrics.
+    #[arg(long, env = "WARMPOOL_LISTEN", default_value = "127.0.0.1:7420")]
+    pub listen: SocketAddr,
+    /// Where agents come from.
+    #[arg(long, env = "WARMPOOL_BACKEND", value_enum, default_value = "process")]
+    pub backend: BackendKind,
+    /// Pools file (YAML `pools: [...]`). Without it, the built-in pool `default` is served.
+    #[arg(long, env = "WARMPOOL_POOLS")]
+    pub pools: Option<PathBuf>,
+    /// File holding the API bearer token. Required to listen on a non-loopback address.
+    #[arg(long, env = "WARMPOOL_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// File holding the key agent tokens derive from (default: a random key per start).
+    #[arg(long, env = "WARMPOOL_AGENT_KEY_FILE")]
+    pub agent_key_file: Option<PathBuf>,
+    /// Directory for agents' workspaces (default: a fresh temporary directory).
+    #[arg(long, env = "WARMPOOL_WORK_DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// URL agents dial (default: derived from --listen).
+    #[arg(long, env = "WARMPOOL_HUB_URL")]
+    pub hub_url: Option<String>,
+    /// Heartbeat period between hub and agents; 3 missed heartbeats lose the agent.
+    #[arg(long, env = "WARMPOOL_HEARTBEAT_INTERVAL", value_parser = dur, default_value = "5s")]
+    pub heartbeat_interval: Dur,
+    /// Agent handshakes accepted per second (protects the service during reconnect storms).
+    #[arg(long, env = "WARMPOOL_HANDSHAKES_PER_SECOND", default_value_t = 50)]
+    pub handshakes_per_second: u32,
+    /// Largest WebSocket message accepted, in bytes.
+    #[arg(long, env = "WARMPOOL_MAX_FRAME_BYTES", default_value_t = crate::protocol::DEFAULT_MAX_FRAME_BYTES)]
+    pub max_frame_bytes: usize,
+    /// Lease requests allowed to wait at once (more are answered 429).
+    #[arg(long, env = "WARMPOOL_MAX_WAITERS", default_value_t = 1024)]
+    pub max_waiters: usize,
+    /// On shutdown, how long running leases may continue before their agents are stopped.
+    #[arg(long, env = "WARMPOOL_SHUTDOWN_GRACE", value_parser = dur, default_value = "30s")]
+    pub shutdown_grace: Dur,
+    /// The executable agents run as `<exe> agent` (default: this executable).
+    #[arg(long, env = "WARMPOOL_AGENT_EXE", hide = true)]
+    pub agent_exe: Option<PathBuf>,
+}
+
+/// `warmpool agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Hub URL, e.g. ws://127.0.0.1:7420/v1/agents/connect.
+    #[arg(long, env = "WARMPOOL_HUB")]
+    pub hub: String,
+    /// This agent's id (given by the service).
+    #[arg(long, env = "WARMPOOL_AGENT_ID")]
+    pub agent_id: String,
+    /// This agent's token (given by the service).
+    #[arg(long, env = "WARMPOOL_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Pool name.
+    #[arg(long, env = "WARMPOOL_POOL")]
+    pub pool: Option<String>,
+    /// Labels to report, comma-separated.
+    #[arg(long, env = "WARMPOOL_LABELS", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Workspace directory, wiped after every lease.
+    #[arg(long, env = "WARMPOOL_WORKSPACE", default_value = "workspace")]
+    pub workspace: PathBuf,
+    /// Longest pause between reconnect attempts.
+    #[arg(long, env = "WARMPOOL_MAX_BACKOFF", value_parser = dur, default_value = "10s")]
+    pub max_backoff: Dur,
+}
+
+/// How to reach the service.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Service URL.
+    #[arg(long, env = "WARMPOOL_SERVER", default_value = "http://127.0.0.1:7420")]
+    pub server: String,
+    /// File holding the API bearer token.
+    #[arg(long, env = "WARMPOOL_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+}
+
+/// `warmpool run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Service.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Label expression (Jenkins syntax), e.g. 'linux && (go || rust)'.
+    #[arg(long, short = 's', env = "WARMPOOL_SELECTOR", default_value = "")]
+    pub selector: String,
+    /// How long to wait for an agent.
+    #[arg(long, env = "WARMPOOL_WAIT", value_parser = dur, default_value = "60s")]
+    pub wait: Dur,
+    /// Lease TTL; renewed while the command runs.
+    #[arg(long, env = "WARMPOOL_TTL", value_parser = dur, default_value = "60s")]
+    pub ttl: Dur,
+    /// Kill the command after this long.
+    #[arg(long, env = "WARMPOOL_TIMEOUT", value_parser = dur)]
+    pub timeout: Option<Dur>,
+    /// Working directory on the agent, relative to its workspace.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Extra environment for the command, KEY=VALUE (repeatable).
+    #[arg(long = "env", short = 'e', value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
+    pub command: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Output formats of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned table.
+    Table,
+    /// JSON array of pool statuses.
+    Json,
+}
+
+/// `warmpool status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Service.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_takes_the_command_verbatim() {
+        let c = Cli::try_parse_from([
+            "warmpool",
+            "run",
+            "--selector",
+            "linux",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 3",
+        ])
+        .unwrap();
+        let Command::Run(r) = c.command else { panic!() };
+        assert_eq!(r.command, ["sh", "-c", "echo hi; exit 3"]);
+        assert_eq!(r.selector, "linux");
+    }
+}

@@ -1,0 +1,1034 @@
+//! The pool engine: a pure, synchronous state machine with time passed in.
+//!
+//! Owns agent states, leases, the FIFO wait queue, recycling decisions and pool sizing. Callers
+//! feed it events (`request_lease`, `agent_connected`, `tick`, ...) with the current `Instant`;
+//! it records [`Action`]s (provision, terminate, grant, release) that the async shell executes and
+//! collects with [`Engine::take_actions`]. It never does I/O, never sleeps and never blocks.
+//!
+//! Sizing is level-triggered: [`Engine::reconcile`] recomputes desired versus actual for every
+//! pool from scratch after each event, so a lost event is repaired on the next pass. The only
+//! external input to sizing is the [`Pacer`] (the provisioning rate limiter).
+
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+pub use types::*;
+
+use crate::spec::PoolSpec;
+
+/// Decides whether one more agent may be provisioned for a pool now (the rate limiter).
+pub trait Pacer: Send {
+    /// Called when a pool is added or its spec changes.
+    fn configure(&mut self, pool: &str, spec: &PoolSpec);
+    /// Takes one provisioning token for `pool`; false when throttled.
+    fn try_acquire(&mut self, pool: &str) -> bool;
+}
+
+/// A pacer that never throttles (tests, benches).
+#[derive(Debug, Default)]
+pub struct Unpaced;
+
+impl Pacer for Unpaced {
+    fn configure(&mut self, _: &str, _: &PoolSpec) {}
+    fn try_acquire(&mut self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Engine-wide settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// An agent silent for this long is considered lost.
+    pub heartbeat_timeout: Duration,
+    /// An agent that has not reported ready this long after a release is terminated.
+    pub cleanup_timeout: Duration,
+    /// Maximum requests waiting at once.
+    pub max_waiters: usize,
+    /// Ended leases remembered for `GET /v1/leases/{id}`.
+    pub lease_history: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            heartbeat_timeout: Duration::from_secs(30),
+            cleanup_timeout: Duration::from_secs(120),
+            max_waiters: 1024,
+            lease_history: 4096,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pool {
+    spec: PoolSpec,
+    labels: std::collections::BTreeSet<String>,
+    removed: bool,
+    throttled: bool,
+    throttled_total: u64,
+    leaks_total: u64,
+    provision_failures_total: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: RequestId,
+    req: LeaseRequest,
+    enqueued: Instant,
+    deadline: Instant,
+}
+
+/// The pool engine. See the module docs.
+pub struct Engine {
+    cfg: EngineConfig,
+    instance: String,
+    pacer: Box<dyn Pacer>,
+    pools: BTreeMap<String, Pool>,
+    agents: HashMap<AgentId, Agent>,
+    leases: HashMap<LeaseId, Lease>,
+    ended: VecDeque<LeaseId>,
+    waiters: VecDeque<Waiter>,
+    keys: HashMap<String, LeaseId>,
+    actions: Vec<Action>,
+    seq: u64,
+    shutting_down: bool,
+}
+
+impl Engine {
+    /// A new engine. `instance` is a short random string that makes ids unique across restarts.
+    pub fn new(cfg: EngineConfig, instance: &str, pacer: Box<dyn Pacer>) -> Engine {
+        Engine {
+            cfg,
+            instance: instance.to_string(),
+            pacer,
+            pools: BTreeMap::new(),
+            agents: HashMap::new(),
+            leases: HashMap::new(),
+            ended: VecDeque::new(),
+            waiters: VecDeque::new(),
+            keys: HashMap::new(),
+            actions: Vec::new(),
+            seq: 0,
+            shutting_down: false,
+        }
+    }
+
+    /// Actions recorded since the last call.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    // ---- pools -------------------------------------------------------------------------------
+
+    /// Adds a pool or replaces its spec. The caller has validated the spec.
+    pub fn upsert_pool(&mut self, name: &str, spec: PoolSpec, now: Instant) {
+        self.pacer.configure(name, &spec);
+        let labels = spec.label_set();
+        match self.pools.get_mut(name) {
+            Some(p) => {
+                p.spec = spec;
+                p.labels = labels;
+                p.removed = false;
+            }
+            None => {
+                self.pools.insert(
+                    name.to_string(),
+                    Pool {
+                        spec,
+                        labels,
+                        removed: false,
+                        throttled: false,
+                        throttled_total: 0,
+                        leaks_total: 0,
+                        provision_failures_total: 0,
+                        last_error: None,
+                    },
+                );
+            }
+        }
+        self.reconcile(now);
+    }
+
+    /// Removes a pool: idle agents stop now, leased ones when released; the pool disappears once
+    /// it has no agents.
+    pub fn remove_pool(&mut self, name: &str, now: Instant) {
+        if let Some(p) = self.pools.get_mut(name) {
+            p.removed = true;
+        }
+        let ids: Vec<AgentId> = self
+            .agents
+            .values()
+            .filter(|a| a.pool == name && a.state != AgentState::Leased)
+            .map(|a| a.id.clone())
+            .collect();
+        for id in ids {
+            self.terminate(&id, Reason::PoolRemoved, now);
+        }
+        self.reconcile(now);
+    }
+
+    /// Names of the pools.
+    pub fn pool_names(&self) -> Vec<String> {
+        self.pools.keys().cloned().collect()
+    }
+
+    // ---- leases ------------------------------------------------------------------------------
+
+    /// Requests a lease. Grants at once when an agent is free, fails at once when no pool can
+    /// ever satisfy the selector, otherwise queues FIFO until `wait` runs out.
+    pub fn request_lease(
+        &mut self,
+        req: LeaseRequest,
+        now: Instant,
+    ) -> Result<LeaseDecision, LeaseError> {
+        if self.shutting_down {
+            return Err(LeaseError::ShuttingDown);
+        }
+        if let Some(key) = &req.idempotency_key {
+            if let Some(l) = self.keys.get(key).and_then(|id| self.leases.get(id))
+                && l.state == LeaseState::Active
+            {
+                return Ok(LeaseDecision::Existing(l.clone()));
+            }
+            if self
+                .waiters
+                .iter()
+                .any(|w| w.req.idempotency_key.as_deref() == Some(key))
+            {
+                return Err(LeaseError::DuplicateRequest(key.clone()));
+            }
+        }
+        if !self
+            .pools
+            .values()
+            .any(|p| !p.removed && p.spec.max_total > 0 && req.selector.matches(&p.labels))
+        {
+            return Err(LeaseError::Unsatisfiable {
+                selector: req.selector_text.clone(),
+                pools: self.describe_pools(),
+            });
+        }
+        if self.waiters.len() >= self.cfg.max_waiters {
+            return Err(LeaseError::QueueFull {
+                limit: self.cfg.max_waiters,
+            });
+        }
+        let id = self.next_seq();
+        let deadline = now + req.wait;
+        let wait_zero = req.wait.is_zero();
+        let selector = req.selector_text.clone();
+        self.waiters.push_back(Waiter {
+            id,
+            req,
+            enqueued: now,
+            deadline,
+        });
+        self.reconcile(now);
+        // Served at once? Take the grant out of the action list and answer directly.
+        if let Some(pos) = self
+            .actions
+            .iter()
+            .position(|a| matches!(a, Action::Granted { request, .. } if *request == id))
+        {
+            let Action::Granted { lease, .. } = self.actions.remove(pos) else {
+                unreachable!()
+            };
+            return Ok(LeaseDecision::Granted(lease));
+        }
+        if wait_zero {
+            self.waiters.retain(|w| w.id != id);
+            self.reconcile(now);
+            return Err(LeaseError::WaitExpired {
+                selector,
+                waited_ms: 0,
+            });
+        }
+        Ok(LeaseDecision::Queued(id))
+    }
+
+    /// Withdraws a waiting request (its client went away). True when it was still waiting.
+    pub fn cancel_request(&mut self, id: RequestId, now: Instant) -> bool {
+        let before = self.waiters.len();
+        self.waiters.retain(|w| w.id != id);
+        let removed = self.waiters.len() != before;
+        if removed {
+            self.reconcile(now);
+        }
+        removed
+    }
+
+    /// A lease by id (active or recently ended).
+    pub fn lease(&self, id: &str) -> Option<&Lease> {
+        self.leases.get(id)
+    }
+
+    /// The active lease an agent serves.
+    pub fn active_lease(&self, id: &str) -> Result<&Lease, LeaseError> {
+        let l = self
+            .leases
+            .get(id)
+            .ok_or_else(|| LeaseError::NotFound(id.to_string()))?;
+        if l.state != LeaseState::Active {
+            return Err(LeaseError::Ended {
+                id: id.to_string(),
+                state: l.state.as_str().to_string(),
+                reason: l.end_reason.clone().unwrap_or_default(),
+            });
+        }
+        Ok(l)
+    }
+
+    /// Extends an active lease by its TTL (or by `ttl` when given, which becomes the new TTL).
+    pub fn renew(
+        &mut self,
+        id: &str,
+        ttl: Option<Duration>,
+        now: Instant,
+    ) -> Result<Lease, LeaseError> {
+        self.active_lease(id)?;
+        let l = self.leases.get_mut(id).expect("checked above");
+        if let Some(t) = ttl {
+            l.ttl = t;
+        }
+        l.expires = now + l.ttl;
+        Ok(l.clone())
+    }
+
+    /// Releases an active lease: the agent cleans up and returns to idle if it has uses left,
+    /// otherwise it is replaced.
+    pub fn release(&mut self, id: &str, now: Instant) -> Result<Lease, LeaseError> {
+        self.active_lease(id)?;
+        let lease = self.end_lease(id, LeaseState::Released, "released by holder".into(), now);
+        self.recycle_after_lease(&lease.agent, now);
+        self.reconcile(now);
+        Ok(lease)
+    }
+
+    fn end_lease(&mut self, id: &str, state: LeaseState, reason: String, _now: Instant) -> Lease {
+        let l = self.leases.get_mut(id).expect("lease exists");
+        debug_assert_eq!(l.state, LeaseState::Active);
+        l.state = state;
+        l.end_reason = Some(reason);
+        let lease = l.clone();
+        if let Some(k) = &lease.idempotency_key {
+            self.keys.remove(k);
+        }
+        self.ended.push_back(lease.id.clone());
+        while self.ended.len() > self.cfg.lease_history {
+            if let Some(old) = self.ended.pop_front() {
+                self.leases.remove(&old);
+            }
+        }
+        if let Some(a) = self.agents.get_mut(&lease.agent)
+            && a.lease.as_deref() == Some(id)
+        {
+            a.lease = None;
+        }
+        self.actions.push(Action::LeaseEnded {
+            lease: lease.clone(),
+        });
+        lease
+    }
+
+    /// After a lease ends normally: clean and reuse, or replace.
+    fn recycle_after_lease(&mut self, agent: &str, now: Instant) {
+        let Some(a) = self.agents.get(agent) else {
+            return;
+        };
+        if a.state != AgentState::Leased {
+            return;
+        }
+        let pool = &self.pools[&a.pool];
+        let spec = &pool.spec;
+        let reason = if pool.removed {
+            Some(Reason::PoolRemoved)
+        } else if spec.max_uses > 0 && a.uses >= spec.max_uses {
+            Some(Reason::MaxUses)
+        } else if now.duration_since(a.created) >= spec.max_age.0 {
+            Some(Reason::MaxAge)
+        } else {
+            a.unhealthy.clone().map(Reason::Unhealthy)
+        };
+        match reason {
+            Some(r) => self.terminate(agent, r, now),
+            None => {
+                let lease = self
+                    .leases
+                    .values()
+                    .filter(|l| l.agent == agent)
+                    .max_by_key(|l| l.granted)
+                    .map(|l| l.id.clone())
+                    .unwrap_or_default();
+                self.set_state(agent, AgentState::Cleaning, now);
+                self.actions.push(Action::Release {
+                    agent: agent.to_string(),
+                    lease,
+                });
+            }
+        }
+    }
+
+    // ---- agents ------------------------------------------------------------------------------
+
+    /// An agent by id.
+    pub fn agent(&self, id: &str) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+
+    /// All agents.
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+
+    /// The backend started the agent (Provisioning -> Connecting).
+    pub fn agent_started(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get(id)
+            && a.state == AgentState::Provisioning
+        {
+            self.set_state(id, AgentState::Connecting, now);
+        }
+    }
+
+    /// The backend could not start the agent.
+    pub fn provision_failed(&mut self, id: &str, error: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        let pool = a.pool.clone();
+        if let Some(p) = self.pools.get_mut(&pool) {
+            p.provision_failures_total += 1;
+            p.last_error = Some(format!("agent {id}: {error}"));
+        }
+        self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
+        self.reconcile(now);
+    }
+
+    /// Checks whether an agent may register (before the hub accepts its connection).
+    pub fn check_connect(&self, id: &str, claimed_pool: Option<&str>) -> Result<(), ConnectError> {
+        let a = self
+            .agents
+            .get(id)
+            .ok_or_else(|| ConnectError::UnknownAgent(id.to_string()))?;
+        if let Some(claimed) = claimed_pool
+            && !claimed.is_empty()
+            && claimed != a.pool
+        {
+            return Err(ConnectError::WrongPool {
+                agent: id.to_string(),
+                claimed: claimed.to_string(),
+                actual: a.pool.clone(),
+            });
+        }
+        match a.state {
+            AgentState::Provisioning | AgentState::Connecting => Ok(()),
+            AgentState::Terminating => Err(ConnectError::Terminating(id.to_string())),
+            _ => Err(ConnectError::AlreadyConnected(id.to_string())),
+        }
+    }
+
+    /// The agent registered over the hub (Connecting -> Idle).
+    pub fn agent_connected(
+        &mut self,
+        id: &str,
+        pool: Option<&str>,
+        health: Health,
+        now: Instant,
+    ) -> Result<(), ConnectError> {
+        self.check_connect(id, pool)?;
+        let a = self.agents.get_mut(id).expect("checked");
+        a.health = health;
+        a.last_seen = now;
+        let seconds = now.duration_since(a.created).as_secs_f64();
+        let pool = a.pool.clone();
+        self.actions
+            .push(Action::Observe(Observation::ProvisionToIdle {
+                pool,
+                seconds,
+            }));
+        self.set_state(id, AgentState::Idle, now);
+        self.check_health(id, now);
+        self.reconcile(now);
+        Ok(())
+    }
+
+    /// A heartbeat with health.
+    pub fn agent_heartbeat(&mut self, id: &str, health: Health, now: Instant) {
+        let Some(a) = self.agents.get_mut(id) else {
+            return;
+        };
+        a.last_seen = now;
+        a.health = health;
+        self.check_health(id, now);
+        self.reconcile(now);
+    }
+
+    /// Any frame from the agent proves it is alive.
+    pub fn agent_seen(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id) {
+            a.last_seen = now;
+        }
+    }
+
+    /// The agent finished cleaning after a release (Cleaning -> Idle, or recycled if unhealthy).
+    pub fn agent_ready(&mut self, id: &str, health: Health, now: Instant) {
+        let Some(a) = self.agents.get_mut(id) else {
+            return;
+        };
+        a.last_seen = now;
+        a.health = health;
+        if a.state != AgentState::Cleaning {
+            return;
+        }
+        self.set_state(id, AgentState::Idle, now);
+        self.check_health(id, now);
+        self.reconcile(now);
+    }
+
+    /// The agent's connection closed.
+    pub fn agent_disconnected(&mut self, id: &str, why: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if matches!(a.state, AgentState::Terminating) {
+            return;
+        }
+        self.terminate(id, Reason::Disconnected(why.to_string()), now);
+        self.reconcile(now);
+    }
+
+    /// The backend reports the agent is gone (process reaped, pod deleted).
+    pub fn agent_exited(&mut self, id: &str, detail: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if a.state != AgentState::Terminating {
+            self.terminate(id, Reason::Exited(detail.to_string()), now);
+        }
+        self.agents.remove(id);
+        // A removed pool disappears with its last agent.
+        let empty_removed: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(n, p)| p.removed && !self.agents.values().any(|a| &a.pool == *n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in empty_removed {
+            self.pools.remove(&n);
+        }
+        self.reconcile(now);
+    }
+
+    fn check_health(&mut self, id: &str, now: Instant) {
+        let a = &self.agents[id];
+        let limits = &self.pools[&a.pool].spec.health;
+        let mut problems = Vec::new();
+        if a.health.workspace_bytes > limits.max_workspace_bytes {
+            problems.push(format!(
+                "workspace holds {} bytes (limit {})",
+                a.health.workspace_bytes, limits.max_workspace_bytes
+            ));
+        }
+        // While a job runs its processes are expected; leftovers count when the agent is idle
+        // (after cleanup, and in idle heartbeats).
+        if a.state == AgentState::Idle
+            && a.health.leftover_processes > limits.max_leftover_processes
+        {
+            problems.push(format!(
+                "{} leftover processes (limit {})",
+                a.health.leftover_processes, limits.max_leftover_processes
+            ));
+        }
+        if problems.is_empty() {
+            return;
+        }
+        let why = problems.join(", ");
+        match a.state {
+            AgentState::Idle => self.terminate(id, Reason::Unhealthy(why), now),
+            AgentState::Leased | AgentState::Cleaning => {
+                self.agents.get_mut(id).expect("exists").unhealthy = Some(why);
+            }
+            _ => {}
+        }
+    }
+
+    fn set_state(&mut self, id: &str, state: AgentState, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id) {
+            tracing::debug!(agent = id, pool = %a.pool, from = a.state.as_str(), to = state.as_str(), "agent state");
+            a.state = state;
+            a.since = now;
+        }
+    }
+
+    /// Moves an agent to Terminating (once), failing its lease if it had one.
+    fn terminate(&mut self, id: &str, reason: Reason, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if a.state == AgentState::Terminating {
+            return;
+        }
+        let pool = a.pool.clone();
+        if let Some(lease) = a.lease.clone()
+            && self
+                .leases
+                .get(&lease)
+                .is_some_and(|l| l.state == LeaseState::Active)
+        {
+            let state = if reason == Reason::LeaseExpired {
+                LeaseState::Expired
+            } else {
+                LeaseState::Failed
+            };
+            self.end_lease(&lease, state, format!("agent {id} {reason}"), now);
+        }
+        if reason == Reason::ConnectTimeout
+            && let Some(p) = self.pools.get_mut(&pool)
+        {
+            p.leaks_total += 1;
+        }
+        tracing::info!(agent = id, pool = %pool, reason = %reason, "terminating agent");
+        self.set_state(id, AgentState::Terminating, now);
+        let a = self.agents.get_mut(id).expect("exists");
+        a.terminate_reason = Some(reason.clone());
+        self.actions.push(Action::Terminate {
+            pool,
+            agent: id.to_string(),
+            reason,
+        });
+    }
+
+    // ---- time and sizing ---------------------------------------------------------------------
+
+    /// Applies every deadline due at `now`, then reconciles.
+    pub fn tick(&mut self, now: Instant) {
+        // Waiters whose wait ran out.
+        let mut expired = Vec::new();
+        self.waiters.retain(|w| {
+            if w.deadline <= now {
+                expired.push((
+                    w.id,
+                    w.req.selector_text.clone(),
+                    now.duration_since(w.enqueued),
+                ));
+                false
+            } else {
+                true
+            }
+        });
+        for (request, selector, waited) in expired {
+            self.actions.push(Action::WaitFailed {
+                request,
+                error: LeaseError::WaitExpired {
+                    selector,
+                    waited_ms: waited.as_millis() as u64,
+                },
+            });
+        }
+        // Leases not renewed.
+        let mut due: Vec<(Instant, LeaseId, AgentId)> = self
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active && l.expires <= now)
+            .map(|l| (l.expires, l.id.clone(), l.agent.clone()))
+            .collect();
+        due.sort();
+        for (_, _, agent) in due {
+            self.terminate(&agent, Reason::LeaseExpired, now);
+        }
+        // Agent deadlines.
+        let mut doomed: Vec<(AgentId, Reason)> = Vec::new();
+        for a in self.agents.values() {
+            let spec = &self.pools[&a.pool].spec;
+            match a.state {
+                AgentState::Provisioning | AgentState::Connecting
+                    if now.duration_since(a.created) >= spec.connect_timeout.0 =>
+                {
+                    doomed.push((a.id.clone(), Reason::ConnectTimeout));
+                }
+                AgentState::Idle | AgentState::Leased | AgentState::Cleaning
+                    if now.duration_since(a.last_seen) >= self.cfg.heartbeat_timeout =>
+                {
+                    doomed.push((a.id.clone(), Reason::HeartbeatLost));
+                }
+                AgentState::Cleaning if now.duration_since(a.since) >= self.cfg.cleanup_timeout => {
+                    doomed.push((a.id.clone(), Reason::CleanupTimeout));
+                }
+                _ => {}
+            }
+        }
+        doomed.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, r) in doomed {
+            self.terminate(&id, r, now);
+        }
+        self.reconcile(now);
+    }
+
+    /// Level-triggered pass: serve waiters FIFO, then size every pool from scratch.
+    pub fn reconcile(&mut self, now: Instant) {
+        self.assign_waiters(now);
+        let demand = if self.waiters.is_empty() {
+            HashMap::new()
+        } else {
+            self.demand()
+        };
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let d = demand.get(&name).copied().unwrap_or(0);
+            self.size_pool(&name, d, now);
+        }
+    }
+
+    fn is_stale(&self, a: &Agent, now: Instant) -> bool {
+        now.duration_since(a.created) >= self.pools[&a.pool].spec.max_age.0
+    }
+
+    /// Serves waiters in arrival order; each takes the best idle agent it matches.
+    fn assign_waiters(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            // Best agent: a fresh one before a stale one, then the most recently idle (keeps
+            // the rest idle long enough for idleTtl to scale them down), then by id for
+            // determinism.
+            let best = self
+                .agents
+                .values()
+                .filter(|a| a.state == AgentState::Idle)
+                .filter(|a| {
+                    let p = &self.pools[&a.pool];
+                    !p.removed && w.req.selector.matches(&p.labels)
+                })
+                .max_by(|a, b| {
+                    (!self.is_stale(a, now), a.since, &b.id).cmp(&(
+                        !self.is_stale(b, now),
+                        b.since,
+                        &a.id,
+                    ))
+                })
+                .map(|a| a.id.clone());
+            match best {
+                Some(agent) => {
+                    let w = self.waiters.remove(i).expect("index valid");
+                    let lease = self.grant(w, &agent, now);
+                    self.actions.push(Action::Granted {
+                        request: lease.0,
+                        lease: lease.1,
+                    });
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn grant(&mut self, w: Waiter, agent: &str, now: Instant) -> (RequestId, Lease) {
+        let n = self.next_seq();
+        let id = format!("lease-{}-{n}", self.instance);
+        let a = self.agents.get_mut(agent).expect("agent exists");
+        a.uses += 1;
+        a.lease = Some(id.clone());
+        let pool = a.pool.clone();
+        let lease = Lease {
+            id: id.clone(),
+            agent: agent.to_string(),
+            pool: pool.clone(),
+            labels: self.pools[&pool].spec.labels.clone(),
+            holder: w.req.holder,
+            selector: w.req.selector_text,
+            granted: now,
+            expires: now + w.req.ttl,
+            ttl: w.req.ttl,
+            state: LeaseState::Active,
+            end_reason: None,
+            idempotency_key: w.req.idempotency_key,
+        };
+        if let Some(k) = &lease.idempotency_key {
+            self.keys.insert(k.clone(), id.clone());
+        }
+        self.leases.insert(id.clone(), lease.clone());
+        self.set_state(agent, AgentState::Leased, now);
+        self.actions.push(Action::Observe(Observation::LeaseWait {
+            pool,
+            seconds: now.duration_since(w.enqueued).as_secs_f64(),
+        }));
+        (w.id, lease)
+    }
+
+    /// Waiting requests attributed to each pool: each waiter counts for the first pool (by
+    /// name) that matches it and still has room below maxTotal.
+    fn demand(&self) -> HashMap<String, u32> {
+        let mut out: HashMap<String, u32> = HashMap::new();
+        let mut room: HashMap<&str, i64> = self
+            .pools
+            .iter()
+            .map(|(n, p)| {
+                let total = self.agents.values().filter(|a| &a.pool == n).count() as i64;
+                (n.as_str(), p.spec.max_total as i64 - total)
+            })
+            .collect();
+        for w in &self.waiters {
+            let pick = self
+                .pools
+                .iter()
+                .filter(|(_, p)| !p.removed && w.req.selector.matches(&p.labels))
+                .find(|(n, _)| room.get(n.as_str()).copied().unwrap_or(0) > 0)
+                .or_else(|| {
+                    self.pools
+                        .iter()
+                        .find(|(_, p)| !p.removed && w.req.selector.matches(&p.labels))
+                });
+            if let Some((n, _)) = pick {
+                *room.entry(n.as_str()).or_default() -= 1;
+                *out.entry(n.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    fn size_pool(&mut self, name: &str, demand: u32, now: Instant) {
+        let pool = &self.pools[name];
+        let spec = pool.spec.clone();
+        if pool.removed {
+            return;
+        }
+        let mut total = 0u32;
+        let mut in_flight = 0u32;
+        let mut fresh_idle: Vec<(Instant, AgentId)> = Vec::new();
+        let mut stale_idle: Vec<(Instant, AgentId)> = Vec::new();
+        for a in self.agents.values().filter(|a| a.pool == name) {
+            total += 1;
+            match a.state {
+                AgentState::Provisioning | AgentState::Connecting => in_flight += 1,
+                AgentState::Idle if self.is_stale(a, now) => {
+                    stale_idle.push((a.since, a.id.clone()))
+                }
+                AgentState::Idle => fresh_idle.push((a.since, a.id.clone())),
+                _ => {}
+            }
+        }
+        let want = spec.min_idle + demand;
+
+        // Scale up: fresh idle + in-flight must cover minIdle + demand.
+        let supply = fresh_idle.len() as u32 + in_flight;
+        let mut need = want.saturating_sub(supply);
+        if self.shutting_down {
+            need = 0;
+        }
+        need = need
+            .min(spec.max_total.saturating_sub(total))
+            .min(spec.provisioning.max_concurrent.saturating_sub(in_flight));
+        let mut throttled = false;
+        for _ in 0..need {
+            if !self.pacer.try_acquire(name) {
+                throttled = true;
+                self.actions.push(Action::Observe(Observation::Throttled {
+                    pool: name.to_string(),
+                }));
+                break;
+            }
+            let n = self.next_seq();
+            let id = format!("{name}-{}-{n}", self.instance);
+            self.agents.insert(
+                id.clone(),
+                Agent {
+                    id: id.clone(),
+                    pool: name.to_string(),
+                    state: AgentState::Provisioning,
+                    created: now,
+                    since: now,
+                    last_seen: now,
+                    uses: 0,
+                    lease: None,
+                    health: Health::default(),
+                    unhealthy: None,
+                    terminate_reason: None,
+                },
+            );
+            total += 1;
+            in_flight += 1;
+            self.actions.push(Action::Provision {
+                pool: name.to_string(),
+                agent: id,
+            });
+        }
+        let p = self.pools.get_mut(name).expect("pool exists");
+        if throttled {
+            p.throttled_total += 1;
+        }
+        p.throttled = throttled;
+
+        // Rotate stale idle agents once their replacements are warm, or at once when no
+        // replacement is on its way and none can be made (pool at maxTotal).
+        stale_idle.sort();
+        let fresh = fresh_idle.len() as u32;
+        for (_, id) in stale_idle {
+            let replacement_coming = fresh + in_flight >= want;
+            if fresh >= want || (!replacement_coming && total >= spec.max_total) {
+                self.terminate(&id, Reason::MaxAge, now);
+                total -= 1;
+            }
+        }
+
+        // Scale down: idle agents above minIdle + demand that sat idle past idleTtl, oldest first.
+        fresh_idle.sort();
+        let mut idle = fresh_idle.len() as u32;
+        for (since, id) in fresh_idle {
+            if idle <= want {
+                break;
+            }
+            if now.duration_since(since) >= spec.idle_ttl.0 {
+                self.terminate(&id, Reason::IdleTtl, now);
+                idle -= 1;
+            }
+        }
+    }
+
+    // ---- shutdown and status -----------------------------------------------------------------
+
+    /// Stops leasing: waiting requests fail, no more provisioning. Running leases go on.
+    pub fn begin_shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        for w in std::mem::take(&mut self.waiters) {
+            self.actions.push(Action::WaitFailed {
+                request: w.id,
+                error: LeaseError::ShuttingDown,
+            });
+        }
+        self.reconcile(now);
+    }
+
+    /// True once shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Active leases.
+    pub fn active_leases(&self) -> usize {
+        self.leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active)
+            .count()
+    }
+
+    /// Terminates every agent (end of shutdown).
+    pub fn terminate_all(&mut self, now: Instant) {
+        let mut ids: Vec<AgentId> = self.agents.keys().cloned().collect();
+        ids.sort();
+        for id in ids {
+            self.terminate(&id, Reason::Shutdown, now);
+        }
+    }
+
+    fn describe_pools(&self) -> String {
+        if self.pools.is_empty() {
+            return "none configured".into();
+        }
+        self.pools
+            .iter()
+            .filter(|(_, p)| !p.removed)
+            .map(|(n, p)| format!("{n}: [{}]", p.spec.labels.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Status of every pool.
+    pub fn pool_status(&self) -> Vec<PoolStatus> {
+        self.pools
+            .iter()
+            .map(|(name, p)| {
+                let mut s = PoolStatus {
+                    name: name.clone(),
+                    labels: p.spec.labels.clone(),
+                    idle: 0,
+                    leased: 0,
+                    cleaning: 0,
+                    connecting: 0,
+                    provisioning: 0,
+                    terminating: 0,
+                    total: 0,
+                    min_idle: p.spec.min_idle,
+                    max_total: p.spec.max_total,
+                    waiting: self
+                        .waiters
+                        .iter()
+                        .filter(|w| w.req.selector.matches(&p.labels))
+                        .count() as u32,
+                    throttled: p.throttled,
+                    throttled_total: p.throttled_total,
+                    leaks_total: p.leaks_total,
+                    provision_failures_total: p.provision_failures_total,
+                    last_error: p.last_error.clone(),
+                    spec: p.spec.clone(),
+                };
+                for a in self.agents.values().filter(|a| &a.pool == name) {
+                    s.total += 1;
+                    match a.state {
+                        AgentState::Provisioning => s.provisioning += 1,
+                        AgentState::Connecting => s.connecting += 1,
+                        AgentState::Idle => s.idle += 1,
+                        AgentState::Leased => s.leased += 1,
+                        AgentState::Cleaning => s.cleaning += 1,
+                        AgentState::Terminating => s.terminating += 1,
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Number of waiting requests.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Checks internal invariants; used by tests (cheap enough for debug builds).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for l in self
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active)
+        {
+            if !seen.insert(&l.agent) {
+                return Err(format!("agent {} is in two active leases", l.agent));
+            }
+            let a = self
+                .agents
+                .get(&l.agent)
+                .ok_or_else(|| format!("lease {} names missing agent {}", l.id, l.agent))?;
+            if a.state != AgentState::Leased || a.lease.as_deref() != Some(&l.id) {
+                return Err(format!(
+                    "lease {} active but agent {} is {:?}",
+                    l.id, a.id, a.state
+                ));
+            }
+        }
+        for a in self.agents.values() {
+            if a.state == AgentState::Leased && a.lease.is_none() {
+                return Err(format!("agent {} leased without a lease", a.id));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Agents of a pool by state (for metrics).
+    pub fn counts(&self) -> BTreeMap<(String, AgentState), u32> {
+        let mut out = BTreeMap::new();
+        for name in self.pools.keys() {
+            for s in AgentState::ALL {
+                out.insert((name.clone(), s), 0);
+            }
+        }
+        for a in self.agents.values() {
+            *out.entry((a.pool.clone(), a.state)).or_default() += 1;
+        }
+        out
+    }
+}

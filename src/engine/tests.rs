@@ -1,0 +1,610 @@
+//! Engine tests: scenarios for each recycling rule, and proptest for the invariants
+//! (no agent in two leases, maxTotal never exceeded, every lease ends with a reason, FIFO).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::labels::Expr;
+use crate::spec::{Dur, PoolSpec};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn spec(labels: &[&str], min_idle: u32, max_total: u32, max_uses: u32) -> PoolSpec {
+    PoolSpec {
+        labels: labels.iter().map(|s| s.to_string()).collect(),
+        min_idle,
+        max_total,
+        max_uses,
+        idle_ttl: Dur(ms(1000)),
+        max_age: Dur(ms(10_000)),
+        connect_timeout: Dur(ms(500)),
+        ..PoolSpec::default()
+    }
+}
+
+fn req(sel: &str, wait: u64, ttl: u64) -> LeaseRequest {
+    LeaseRequest {
+        selector: Expr::parse(sel).unwrap(),
+        selector_text: sel.into(),
+        wait: ms(wait),
+        ttl: ms(ttl),
+        holder: "test".into(),
+        idempotency_key: None,
+    }
+}
+
+fn engine() -> Engine {
+    Engine::new(EngineConfig::default(), "t", Box::new(Unpaced))
+}
+
+/// Plays the backend and the agents: starts and connects every agent the engine provisions,
+/// confirms terminations, acknowledges releases.
+fn settle(e: &mut Engine, now: Instant) -> Vec<Action> {
+    let mut all = Vec::new();
+    for _ in 0..20 {
+        let acts = e.take_actions();
+        if acts.is_empty() {
+            break;
+        }
+        for a in &acts {
+            match a {
+                Action::Provision { agent, pool } => {
+                    e.agent_started(agent, now);
+                    e.agent_connected(agent, Some(pool), Health::default(), now)
+                        .unwrap();
+                }
+                Action::Terminate { agent, .. } => e.agent_exited(agent, "killed", now),
+                Action::Release { agent, .. } => e.agent_ready(agent, Health::default(), now),
+                _ => {}
+            }
+        }
+        all.extend(acts);
+    }
+    all
+}
+
+fn status(e: &Engine, pool: &str) -> PoolStatus {
+    e.pool_status()
+        .into_iter()
+        .find(|p| p.name == pool)
+        .unwrap()
+}
+
+fn terminations(acts: &[Action]) -> Vec<&'static str> {
+    acts.iter()
+        .filter_map(|a| match a {
+            Action::Terminate { reason, .. } => Some(reason.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn fills_min_idle_and_grants_instantly() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 2, 5, 0), t0);
+    settle(&mut e, t0);
+    assert_eq!(status(&e, "p").idle, 2);
+    let d = e.request_lease(req("linux", 1000, 5000), t0).unwrap();
+    let LeaseDecision::Granted(l) = d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(l.pool, "p");
+    settle(&mut e, t0);
+    // One leased, and a replacement keeps two idle.
+    let s = status(&e, "p");
+    assert_eq!((s.idle, s.leased, s.total), (2, 1, 3));
+}
+
+#[test]
+fn unsatisfiable_fails_at_once_with_pools_named() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 0, 5, 0), t0);
+    let err = e.request_lease(req("windows", 1000, 1000), t0).unwrap_err();
+    assert_eq!(err.code(), "unsatisfiable");
+    assert!(err.to_string().contains("p: [linux]"), "{err}");
+    assert_eq!(e.waiting(), 0);
+}
+
+#[test]
+fn waits_for_cold_agent_and_expires_on_deadline() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 0, 1, 0), t0);
+    let LeaseDecision::Queued(r1) = e.request_lease(req("linux", 100, 5000), t0).unwrap() else {
+        panic!()
+    };
+    // Demand provisioned one agent.
+    let acts = e.take_actions();
+    let Action::Provision { agent, .. } = acts[0].clone() else {
+        panic!("{acts:?}")
+    };
+    let agent = &agent;
+    let LeaseDecision::Queued(r2) = e.request_lease(req("linux", 100, 5000), t0).unwrap() else {
+        panic!()
+    };
+    e.agent_started(agent, t0 + ms(10));
+    e.agent_connected(agent, Some("p"), Health::default(), t0 + ms(20))
+        .unwrap();
+    let acts = e.take_actions();
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Granted { request, .. } if *request == r1))
+    );
+    e.tick(t0 + ms(100));
+    let acts = e.take_actions();
+    assert!(acts.iter().any(|a| matches!(a,
+        Action::WaitFailed { request, error: LeaseError::WaitExpired { .. } } if *request == r2)));
+}
+
+#[test]
+fn release_recycles_per_max_uses() {
+    let t0 = Instant::now();
+    for (max_uses, leases_on_first) in [(1u32, 1u32), (3, 3)] {
+        let mut e = engine();
+        e.upsert_pool("p", spec(&["linux"], 1, 1, max_uses), t0);
+        settle(&mut e, t0);
+        let first = e.agents().next().unwrap().id.clone();
+        let mut served = 0;
+        for _ in 0..4 {
+            let LeaseDecision::Granted(l) = e.request_lease(req("linux", 0, 5000), t0).unwrap()
+            else {
+                panic!()
+            };
+            if l.agent == first {
+                served += 1;
+            }
+            e.release(&l.id, t0).unwrap();
+            settle(&mut e, t0);
+        }
+        assert_eq!(served, leases_on_first, "maxUses {max_uses}");
+    }
+}
+
+#[test]
+fn idle_ttl_scales_down_to_min_idle() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 5, 0), t0);
+    settle(&mut e, t0);
+    // Burst demand creates extra agents.
+    let l1 = match e.request_lease(req("linux", 1000, 60_000), t0).unwrap() {
+        LeaseDecision::Granted(l) => l,
+        d => panic!("{d:?}"),
+    };
+    let l2 = match e.request_lease(req("linux", 1000, 60_000), t0).unwrap() {
+        LeaseDecision::Queued(_) => {
+            settle(&mut e, t0);
+            None
+        }
+        LeaseDecision::Granted(l) => Some(l),
+        d => panic!("{d:?}"),
+    };
+    settle(&mut e, t0);
+    e.release(&l1.id, t0).unwrap();
+    if let Some(l) = l2 {
+        e.release(&l.id, t0).unwrap();
+    }
+    settle(&mut e, t0);
+    assert!(status(&e, "p").idle >= 2);
+    e.tick(t0 + ms(999));
+    assert!(terminations(&settle(&mut e, t0 + ms(999))).is_empty());
+    e.tick(t0 + ms(1000));
+    let acts = settle(&mut e, t0 + ms(1000));
+    assert!(terminations(&acts).iter().all(|r| *r == "idle-ttl"));
+    assert_eq!(status(&e, "p").idle, 1);
+}
+
+#[test]
+fn max_age_replaces_before_terminating() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 2, 4, 0), t0);
+    settle(&mut e, t0);
+    let t1 = t0 + ms(10_000);
+    e.tick(t1);
+    // First pass: replacements requested, old agents still idle.
+    let acts = e.take_actions();
+    let provisions: Vec<_> = acts
+        .iter()
+        .filter_map(|a| match a {
+            Action::Provision { agent, .. } => Some(agent.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(provisions.len(), 2);
+    assert!(terminations(&acts).is_empty(), "{acts:?}");
+    assert_eq!(status(&e, "p").idle, 2);
+    for a in &provisions {
+        e.agent_started(a, t1);
+        e.agent_connected(a, Some("p"), Health::default(), t1)
+            .unwrap();
+    }
+    let acts = settle(&mut e, t1);
+    assert_eq!(terminations(&acts), vec!["max-age", "max-age"]);
+    assert_eq!(status(&e, "p").idle, 2);
+}
+
+#[test]
+fn connect_timeout_is_a_leak() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    e.take_actions();
+    e.tick(t0 + ms(500));
+    let acts = e.take_actions();
+    assert_eq!(terminations(&acts), vec!["connect-timeout"]);
+    assert_eq!(status(&e, "p").leaks_total, 1);
+}
+
+#[test]
+fn unhealthy_heartbeat_recycles_idle_now_and_leased_on_release() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    let mut s = spec(&["linux"], 2, 4, 0);
+    s.health.max_leftover_processes = 0;
+    s.health.max_workspace_bytes = 100;
+    e.upsert_pool("p", s, t0);
+    settle(&mut e, t0);
+    let LeaseDecision::Granted(l) = e.request_lease(req("linux", 0, 5000), t0).unwrap() else {
+        panic!()
+    };
+    settle(&mut e, t0);
+    let idle = e
+        .agents()
+        .find(|a| a.state == AgentState::Idle)
+        .unwrap()
+        .id
+        .clone();
+    let sick = Health {
+        workspace_bytes: 101,
+        leftover_processes: 2,
+    };
+    e.agent_heartbeat(&idle, sick, t0);
+    let acts = e.take_actions();
+    assert_eq!(terminations(&acts), vec!["unhealthy"]);
+    e.agent_heartbeat(&l.agent, sick, t0);
+    assert!(
+        terminations(&e.take_actions()).is_empty(),
+        "leased agent keeps its lease"
+    );
+    e.release(&l.id, t0).unwrap();
+    assert_eq!(terminations(&e.take_actions()), vec!["unhealthy"]);
+}
+
+#[test]
+fn unrenewed_lease_expires_and_agent_is_recycled() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    settle(&mut e, t0);
+    let LeaseDecision::Granted(l) = e.request_lease(req("linux", 0, 300), t0).unwrap() else {
+        panic!()
+    };
+    e.tick(t0 + ms(200));
+    e.renew(&l.id, None, t0 + ms(200)).unwrap();
+    e.tick(t0 + ms(400));
+    assert_eq!(e.lease(&l.id).unwrap().state, LeaseState::Active);
+    e.tick(t0 + ms(500));
+    let acts = e.take_actions();
+    assert!(terminations(&acts).contains(&"lease-expired"));
+    let l = e.lease(&l.id).unwrap().clone();
+    assert_eq!(l.state, LeaseState::Expired);
+    assert!(l.end_reason.as_deref().unwrap().contains(&l.agent));
+    assert_eq!(e.renew(&l.id, None, t0).unwrap_err().code(), "lease_ended");
+}
+
+#[test]
+fn connect_checks() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    let acts = e.take_actions();
+    let Action::Provision { agent, .. } = acts[0].clone() else {
+        panic!()
+    };
+    let agent = &agent;
+    assert_eq!(
+        e.check_connect("nope", None),
+        Err(ConnectError::UnknownAgent("nope".into()))
+    );
+    assert!(matches!(
+        e.check_connect(agent, Some("q")),
+        Err(ConnectError::WrongPool { .. })
+    ));
+    e.agent_connected(agent, Some("p"), Health::default(), t0)
+        .unwrap();
+    assert_eq!(
+        e.agent_connected(agent, Some("p"), Health::default(), t0),
+        Err(ConnectError::AlreadyConnected(agent.clone()))
+    );
+}
+
+#[test]
+fn throttled_provisioning_is_reported() {
+    struct Budget(u32);
+    impl Pacer for Budget {
+        fn configure(&mut self, _: &str, _: &PoolSpec) {}
+        fn try_acquire(&mut self, _: &str) -> bool {
+            if self.0 == 0 {
+                return false;
+            }
+            self.0 -= 1;
+            true
+        }
+    }
+    let t0 = Instant::now();
+    let mut e = Engine::new(EngineConfig::default(), "t", Box::new(Budget(2)));
+    e.upsert_pool("p", spec(&["linux"], 5, 5, 0), t0);
+    let acts = e.take_actions();
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::Provision { .. }))
+            .count(),
+        2
+    );
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, Action::Observe(Observation::Throttled { .. })))
+    );
+    let s = status(&e, "p");
+    assert!(s.throttled);
+    assert_eq!(s.throttled_total, 1);
+}
+
+#[test]
+fn idempotency_key_returns_the_same_lease() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 2, 4, 0), t0);
+    settle(&mut e, t0);
+    let mut r = req("linux", 0, 5000);
+    r.idempotency_key = Some("job-42".into());
+    let LeaseDecision::Granted(a) = e.request_lease(r.clone(), t0).unwrap() else {
+        panic!()
+    };
+    let LeaseDecision::Existing(b) = e.request_lease(r.clone(), t0).unwrap() else {
+        panic!()
+    };
+    assert_eq!(a.id, b.id);
+    e.release(&a.id, t0).unwrap();
+    settle(&mut e, t0);
+    let LeaseDecision::Granted(c) = e.request_lease(r, t0).unwrap() else {
+        panic!()
+    };
+    assert_ne!(c.id, a.id);
+}
+
+#[test]
+fn shutdown_fails_waiters_and_refuses_requests() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 0, 1, 0), t0);
+    let LeaseDecision::Queued(r) = e.request_lease(req("linux", 5000, 5000), t0).unwrap() else {
+        panic!()
+    };
+    e.begin_shutdown(t0);
+    assert!(e.take_actions().iter().any(|a| matches!(a,
+        Action::WaitFailed { request, error: LeaseError::ShuttingDown } if *request == r)));
+    assert_eq!(
+        e.request_lease(req("linux", 0, 1), t0).unwrap_err(),
+        LeaseError::ShuttingDown
+    );
+}
+
+// ---- property tests ------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Request { sel: usize, wait: u64, ttl: u64 },
+    Cancel(usize),
+    Release(usize),
+    Renew(usize),
+    Start(usize),
+    Connect(usize),
+    FailProvision(usize),
+    Heartbeat { agent: usize, sick: bool },
+    Ready(usize),
+    Disconnect(usize),
+    Exit(usize),
+    Advance(u64),
+}
+
+const SELECTORS: [&str; 6] = ["linux", "go", "rust", "linux && go", "windows", "!go"];
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..SELECTORS.len(), 0u64..400, 50u64..800)
+            .prop_map(|(sel, wait, ttl)| Op::Request { sel, wait, ttl }),
+        1 => any::<usize>().prop_map(Op::Cancel),
+        3 => any::<usize>().prop_map(Op::Release),
+        1 => any::<usize>().prop_map(Op::Renew),
+        3 => any::<usize>().prop_map(Op::Start),
+        3 => any::<usize>().prop_map(Op::Connect),
+        1 => any::<usize>().prop_map(Op::FailProvision),
+        1 => (any::<usize>(), prop::bool::weighted(0.2))
+            .prop_map(|(agent, sick)| Op::Heartbeat { agent, sick }),
+        3 => any::<usize>().prop_map(Op::Ready),
+        1 => any::<usize>().prop_map(Op::Disconnect),
+        3 => any::<usize>().prop_map(Op::Exit),
+        3 => (1u64..300).prop_map(Op::Advance),
+    ]
+}
+
+fn pick<T: Clone>(v: &[T], i: usize) -> Option<T> {
+    (!v.is_empty()).then(|| v[i % v.len()].clone())
+}
+
+#[derive(Default)]
+struct Model {
+    /// Arrival index of each request, by engine request id.
+    queued: HashMap<RequestId, (usize, usize)>,
+    /// Outcomes per arrival index: true = granted.
+    outcomes: HashMap<usize, bool>,
+    /// Grant order per selector (arrival indexes).
+    grants: HashMap<usize, Vec<usize>>,
+    leases: Vec<LeaseId>,
+}
+
+impl Model {
+    fn absorb(&mut self, e: &Engine, acts: Vec<Action>) -> Result<(), TestCaseError> {
+        for a in acts {
+            match a {
+                Action::Granted { request, lease } => {
+                    let (arrival, sel) = self.queued.remove(&request).expect("known request");
+                    prop_assert!(self.outcomes.insert(arrival, true).is_none());
+                    self.grants.entry(sel).or_default().push(arrival);
+                    self.leases.push(lease.id);
+                }
+                Action::WaitFailed { request, .. } => {
+                    let (arrival, _) = self.queued.remove(&request).expect("known request");
+                    prop_assert!(self.outcomes.insert(arrival, false).is_none());
+                }
+                Action::Provision { pool, .. } => {
+                    let s = e
+                        .pool_status()
+                        .into_iter()
+                        .find(|p| p.name == pool)
+                        .unwrap();
+                    prop_assert!(
+                        s.total <= s.max_total,
+                        "{} has {} > {}",
+                        pool,
+                        s.total,
+                        s.max_total
+                    );
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_invariants_hold(ops in prop::collection::vec(arb_op(), 1..120)) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut e = engine();
+        e.upsert_pool("a", spec(&["linux", "go"], 1, 3, 0), now);
+        e.upsert_pool("b", spec(&["linux", "rust"], 0, 2, 2), now);
+        let mut m = Model::default();
+        let mut arrivals = 0usize;
+        let acts = e.take_actions();
+        m.absorb(&e, acts)?;
+        for op in ops {
+            let by_state = |e: &Engine, s: AgentState| -> Vec<AgentId> {
+                let mut v: Vec<_> = e.agents().filter(|a| a.state == s).map(|a| a.id.clone()).collect();
+                v.sort();
+                v
+            };
+            let live = |e: &Engine| -> Vec<AgentId> {
+                let mut v: Vec<_> = e.agents()
+                    .filter(|a| matches!(a.state, AgentState::Idle | AgentState::Leased | AgentState::Cleaning))
+                    .map(|a| a.id.clone()).collect();
+                v.sort();
+                v
+            };
+            match op {
+                Op::Request { sel, wait, ttl } => {
+                    let arrival = arrivals;
+                    arrivals += 1;
+                    match e.request_lease(req(SELECTORS[sel], wait, ttl), now) {
+                        Ok(LeaseDecision::Granted(l)) => {
+                            m.outcomes.insert(arrival, true);
+                            m.grants.entry(sel).or_default().push(arrival);
+                            m.leases.push(l.id);
+                        }
+                        Ok(LeaseDecision::Queued(id)) => { m.queued.insert(id, (arrival, sel)); }
+                        Ok(LeaseDecision::Existing(_)) => prop_assert!(false, "no keys used"),
+                        Err(LeaseError::Unsatisfiable { .. }) => {
+                            prop_assert_eq!(SELECTORS[sel], "windows");
+                            m.outcomes.insert(arrival, false);
+                        }
+                        Err(_) => { m.outcomes.insert(arrival, false); }
+                    }
+                }
+                Op::Cancel(i) => {
+                    let mut ids: Vec<_> = m.queued.keys().copied().collect();
+                    ids.sort();
+                    if let Some(id) = pick(&ids, i) && e.cancel_request(id, now) {
+                        let (arrival, _) = m.queued.remove(&id).unwrap();
+                        m.outcomes.insert(arrival, false);
+                    }
+                }
+                Op::Release(i) => {
+                    if let Some(l) = pick(&m.leases, i) { let _ = e.release(&l, now); }
+                }
+                Op::Renew(i) => {
+                    if let Some(l) = pick(&m.leases, i) { let _ = e.renew(&l, None, now); }
+                }
+                Op::Start(i) => {
+                    if let Some(a) = pick(&by_state(&e, AgentState::Provisioning), i) { e.agent_started(&a, now); }
+                }
+                Op::Connect(i) => {
+                    if let Some(a) = pick(&by_state(&e, AgentState::Connecting), i) {
+                        e.agent_connected(&a, None, Health::default(), now).unwrap();
+                    }
+                }
+                Op::FailProvision(i) => {
+                    if let Some(a) = pick(&by_state(&e, AgentState::Provisioning), i) {
+                        e.provision_failed(&a, "boom", now);
+                    }
+                }
+                Op::Heartbeat { agent, sick } => {
+                    if let Some(a) = pick(&live(&e), agent) {
+                        let h = Health { workspace_bytes: 0, leftover_processes: sick as u32 };
+                        e.agent_heartbeat(&a, h, now);
+                    }
+                }
+                Op::Ready(i) => {
+                    if let Some(a) = pick(&by_state(&e, AgentState::Cleaning), i) {
+                        e.agent_ready(&a, Health::default(), now);
+                    }
+                }
+                Op::Disconnect(i) => {
+                    if let Some(a) = pick(&live(&e), i) { e.agent_disconnected(&a, "socket closed", now); }
+                }
+                Op::Exit(i) => {
+                    if let Some(a) = pick(&by_state(&e, AgentState::Terminating), i) { e.agent_exited(&a, "reaped", now); }
+                }
+                Op::Advance(d) => { now += ms(d); e.tick(now); }
+            }
+            let acts = e.take_actions();
+            m.absorb(&e, acts)?;
+            if let Err(msg) = e.check_invariants() { prop_assert!(false, "{}", msg); }
+            for s in e.pool_status() {
+                prop_assert!(s.total <= s.max_total, "{} total {} > max {}", s.name, s.total, s.max_total);
+            }
+        }
+        // Drain: stop leasing, end everything; every request and lease must have an outcome.
+        e.begin_shutdown(now);
+        e.terminate_all(now);
+        let acts = e.take_actions();
+        m.absorb(&e, acts)?;
+        prop_assert!(m.queued.is_empty(), "requests left without an outcome: {:?}", m.queued);
+        prop_assert_eq!(m.outcomes.len(), arrivals);
+        for id in &m.leases {
+            if let Some(l) = e.lease(id) {
+                prop_assert!(l.state != LeaseState::Active, "lease {} still active", id);
+                prop_assert!(l.end_reason.is_some(), "lease {} ended without a reason", id);
+            }
+        }
+        // FIFO: among requests with the same selector, grants follow arrival order.
+        for (sel, order) in &m.grants {
+            let mut sorted = order.clone();
+            sorted.sort();
+            prop_assert_eq!(order, &sorted, "selector {}", SELECTORS[*sel]);
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! The remoting hub: one WebSocket connection per registered agent.
+//!
+//! Owns the connection registry (agent id -> bounded outbound queue), the handshake
+//! (`hello` -> token check -> engine registration -> `welcome`), the per-connection reader and
+//! writer tasks, and routing of exec output from an agent to the exec socket that started it.
+//! A slow agent can only stall its own tasks: messages to it are `try_send` into its bounded
+//! queue, and a full queue closes that connection (close code 4429). Protocol errors close the
+//! connection with a reason and bump `warmpool_protocol_errors_total{reason}`.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
+use futures_util::{SinkExt, StreamExt};
+use governor::DefaultDirectRateLimiter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{ConnectError, Lease};
+use crate::protocol::{
+    self, AgentMessage, ExecSpec, ExitStatus, HubMessage, PROTOCOL_VERSION, close,
+};
+use crate::service::Service;
+
+/// What an exec socket receives from the agent running its command.
+#[derive(Debug)]
+pub enum ExecEvent {
+    /// A binary output frame, as the agent sent it.
+    Output(bytes::Bytes),
+    /// The command finished.
+    Exit(ExitStatus),
+    /// The agent went away or the lease ended; the message says which.
+    Lost(String),
+}
+
+enum Outbound {
+    Msg(HubMessage),
+}
+
+struct ExecRoute {
+    exec_id: u64,
+    lease: String,
+    tx: mpsc::Sender<ExecEvent>,
+}
+
+struct Conn {
+    id: u64,
+    tx: mpsc::Sender<Outbound>,
+    kill: CancellationToken,
+    close_reason: Mutex<Option<(u16, String)>>,
+    exec: Mutex<Option<ExecRoute>>,
+}
+
+impl Conn {
+    fn close(&self, code: u16, reason: &str) {
+        let mut r = self.close_reason.lock().expect("lock");
+        if r.is_none() {
+            *r = Some((code, reason.to_string()));
+        }
+        drop(r);
+        self.kill.cancel();
+    }
+}
+
+/// Why an exec could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecStartError {
+    /// The agent has no live connection.
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
+    /// Another exec is running on this agent.
+    #[error("agent {0} is already running a command for this lease")]
+    Busy(String),
+    /// The agent's queue is full; it was disconnected.
+    #[error("agent {0} is not reading its messages; disconnected")]
+    Slow(String),
+}
+
+/// The connection registry.
+pub struct Hub {
+    conns: DashMap<String, Arc<Conn>>,
+    next_conn: AtomicU64,
+    next_exec: AtomicU64,
+    handshakes: DefaultDirectRateLimiter,
+}
+
+impl Hub {
+    /// An empty hub admitting `handshakes_per_second` new agent connections per second.
+    pub fn new(handshakes_per_second: u32) -> Hub {
+        let n = handshakes_per_second.max(1);
+        Hub {
+            conns: DashMap::new(),
+            next_conn: AtomicU64::new(1),
+            next_exec: AtomicU64::new(1),
+            handshakes: governor::RateLimiter::direct(crate::pacer::quota(n as f64, n)),
+        }
+    }
+
+    /// Takes a handshake token; false when agents connect faster than allowed.
+    pub fn admit_handshake(&self) -> bool {
+        self.handshakes.check().is_ok()
+    }
+
+    /// Number of live agent connections.
+    pub fn connected(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// True when the agent has a live connection.
+    pub fn is_connected(&self, agent: &str) -> bool {
+        self.conns.contains_key(agent)
+    }
+
+    /// Queues a message to an agent without waiting. A full queue disconnects the agent.
+    pub fn send(&self, svc: &Service, agent: &str, msg: HubMessage) -> bool {
+        let Some(conn) = self.conns.get(agent).map(|c| c.clone()) else {
+            return false;
+        };
+        match conn.tx.try_send(Outbound::Msg(msg)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                svc.metrics
+                    .protocol_errors
+                    .with_label_values(&["slow-consumer"])
+                    .inc();
+                tracing::warn!(agent, "agent send queue full; disconnecting it");
+                conn.close(
+                    close::SLOW_CONSUMER,
+                    &format!(
+                        "agent {agent} send queue full ({} messages)",
+                        svc.cfg.agent_queue
+                    ),
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Closes an agent's connection with a code and reason.
+    pub fn close(&self, agent: &str, code: u16, reason: &str) {
+        if let Some(c) = self.conns.get(agent) {
+            c.close(code, reason);
+        }
+    }
+
+    /// Closes every connection.
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for c in self.conns.iter() {
+            c.close(code, reason);
+        }
+    }
+
+    /// Starts a command on a leased agent; output and exit arrive on the returned receiver.
+    pub fn start_exec(
+        &self,
+        svc: &Service,
+        agent: &str,
+        lease: &str,
+        spec: ExecSpec,
+    ) -> Result<(u64, mpsc::Receiver<ExecEvent>), ExecStartError> {
+        let conn = self
+            .conns
+            .get(agent)
+            .map(|c| c.clone())
+            .ok_or_else(|| ExecStartError::NotConnected(agent.to_string()))?;
+        let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(64);
+        {
+            let mut slot = conn.exec.lock().expect("lock");
+            if slot.is_some() {
+                return Err(ExecStartError::Busy(agent.to_string()));
+            }
+            *slot = Some(ExecRoute {
+                exec_id,
+                lease: lease.to_string(),
+                tx,
+            });
+        }
+        if !self.send(svc, agent, HubMessage::Exec { exec_id, spec }) {
+            conn.exec.lock().expect("lock").take();
+            return Err(ExecStartError::Slow(agent.to_string()));
+        }
+        Ok((exec_id, rx))
+    }
+
+    /// Asks the agent to stop an exec and forgets its route.
+    pub fn cancel_exec(&self, svc: &Service, agent: &str, exec_id: u64) {
+        if let Some(conn) = self.conns.get(agent).map(|c| c.clone()) {
+            let mut slot = conn.exec.lock().expect("lock");
+            if slot.as_ref().is_some_and(|r| r.exec_id == exec_id) {
+                slot.take();
+            }
+        }
+        self.send(svc, agent, HubMessage::Cancel { exec_id });
+    }
+
+    /// A lease ended: stop a command still running for it.
+    pub fn lease_ended(&self, svc: &Service, lease: &Lease) {
+        let Some(conn) = self.conns.get(&lease.agent).map(|c| c.clone()) else {
+            return;
+        };
+        let route = {
+            let mut slot = conn.exec.lock().expect("lock");
+            if slot.as_ref().is_some_and(|r| r.lease == lease.id) {
+                slot.take()
+            } else {
+                None
+            }
+        };
+        if let Some(r) = route {
+            let _ = r.tx.try_send(ExecEvent::Lost(format!(
+                "lease {} {}: {}",
+                lease.id,
+                lease.state.as_str(),
+                lease.end_reason.as_deref().unwrap_or("")
+            )));
+            self.send(svc, &lease.agent, HubMessage::Cancel { exec_id: r.exec_id });
+        }
+    }
+
+    fn route(&self, agent: &str, exec_id: u64, finished: bool) -> Option<mpsc::Sender<ExecEvent>> {
+        let conn = self.conns.get(agent)?.clone();
+        let mut slot = conn.exec.lock().expect("lock");
+        if slot.as_ref().is_some_and(|r| r.exec_id == exec_id) {
+            if finished {
+                return slot.take().map(|r| r.tx);
+            }
+            return slot.as_ref().map(|r| r.tx.clone());
+        }
+        None
+    }
+}
+
+fn close_msg(code: u16, reason: &str) -> Message {
+    // Close reasons are limited to 123 bytes by RFC 6455.
+    let mut r = reason.to_string();
+    while r.len() > 123 {
+        r.pop();
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(r),
+    }))
+}
+
+async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, reason: String) {
+    svc.metrics
+        .rejected_connections
+        .with_label_values(&[metric])
+        .inc();
+    tracing::warn!(reason = %reason, "refused agent connection");
+    let _ = socket.send(close_msg(code, &reason)).await;
+}
+
+/// Serves one agent connection from handshake to close.
+pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
+    // 1. hello
+    let first = tokio::time::timeout(svc.cfg.hello_timeout, socket.recv()).await;
+    let hello = match first {
+        Err(_) => {
+            let r = format!("no hello within {:?}", svc.cfg.hello_timeout);
+            return refuse(&svc, socket, close::HELLO_TIMEOUT, "hello-timeout", r).await;
+        }
+        Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
+            Ok(AgentMessage::Hello {
+                protocol,
+                agent_id,
+                pool,
+                token,
+                health,
+                ..
+            }) => (protocol, agent_id, pool, token, health),
+            Ok(other) => {
+                let r = format!("expected hello, got {}", msg_type(&other));
+                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
+            }
+            Err(e) => {
+                let r = format!("malformed hello: {e}");
+                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "malformed", r).await;
+            }
+        },
+        Ok(Some(Ok(_))) => {
+            let r = "expected a hello text frame".to_string();
+            return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
+        }
+    };
+    let (version, agent, pool, token, health) = hello;
+    if version != PROTOCOL_VERSION {
+        let r =
+            format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
+        return refuse(&svc, socket, close::UNSUPPORTED_VERSION, "version", r).await;
+    }
+    if !svc.key.verify(&agent, &token) {
+        let r = format!("invalid token for agent {agent}");
+        return refuse(&svc, socket, close::INVALID_TOKEN, "invalid-token", r).await;
+    }
+    if let Err(e) = svc.read(|e| e.check_connect(&agent, pool.as_deref())) {
+        return refuse_connect(&svc, socket, e).await;
+    }
+    // 2. register: at most one live connection per agent id.
+    let (tx, mut rx) = mpsc::channel(svc.cfg.agent_queue);
+    let conn = Arc::new(Conn {
+        id: svc.hub.next_conn.fetch_add(1, Ordering::Relaxed),
+        tx,
+        kill: CancellationToken::new(),
+        close_reason: Mutex::new(None),
+        exec: Mutex::new(None),
+    });
+    match svc.hub.conns.entry(agent.clone()) {
+        Entry::Occupied(_) => {
+            return refuse_connect(&svc, socket, ConnectError::AlreadyConnected(agent)).await;
+        }
+        Entry::Vacant(v) => {
+            v.insert(conn.clone());
+        }
+    }
+    if let Err(e) = svc.apply(|e, now| e.agent_connected(&agent, pool.as_deref(), health, now)) {
+        svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
+        return refuse_connect(&svc, socket, e).await;
+    }
+    let welcome = HubMessage::Welcome {
+        protocol: PROTOCOL_VERSION,
+        agent_id: agent.clone(),
+        heartbeat_interval_ms: svc.cfg.heartbeat_interval.as_millis() as u64,
+        max_frame_bytes: svc.cfg.max_frame_bytes,
+    };
+    let welcome = serde_json::to_string(&welcome).expect("serialisable");
+    if socket.send(Message::Text(welcome.into())).await.is_err() {
+        svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
+        svc.apply(|e, now| e.agent_disconnected(&agent, "closed during handshake", now));
+        return;
+    }
+    tracing::info!(agent = %agent, "agent connected");
+
+    // 3. writer: queue + heartbeats; the only task that writes to the socket.
+    let (mut sink, mut stream) = socket.split();
+    let writer_conn = conn.clone();
+    let hb = svc.cfg.heartbeat_interval;
+    let writer = tokio::spawn(async move {
+        let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
+        loop {
+            tokio::select! {
+                _ = writer_conn.kill.cancelled() => break,
+                m = rx.recv() => {
+                    let Some(Outbound::Msg(m)) = m else { break };
+                    let text = serde_json::to_string(&m).expect("serialisable");
+                    if sink.send(Message::Text(text.into())).await.is_err() { break; }
+                }
+                _ = iv.tick() => {
+                    let text = serde_json::to_string(&HubMessage::Heartbeat {}).expect("serialisable");
+                    if sink.send(Message::Text(text.into())).await.is_err() { break; }
+                }
+            }
+        }
+        let reason = writer_conn.close_reason.lock().expect("lock").clone();
+        let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            sink.send(close_msg(code, &reason)),
+        )
+        .await;
+    });
+
+    // 4. reader
+    let why = loop {
+        let msg = tokio::select! {
+            _ = conn.kill.cancelled() => break "closed by hub".to_string(),
+            m = stream.next() => m,
+        };
+        let msg = match msg {
+            None => break "connection closed".to_string(),
+            Some(Err(e)) => {
+                let text = e.to_string();
+                if is_too_big(&text) {
+                    svc.metrics
+                        .protocol_errors
+                        .with_label_values(&["frame-too-large"])
+                        .inc();
+                    let r = format!("frame exceeds {} bytes", svc.cfg.max_frame_bytes);
+                    conn.close(close::TOO_BIG, &r);
+                    break r;
+                }
+                break format!("read error: {text}");
+            }
+            Some(Ok(m)) => m,
+        };
+        match handle(&svc, &agent, msg).await {
+            Ok(true) => {}
+            Ok(false) => break "agent closed the connection".to_string(),
+            Err((metric, reason)) => {
+                svc.metrics
+                    .protocol_errors
+                    .with_label_values(&[metric])
+                    .inc();
+                tracing::warn!(agent = %agent, reason = %reason, "protocol error; closing");
+                conn.close(close::PROTOCOL_VIOLATION, &reason);
+                break reason;
+            }
+        }
+    };
+    // 5. teardown
+    let closed_by_hub = conn.kill.is_cancelled()
+        && conn
+            .close_reason
+            .lock()
+            .expect("lock")
+            .as_ref()
+            .is_some_and(|(c, _)| *c == close::TERMINATED || *c == close::GOING_AWAY);
+    conn.kill.cancel();
+    let _ = writer.await;
+    svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
+    if let Some(route) = conn.exec.lock().expect("lock").take() {
+        let _ = route.tx.try_send(ExecEvent::Lost(format!(
+            "agent {agent} disconnected: {why}"
+        )));
+    }
+    if !closed_by_hub {
+        tracing::info!(agent = %agent, why = %why, "agent disconnected");
+        svc.apply(|e, now| e.agent_disconnected(&agent, &why, now));
+    }
+}
+
+fn is_too_big(text: &str) -> bool {
+    let t = text.to_ascii_lowercase();
+    t.contains("too long") || t.contains("too big") || t.contains("space limit")
+}
+
+async fn refuse_connect(svc: &Service, socket: WebSocket, e: ConnectError) {
+    let (code, metric) = match &e {
+        ConnectError::UnknownAgent(_) => (close::UNKNOWN_AGENT, "unknown-agent"),
+        ConnectError::WrongPool { .. } => (close::PROTOCOL_VIOLATION, "wrong-pool"),
+        ConnectError::AlreadyConnected(_) => (close::DUPLICATE_AGENT, "duplicate-agent"),
+        ConnectError::Terminating(_) => (close::TERMINATED, "terminating"),
+    };
+    refuse(svc, socket, code, metric, e.to_string()).await
+}
+
+fn msg_type(m: &AgentMessage) -> &'static str {
+    match m {
+        AgentMessage::Hello { .. } => "hello",
+        AgentMessage::Heartbeat { .. } => "heartbeat",
+        AgentMessage::Exit { .. } => "exit",
+        AgentMessage::Ready { .. } => "ready",
+    }
+}
+
+/// Handles one message; Ok(false) when the agent closed, Err((metric, reason)) on a violation.
+async fn handle(
+    svc: &Arc<Service>,
+    agent: &str,
+    msg: Message,
+) -> Result<bool, (&'static str, String)> {
+    match msg {
+        Message::Text(t) => {
+            let m: AgentMessage = serde_json::from_str(&t)
+                .map_err(|e| ("malformed", format!("malformed message: {e}")))?;
+            match m {
+                AgentMessage::Heartbeat { health } => {
+                    svc.apply(|e, now| e.agent_heartbeat(agent, health, now));
+                }
+                AgentMessage::Ready { health, .. } => {
+                    svc.apply(|e, now| e.agent_ready(agent, health, now));
+                }
+                AgentMessage::Exit { exec_id, status } => {
+                    if let Some(tx) = svc.hub.route(agent, exec_id, true) {
+                        let _ = tx.send(ExecEvent::Exit(status)).await;
+                    }
+                }
+                AgentMessage::Hello { .. } => {
+                    return Err(("protocol", "hello sent twice".into()));
+                }
+            }
+        }
+        Message::Binary(b) => {
+            let (_, exec_id, _) = protocol::decode_output(&b)
+                .map_err(|e| ("malformed", format!("bad output frame: {e}")))?;
+            // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads it.
+            if let Some(tx) = svc.hub.route(agent, exec_id, false) {
+                let _ = tx.send(ExecEvent::Output(b)).await;
+            }
+        }
+        Message::Close(_) => return Ok(false),
+        Message::Ping(_) | Message::Pong(_) => {
+            svc.apply(|e, now| e.agent_seen(agent, now));
+        }
+    }
+    Ok(true)
+}

@@ -1,0 +1,483 @@
+//! Label expressions in Jenkins syntax: parsing and matching.
+//!
+//! Owns the grammar of selectors such as `linux && (go || rust)`. Operators, from tightest to
+//! loosest binding: `!`, `&&`, `||`, `->` (implies), `<->` (iff); parentheses group; an atom is
+//! any run of characters other than whitespace and `& | ! < > ( ) " '`, or a double-quoted string
+//! with backslash escapes (`"my label"`). A `-` is part of an atom unless it starts `->`, so
+//! `docker-agent` is one atom. An empty expression matches every agent, as an empty label does in
+//! Jenkins. This module is pure: no I/O, no knowledge of pools or agents beyond a label set.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// Errors from parsing a label expression.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The expression is not well formed.
+    #[error("invalid label expression {expr:?}: {message} at character {offset}")]
+    Syntax {
+        /// The expression as given.
+        expr: String,
+        /// Character offset of the problem.
+        offset: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A parsed label expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expr {
+    /// The empty expression: matches any label set.
+    Any,
+    /// A single label.
+    Atom(String),
+    /// `!e`
+    Not(Box<Expr>),
+    /// `a && b`
+    And(Box<Expr>, Box<Expr>),
+    /// `a || b`
+    Or(Box<Expr>, Box<Expr>),
+    /// `a -> b`
+    Implies(Box<Expr>, Box<Expr>),
+    /// `a <-> b`
+    Iff(Box<Expr>, Box<Expr>),
+}
+
+impl Expr {
+    /// Parses an expression in Jenkins label syntax.
+    pub fn parse(input: &str) -> Result<Expr> {
+        let tokens = tokenize(input)?;
+        if tokens.is_empty() {
+            return Ok(Expr::Any);
+        }
+        let mut p = Parser {
+            input,
+            tokens,
+            pos: 0,
+        };
+        let e = p.iff()?;
+        if let Some((tok, off)) = p.tokens.get(p.pos) {
+            return Err(p.err(*off, format!("unexpected {}", tok.describe())));
+        }
+        Ok(e)
+    }
+
+    /// Evaluates the expression against a set of labels.
+    pub fn matches(&self, labels: &BTreeSet<String>) -> bool {
+        self.eval(&|atom| labels.contains(atom))
+    }
+
+    /// Evaluates the expression with a membership predicate.
+    pub fn eval(&self, has: &dyn Fn(&str) -> bool) -> bool {
+        match self {
+            Expr::Any => true,
+            Expr::Atom(a) => has(a),
+            Expr::Not(e) => !e.eval(has),
+            Expr::And(a, b) => a.eval(has) && b.eval(has),
+            Expr::Or(a, b) => a.eval(has) || b.eval(has),
+            Expr::Implies(a, b) => !a.eval(has) || b.eval(has),
+            Expr::Iff(a, b) => a.eval(has) == b.eval(has),
+        }
+    }
+
+    /// The atoms the expression mentions.
+    pub fn atoms(&self) -> BTreeSet<&str> {
+        let mut out = BTreeSet::new();
+        self.collect_atoms(&mut out);
+        out
+    }
+
+    fn collect_atoms<'a>(&'a self, out: &mut BTreeSet<&'a str>) {
+        match self {
+            Expr::Any => {}
+            Expr::Atom(a) => {
+                out.insert(a);
+            }
+            Expr::Not(e) => e.collect_atoms(out),
+            Expr::And(a, b) | Expr::Or(a, b) | Expr::Implies(a, b) | Expr::Iff(a, b) => {
+                a.collect_atoms(out);
+                b.collect_atoms(out);
+            }
+        }
+    }
+}
+
+/// True when `label` can be written as a bare atom (no quoting needed).
+pub fn is_bare_atom(label: &str) -> bool {
+    !label.is_empty()
+        && !label.contains("->")
+        && label.chars().all(|c| !c.is_whitespace() && !is_special(c))
+}
+
+fn is_special(c: char) -> bool {
+    matches!(c, '&' | '|' | '!' | '<' | '>' | '(' | ')' | '"' | '\'')
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Any => Ok(()),
+            Expr::Atom(a) if is_bare_atom(a) => write!(f, "{a}"),
+            Expr::Atom(a) => write!(f, "{a:?}"),
+            Expr::Not(e) => write!(f, "!{}", Paren(e)),
+            Expr::And(a, b) => write!(f, "{} && {}", Paren(a), Paren(b)),
+            Expr::Or(a, b) => write!(f, "{} || {}", Paren(a), Paren(b)),
+            Expr::Implies(a, b) => write!(f, "{} -> {}", Paren(a), Paren(b)),
+            Expr::Iff(a, b) => write!(f, "{} <-> {}", Paren(a), Paren(b)),
+        }
+    }
+}
+
+/// Displays a sub-expression, parenthesised unless it is an atom.
+struct Paren<'a>(&'a Expr);
+
+impl fmt::Display for Paren<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Expr::Atom(_) | Expr::Any => write!(f, "{}", self.0),
+            e => write!(f, "({e})"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tok {
+    And,
+    Or,
+    Not,
+    Implies,
+    Iff,
+    LParen,
+    RParen,
+    Atom(String),
+}
+
+impl Tok {
+    fn describe(&self) -> String {
+        match self {
+            Tok::And => "'&&'".into(),
+            Tok::Or => "'||'".into(),
+            Tok::Not => "'!'".into(),
+            Tok::Implies => "'->'".into(),
+            Tok::Iff => "'<->'".into(),
+            Tok::LParen => "'('".into(),
+            Tok::RParen => "')'".into(),
+            Tok::Atom(a) => format!("label {a:?}"),
+        }
+    }
+}
+
+fn tokenize(input: &str) -> Result<Vec<(Tok, usize)>> {
+    let chars: Vec<char> = input.chars().collect();
+    let err = |offset: usize, message: String| Error::Syntax {
+        expr: input.to_string(),
+        offset,
+        message,
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        let next = chars.get(i + 1).copied();
+        match c {
+            c if c.is_whitespace() => i += 1,
+            '&' if next == Some('&') => {
+                out.push((Tok::And, i));
+                i += 2;
+            }
+            '|' if next == Some('|') => {
+                out.push((Tok::Or, i));
+                i += 2;
+            }
+            '-' if next == Some('>') => {
+                out.push((Tok::Implies, i));
+                i += 2;
+            }
+            '<' if next == Some('-') && chars.get(i + 2) == Some(&'>') => {
+                out.push((Tok::Iff, i));
+                i += 3;
+            }
+            '!' => {
+                out.push((Tok::Not, i));
+                i += 1;
+            }
+            '(' => {
+                out.push((Tok::LParen, i));
+                i += 1;
+            }
+            ')' => {
+                out.push((Tok::RParen, i));
+                i += 1;
+            }
+            '"' => {
+                let start = i;
+                i += 1;
+                let mut s = String::new();
+                loop {
+                    match chars.get(i) {
+                        None => return Err(err(start, "unterminated quoted label".into())),
+                        Some('"') => {
+                            i += 1;
+                            break;
+                        }
+                        Some('\\') => {
+                            let esc = chars.get(i + 1).copied();
+                            s.push(match esc {
+                                Some('n') => '\n',
+                                Some('t') => '\t',
+                                Some('r') => '\r',
+                                Some('b') => '\u{8}',
+                                Some('f') => '\u{c}',
+                                Some(c @ ('"' | '\'' | '\\')) => c,
+                                _ => return Err(err(i, "invalid escape in quoted label".into())),
+                            });
+                            i += 2;
+                        }
+                        Some('\n' | '\r') => {
+                            return Err(err(i, "line break in quoted label".into()));
+                        }
+                        Some(&c) => {
+                            s.push(c);
+                            i += 1;
+                        }
+                    }
+                }
+                out.push((Tok::Atom(s), start));
+            }
+            '&' | '|' | '<' | '>' | '\'' => {
+                return Err(err(i, format!("unexpected character {c:?}")));
+            }
+            _ => {
+                let start = i;
+                let mut s = String::new();
+                while let Some(&c) = chars.get(i) {
+                    if c.is_whitespace()
+                        || is_special(c)
+                        || (c == '-' && chars.get(i + 1) == Some(&'>'))
+                    {
+                        break;
+                    }
+                    s.push(c);
+                    i += 1;
+                }
+                out.push((Tok::Atom(s), start));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Parser<'a> {
+    input: &'a str,
+    tokens: Vec<(Tok, usize)>,
+    pos: usize,
+}
+
+impl Parser<'_> {
+    fn err(&self, offset: usize, message: String) -> Error {
+        Error::Syntax {
+            expr: self.input.to_string(),
+            offset,
+            message,
+        }
+    }
+
+    fn peek(&self) -> Option<&Tok> {
+        self.tokens.get(self.pos).map(|(t, _)| t)
+    }
+
+    fn eat(&mut self, t: &Tok) -> bool {
+        if self.peek() == Some(t) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn iff(&mut self) -> Result<Expr> {
+        let mut left = self.implies()?;
+        while self.eat(&Tok::Iff) {
+            let right = self.implies()?;
+            left = Expr::Iff(Box::new(left), Box::new(right));
+        }
+        Ok(left)
+    }
+
+    fn implies(&mut self) -> Result<Expr> {
+        let left = self.or()?;
+        if self.eat(&Tok::Implies) {
+            // Right-associative, as in logic: a -> b -> c == a -> (b -> c).
+            let right = self.implies()?;
+            return Ok(Expr::Implies(Box::new(left), Box::new(right)));
+        }
+        Ok(left)
+    }
+
+    fn or(&mut self) -> Result<Expr> {
+        let mut left = self.and()?;
+        while self.eat(&Tok::Or) {
+            let right = self.and()?;
+            left = Expr::Or(Box::new(left), Box::new(right));
+        }
+        Ok(left)
+    }
+
+    fn and(&mut self) -> Result<Expr> {
+        let mut left = self.unary()?;
+        while self.eat(&Tok::And) {
+            let right = self.unary()?;
+            left = Expr::And(Box::new(left), Box::new(right));
+        }
+        Ok(left)
+    }
+
+    fn unary(&mut self) -> Result<Expr> {
+        if self.eat(&Tok::Not) {
+            return Ok(Expr::Not(Box::new(self.unary()?)));
+        }
+        self.primary()
+    }
+
+    fn primary(&mut self) -> Result<Expr> {
+        let Some((tok, off)) = self.tokens.get(self.pos).cloned() else {
+            return Err(self.err(
+                self.input.chars().count(),
+                "expression ends where a label or '(' was expected".into(),
+            ));
+        };
+        self.pos += 1;
+        match tok {
+            Tok::Atom(a) => Ok(Expr::Atom(a)),
+            Tok::LParen => {
+                let e = self.iff()?;
+                if !self.eat(&Tok::RParen) {
+                    let at = self
+                        .tokens
+                        .get(self.pos)
+                        .map(|(_, o)| *o)
+                        .unwrap_or(self.input.chars().count());
+                    return Err(
+                        self.err(at, format!("missing ')' to close '(' at character {off}"))
+                    );
+                }
+                Ok(e)
+            }
+            other => Err(self.err(
+                off,
+                format!("expected a label or '(' but found {}", other.describe()),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn set(labels: &[&str]) -> BTreeSet<String> {
+        labels.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn precedence_follows_jenkins() {
+        let e = Expr::parse("a || b && c").unwrap();
+        assert_eq!(e.to_string(), "a || (b && c)");
+        let e = Expr::parse("!a && b").unwrap();
+        assert_eq!(e.to_string(), "(!a) && b");
+        let e = Expr::parse("a -> b || c").unwrap();
+        assert_eq!(e.to_string(), "a -> (b || c)");
+        let e = Expr::parse("a <-> b -> c").unwrap();
+        assert_eq!(e.to_string(), "a <-> (b -> c)");
+    }
+
+    #[test]
+    fn matching() {
+        let l = set(&["linux", "x86_64", "go"]);
+        assert!(Expr::parse("linux && (go || rust)").unwrap().matches(&l));
+        assert!(!Expr::parse("linux && rust").unwrap().matches(&l));
+        assert!(Expr::parse("!windows").unwrap().matches(&l));
+        assert!(Expr::parse("windows -> msvc").unwrap().matches(&l));
+        assert!(!Expr::parse("linux -> rust").unwrap().matches(&l));
+        assert!(Expr::parse("rust <-> windows").unwrap().matches(&l));
+        assert!(!Expr::parse("go <-> windows").unwrap().matches(&l));
+        assert!(Expr::parse("").unwrap().matches(&l));
+        assert!(Expr::parse("   ").unwrap().matches(&BTreeSet::new()));
+    }
+
+    #[test]
+    fn atoms_with_dashes_dots_and_quotes() {
+        let l = set(&["docker-agent", "jdk-17.0", "my label"]);
+        assert!(Expr::parse("docker-agent&&jdk-17.0").unwrap().matches(&l));
+        assert!(
+            Expr::parse("\"my label\" && docker-agent")
+                .unwrap()
+                .matches(&l)
+        );
+        assert_eq!(
+            Expr::parse("a->b").unwrap(),
+            Expr::Implies(
+                Box::new(Expr::Atom("a".into())),
+                Box::new(Expr::Atom("b".into()))
+            )
+        );
+        assert_eq!(Expr::parse(r#""q\"x""#).unwrap(), Expr::Atom("q\"x".into()));
+    }
+
+    #[test]
+    fn syntax_errors_are_clear() {
+        for (bad, want) in [
+            ("linux &&", "expression ends"),
+            ("(linux", "missing ')'"),
+            ("linux)", "unexpected ')'"),
+            ("a & b", "unexpected character '&'"),
+            ("\"open", "unterminated"),
+            ("&& a", "expected a label"),
+            ("a b", "unexpected label \"b\""),
+        ] {
+            let e = Expr::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(want), "{bad:?}: {e}");
+            assert!(e.contains(&format!("{bad:?}")), "{e} names the expression");
+        }
+    }
+
+    fn arb_expr() -> impl Strategy<Value = Expr> {
+        let leaf = prop_oneof![
+            "[a-z][a-z0-9_.-]{0,6}"
+                .prop_filter("no ->", |s| !s.contains("->") && !s.ends_with('-'))
+                .prop_map(Expr::Atom),
+            "[a-z ]{1,6}".prop_map(Expr::Atom),
+        ];
+        leaf.prop_recursive(4, 24, 2, |inner| {
+            prop_oneof![
+                inner.clone().prop_map(|e| Expr::Not(Box::new(e))),
+                (inner.clone(), inner.clone())
+                    .prop_map(|(a, b)| Expr::And(Box::new(a), Box::new(b))),
+                (inner.clone(), inner.clone())
+                    .prop_map(|(a, b)| Expr::Or(Box::new(a), Box::new(b))),
+                (inner.clone(), inner.clone())
+                    .prop_map(|(a, b)| Expr::Implies(Box::new(a), Box::new(b))),
+                (inner.clone(), inner).prop_map(|(a, b)| Expr::Iff(Box::new(a), Box::new(b))),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn display_round_trips(e in arb_expr()) {
+            let printed = e.to_string();
+            let reparsed = Expr::parse(&printed).unwrap();
+            prop_assert_eq!(reparsed, e);
+        }
+
+        #[test]
+        fn parser_never_panics(s in "[a-z!&|()<>\" -]{0,24}") {
+            let _ = Expr::parse(&s);
+        }
+    }
+}

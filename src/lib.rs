@@ -1,0 +1,39 @@
+//! warmpool: keeps CI build agents warm.
+//!
+//! A pool of pre-started agents per pool spec, each already connected to the service over
+//! WebSocket, leased to jobs by label expression in milliseconds, provisioned under a rate limit
+//! and recycled after use, idle TTL, max age or bad health.
+//!
+//! # Layout
+//! - [`labels`]: Jenkins label-expression parser and matcher (pure).
+//! - [`spec`]: the pool spec, its defaults, duration syntax and validation (pure).
+//! - [`engine`]: the pool engine, a synchronous state machine with time passed in (pure).
+//! - [`protocol`]: the WebSocket remoting protocol between hub and agents (pure encoding).
+//! - [`auth`]: per-agent HMAC tokens and the API bearer token.
+//! - [`metrics`]: the Prometheus registry and every `warmpool_*` metric.
+//! - [`pacer`]: the provisioning token buckets (governor) behind the engine's `Pacer`.
+//! - [`service`]: the async shell: runs the engine, executes its actions, ticks time.
+//! - [`hub`]: agent WebSocket connections, bounded per-connection queues, exec routing.
+//! - [`api`]: the HTTP lease API (axum), including the exec WebSocket.
+//! - [`backend`]: where agents come from (`process`: local child processes).
+//! - [`agent`]: the `warmpool agent` side: dial the hub, run execs, clean up.
+//! - [`client`]: the lease API client behind `warmpool run` and `warmpool status`.
+//! - [`server`]: wiring: builds everything, serves a bound listener until shutdown.
+//! - [`cli`]: clap definitions for the binary.
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod cli;
+pub mod client;
+pub mod engine;
+pub mod hub;
+pub mod labels;
+pub mod metrics;
+pub mod pacer;
+pub mod protocol;
+pub mod server;
+pub mod service;
+pub mod spec;

@@ -1,0 +1,151 @@
+//! The `warmpool` binary: parses the CLI, sets up logging and signals, and hands over to the
+//! library (`server::serve`, `agent::run`, `client::run_job`).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use warmpool::cli::{Cli, Command, LogArgs, LogFormat, OutputFormat, ServerArgs};
+use warmpool::{agent, auth, client, protocol, server, spec};
+
+fn init_logging(args: &LogArgs, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(args.log.as_deref().unwrap_or(default))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+/// First SIGINT/SIGTERM cancels `token`; a second one exits at once.
+fn on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        for n in 0.. {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            if n == 0 {
+                token.cancel();
+            } else {
+                eprintln!("warmpool: second signal; exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+fn client_for(s: &ServerArgs) -> anyhow::Result<client::Client> {
+    let token = match &s.api_token_file {
+        Some(p) => Some(auth::load_api_token(p)?),
+        None => None,
+    };
+    Ok(client::Client::new(&s.server, token))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_log = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    init_logging(&cli.log, default_log);
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("warmpool: {e:#}");
+            ExitCode::from(255)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(a) => {
+            let exe = match a.agent_exe {
+                Some(p) => p,
+                None => std::env::current_exe().context("cannot find the warmpool executable")?,
+            };
+            let mut cfg = server::ServeConfig::new(exe);
+            if let Some(p) = &a.pools {
+                cfg.pools = spec::load_file(p)?;
+            }
+            if let Some(p) = &a.api_token_file {
+                cfg.api_token = Some(auth::load_api_token(p)?);
+            }
+            if let Some(p) = &a.agent_key_file {
+                cfg.agent_key = auth::AgentKey::from_file(p)?;
+            }
+            cfg.work_dir = a.work_dir;
+            cfg.hub_url = a.hub_url;
+            cfg.service.heartbeat_interval = a.heartbeat_interval.0;
+            cfg.service.engine.heartbeat_timeout = a.heartbeat_interval.0 * 3;
+            cfg.service.handshakes_per_second = a.handshakes_per_second;
+            cfg.service.max_frame_bytes = a.max_frame_bytes;
+            cfg.service.engine.max_waiters = a.max_waiters;
+            cfg.shutdown_grace = a.shutdown_grace.0;
+            let listener = tokio::net::TcpListener::bind(a.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", a.listen))?;
+            let stop = CancellationToken::new();
+            on_signals(stop.clone());
+            server::serve(listener, cfg, stop.cancelled_owned()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Agent(a) => {
+            let stop = CancellationToken::new();
+            on_signals(stop.clone());
+            agent::run(
+                agent::AgentConfig {
+                    hub: a.hub,
+                    agent_id: a.agent_id,
+                    token: a.token,
+                    pool: a.pool,
+                    labels: a.labels,
+                    workspace: a.workspace,
+                    max_backoff: a.max_backoff.0,
+                },
+                stop,
+            )
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run(a) => {
+            let c = client_for(&a.server)?;
+            let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());
+            let opts = client::RunOptions {
+                selector: a.selector,
+                wait: a.wait.0,
+                ttl: a.ttl.0.max(Duration::from_secs(3)),
+                holder: format!("warmpool run ({user}, pid {})", std::process::id()),
+                spec: protocol::ExecSpec {
+                    argv: Some(a.command),
+                    script: None,
+                    env: a.env.into_iter().collect(),
+                    cwd: a.cwd,
+                    timeout_ms: a.timeout.map(|t| t.0.as_millis() as u64),
+                },
+            };
+            let code = client::run_job(&c, opts).await?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Command::Status(a) => {
+            let c = client_for(&a.server)?;
+            let pools = c.pools().await?;
+            match a.output {
+                OutputFormat::Table => print!("{}", client::pools_table(&pools)),
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&pools)?),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Every Prometheus metric warmpool exports, built once into one registry at start-up.
+//!
+//! Names are `warmpool_*` with units in the name. Agent counts by state are refreshed from the
+//! engine at scrape time (level-triggered), counters and histograms are updated by the shell.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// The registry and its metrics.
+#[derive(Clone)]
+pub struct Metrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// `warmpool_agents{pool,state}`.
+    pub agents: IntGaugeVec,
+    /// `warmpool_lease_wait_seconds{pool}`: request to grant.
+    pub lease_wait: HistogramVec,
+    /// `warmpool_provision_to_idle_seconds{pool}`: agent requested to registered.
+    pub provision_to_idle: HistogramVec,
+    /// `warmpool_exec_time_to_first_byte_seconds{pool}`.
+    pub exec_ttfb: HistogramVec,
+    /// `warmpool_recycles_total{pool,reason}`: agents terminated, by reason.
+    pub recycles: IntCounterVec,
+    /// `warmpool_leaks_total{pool}`: agents that never registered within connectTimeout.
+    pub leaks: IntCounterVec,
+    /// `warmpool_rejected_connections_total{reason}`: hub connections refused.
+    pub rejected_connections: IntCounterVec,
+    /// `warmpool_protocol_errors_total{reason}`: connections closed for bad frames.
+    pub protocol_errors: IntCounterVec,
+    /// `warmpool_provisions_throttled_total{pool}`: provisions held back by the rate limiter.
+    pub throttled: IntCounterVec,
+    /// `warmpool_provisions_total{pool,result}`.
+    pub provisions: IntCounterVec,
+    /// `warmpool_lease_requests_total{result}`.
+    pub lease_requests: IntCounterVec,
+    /// `warmpool_leases_ended_total{pool,state}`.
+    pub leases_ended: IntCounterVec,
+}
+
+fn buckets() -> Vec<f64> {
+    // 100 us .. ~105 s, doubling.
+    prometheus::exponential_buckets(0.0001, 2.0, 21).expect("valid buckets")
+}
+
+impl Metrics {
+    /// Builds and registers every metric.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let hist = |name: &str, help: &str| {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets()), &["pool"])
+                .expect("valid metric");
+            registry
+                .register(Box::new(h.clone()))
+                .expect("unique metric");
+            h
+        };
+        Metrics {
+            agents: gauge(
+                "warmpool_agents",
+                "Agents by pool and state.",
+                &["pool", "state"],
+            ),
+            lease_wait: hist(
+                "warmpool_lease_wait_seconds",
+                "Time from lease request to grant.",
+            ),
+            provision_to_idle: hist(
+                "warmpool_provision_to_idle_seconds",
+                "Time from provisioning an agent to its registration (idle).",
+            ),
+            exec_ttfb: hist(
+                "warmpool_exec_time_to_first_byte_seconds",
+                "Time from exec request to its first output byte (or exit).",
+            ),
+            recycles: counter(
+                "warmpool_recycles_total",
+                "Agents terminated, by reason.",
+                &["pool", "reason"],
+            ),
+            leaks: counter(
+                "warmpool_leaks_total",
+                "Agents that never registered within connectTimeout.",
+                &["pool"],
+            ),
+            rejected_connections: counter(
+                "warmpool_rejected_connections_total",
+                "Agent connections the hub refused, by reason.",
+                &["reason"],
+            ),
+            protocol_errors: counter(
+                "warmpool_protocol_errors_total",
+                "Agent connections closed for a protocol error, by reason.",
+                &["reason"],
+            ),
+            throttled: counter(
+                "warmpool_provisions_throttled_total",
+                "Provisioning passes held back by the rate limiter.",
+                &["pool"],
+            ),
+            provisions: counter(
+                "warmpool_provisions_total",
+                "Agents provisioned, by result.",
+                &["pool", "result"],
+            ),
+            lease_requests: counter(
+                "warmpool_lease_requests_total",
+                "Lease requests, by result.",
+                &["result"],
+            ),
+            leases_ended: counter(
+                "warmpool_leases_ended_total",
+                "Leases ended, by final state.",
+                &["pool", "state"],
+            ),
+            registry,
+        }
+    }
+
+    /// Renders the text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,374 @@
+//! The WebSocket remoting protocol (version 1): messages between the hub and agents, and
+//! between the lease API's exec socket and `warmpool run`. Documented in docs/PROTOCOL.md.
+//!
+//! Control messages are JSON text frames tagged by `type`; process output travels in binary
+//! frames `[stream: u8][execId: u64 big-endian][bytes]`. This module only encodes and decodes;
+//! it owns no sockets.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Health;
+
+/// Protocol version spoken by this build. Agents with another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Default largest frame or message accepted, in bytes.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Largest output chunk an agent puts in one binary frame.
+pub const OUTPUT_CHUNK_BYTES: usize = 32 * 1024;
+/// Bytes of header in a binary output frame.
+pub const OUTPUT_HEADER_BYTES: usize = 9;
+
+/// Close codes the hub uses (4000-4999 are application codes in RFC 6455).
+pub mod close {
+    /// A message that is not valid for the current state, or not understood.
+    pub const PROTOCOL_VIOLATION: u16 = 4400;
+    /// The token does not match the agent id.
+    pub const INVALID_TOKEN: u16 = 4401;
+    /// The agent id is not one the service provisioned.
+    pub const UNKNOWN_AGENT: u16 = 4404;
+    /// No hello within the handshake timeout.
+    pub const HELLO_TIMEOUT: u16 = 4408;
+    /// A live connection already exists for this agent id.
+    pub const DUPLICATE_AGENT: u16 = 4409;
+    /// The agent is being terminated by the service.
+    pub const TERMINATED: u16 = 4410;
+    /// The agent speaks another protocol version.
+    pub const UNSUPPORTED_VERSION: u16 = 4426;
+    /// The agent did not read its messages fast enough; its send queue filled.
+    pub const SLOW_CONSUMER: u16 = 4429;
+    /// Standard code: message too big.
+    pub const TOO_BIG: u16 = 1009;
+    /// Standard code: going away (service shutting down, agent drained).
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+/// Messages an agent sends to the hub.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum AgentMessage {
+    /// First message on every connection.
+    Hello {
+        /// Protocol version the agent speaks.
+        protocol: u32,
+        /// The agent id the service gave it.
+        agent_id: String,
+        /// The pool it believes it belongs to.
+        #[serde(default)]
+        pool: Option<String>,
+        /// HMAC-SHA256(server key, agent id), hex.
+        token: String,
+        /// Labels the agent reports (informational; the pool's labels are authoritative).
+        #[serde(default)]
+        labels: Vec<String>,
+        /// A lease the agent is still serving (restart adoption; reserved in version 1).
+        #[serde(default)]
+        lease: Option<String>,
+        /// Health at connect time.
+        #[serde(default)]
+        health: Health,
+    },
+    /// Periodic liveness with health.
+    Heartbeat {
+        /// Current health.
+        #[serde(default)]
+        health: Health,
+    },
+    /// An exec finished. Sent after all its output frames.
+    Exit {
+        /// The exec.
+        exec_id: u64,
+        /// How it ended.
+        #[serde(flatten)]
+        status: ExitStatus,
+    },
+    /// Cleanup after a release finished; the agent is ready for the next lease.
+    Ready {
+        /// The lease that was released.
+        #[serde(default)]
+        lease: Option<String>,
+        /// Health after cleanup.
+        #[serde(default)]
+        health: Health,
+    },
+}
+
+/// Messages the hub sends to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum HubMessage {
+    /// Registration accepted.
+    Welcome {
+        /// Protocol version of the hub.
+        protocol: u32,
+        /// The agent id, echoed.
+        agent_id: String,
+        /// How often to send heartbeats.
+        heartbeat_interval_ms: u64,
+        /// Largest frame the hub accepts.
+        max_frame_bytes: usize,
+    },
+    /// Hub liveness.
+    Heartbeat {},
+    /// Run a command.
+    Exec {
+        /// Identifies the exec's output frames and exit.
+        exec_id: u64,
+        /// What to run.
+        #[serde(flatten)]
+        spec: ExecSpec,
+    },
+    /// Stop a running exec (its whole process group).
+    Cancel {
+        /// The exec.
+        exec_id: u64,
+    },
+    /// The lease ended: clean the workspace, kill leftover processes, then send `ready`.
+    Release {
+        /// The lease.
+        lease: String,
+    },
+    /// Finish current work, then disconnect and exit.
+    Drain {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What to run: exactly one of `argv` or `script` (run by `sh -c`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecSpec {
+    /// Program and arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// A shell script.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// Extra environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Working directory, relative to the workspace (absolute paths are used as given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+    /// Kill the process group after this many milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+impl ExecSpec {
+    /// Checks the spec is runnable; the message says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.argv, &self.script) {
+            (Some(_), Some(_)) => Err("give either argv or script, not both".into()),
+            (None, None) => Err("give argv or script".into()),
+            (Some(a), None) if a.is_empty() || a[0].is_empty() => {
+                Err("argv must name a program".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// How an exec ended.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct ExitStatus {
+    /// Exit code, when the process exited.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// Signal number, when the process was killed by one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// Killed because `timeoutMs` passed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub timed_out: bool,
+    /// Killed because of a `cancel`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub cancelled: bool,
+    /// The command could not be started.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl ExitStatus {
+    /// The shell-style exit code: the code, 128 + signal, or 127 when it could not start.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            _ => 127,
+        }
+    }
+}
+
+/// Messages `warmpool run` sends on the exec socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum ClientMessage {
+    /// Start the command.
+    Exec(ExecSpec),
+    /// Stop it.
+    Cancel,
+}
+
+/// Messages the exec socket sends to `warmpool run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
+pub enum ServerMessage {
+    /// The command was handed to the agent.
+    Started {
+        /// The exec id in output frames.
+        exec_id: u64,
+        /// The agent running it.
+        agent: String,
+    },
+    /// The command finished.
+    Exit(ExitStatus),
+    /// Something went wrong; the socket closes after this.
+    Error {
+        /// Machine code.
+        code: String,
+        /// Human message naming the lease and agent.
+        message: String,
+    },
+}
+
+/// Output stream of a binary frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    /// Standard output.
+    Stdout = 1,
+    /// Standard error.
+    Stderr = 2,
+}
+
+/// Problems decoding a binary frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// Shorter than the header.
+    #[error("binary frame of {0} bytes is shorter than the {OUTPUT_HEADER_BYTES}-byte header")]
+    Short(usize),
+    /// Unknown stream byte.
+    #[error("binary frame names unknown stream {0}")]
+    UnknownStream(u8),
+}
+
+/// Encodes one output frame.
+pub fn encode_output(stream: Stream, exec_id: u64, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(OUTPUT_HEADER_BYTES + data.len());
+    out.push(stream as u8);
+    out.extend_from_slice(&exec_id.to_be_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+/// Decodes one output frame.
+pub fn decode_output(frame: &[u8]) -> Result<(Stream, u64, &[u8]), FrameError> {
+    if frame.len() < OUTPUT_HEADER_BYTES {
+        return Err(FrameError::Short(frame.len()));
+    }
+    let stream = match frame[0] {
+        1 => Stream::Stdout,
+        2 => Stream::Stderr,
+        other => return Err(FrameError::UnknownStream(other)),
+    };
+    let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
+    Ok((stream, id, &frame[9..]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_frames_round_trip() {
+        let f = encode_output(Stream::Stderr, 7, b"hi");
+        assert_eq!(decode_output(&f).unwrap(), (Stream::Stderr, 7, &b"hi"[..]));
+        assert_eq!(decode_output(&f[..3]), Err(FrameError::Short(3)));
+        let mut bad = f.clone();
+        bad[0] = 9;
+        assert_eq!(decode_output(&bad), Err(FrameError::UnknownStream(9)));
+    }
+
+    #[test]
+    fn json_shapes_are_stable() {
+        let m = HubMessage::Exec {
+            exec_id: 3,
+            spec: ExecSpec {
+                argv: Some(vec!["true".into()]),
+                timeout_ms: Some(5),
+                ..Default::default()
+            },
+        };
+        let j = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            j,
+            r#"{"type":"exec","execId":3,"argv":["true"],"timeoutMs":5}"#
+        );
+        assert_eq!(serde_json::from_str::<HubMessage>(&j).unwrap(), m);
+        let e: AgentMessage =
+            serde_json::from_str(r#"{"type":"exit","execId":3,"code":0}"#).unwrap();
+        assert_eq!(
+            e,
+            AgentMessage::Exit {
+                exec_id: 3,
+                status: ExitStatus {
+                    code: Some(0),
+                    ..Default::default()
+                }
+            }
+        );
+        let c: ClientMessage =
+            serde_json::from_str(r#"{"type":"exec","script":"echo hi"}"#).unwrap();
+        assert!(matches!(
+            c,
+            ClientMessage::Exec(ExecSpec {
+                script: Some(_),
+                ..
+            })
+        ));
+        assert!(serde_json::from_str::<AgentMessage>(r#"{"type":"launch"}"#).is_err());
+    }
+
+    #[test]
+    fn exec_spec_validation() {
+        assert!(ExecSpec::default().validate().is_err());
+        let both = ExecSpec {
+            argv: Some(vec!["a".into()]),
+            script: Some("b".into()),
+            ..Default::default()
+        };
+        assert!(both.validate().unwrap_err().contains("not both"));
+        let empty = ExecSpec {
+            argv: Some(vec![]),
+            ..Default::default()
+        };
+        assert!(empty.validate().is_err());
+    }
+
+    #[test]
+    fn shell_codes() {
+        let s = |code, signal| ExitStatus {
+            code,
+            signal,
+            ..Default::default()
+        };
+        assert_eq!(s(Some(3), None).shell_code(), 3);
+        assert_eq!(s(None, Some(9)).shell_code(), 137);
+        assert_eq!(s(None, None).shell_code(), 127);
+    }
+}

@@ -1,0 +1,215 @@
+//! Wiring: builds the service, the backend and the HTTP router, serves an already-bound
+//! listener, and runs the shutdown sequence (stop leasing, let leases finish up to the grace
+//! period, terminate and reap every agent, close connections, remove the work dir).
+//!
+//! Tests and benches call [`start`] with a listener on `127.0.0.1:0`; `main` calls [`serve`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{ApiState, router};
+use crate::auth::AgentKey;
+use crate::backend::process::{ProcessBackend, ProcessConfig};
+use crate::metrics::Metrics;
+use crate::pacer::GovernorPacer;
+use crate::service::{Service, ServiceConfig};
+use crate::spec::{PoolDef, PoolSpec};
+
+/// Start-up errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Refusing to expose the API without a token.
+    #[error(
+        "refusing to listen on {0} without an API token: set --api-token-file, or listen on 127.0.0.1"
+    )]
+    NoTokenOnPublicAddress(SocketAddr),
+    /// The work dir could not be created.
+    #[error("cannot create work dir {path}: {source}")]
+    WorkDir {
+        /// The directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The listener has no address.
+    #[error("listener has no local address: {0}")]
+    Listener(std::io::Error),
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Pools to serve.
+    pub pools: Vec<PoolDef>,
+    /// API bearer token.
+    pub api_token: Option<String>,
+    /// Key agent tokens derive from.
+    pub agent_key: AgentKey,
+    /// Agents' work dir (default: a fresh temporary directory, removed at exit).
+    pub work_dir: Option<PathBuf>,
+    /// URL agents dial (default: derived from the listener's address).
+    pub hub_url: Option<String>,
+    /// The executable run as `<exe> agent`.
+    pub agent_exe: PathBuf,
+    /// Shell settings.
+    pub service: ServiceConfig,
+    /// Running leases may continue this long after a shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Agents get this long between SIGTERM and SIGKILL.
+    pub agent_grace: Duration,
+}
+
+impl ServeConfig {
+    /// Defaults with the built-in `default` pool.
+    pub fn new(agent_exe: PathBuf) -> ServeConfig {
+        ServeConfig {
+            pools: vec![PoolDef {
+                name: "default".into(),
+                spec: PoolSpec::builtin_default(),
+            }],
+            api_token: None,
+            agent_key: AgentKey::random(),
+            work_dir: None,
+            hub_url: None,
+            agent_exe,
+            service: ServiceConfig::default(),
+            shutdown_grace: Duration::from_secs(30),
+            agent_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// A running server.
+pub struct Running {
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// The service (engine, hub, metrics).
+    pub svc: Arc<Service>,
+    /// The process backend (for inspecting agent pids).
+    pub backend: Arc<ProcessBackend>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// `http://addr`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Begins shutdown and waits for it to finish.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts serving on `listener`.
+pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
+    let addr = listener.local_addr().map_err(Error::Listener)?;
+    if !addr.ip().is_loopback() && cfg.api_token.is_none() {
+        return Err(Error::NoTokenOnPublicAddress(addr));
+    }
+    let (work_dir, owned_dir) = match &cfg.work_dir {
+        Some(d) => (d.clone(), false),
+        None => {
+            let n: u32 = rand::random();
+            let d = std::env::temp_dir().join(format!("warmpool-{}-{n:08x}", std::process::id()));
+            (d, true)
+        }
+    };
+    std::fs::create_dir_all(&work_dir).map_err(|source| Error::WorkDir {
+        path: work_dir.display().to_string(),
+        source,
+    })?;
+    let hub_url = cfg.hub_url.clone().unwrap_or_else(|| {
+        let host = if addr.ip().is_unspecified() {
+            SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+        } else {
+            addr
+        };
+        format!("ws://{host}/v1/agents/connect")
+    });
+    let backend = Arc::new(ProcessBackend::new(ProcessConfig {
+        agent_exe: cfg.agent_exe.clone(),
+        hub_url,
+        work_dir: work_dir.clone(),
+        grace: cfg.agent_grace,
+    }));
+    let svc = Service::start(
+        cfg.service.clone(),
+        cfg.agent_key.clone(),
+        backend.clone(),
+        Box::new(GovernorPacer::default()),
+        Metrics::new(),
+    );
+    let app = router(ApiState {
+        svc: svc.clone(),
+        api_token: cfg.api_token.clone().map(Arc::new),
+    });
+    let stop = CancellationToken::new();
+    let http_stop = CancellationToken::new();
+    let http = {
+        let http_stop = http_stop.clone();
+        tokio::spawn(async move {
+            let r = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { http_stop.cancelled().await })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        })
+    };
+    for p in &cfg.pools {
+        svc.upsert_pool(&p.name, p.spec.clone());
+    }
+    tracing::info!(%addr, backend = svc.backend_name(), pools = cfg.pools.len(), "warmpool serving");
+    let task = {
+        let (svc, stop, grace) = (svc.clone(), stop.clone(), cfg.shutdown_grace);
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            tracing::info!("shutting down: no new leases; waiting for running leases");
+            svc.shutdown(grace).await;
+            http_stop.cancel();
+            if tokio::time::timeout(Duration::from_secs(5), http)
+                .await
+                .is_err()
+            {
+                tracing::warn!("HTTP connections still open after 5s; closing");
+            }
+            if owned_dir {
+                let _ = std::fs::remove_dir_all(&work_dir);
+            }
+            tracing::info!("shutdown complete");
+        })
+    };
+    Ok(Running {
+        addr,
+        svc,
+        backend,
+        stop,
+        task,
+    })
+}
+
+/// Serves until `shutdown` resolves, then shuts down cleanly.
+pub async fn serve(
+    listener: TcpListener,
+    cfg: ServeConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let running = start(listener, cfg).await?;
+    shutdown.await;
+    running.shutdown().await;
+    Ok(())
+}

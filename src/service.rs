@@ -1,0 +1,431 @@
+//! The async shell around the pure engine.
+//!
+//! Owns the engine behind a short-held mutex, the wall clock, the waiting lease requests'
+//! one-shot senders, and the two background loops (the tick that applies deadlines, and the
+//! backend-event loop). Every engine call goes through [`Service::apply`], which takes the
+//! recorded actions and executes them after the lock is released. Executing an action never
+//! blocks: grants complete one-shots, agent messages are `try_send` into bounded per-connection
+//! queues (a full queue disconnects that agent), backend work is spawned.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::AgentKey;
+use crate::backend::{Backend, BackendEvent, EventSink, ProvisionRequest};
+use crate::engine::{
+    Action, Engine, EngineConfig, Lease, LeaseDecision, LeaseError, LeaseRequest, Observation,
+    Pacer, Reason, RequestId,
+};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::protocol::{HubMessage, close};
+use crate::spec::PoolSpec;
+
+/// Settings of the shell.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Heartbeat period both ways; agents silent for the engine's heartbeat timeout are lost.
+    pub heartbeat_interval: Duration,
+    /// How often deadlines are applied.
+    pub tick: Duration,
+    /// Largest WebSocket message accepted from agents and exec clients.
+    pub max_frame_bytes: usize,
+    /// Messages queued per agent connection before that agent is disconnected as too slow.
+    pub agent_queue: usize,
+    /// Agent handshakes accepted per second on the hub (burst = the same number).
+    pub handshakes_per_second: u32,
+    /// Time an agent has to send `hello` after connecting.
+    pub hello_timeout: Duration,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            engine: EngineConfig::default(),
+            heartbeat_interval: Duration::from_secs(5),
+            tick: Duration::from_millis(50),
+            max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
+            agent_queue: 256,
+            handshakes_per_second: 50,
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+type Waiter = oneshot::Sender<Result<Lease, LeaseError>>;
+
+/// The running service state shared by the hub, the API and the loops.
+pub struct Service {
+    /// Settings.
+    pub cfg: ServiceConfig,
+    engine: Mutex<Engine>,
+    epoch: (Instant, SystemTime),
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Key agents' tokens derive from.
+    pub key: AgentKey,
+    /// Agent connections.
+    pub hub: Hub,
+    backend: Arc<dyn Backend>,
+    backend_tx: EventSink,
+    specs: DashMap<String, PoolSpec>,
+    waiters: DashMap<RequestId, Waiter>,
+    /// Fired when shutdown begins.
+    pub shutdown: CancellationToken,
+    ready: AtomicBool,
+}
+
+/// A lease request that is waiting; dropping it withdraws the request and releases a lease that
+/// was granted too late for its client.
+pub struct Pending {
+    svc: Arc<Service>,
+    id: RequestId,
+    rx: Option<oneshot::Receiver<Result<Lease, LeaseError>>>,
+}
+
+impl Pending {
+    /// Waits for the outcome.
+    pub async fn outcome(mut self) -> Result<Lease, LeaseError> {
+        let rx = self.rx.as_mut().expect("outcome awaited once");
+        let r = rx.await;
+        self.rx = None;
+        match r {
+            Ok(r) => r,
+            Err(_) => Err(LeaseError::ShuttingDown),
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        // Close first: a grant sent after this fails and is released by dispatch.
+        rx.close();
+        self.svc.waiters.remove(&self.id);
+        self.svc.apply(|e, now| e.cancel_request(self.id, now));
+        if let Ok(Ok(lease)) = rx.try_recv() {
+            tracing::info!(lease = %lease.id, "client left before its grant arrived; releasing");
+            let _ = self.svc.apply(|e, now| e.release(&lease.id, now));
+        }
+    }
+}
+
+/// What a lease request turned into.
+pub enum Requested {
+    /// Granted at once (or an existing lease for the idempotency key, `true`).
+    Now(Box<Lease>, bool),
+    /// Waiting.
+    Waiting(Pending),
+}
+
+impl Service {
+    /// Builds the service and starts its loops on the current runtime.
+    pub fn start(
+        cfg: ServiceConfig,
+        key: AgentKey,
+        backend: Arc<dyn Backend>,
+        pacer: Box<dyn Pacer>,
+        metrics: Metrics,
+    ) -> Arc<Service> {
+        let instance: String = {
+            let n: u32 = rand::random();
+            format!("{:06x}", n & 0xff_ffff)
+        };
+        let (backend_tx, backend_rx) = mpsc::unbounded_channel();
+        let svc = Arc::new(Service {
+            engine: Mutex::new(Engine::new(cfg.engine.clone(), &instance, pacer)),
+            epoch: (Instant::now(), SystemTime::now()),
+            hub: Hub::new(cfg.handshakes_per_second),
+            cfg,
+            metrics,
+            key,
+            backend,
+            backend_tx,
+            specs: DashMap::new(),
+            waiters: DashMap::new(),
+            shutdown: CancellationToken::new(),
+            ready: AtomicBool::new(true),
+        });
+        tokio::spawn(tick_loop(Arc::downgrade(&svc), svc.cfg.tick));
+        tokio::spawn(backend_loop(Arc::downgrade(&svc), backend_rx));
+        svc
+    }
+
+    /// Runs one engine call under the lock, then executes the actions it recorded.
+    pub fn apply<R>(&self, f: impl FnOnce(&mut Engine, Instant) -> R) -> R {
+        let now = Instant::now();
+        let (r, actions) = {
+            let mut e = self.engine.lock().expect("engine lock poisoned");
+            let r = f(&mut e, now);
+            (r, e.take_actions())
+        };
+        self.dispatch(actions);
+        r
+    }
+
+    /// Reads engine state under the lock.
+    pub fn read<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
+        f(&self.engine.lock().expect("engine lock poisoned"))
+    }
+
+    /// Wall-clock time of an engine instant.
+    pub fn wall(&self, t: Instant) -> SystemTime {
+        match t.checked_duration_since(self.epoch.0) {
+            Some(d) => self.epoch.1 + d,
+            None => self.epoch.1 - self.epoch.0.duration_since(t),
+        }
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// Adds or updates a pool (the spec must be valid).
+    pub fn upsert_pool(&self, name: &str, spec: PoolSpec) {
+        self.specs.insert(name.to_string(), spec.clone());
+        self.apply(|e, now| e.upsert_pool(name, spec, now));
+    }
+
+    /// Requests a lease; see [`Engine::request_lease`].
+    pub fn request_lease(self: &Arc<Self>, req: LeaseRequest) -> Result<Requested, LeaseError> {
+        let (tx, rx) = oneshot::channel();
+        let mut tx = Some(tx);
+        let decision = self.apply(|e, now| {
+            let d = e.request_lease(req, now);
+            if let Ok(LeaseDecision::Queued(id)) = &d {
+                // Registered under the engine lock, so no grant can be dispatched before it.
+                self.waiters.insert(*id, tx.take().expect("once"));
+            }
+            d
+        });
+        let result = match decision {
+            Ok(LeaseDecision::Granted(l)) => Ok(Requested::Now(Box::new(l), false)),
+            Ok(LeaseDecision::Existing(l)) => Ok(Requested::Now(Box::new(l), true)),
+            Ok(LeaseDecision::Queued(id)) => Ok(Requested::Waiting(Pending {
+                svc: self.clone(),
+                id,
+                rx: Some(rx),
+            })),
+            Err(e) => Err(e),
+        };
+        let label = match &result {
+            Ok(Requested::Now(_, _)) => "granted",
+            Ok(Requested::Waiting(_)) => "queued",
+            Err(e) => e.code(),
+        };
+        self.metrics
+            .lease_requests
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    /// True while the service grants leases.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    fn dispatch(&self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Provision { pool, agent } => {
+                    let Some(spec) = self.specs.get(&pool).map(|s| s.clone()) else {
+                        continue;
+                    };
+                    self.metrics
+                        .provisions
+                        .with_label_values(&[&pool, "requested"])
+                        .inc();
+                    tracing::info!(pool = %pool, agent = %agent, "provisioning agent");
+                    let token = self.key.token(&agent);
+                    self.backend.provision(
+                        ProvisionRequest {
+                            pool,
+                            agent,
+                            token,
+                            spec,
+                        },
+                        self.backend_tx.clone(),
+                    );
+                }
+                Action::Terminate {
+                    pool,
+                    agent,
+                    reason,
+                } => {
+                    self.metrics
+                        .recycles
+                        .with_label_values(&[&pool, reason.as_str()])
+                        .inc();
+                    if reason == Reason::ConnectTimeout {
+                        tracing::warn!(pool = %pool, agent = %agent, "agent never connected: leak");
+                        self.metrics.leaks.with_label_values(&[&pool]).inc();
+                    }
+                    let code = match reason {
+                        Reason::Shutdown => close::GOING_AWAY,
+                        _ => close::TERMINATED,
+                    };
+                    self.hub
+                        .close(&agent, code, &format!("agent {agent} terminated: {reason}"));
+                    self.backend.terminate(&agent, self.backend_tx.clone());
+                }
+                Action::Granted { request, lease } => {
+                    let delivered = match self.waiters.remove(&request) {
+                        Some((_, tx)) => tx.send(Ok(lease.clone())).is_ok(),
+                        None => false,
+                    };
+                    if !delivered {
+                        tracing::info!(lease = %lease.id, "grant had no waiting client; releasing");
+                        let _ = self.apply(|e, now| e.release(&lease.id, now));
+                    }
+                }
+                Action::WaitFailed { request, error } => {
+                    if let Some((_, tx)) = self.waiters.remove(&request) {
+                        let _ = tx.send(Err(error));
+                    }
+                }
+                Action::Release { agent, lease } => {
+                    self.hub.send(
+                        self,
+                        &agent,
+                        HubMessage::Release {
+                            lease: lease.clone(),
+                        },
+                    );
+                }
+                Action::LeaseEnded { lease } => {
+                    self.metrics
+                        .leases_ended
+                        .with_label_values(&[&lease.pool, lease.state.as_str()])
+                        .inc();
+                    tracing::info!(lease = %lease.id, agent = %lease.agent, pool = %lease.pool,
+                        state = lease.state.as_str(), reason = lease.end_reason.as_deref().unwrap_or(""), "lease ended");
+                    self.hub.lease_ended(self, &lease);
+                }
+                Action::Observe(o) => match o {
+                    Observation::LeaseWait { pool, seconds } => self
+                        .metrics
+                        .lease_wait
+                        .with_label_values(&[&pool])
+                        .observe(seconds),
+                    Observation::ProvisionToIdle { pool, seconds } => self
+                        .metrics
+                        .provision_to_idle
+                        .with_label_values(&[&pool])
+                        .observe(seconds),
+                    Observation::Throttled { pool } => {
+                        self.metrics.throttled.with_label_values(&[&pool]).inc()
+                    }
+                },
+            }
+        }
+    }
+
+    /// Refreshes the agent gauges from the engine and renders `/metrics`.
+    pub fn render_metrics(&self) -> String {
+        let counts = self.read(|e| e.counts());
+        self.metrics.agents.reset();
+        for ((pool, state), n) in counts {
+            self.metrics
+                .agents
+                .with_label_values(&[&pool, state.as_str()])
+                .set(n as i64);
+        }
+        self.metrics.render()
+    }
+
+    /// Graceful stop: no new leases, running leases finish (up to `grace`), every agent is
+    /// terminated and the backend waits for all of them to be gone.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.ready.store(false, Ordering::Relaxed);
+        self.shutdown.cancel();
+        self.apply(|e, now| e.begin_shutdown(now));
+        let deadline = Instant::now() + grace;
+        loop {
+            let active = self.read(|e| e.active_leases());
+            if active == 0 || Instant::now() >= deadline {
+                if active > 0 {
+                    tracing::warn!(active, "grace period over; ending running leases");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.apply(|e, now| e.terminate_all(now));
+        self.backend.shutdown().await;
+        self.hub
+            .close_all(close::GOING_AWAY, "warmpool is shutting down");
+    }
+
+    /// Pool statuses.
+    pub fn pools(&self) -> Vec<crate::engine::PoolStatus> {
+        self.read(|e| e.pool_status())
+    }
+
+    /// Counts of recycles by reason (for tests and status).
+    pub fn recycle_counts(&self) -> HashMap<String, u64> {
+        let mut out = HashMap::new();
+        for mf in self.metrics.registry.gather() {
+            if mf.name() == "warmpool_recycles_total" {
+                for m in mf.get_metric() {
+                    let reason = m
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == "reason")
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default();
+                    *out.entry(reason).or_default() += m.get_counter().get_value() as u64;
+                }
+            }
+        }
+        out
+    }
+}
+
+async fn tick_loop(svc: std::sync::Weak<Service>, period: Duration) {
+    let mut iv = tokio::time::interval(period);
+    iv.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        iv.tick().await;
+        let Some(svc) = svc.upgrade() else { return };
+        svc.apply(|e, now| e.tick(now));
+    }
+}
+
+async fn backend_loop(
+    svc: std::sync::Weak<Service>,
+    mut rx: mpsc::UnboundedReceiver<BackendEvent>,
+) {
+    while let Some(ev) = rx.recv().await {
+        let Some(svc) = svc.upgrade() else { return };
+        match ev {
+            BackendEvent::Started { agent } => svc.apply(|e, now| e.agent_started(&agent, now)),
+            BackendEvent::Failed { pool, agent, error } => {
+                tracing::warn!(pool = %pool, agent = %agent, error = %error, "provisioning failed");
+                svc.metrics
+                    .provisions
+                    .with_label_values(&[&pool, "failed"])
+                    .inc();
+                svc.apply(|e, now| e.provision_failed(&agent, &error, now))
+            }
+            BackendEvent::Exited { agent, detail } => {
+                tracing::debug!(agent = %agent, detail = %detail, "agent gone");
+                svc.hub.close(
+                    &agent,
+                    close::TERMINATED,
+                    &format!("agent {agent} exited: {detail}"),
+                );
+                svc.apply(|e, now| e.agent_exited(&agent, &detail, now))
+            }
+        }
+    }
+}

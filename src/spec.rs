@@ -1,0 +1,603 @@
+//! The pool specification: one struct shared by the pools file and (later) the `AgentPool` CRD.
+//!
+//! Owns field names, defaults, duration syntax (`30s`, `10m`, `1h30m`) and validation. Loading a
+//! pools file collects one clear message per bad field instead of stopping at the first; nothing
+//! here starts agents or talks to the network.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_yaml::{Mapping, Value};
+
+/// Errors from loading or validating pool specs.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The pools file could not be read.
+    #[error("cannot read pools file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The pools file is not YAML of the expected shape.
+    #[error("pools file {path} is not valid YAML: {message}")]
+    Yaml {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// One or more fields are invalid; one message per field.
+    #[error("invalid pool spec in {source_name}:\n  - {}", .problems.join("\n  - "))]
+    Invalid {
+        /// Where the spec came from (file name or "request").
+        source_name: String,
+        /// One message per bad field, each naming the field.
+        problems: Vec<String>,
+    },
+}
+
+/// Result alias for this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A duration written as `30s`, `10m`, `1h30m` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// Parses the human form (`30s`, `10m`, `250ms`).
+    pub fn parse(s: &str) -> std::result::Result<Dur, String> {
+        let t = s.trim();
+        if let Ok(secs) = t.parse::<u64>() {
+            return Ok(Dur(Duration::from_secs(secs)));
+        }
+        humantime::parse_duration(t)
+            .map(Dur)
+            .map_err(|e| format!("{s:?} is not a duration like 30s, 10m or 1h ({e})"))
+    }
+
+    /// Builds from whole seconds.
+    pub const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(s) => Ok(Dur::secs(s)),
+            Raw::Text(t) => Dur::parse(&t).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Provisioning pace for one pool.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Provisioning {
+    /// Sustained agent starts per second.
+    pub per_second: f64,
+    /// Starts allowed in a burst above the sustained rate.
+    pub burst: u32,
+    /// Agents provisioning or connecting at once (in-flight provisions).
+    pub max_concurrent: u32,
+}
+
+impl Default for Provisioning {
+    fn default() -> Self {
+        Provisioning {
+            per_second: 5.0,
+            burst: 10,
+            max_concurrent: 10,
+        }
+    }
+}
+
+/// Health limits an agent reports against in its heartbeats and after cleanup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct HealthLimits {
+    /// Bytes left in the workspace above which the agent is recycled.
+    pub max_workspace_bytes: u64,
+    /// Processes left behind by jobs above which the agent is recycled.
+    pub max_leftover_processes: u32,
+}
+
+impl Default for HealthLimits {
+    fn default() -> Self {
+        HealthLimits {
+            max_workspace_bytes: 10 * 1024 * 1024 * 1024,
+            max_leftover_processes: 0,
+        }
+    }
+}
+
+/// The specification of one pool of warm agents.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct PoolSpec {
+    /// Labels every agent of the pool carries; lease selectors match against them.
+    pub labels: Vec<String>,
+    /// Idle agents kept ready at all times.
+    pub min_idle: u32,
+    /// Hard cap on agents of the pool in any state.
+    pub max_total: u32,
+    /// Leases an agent serves before it is replaced (1 = a fresh agent per lease, 0 = no limit).
+    pub max_uses: u32,
+    /// Idle agents above `minIdle` are scaled down after being idle this long.
+    pub idle_ttl: Dur,
+    /// Every agent is rotated after this age (replaced before it is terminated).
+    pub max_age: Dur,
+    /// An agent not registered with the hub by then is killed and counted as a leak.
+    pub connect_timeout: Dur,
+    /// Provisioning pace.
+    pub provisioning: Provisioning,
+    /// Health limits checked on heartbeats and after each cleanup.
+    pub health: HealthLimits,
+    /// Process backend only: the command that starts one agent instead of `warmpool agent`.
+    /// It gets `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` and `WARMPOOL_WORKSPACE`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_command: Option<Vec<String>>,
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        PoolSpec {
+            labels: Vec::new(),
+            min_idle: 1,
+            max_total: 10,
+            max_uses: 1,
+            idle_ttl: Dur::secs(600),
+            max_age: Dur::secs(3600),
+            connect_timeout: Dur::secs(120),
+            provisioning: Provisioning::default(),
+            health: HealthLimits::default(),
+            agent_command: None,
+        }
+    }
+}
+
+/// A named pool as written in a pools file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PoolDef {
+    /// Pool name (a DNS-1123 label).
+    pub name: String,
+    /// The spec.
+    #[serde(flatten)]
+    pub spec: PoolSpec,
+}
+
+impl PoolSpec {
+    /// The built-in pool of `warmpool serve`: labels `linux` and the machine's arch, minIdle 2.
+    pub fn builtin_default() -> PoolSpec {
+        PoolSpec {
+            labels: vec![
+                std::env::consts::OS.to_string(),
+                std::env::consts::ARCH.to_string(),
+            ],
+            min_idle: 2,
+            max_total: 10,
+            ..PoolSpec::default()
+        }
+    }
+
+    /// The labels as a set.
+    pub fn label_set(&self) -> BTreeSet<String> {
+        self.labels.iter().cloned().collect()
+    }
+
+    /// Semantic checks; one message per bad field, each prefixed with `prefix`.
+    pub fn validate(&self, prefix: &str) -> Vec<String> {
+        let mut p = Vec::new();
+        for (i, l) in self.labels.iter().enumerate() {
+            if !crate::labels::is_bare_atom(l) {
+                p.push(format!(
+                    "{prefix}labels[{i}]: {l:?} is not a valid label (no whitespace, no & | ! < > ( ) \" ' and no \"->\")"
+                ));
+            }
+        }
+        if self.max_total == 0 {
+            p.push(format!("{prefix}maxTotal: must be at least 1"));
+        }
+        if self.min_idle > self.max_total {
+            p.push(format!(
+                "{prefix}minIdle: {} is above maxTotal {}",
+                self.min_idle, self.max_total
+            ));
+        }
+        for (field, d) in [
+            ("idleTtl", self.idle_ttl),
+            ("maxAge", self.max_age),
+            ("connectTimeout", self.connect_timeout),
+        ] {
+            if d.0.is_zero() {
+                p.push(format!("{prefix}{field}: must be longer than 0s"));
+            }
+        }
+        let pr = &self.provisioning;
+        if !(pr.per_second.is_finite() && pr.per_second > 0.0) {
+            p.push(format!(
+                "{prefix}provisioning.perSecond: must be a positive number, got {}",
+                pr.per_second
+            ));
+        }
+        if pr.burst == 0 {
+            p.push(format!("{prefix}provisioning.burst: must be at least 1"));
+        }
+        if pr.max_concurrent == 0 {
+            p.push(format!(
+                "{prefix}provisioning.maxConcurrent: must be at least 1"
+            ));
+        }
+        if let Some(cmd) = &self.agent_command
+            && (cmd.is_empty() || cmd[0].is_empty())
+        {
+            p.push(format!("{prefix}agentCommand: must name a program"));
+        }
+        p
+    }
+}
+
+/// Checks a pool name: a DNS-1123 label (lowercase alphanumerics and '-', at most 63).
+pub fn validate_name(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    (!ok).then(|| {
+        format!("{name:?} is not a valid pool name (lowercase letters, digits and '-', at most 63)")
+    })
+}
+
+/// Loads a pools file (`pools: [ {name, labels, minIdle, ...}, ... ]`).
+pub fn load_file(path: &Path) -> Result<Vec<PoolDef>> {
+    let display = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: display.clone(),
+        source,
+    })?;
+    parse_pools(&text, &display)
+}
+
+/// Parses pools YAML; `source_name` is used in messages.
+pub fn parse_pools(text: &str, source_name: &str) -> Result<Vec<PoolDef>> {
+    let doc: Value = serde_yaml::from_str(text).map_err(|e| Error::Yaml {
+        path: source_name.to_string(),
+        message: e.to_string(),
+    })?;
+    let invalid = |problems: Vec<String>| Error::Invalid {
+        source_name: source_name.to_string(),
+        problems,
+    };
+    let mut root = match doc {
+        Value::Mapping(m) => m,
+        _ => {
+            return Err(invalid(vec![
+                "the file must be a mapping with a `pools` list".into(),
+            ]));
+        }
+    };
+    let pools = match root.remove("pools") {
+        Some(Value::Sequence(s)) => s,
+        Some(_) => return Err(invalid(vec!["pools: must be a list".into()])),
+        None => return Err(invalid(vec!["pools: missing (a list of pools)".into()])),
+    };
+    let mut problems: Vec<String> = root
+        .keys()
+        .map(|k| format!("{}: unknown field", key_name(k)))
+        .collect();
+    let mut defs = Vec::new();
+    let mut names = BTreeSet::new();
+    for (i, item) in pools.into_iter().enumerate() {
+        let Value::Mapping(map) = item else {
+            problems.push(format!("pools[{i}]: must be a mapping"));
+            continue;
+        };
+        match spec_from_mapping(map, &format!("pools[{i}]."), true) {
+            Ok((Some(name), spec)) => {
+                if !names.insert(name.clone()) {
+                    problems.push(format!("pools[{i}].name: {name:?} is defined twice"));
+                }
+                defs.push(PoolDef { name, spec });
+            }
+            Ok((None, _)) => unreachable!("name is required"),
+            Err(mut p) => problems.append(&mut p),
+        }
+    }
+    if defs.is_empty() && problems.is_empty() {
+        problems.push("pools: the list is empty".into());
+    }
+    if problems.is_empty() {
+        Ok(defs)
+    } else {
+        Err(invalid(problems))
+    }
+}
+
+fn key_name(k: &Value) -> String {
+    match k {
+        Value::String(s) => s.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// Builds a spec from a YAML mapping, collecting one message per bad field.
+/// With `want_name`, a `name` field is required and returned.
+pub fn spec_from_mapping(
+    mut map: Mapping,
+    prefix: &str,
+    want_name: bool,
+) -> std::result::Result<(Option<String>, PoolSpec), Vec<String>> {
+    let mut problems = Vec::new();
+    let mut take = |key: &str| map.remove(key);
+    let name = if want_name {
+        match take("name") {
+            Some(Value::String(n)) => {
+                if let Some(msg) = validate_name(&n) {
+                    problems.push(format!("{prefix}name: {msg}"));
+                }
+                Some(n)
+            }
+            Some(other) => {
+                problems.push(format!(
+                    "{prefix}name: must be a string, got {}",
+                    kind(&other)
+                ));
+                None
+            }
+            None => {
+                problems.push(format!("{prefix}name: missing"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut spec = PoolSpec::default();
+    fn field<T: DeserializeOwned>(
+        v: Option<Value>,
+        name: &str,
+        prefix: &str,
+        problems: &mut Vec<String>,
+        slot: &mut T,
+    ) {
+        if let Some(v) = v {
+            match serde_yaml::from_value::<T>(v) {
+                Ok(x) => *slot = x,
+                Err(e) => problems.push(format!("{prefix}{name}: {e}")),
+            }
+        }
+    }
+    field(
+        take("labels"),
+        "labels",
+        prefix,
+        &mut problems,
+        &mut spec.labels,
+    );
+    field(
+        take("minIdle"),
+        "minIdle",
+        prefix,
+        &mut problems,
+        &mut spec.min_idle,
+    );
+    field(
+        take("maxTotal"),
+        "maxTotal",
+        prefix,
+        &mut problems,
+        &mut spec.max_total,
+    );
+    field(
+        take("maxUses"),
+        "maxUses",
+        prefix,
+        &mut problems,
+        &mut spec.max_uses,
+    );
+    field(
+        take("idleTtl"),
+        "idleTtl",
+        prefix,
+        &mut problems,
+        &mut spec.idle_ttl,
+    );
+    field(
+        take("maxAge"),
+        "maxAge",
+        prefix,
+        &mut problems,
+        &mut spec.max_age,
+    );
+    field(
+        take("connectTimeout"),
+        "connectTimeout",
+        prefix,
+        &mut problems,
+        &mut spec.connect_timeout,
+    );
+    field(
+        take("provisioning"),
+        "provisioning",
+        prefix,
+        &mut problems,
+        &mut spec.provisioning,
+    );
+    field(
+        take("health"),
+        "health",
+        prefix,
+        &mut problems,
+        &mut spec.health,
+    );
+    field(
+        take("agentCommand"),
+        "agentCommand",
+        prefix,
+        &mut problems,
+        &mut spec.agent_command,
+    );
+    for k in map.keys() {
+        problems.push(format!("{prefix}{}: unknown field", key_name(k)));
+    }
+    if problems.is_empty() {
+        problems = spec.validate(prefix);
+    }
+    if problems.is_empty() {
+        Ok((name, spec))
+    } else {
+        Err(problems)
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(Dur::parse("30s").unwrap(), Dur::secs(30));
+        assert_eq!(Dur::parse("10m").unwrap(), Dur::secs(600));
+        assert_eq!(Dur::parse("1h30m").unwrap(), Dur::secs(5400));
+        assert_eq!(Dur::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(Dur::parse("45").unwrap(), Dur::secs(45));
+        assert!(Dur::parse("soon").unwrap_err().contains("\"soon\""));
+        assert_eq!(Dur::secs(600).to_string(), "10m");
+    }
+
+    #[test]
+    fn loads_a_full_file() {
+        let yaml = r#"
+pools:
+  - name: go
+    labels: [linux, go]
+    minIdle: 3
+    maxTotal: 8
+    maxUses: 5
+    idleTtl: 5m
+    maxAge: 2h
+    connectTimeout: 30s
+    provisioning: {perSecond: 2, burst: 4, maxConcurrent: 3}
+    health: {maxWorkspaceBytes: 1000, maxLeftoverProcesses: 1}
+  - name: tiny
+"#;
+        let defs = parse_pools(yaml, "pools.yaml").unwrap();
+        assert_eq!(defs.len(), 2);
+        let go = &defs[0].spec;
+        assert_eq!(go.min_idle, 3);
+        assert_eq!(go.idle_ttl, Dur::secs(300));
+        assert_eq!(go.provisioning.max_concurrent, 3);
+        assert_eq!(go.health.max_leftover_processes, 1);
+        assert_eq!(defs[1].spec, PoolSpec::default());
+    }
+
+    #[test]
+    fn one_message_per_bad_field() {
+        let yaml = r#"
+pools:
+  - name: Bad_Name
+    labels: ["has space"]
+    minIdle: many
+    maxTotal: 0
+    idleTtl: soon
+    provisioning: {perSecond: 2, burts: 4}
+    colour: blue
+"#;
+        let err = parse_pools(yaml, "pools.yaml").unwrap_err().to_string();
+        for want in [
+            "pools[0].name: \"Bad_Name\" is not a valid pool name",
+            "pools[0].minIdle:",
+            "pools[0].idleTtl:",
+            "\"soon\" is not a duration",
+            "pools[0].provisioning:",
+            "burts",
+            "pools[0].colour: unknown field",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        // Semantic checks run once types are right.
+        let yaml = "pools:\n  - name: p\n    minIdle: 5\n    maxTotal: 2\n    labels: [\"a b\"]\n    connectTimeout: 0s\n    provisioning: {perSecond: 0, burst: 0, maxConcurrent: 0}\n";
+        let err = parse_pools(yaml, "f").unwrap_err().to_string();
+        for want in [
+            "minIdle: 5 is above maxTotal 2",
+            "labels[0]",
+            "connectTimeout: must be longer than 0s",
+            "perSecond",
+            "burst",
+            "maxConcurrent",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+    }
+
+    #[test]
+    fn rejects_duplicates_and_shape_errors() {
+        let err = parse_pools("pools:\n  - name: a\n  - name: a\n", "f").unwrap_err();
+        assert!(err.to_string().contains("defined twice"));
+        assert!(
+            parse_pools("[1,2]", "f")
+                .unwrap_err()
+                .to_string()
+                .contains("mapping")
+        );
+        assert!(
+            parse_pools("pools: []", "f")
+                .unwrap_err()
+                .to_string()
+                .contains("empty")
+        );
+        assert!(
+            parse_pools("pools: [", "f")
+                .unwrap_err()
+                .to_string()
+                .contains("not valid YAML")
+        );
+    }
+
+    #[test]
+    fn builtin_default_is_valid() {
+        let d = PoolSpec::builtin_default();
+        assert!(d.validate("").is_empty());
+        assert_eq!(d.min_idle, 2);
+        assert!(d.labels.contains(&std::env::consts::ARCH.to_string()));
+    }
+}
