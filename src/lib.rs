@@ -12,6 +12,7 @@
 //! - [`auth`]: per-agent HMAC tokens and the API bearer token.
 //! - [`metrics`]: the Prometheus registry and every `warmpool_*` metric.
 //! - [`pacer`]: the provisioning token buckets (governor) behind the engine's `Pacer`.
+//! - [`procs`]: `/proc` process-tree helpers: leftovers, orphans, workspace size and wipe.
 //! - [`service`]: the async shell: runs the engine, executes its actions, ticks time.
 //! - [`hub`]: agent WebSocket connections, bounded per-connection queues, exec routing.
 //! - [`api`]: the HTTP lease API (axum), including the exec WebSocket.
@@ -33,6 +34,7 @@ pub mod hub;
 pub mod labels;
 pub mod metrics;
 pub mod pacer;
+pub mod procs;
 pub mod protocol;
 pub mod server;
 pub mod service;

@@ -3,11 +3,10 @@
 //! Owns the agent's side of the remoting protocol and its reconnect policy (jittered
 //! exponential backoff). Each exec runs in its own process group in the workspace
 //! ([`exec`]); on `release` the agent kills every leftover descendant and wipes the workspace
-//! ([`procs`]) before reporting `ready` with its health. The agent is a child subreaper so jobs
+//! ([`crate::procs`]) before reporting `ready` with its health. The agent is a child subreaper so jobs
 //! cannot escape cleanup by daemonising.
 
 pub mod exec;
-pub mod procs;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -23,6 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::Health;
+use crate::procs;
 use crate::protocol::{AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, close};
 
 /// Errors of one agent session.
@@ -346,10 +346,16 @@ async fn session(
             }
         }
     };
-    // Stop whatever runs, say goodbye, and let the writer flush.
-    if let Some(c) = current.lock().expect("lock").take() {
+    // Stop whatever runs (the whole process group, at once: the hub has already given up on
+    // this lease), say goodbye, and let the writer flush.
+    let running = current.lock().expect("lock").take();
+    if let Some(c) = running {
+        for pgid in pids.lock().expect("lock").iter() {
+            // SAFETY: signalling a job's own process group.
+            unsafe { libc::killpg(*pgid, libc::SIGKILL) };
+        }
         c.cancel.cancel();
-        c.task.abort();
+        let _ = tokio::time::timeout(Duration::from_secs(3), c.task).await;
     }
     heartbeat.abort();
     if let End::Exit(why) = &end {

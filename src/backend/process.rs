@@ -5,10 +5,15 @@
 //! Termination is SIGTERM, then SIGKILL to the agent's process group after a grace period; the
 //! child is always reaped and its directory removed before `Exited` is reported. Agents also get
 //! `PR_SET_PDEATHSIG` so they die with the service even if it is killed with SIGKILL.
+//!
+//! Creating this backend makes the service process a child subreaper: when an agent dies hard,
+//! the jobs it ran (each in its own process group) are re-parented to the service instead of
+//! init, and are killed and reaped by a sweep after every agent exit and at shutdown.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -42,9 +47,24 @@ pub struct ProcessBackend {
     gone: Arc<Notify>,
 }
 
+/// Pids of live agents started by every process backend in this process. Held while spawning
+/// (until the pid is recorded) and while sweeping, so a sweep never takes an agent, of this
+/// backend or another one in the same process, for an orphan.
+static SPAWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+fn sweep_orphans() -> usize {
+    let spawned = SPAWNED.lock().expect("lock");
+    let n = crate::procs::kill_orphans(&spawned);
+    if n > 0 {
+        tracing::warn!(killed = n, "killed processes left behind by dead agents");
+    }
+    n
+}
+
 impl ProcessBackend {
     /// A backend with no agents yet.
     pub fn new(cfg: ProcessConfig) -> ProcessBackend {
+        crate::procs::become_subreaper();
         ProcessBackend {
             cfg,
             children: Arc::new(DashMap::new()),
@@ -55,6 +75,11 @@ impl ProcessBackend {
     /// Pids of the live agent processes.
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(|c| c.pid).collect()
+    }
+
+    /// Pid of one agent's process.
+    pub fn pid_of(&self, agent: &str) -> Option<u32> {
+        self.children.get(agent).map(|c| c.pid)
     }
 }
 
@@ -121,6 +146,7 @@ impl Backend for ProcessBackend {
                 Ok(())
             });
         }
+        let mut spawned = SPAWNED.lock().expect("lock");
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -136,6 +162,8 @@ impl Backend for ProcessBackend {
             }
         };
         let pid = child.id().unwrap_or(0);
+        spawned.insert(pid as i32);
+        drop(spawned);
         let (kill_tx, kill_rx) = oneshot::channel();
         self.children.insert(
             req.agent.clone(),
@@ -172,6 +200,8 @@ impl Backend for ProcessBackend {
             let detail = describe(status);
             let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
             children.remove(&agent);
+            SPAWNED.lock().expect("lock").remove(&(pid as i32));
+            let _ = sweep_orphans();
             gone.notify_waiters();
             let _ = events.send(BackendEvent::Exited { agent, detail });
         });

@@ -1,8 +1,11 @@
-//! Process-tree and workspace housekeeping for the agent (Linux `/proc`).
+//! Process-tree and workspace housekeeping (Linux `/proc`), shared by the agent and the process
+//! backend.
 //!
 //! The agent makes itself a child subreaper, so every process a job leaves behind (even a
-//! double-forked daemon) stays its descendant and can be counted and killed on release. This
-//! module reads `/proc`, sends signals and walks the workspace; it keeps no state.
+//! double-forked daemon) stays its descendant and can be counted and killed on release. The
+//! service does the same with the process backend, so the jobs of an agent that died hard are
+//! re-parented to it and swept ([`kill_orphans`]). This module reads `/proc`, sends signals and
+//! walks directories; it keeps no state.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -16,8 +19,8 @@ pub fn become_subreaper() {
     }
 }
 
-/// (pid, parent pid, state char) of every process.
-fn table() -> Vec<(i32, i32, char)> {
+/// (pid, parent pid, state char, process group) of every process.
+fn table() -> Vec<(i32, i32, char, i32)> {
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
@@ -36,7 +39,8 @@ fn table() -> Vec<(i32, i32, char)> {
         let mut f = rest.split_whitespace();
         let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
         let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        out.push((pid, ppid, state));
+        let pgid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        out.push((pid, ppid, state, pgid));
     }
     out
 }
@@ -46,7 +50,7 @@ pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
     let me = std::process::id() as i32;
     let t = table();
     let mut children: HashMap<i32, Vec<(i32, char)>> = HashMap::new();
-    for (pid, ppid, st) in &t {
+    for (pid, ppid, st, _) in &t {
         children.entry(*ppid).or_default().push((*pid, *st));
     }
     let mut out = Vec::new();
@@ -68,7 +72,7 @@ pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
 /// Reaps zombie children that nobody else waits for (orphans re-parented to us).
 pub fn reap_orphans(keep: &HashSet<i32>) {
     let me = std::process::id() as i32;
-    for (pid, ppid, st) in table() {
+    for (pid, ppid, st, _) in table() {
         if ppid == me && st == 'Z' && !keep.contains(&pid) {
             // SAFETY: waitpid on a specific zombie child, non-blocking.
             unsafe {
@@ -76,6 +80,31 @@ pub fn reap_orphans(keep: &HashSet<i32>) {
             }
         }
     }
+}
+
+/// Kills and reaps children re-parented to this process: direct children in another process
+/// group than ours whose group leader is not one of `spawned` (the children we started
+/// ourselves, each leading its own group). Returns how many were signalled.
+pub fn kill_orphans(spawned: &std::collections::BTreeSet<i32>) -> usize {
+    let me = std::process::id() as i32;
+    // SAFETY: getpgrp has no preconditions.
+    let my_group = unsafe { libc::getpgrp() };
+    let mut n = 0;
+    for (pid, ppid, st, pgid) in table() {
+        if ppid != me || pgid == my_group || spawned.contains(&pid) || spawned.contains(&pgid) {
+            continue;
+        }
+        // SAFETY: signalling / reaping a specific child of ours.
+        unsafe {
+            if st == 'Z' {
+                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+            } else {
+                libc::kill(pid, libc::SIGKILL);
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 /// Kills every descendant except `keep`, waiting up to `timeout` for them to go.

@@ -1,0 +1,245 @@
+//! The `warmpool` binary end to end: `run` (exit codes, streams, Ctrl-C), `status`, and `serve`
+//! (built-in pool, clean SIGTERM shutdown with no orphans, pools-file validation).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const POOL: &str =
+    "pools:\n  - name: default\n    labels: [linux, x86_64]\n    minIdle: 2\n    maxTotal: 4\n";
+
+fn warmpool(args: &[&str], server: &str) -> std::process::Output {
+    Command::new(EXE)
+        .args(args)
+        .env("WARMPOOL_SERVER", server)
+        .output()
+        .expect("warmpool runs")
+}
+
+#[tokio::test]
+async fn run_prints_output_and_exits_with_the_job_code() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let base = h.server.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        warmpool(
+            &[
+                "run",
+                "--selector",
+                "linux",
+                "--",
+                "sh",
+                "-c",
+                "echo hello; echo warn >&2; exit 3",
+            ],
+            &base,
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "warn\n");
+    assert_eq!(out.status.code(), Some(3));
+    // The lease was released.
+    wait_until("lease released", Duration::from_secs(5), || {
+        h.pool("default").leased == 0
+    })
+    .await;
+
+    let base = h.server.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        warmpool(&["run", "-s", "windows", "--", "true"], &base)
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no pool can satisfy selector \"windows\""),
+        "{err}"
+    );
+    h.server.shutdown().await;
+}
+
+#[test]
+fn run_against_no_server_exits_255_with_a_message() {
+    let out = warmpool(&["run", "--", "true"], "http://127.0.0.1:9");
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("http://127.0.0.1:9"));
+}
+
+#[tokio::test]
+async fn ctrl_c_cancels_the_remote_command_and_releases_the_lease() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let mut child = Command::new(EXE)
+        .args([
+            "run",
+            "--selector",
+            "linux",
+            "--",
+            "sh",
+            "-c",
+            "echo started; sleep 6543",
+        ])
+        .env("WARMPOOL_SERVER", h.server.base_url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let line = tokio::task::spawn_blocking(move || {
+        let mut l = String::new();
+        stdout.read_line(&mut l).unwrap();
+        l
+    })
+    .await
+    .unwrap();
+    assert_eq!(line, "started\n");
+    assert_eq!(h.pool("default").leased, 1);
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let t = Instant::now();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(128 + 15),
+        "the job was killed by SIGTERM"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5));
+    wait_until("lease released", Duration::from_secs(5), || {
+        let p = h.pool("default");
+        p.leased == 0 && p.cleaning == 0
+    })
+    .await;
+    wait_until("remote command gone", Duration::from_secs(5), || {
+        pids_matching("sleep 6543").is_empty()
+    })
+    .await;
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn status_prints_a_table_and_json() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let base = h.server.base_url();
+    let (table, json) = tokio::task::spawn_blocking(move || {
+        (
+            warmpool(&["status"], &base),
+            warmpool(&["status", "--output", "json"], &base),
+        )
+    })
+    .await
+    .unwrap();
+    let t = String::from_utf8_lossy(&table.stdout);
+    let mut lines = t.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        [
+            "NAME",
+            "LABELS",
+            "IDLE",
+            "LEASED",
+            "CONNECTING",
+            "PROVISIONING",
+            "TOTAL",
+            "MIN",
+            "MAX"
+        ]
+    );
+    let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        row,
+        ["default", "linux,x86_64", "2", "0", "0", "0", "2", "2", "4"]
+    );
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v[0]["name"], "default");
+    assert_eq!(v[0]["idle"], 2);
+    h.server.shutdown().await;
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            && let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..])
+            && rest.split_whitespace().nth(1) == Some(&pid.to_string())
+        {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn serve_binary_starts_the_default_pool_and_stops_cleanly_on_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let base = format!("http://{listen}");
+    let mut child = Command::new(EXE)
+        .args(["serve", "--listen", &listen, "--shutdown-grace", "1s"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = warmpool::client::Client::new(&base, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(p) = client.pools().await
+            && p.len() == 1
+            && p[0].idle == 2
+        {
+            assert_eq!(p[0].name, "default");
+            assert!(p[0].labels.contains(&"linux".to_string()));
+            assert!(p[0].labels.contains(&std::env::consts::ARCH.to_string()));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "default pool never had 2 idle agents"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let agents = children_of(child.id());
+    assert_eq!(agents.len(), 2, "two agent child processes");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    for p in agents {
+        assert!(!alive(p), "agent {p} outlived the service");
+    }
+}
+
+#[test]
+fn serve_rejects_an_invalid_pools_file_naming_each_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("pools.yaml");
+    std::fs::write(
+        &f,
+        "pools:\n  - name: ok\n    minIdle: 9\n    maxTotal: 2\n    idleTtl: whenever\n",
+    )
+    .unwrap();
+    let out = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--pools"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("pools[0].idleTtl"), "{err}");
+    assert!(err.contains("whenever"), "{err}");
+}

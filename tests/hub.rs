@@ -1,0 +1,260 @@
+//! Hub protocol tests with raw WebSocket clients: authentication, duplicates, bad frames.
+//! A pool whose agent command never dials (`sleep`) gives agent ids the service knows, so a test
+//! can play that agent by hand.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use warmpool::engine::AgentState;
+use warmpool::protocol::{Stream, close, encode_output};
+
+const POOLS: &str = "
+pools:
+  - name: manual
+    labels: [manual]
+    minIdle: 2
+    maxTotal: 2
+    connectTimeout: 60s
+    agentCommand: [sleep, \"600\"]
+  - name: real
+    labels: [linux]
+    minIdle: 1
+    maxTotal: 2
+";
+
+async fn setup() -> (Harness, Vec<String>) {
+    let mut cfg = test_config(POOLS);
+    cfg.service.max_frame_bytes = 64 * 1024;
+    let h = start_with(cfg).await;
+    wait_until("manual agents started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 2
+    })
+    .await;
+    let ids = h.agents_in(AgentState::Connecting);
+    (h, ids)
+}
+
+fn metric_of(h: &Harness, name: &str, label: &str) -> f64 {
+    let text = h.server.svc.render_metrics();
+    metric(&text, &format!("{name}{{reason=\"{label}\"}}")).unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn tokens_unknown_ids_duplicates_and_versions_are_refused_with_reasons() {
+    let (h, ids) = setup().await;
+    let id = &ids[0];
+    let token = h.server.svc.key.token(id);
+
+    let mut ws = raw_agent(&h.hub_url()).await;
+    ws.send(hello(id, &h.server.svc.key.token("someone-else")))
+        .await
+        .unwrap();
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, close::INVALID_TOKEN);
+    assert!(
+        reason.contains("invalid token") && reason.contains(id),
+        "{reason}"
+    );
+
+    let mut ws = raw_agent(&h.hub_url()).await;
+    ws.send(hello("ghost-1", &h.server.svc.key.token("ghost-1")))
+        .await
+        .unwrap();
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, close::UNKNOWN_AGENT);
+    assert!(reason.contains("ghost-1"), "{reason}");
+
+    let mut ws = raw_agent(&h.hub_url()).await;
+    let hello_v2 = serde_json::json!({"type":"hello","protocol":2,"agentId":id,"token":token});
+    ws.send(Message::Text(hello_v2.to_string().into()))
+        .await
+        .unwrap();
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, close::UNSUPPORTED_VERSION);
+    assert!(reason.contains("version 2"), "{reason}");
+
+    let mut first = raw_agent(&h.hub_url()).await;
+    let welcome = register(&mut first, id, &token).await;
+    assert!(welcome.contains("\"welcome\""), "{welcome}");
+    wait_until("registered agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+
+    let mut second = raw_agent(&h.hub_url()).await;
+    second.send(hello(id, &token)).await.unwrap();
+    let (code, reason, _) = read_until_close(&mut second).await;
+    assert_eq!(code, close::DUPLICATE_AGENT);
+    assert!(
+        reason.contains("already connected") && reason.contains(id),
+        "{reason}"
+    );
+    // The first connection is untouched.
+    assert_eq!(h.pool("manual").idle, 1);
+    assert!(h.server.svc.hub.is_connected(id));
+
+    assert_eq!(
+        metric_of(&h, "warmpool_rejected_connections_total", "invalid-token"),
+        1.0
+    );
+    assert_eq!(
+        metric_of(&h, "warmpool_rejected_connections_total", "unknown-agent"),
+        1.0
+    );
+    assert_eq!(
+        metric_of(&h, "warmpool_rejected_connections_total", "duplicate-agent"),
+        1.0
+    );
+    assert_eq!(
+        metric_of(&h, "warmpool_rejected_connections_total", "version"),
+        1.0
+    );
+    h.server.shutdown().await;
+}
+
+async fn registered(h: &Harness, id: &str) -> Ws {
+    let mut ws = raw_agent(&h.hub_url()).await;
+    register(&mut ws, id, &h.server.svc.key.token(id)).await;
+    ws
+}
+
+#[tokio::test]
+async fn bad_frames_close_only_the_offending_connection() {
+    let (h, ids) = setup().await;
+    h.wait_idle("real", 1).await;
+
+    // Oversized frame: 1009, counted.
+    let mut ws = registered(&h, &ids[0]).await;
+    ws.send(Message::Binary(vec![1u8; 64 * 1024 + 10].into()))
+        .await
+        .unwrap();
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, close::TOO_BIG, "{reason}");
+    assert!(reason.contains("exceeds 65536 bytes"), "{reason}");
+    wait_until("frame-too-large counted", Duration::from_secs(5), || {
+        metric_of(&h, "warmpool_protocol_errors_total", "frame-too-large") == 1.0
+    })
+    .await;
+
+    // Malformed JSON: 4400 with a reason.
+    let mut ws = registered(&h, &ids[1]).await;
+    ws.send(Message::Text("{not json".into())).await.unwrap();
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, close::PROTOCOL_VIOLATION);
+    assert!(reason.contains("malformed"), "{reason}");
+
+    // Both offenders are recycled (disconnected), nothing else is.
+    wait_until("offenders terminated", Duration::from_secs(5), || {
+        h.recycles("disconnected") == 2
+    })
+    .await;
+
+    // The real pool still leases and runs jobs.
+    let l = h.lease("linux", 5.0, 60.0).await;
+    let st = h
+        .client
+        .exec(
+            &l.id,
+            warmpool::protocol::ExecSpec {
+                script: Some("echo fine".into()),
+                ..Default::default()
+            },
+            |_, _| {},
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.code, Some(0));
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn unknown_messages_short_frames_and_second_hello_are_violations() {
+    let (h, ids) = setup().await;
+    for (i, bad) in [
+        Message::Text(r#"{"type":"launch","missiles":true}"#.into()),
+        Message::Binary(vec![1u8, 2, 3].into()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut ws = registered(&h, &ids[i]).await;
+        ws.send(bad).await.unwrap();
+        let (code, reason, _) = read_until_close(&mut ws).await;
+        assert_eq!(code, close::PROTOCOL_VIOLATION, "{reason}");
+    }
+    // A later generation of agent ids to test the second hello.
+    wait_until("replacements", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 2
+    })
+    .await;
+    let id = h.agents_in(AgentState::Connecting)[0].clone();
+    let mut ws = registered(&h, &id).await;
+    ws.send(hello(&id, &h.server.svc.key.token(&id)))
+        .await
+        .unwrap();
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    assert_eq!(code, close::PROTOCOL_VIOLATION);
+    assert!(reason.contains("hello sent twice"), "{reason}");
+    // Output for an exec nobody started is dropped, not an error.
+    wait_until("more replacements", Duration::from_secs(10), || {
+        !h.agents_in(AgentState::Connecting).is_empty()
+    })
+    .await;
+    let id = h.agents_in(AgentState::Connecting)[0].clone();
+    let mut ws = registered(&h, &id).await;
+    ws.send(Message::Binary(
+        encode_output(Stream::Stdout, 999, b"stray").into(),
+    ))
+    .await
+    .unwrap();
+    ws.send(Message::Text(
+        r#"{"type":"heartbeat","health":{"workspaceBytes":0,"leftoverProcesses":0}}"#.into(),
+    ))
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(h.server.svc.hub.is_connected(&id));
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn handshake_rate_limit_answers_429() {
+    let mut cfg = test_config(POOLS);
+    cfg.service.handshakes_per_second = 1;
+    let h = start_with(cfg).await;
+    let mut refused = 0;
+    for _ in 0..5 {
+        if let Err(tokio_tungstenite::tungstenite::Error::Http(resp)) =
+            tokio_tungstenite::connect_async(h.hub_url()).await
+        {
+            assert_eq!(resp.status().as_u16(), 429);
+            refused += 1;
+        }
+    }
+    assert!(refused >= 3, "refused {refused}");
+    assert!(metric_of(&h, "warmpool_rejected_connections_total", "handshake-rate") >= 3.0);
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn silent_agent_is_lost_after_heartbeat_timeout() {
+    let mut cfg = test_config(POOLS);
+    cfg.service.engine.heartbeat_timeout = Duration::from_millis(600);
+    let h = start_with(cfg).await;
+    wait_until("manual agents", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 2
+    })
+    .await;
+    let id = h.agents_in(AgentState::Connecting)[0].clone();
+    let _ws = registered(&h, &id).await; // never sends a heartbeat
+    wait_until("heartbeat loss", Duration::from_secs(5), || {
+        h.recycles("heartbeat-lost") >= 1
+    })
+    .await;
+    h.server.shutdown().await;
+}
