@@ -276,7 +276,10 @@ impl Service {
                     };
                     self.hub
                         .close(&agent, code, &format!("agent {agent} terminated: {reason}"));
-                    self.backend.terminate(&agent, self.backend_tx.clone());
+                    // An agent that exited or never started has nothing left to stop.
+                    if !matches!(reason, Reason::Exited(_) | Reason::ProvisionFailed(_)) {
+                        self.backend.terminate(&agent, self.backend_tx.clone());
+                    }
                 }
                 Action::Granted { request, lease } => {
                     let delivered = match self.waiters.remove(&request) {

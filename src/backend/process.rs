@@ -45,7 +45,12 @@ pub struct ProcessBackend {
     cfg: ProcessConfig,
     children: Arc<DashMap<String, Child>>,
     gone: Arc<Notify>,
+    spawner: Mutex<std::sync::mpsc::Sender<SpawnJob>>,
+    /// Agents terminated before their queued spawn ran: the spawn is skipped.
+    doomed: Arc<DashMap<String, ()>>,
 }
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
 
 /// Pids of live agents started by every process backend in this process. Held while spawning
 /// (until the pid is recorded) and while sweeping, so a sweep never takes an agent, of this
@@ -63,12 +68,29 @@ fn sweep_orphans() -> usize {
 
 impl ProcessBackend {
     /// A backend with no agents yet.
+    ///
+    /// Must be called inside a Tokio runtime. Forks happen on a dedicated, long-lived spawner
+    /// thread: the lease path never waits for a fork, and `PR_SET_PDEATHSIG` (which fires when
+    /// the spawning *thread* exits) stays armed for as long as this backend lives.
     pub fn new(cfg: ProcessConfig) -> ProcessBackend {
         crate::procs::become_subreaper();
+        let handle = tokio::runtime::Handle::current();
+        let (tx, rx) = std::sync::mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("warmpool-spawner".into())
+            .spawn(move || {
+                let _rt = handle.enter();
+                while let Ok(job) = rx.recv() {
+                    job();
+                }
+            })
+            .expect("spawner thread starts");
         ProcessBackend {
             cfg,
             children: Arc::new(DashMap::new()),
             gone: Arc::new(Notify::new()),
+            spawner: Mutex::new(tx),
+            doomed: Arc::new(DashMap::new()),
         }
     }
 
@@ -95,123 +117,165 @@ fn describe(status: std::io::Result<ExitStatus>) -> String {
     }
 }
 
+/// Spawns one agent; runs on the spawner thread.
+fn spawn_agent(
+    cfg: &ProcessConfig,
+    children: &Arc<DashMap<String, Child>>,
+    gone: &Arc<Notify>,
+    req: ProvisionRequest,
+    events: EventSink,
+) {
+    let dir = cfg.work_dir.join("agents").join(&req.agent);
+    let workspace = dir.join("workspace");
+    let failed = |error: String| {
+        let _ = events.send(BackendEvent::Failed {
+            pool: req.pool.clone(),
+            agent: req.agent.clone(),
+            error,
+        });
+    };
+    if let Err(e) = std::fs::create_dir_all(&workspace) {
+        failed(format!(
+            "cannot create workspace {}: {e}",
+            workspace.display()
+        ));
+        return;
+    }
+    let mut cmd = match &req.spec.agent_command {
+        Some(argv) => {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        }
+        None => {
+            let mut c = Command::new(&cfg.agent_exe);
+            c.arg("agent");
+            c
+        }
+    };
+    cmd.env("WARMPOOL_HUB", &cfg.hub_url)
+        .env("WARMPOOL_AGENT_ID", &req.agent)
+        .env("WARMPOOL_TOKEN", &req.token)
+        .env("WARMPOOL_POOL", &req.pool)
+        .env("WARMPOOL_LABELS", req.spec.labels.join(","))
+        .env("WARMPOOL_WORKSPACE", &workspace)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut spawned = SPAWNED.lock().expect("lock");
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let program = req
+                .spec
+                .agent_command
+                .as_ref()
+                .map(|a| a[0].clone())
+                .unwrap_or_else(|| cfg.agent_exe.display().to_string());
+            failed(format!("cannot start {program}: {e}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            return;
+        }
+    };
+    let pid = child.id().unwrap_or(0);
+    spawned.insert(pid as i32);
+    drop(spawned);
+    let (kill_tx, kill_rx) = oneshot::channel();
+    children.insert(
+        req.agent.clone(),
+        Child {
+            pid,
+            kill: Some(kill_tx),
+        },
+    );
+    let _ = events.send(BackendEvent::Started {
+        agent: req.agent.clone(),
+    });
+    let children = children.clone();
+    let gone = gone.clone();
+    let grace = cfg.grace;
+    let agent = req.agent;
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            s = child.wait() => s,
+            _ = kill_rx => {
+                // SAFETY: plain syscalls on our own child's pid / process group.
+                unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+                match tokio::time::timeout(grace, child.wait()).await {
+                    Ok(s) => s,
+                    Err(_) => {
+                        unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+                        let _ = child.start_kill();
+                        child.wait().await
+                    }
+                }
+            }
+        };
+        // Anything left in the agent's own process group goes too.
+        unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+        let detail = describe(status);
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
+        children.remove(&agent);
+        SPAWNED.lock().expect("lock").remove(&(pid as i32));
+        let _ = sweep_orphans();
+        gone.notify_waiters();
+        let _ = events.send(BackendEvent::Exited { agent, detail });
+    });
+}
+
 impl Backend for ProcessBackend {
     fn name(&self) -> &'static str {
         "process"
     }
 
     fn provision(&self, req: ProvisionRequest, events: EventSink) {
-        let dir = self.cfg.work_dir.join("agents").join(&req.agent);
-        let workspace = dir.join("workspace");
-        let failed = |error: String| {
-            let _ = events.send(BackendEvent::Failed {
-                pool: req.pool.clone(),
-                agent: req.agent.clone(),
-                error,
-            });
-        };
-        if let Err(e) = std::fs::create_dir_all(&workspace) {
-            failed(format!(
-                "cannot create workspace {}: {e}",
-                workspace.display()
-            ));
-            return;
-        }
-        let mut cmd = match &req.spec.agent_command {
-            Some(argv) => {
-                let mut c = Command::new(&argv[0]);
-                c.args(&argv[1..]);
-                c
-            }
-            None => {
-                let mut c = Command::new(&self.cfg.agent_exe);
-                c.arg("agent");
-                c
-            }
-        };
-        cmd.env("WARMPOOL_HUB", &self.cfg.hub_url)
-            .env("WARMPOOL_AGENT_ID", &req.agent)
-            .env("WARMPOOL_TOKEN", &req.token)
-            .env("WARMPOOL_POOL", &req.pool)
-            .env("WARMPOOL_LABELS", req.spec.labels.join(","))
-            .env("WARMPOOL_WORKSPACE", &workspace)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .process_group(0)
-            .kill_on_drop(true);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut spawned = SPAWNED.lock().expect("lock");
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) => {
-                let program = req
-                    .spec
-                    .agent_command
-                    .as_ref()
-                    .map(|a| a[0].clone())
-                    .unwrap_or_else(|| self.cfg.agent_exe.display().to_string());
-                failed(format!("cannot start {program}: {e}"));
-                let _ = std::fs::remove_dir_all(&dir);
+        let (pool, agent) = (req.pool.clone(), req.agent.clone());
+        let (cfg, children, gone, doomed, ev) = (
+            self.cfg.clone(),
+            self.children.clone(),
+            self.gone.clone(),
+            self.doomed.clone(),
+            events.clone(),
+        );
+        let job: SpawnJob = Box::new(move || {
+            if doomed.remove(&req.agent).is_some() {
+                let _ = ev.send(BackendEvent::Exited {
+                    agent: req.agent,
+                    detail: "terminated before it was started".into(),
+                });
                 return;
             }
-        };
-        let pid = child.id().unwrap_or(0);
-        spawned.insert(pid as i32);
-        drop(spawned);
-        let (kill_tx, kill_rx) = oneshot::channel();
-        self.children.insert(
-            req.agent.clone(),
-            Child {
-                pid,
-                kill: Some(kill_tx),
-            },
-        );
-        let _ = events.send(BackendEvent::Started {
-            agent: req.agent.clone(),
+            spawn_agent(&cfg, &children, &gone, req, ev)
         });
-        let children = self.children.clone();
-        let gone = self.gone.clone();
-        let grace = self.cfg.grace;
-        let agent = req.agent;
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                s = child.wait() => s,
-                _ = kill_rx => {
-                    // SAFETY: plain syscalls on our own child's pid / process group.
-                    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-                    match tokio::time::timeout(grace, child.wait()).await {
-                        Ok(s) => s,
-                        Err(_) => {
-                            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
-                            let _ = child.start_kill();
-                            child.wait().await
-                        }
-                    }
-                }
-            };
-            // Anything left in the agent's own process group goes too.
-            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
-            let detail = describe(status);
-            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
-            children.remove(&agent);
-            SPAWNED.lock().expect("lock").remove(&(pid as i32));
-            let _ = sweep_orphans();
-            gone.notify_waiters();
-            let _ = events.send(BackendEvent::Exited { agent, detail });
-        });
+        if self.spawner.lock().expect("lock").send(job).is_err() {
+            let _ = events.send(BackendEvent::Failed {
+                pool,
+                agent,
+                error: "the process backend's spawner thread is gone".into(),
+            });
+        }
     }
 
     fn terminate(&self, agent: &str, _events: EventSink) {
-        if let Some(mut c) = self.children.get_mut(agent)
-            && let Some(k) = c.kill.take()
-        {
-            let _ = k.send(());
+        // Under the spawn lock, so the agent is either spawned (and in `children`) or not yet.
+        let _spawning = SPAWNED.lock().expect("lock");
+        match self.children.get_mut(agent) {
+            Some(mut c) => {
+                if let Some(k) = c.kill.take() {
+                    let _ = k.send(());
+                }
+            }
+            None => {
+                self.doomed.insert(agent.to_string(), ());
+            }
         }
     }
 
