@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -28,6 +29,8 @@ use crate::service::{Requested, Service};
 pub const MAX_WAIT_SECONDS: f64 = 3600.0;
 /// Longest `ttlSeconds` accepted.
 pub const MAX_TTL_SECONDS: f64 = 86_400.0;
+/// An exec client that takes no output for this long is disconnected and its command cancelled.
+pub const CLIENT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Shared handler state.
 #[derive(Clone)]
@@ -102,9 +105,25 @@ impl From<LeaseError> for ApiError {
     }
 }
 
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(r: WebSocketUpgradeRejection) -> ApiError {
+        ApiError::new(
+            r.status(),
+            "websocket_required",
+            format!("this endpoint is a WebSocket: {}", r.body_text()),
+        )
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", r.body_text())
+        // 422 is this API's "unsatisfiable selector"; a malformed body is a 400 (415 when the
+        // content type is missing).
+        let status = match r.status() {
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError::new(status, "invalid_request", r.body_text())
     }
 }
 
@@ -201,8 +220,6 @@ fn seconds(v: Option<f64>, default: f64, max: f64, field: &str) -> Result<Durati
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
-    let svc = state.svc.clone();
-    let max = svc.cfg.max_frame_bytes;
     let protected = Router::new()
         .route("/v1/leases", post(create_lease))
         .route("/v1/leases/{id}", get(get_lease).delete(delete_lease))
@@ -213,31 +230,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(protected)
-        .route(
-            "/v1/agents/connect",
-            get(
-                move |State(st): State<ApiState>, ws: WebSocketUpgrade| async move {
-                    if !st.svc.hub.admit_handshake() {
-                        st.svc
-                            .metrics
-                            .rejected_connections
-                            .with_label_values(&["handshake-rate"])
-                            .inc();
-                        return ApiError::new(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "handshake_rate_limited",
-                            "too many agent handshakes per second; retry with backoff",
-                        )
-                        .into_response();
-                    }
-                    let svc = st.svc.clone();
-                    ws.max_message_size(max)
-                        .max_frame_size(max)
-                        .on_upgrade(move |socket| hub::serve_agent(svc, socket))
-                        .into_response()
-                },
-            ),
-        )
+        .route("/v1/agents/connect", get(agent_connect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -249,6 +242,32 @@ pub fn router(state: ApiState) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// The hub endpoint: handshake rate limit, then the WebSocket upgrade.
+async fn agent_connect(
+    State(st): State<ApiState>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let ws = ws?;
+    if !st.svc.hub.admit_handshake() {
+        st.svc
+            .metrics
+            .rejected_connections
+            .with_label_values(&["handshake-rate"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "handshake_rate_limited",
+            "too many agent handshakes per second; retry with backoff",
+        ));
+    }
+    let svc = st.svc.clone();
+    let max = svc.cfg.max_frame_bytes;
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| hub::serve_agent(svc, socket)))
 }
 
 async fn require_token(
@@ -330,6 +349,13 @@ async fn renew_lease(
     body: Option<Json<RenewLease>>,
 ) -> Result<Json<LeaseView>, ApiError> {
     let ttl = match body.and_then(|b| b.0.ttl_seconds) {
+        Some(s) if s <= 0.0 => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "ttlSeconds must be above 0",
+            ));
+        }
         Some(s) => Some(seconds(Some(s), 0.0, MAX_TTL_SECONDS, "ttlSeconds")?),
         None => None,
     };
@@ -390,9 +416,10 @@ async fn readyz(State(st): State<ApiState>) -> Response {
 async fn exec_socket(
     State(st): State<ApiState>,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let lease = st.svc.read(|e| e.active_lease(&id).cloned())?;
+    let ws = ws?;
     let svc = st.svc.clone();
     let max = svc.cfg.max_frame_bytes;
     Ok(ws
@@ -476,6 +503,12 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
             .await;
         }
     };
+    // The lease may have ended between the check above and the route's registration; a lease
+    // that ends from now on finds the route and stops it.
+    if let Err(e) = svc.read(|e| e.active_lease(&lease.id).map(|_| ())) {
+        svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+        return fail(&mut socket, e.code(), e.to_string()).await;
+    }
     tracing::debug!(lease = %lease.id, agent = %lease.agent, exec_id, "exec started");
     if !send_json(
         &mut socket,
@@ -499,7 +532,9 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                 }
                 match ev {
                     Some(ExecEvent::Output(frame)) => {
-                        if socket.send(Message::Binary(frame)).await.is_err() {
+                        let sent = tokio::time::timeout(CLIENT_SEND_TIMEOUT, socket.send(Message::Binary(frame))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            tracing::warn!(lease = %lease.id, exec_id, "exec client gone or not reading; cancelling");
                             svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
                             return;
                         }

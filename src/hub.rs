@@ -389,7 +389,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             }
             Some(Ok(m)) => m,
         };
-        match handle(&svc, &agent, msg).await {
+        match handle(&svc, &agent, &conn, msg).await {
             Ok(true) => {}
             Ok(false) => break "agent closed the connection".to_string(),
             Err((metric, reason)) => {
@@ -450,9 +450,40 @@ fn msg_type(m: &AgentMessage) -> &'static str {
 }
 
 /// Handles one message; Ok(false) when the agent closed, Err((metric, reason)) on a violation.
+/// Hands an event to an exec socket, waiting for room (output is never dropped). While it
+/// waits the agent is not silent, only its reader is: liveness is refreshed, and a close from
+/// the hub still ends the wait.
+async fn forward(
+    svc: &Service,
+    agent: &str,
+    conn: &Conn,
+    tx: &mpsc::Sender<ExecEvent>,
+    ev: ExecEvent,
+) {
+    let ev = match tx.try_send(ev) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+        Err(mpsc::error::TrySendError::Full(ev)) => ev,
+    };
+    let mut beat = tokio::time::interval(svc.cfg.heartbeat_interval);
+    beat.tick().await;
+    loop {
+        tokio::select! {
+            permit = tx.reserve() => {
+                if let Ok(p) = permit {
+                    p.send(ev);
+                }
+                return;
+            }
+            _ = beat.tick() => svc.apply(|e, now| e.agent_seen(agent, now)),
+            _ = conn.kill.cancelled() => return,
+        }
+    }
+}
+
 async fn handle(
     svc: &Arc<Service>,
     agent: &str,
+    conn: &Conn,
     msg: Message,
 ) -> Result<bool, (&'static str, String)> {
     match msg {
@@ -468,7 +499,7 @@ async fn handle(
                 }
                 AgentMessage::Exit { exec_id, status } => {
                     if let Some(tx) = svc.hub.route(agent, exec_id, true) {
-                        let _ = tx.send(ExecEvent::Exit(status)).await;
+                        forward(svc, agent, conn, &tx, ExecEvent::Exit(status)).await;
                     }
                 }
                 AgentMessage::Hello { .. } => {
@@ -481,7 +512,7 @@ async fn handle(
                 .map_err(|e| ("malformed", format!("bad output frame: {e}")))?;
             // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads it.
             if let Some(tx) = svc.hub.route(agent, exec_id, false) {
-                let _ = tx.send(ExecEvent::Output(b)).await;
+                forward(svc, agent, conn, &tx, ExecEvent::Output(b)).await;
             }
         }
         Message::Close(_) => return Ok(false),

@@ -28,6 +28,11 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Longest expression accepted, in bytes.
+pub const MAX_EXPR_BYTES: usize = 4096;
+/// Deepest nesting of `!` and parentheses accepted.
+pub const MAX_DEPTH: usize = 64;
+
 /// A parsed label expression.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {
@@ -50,6 +55,13 @@ pub enum Expr {
 impl Expr {
     /// Parses an expression in Jenkins label syntax.
     pub fn parse(input: &str) -> Result<Expr> {
+        if input.len() > MAX_EXPR_BYTES {
+            return Err(Error::Syntax {
+                expr: input.chars().take(40).collect::<String>() + "...",
+                offset: MAX_EXPR_BYTES,
+                message: format!("expression longer than {MAX_EXPR_BYTES} bytes"),
+            });
+        }
         let tokens = tokenize(input)?;
         if tokens.is_empty() {
             return Ok(Expr::Any);
@@ -58,6 +70,7 @@ impl Expr {
             input,
             tokens,
             pos: 0,
+            depth: 0,
         };
         let e = p.iff()?;
         if let Some((tok, off)) = p.tokens.get(p.pos) {
@@ -275,6 +288,7 @@ struct Parser<'a> {
     input: &'a str,
     tokens: Vec<(Tok, usize)>,
     pos: usize,
+    depth: usize,
 }
 
 impl Parser<'_> {
@@ -312,7 +326,9 @@ impl Parser<'_> {
         let left = self.or()?;
         if self.eat(&Tok::Implies) {
             // Right-associative, as in logic: a -> b -> c == a -> (b -> c).
+            self.enter()?;
             let right = self.implies()?;
+            self.depth -= 1;
             return Ok(Expr::Implies(Box::new(left), Box::new(right)));
         }
         Ok(left)
@@ -336,9 +352,21 @@ impl Parser<'_> {
         Ok(left)
     }
 
+    fn enter(&mut self) -> Result<()> {
+        self.depth += 1;
+        if self.depth > MAX_DEPTH {
+            let at = self.tokens.get(self.pos).map(|(_, o)| *o).unwrap_or(0);
+            return Err(self.err(at, format!("nested deeper than {MAX_DEPTH} levels")));
+        }
+        Ok(())
+    }
+
     fn unary(&mut self) -> Result<Expr> {
         if self.eat(&Tok::Not) {
-            return Ok(Expr::Not(Box::new(self.unary()?)));
+            self.enter()?;
+            let e = self.unary()?;
+            self.depth -= 1;
+            return Ok(Expr::Not(Box::new(e)));
         }
         self.primary()
     }
@@ -354,7 +382,9 @@ impl Parser<'_> {
         match tok {
             Tok::Atom(a) => Ok(Expr::Atom(a)),
             Tok::LParen => {
+                self.enter()?;
                 let e = self.iff()?;
+                self.depth -= 1;
                 if !self.eat(&Tok::RParen) {
                     let at = self
                         .tokens
@@ -444,6 +474,36 @@ mod tests {
             assert!(e.contains(want), "{bad:?}: {e}");
             assert!(e.contains(&format!("{bad:?}")), "{e} names the expression");
         }
+    }
+
+    #[test]
+    fn hostile_inputs_are_bounded() {
+        let deep = "!".repeat(100_000) + "a";
+        assert!(
+            Expr::parse(&deep)
+                .unwrap_err()
+                .to_string()
+                .contains("longer than")
+        );
+        let deep = "(".repeat(65) + "a" + &")".repeat(65);
+        assert!(
+            Expr::parse(&deep)
+                .unwrap_err()
+                .to_string()
+                .contains("nested deeper")
+        );
+        let ok = "(".repeat(60) + "a" + &")".repeat(60);
+        assert!(Expr::parse(&ok).is_ok());
+        let chain = vec!["a"; 300].join(" -> ");
+        assert!(
+            Expr::parse(&chain)
+                .unwrap_err()
+                .to_string()
+                .contains("nested deeper")
+        );
+        // Long flat chains are fine (iterative, not recursive).
+        let flat = vec!["a"; 800].join(" && ");
+        assert!(Expr::parse(&flat).is_ok());
     }
 
     fn arb_expr() -> impl Strategy<Value = Expr> {

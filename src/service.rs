@@ -239,6 +239,11 @@ impl Service {
             match a {
                 Action::Provision { pool, agent } => {
                     let Some(spec) = self.specs.get(&pool).map(|s| s.clone()) else {
+                        let _ = self.backend_tx.send(BackendEvent::Failed {
+                            error: format!("pool {pool} has no spec"),
+                            pool,
+                            agent,
+                        });
                         continue;
                     };
                     self.metrics

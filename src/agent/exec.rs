@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -20,18 +20,32 @@ use crate::protocol::{ExecSpec, ExitStatus, OUTPUT_CHUNK_BYTES, Stream, encode_o
 /// Time a cancelled job gets between SIGTERM and SIGKILL.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
+/// How long a pipe may stay silent after the job exited before the pump stops: a background
+/// process that inherited the pipe must not hold the exit back (it is a leftover, killed on
+/// release). Output that is flowing, or waiting for a slow reader, is never cut off.
+pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
+
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
     stream: Stream,
     exec_id: u64,
     out: mpsc::Sender<Message>,
+    mut exited: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; OUTPUT_CHUNK_BYTES];
     loop {
-        match r.read(&mut buf).await {
+        let n = tokio::select! {
+            n = r.read(&mut buf) => n,
+            _ = async {
+                let _ = exited.wait_for(|e| *e).await;
+                tokio::time::sleep(DRAIN_IDLE).await;
+            } => return,
+        };
+        match n {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 let frame = encode_output(stream, exec_id, &buf[..n]);
+                // Backpressure: wait for the writer however long it takes.
                 if out.send(Message::Binary(frame.into())).await.is_err() {
                     return;
                 }
@@ -110,18 +124,21 @@ pub async fn run(
     };
     let pid = child.id().unwrap_or(0) as i32;
     pids.lock().expect("lock").insert(pid);
+    let (exited_tx, exited) = watch::channel(false);
     let readers = [
         tokio::spawn(pump(
             child.stdout.take().expect("piped"),
             Stream::Stdout,
             exec_id,
             out.clone(),
+            exited.clone(),
         )),
         tokio::spawn(pump(
             child.stderr.take().expect("piped"),
             Stream::Stderr,
             exec_id,
             out,
+            exited,
         )),
     ];
     let timeout = async {
@@ -150,16 +167,10 @@ pub async fn run(
             }
         }
     };
-    // Output written before exit is drained; a background process that keeps the pipes open
-    // does not hold the exit back for long (it is a leftover, killed on release).
+    // Everything the job wrote is forwarded before the exit is reported (see DRAIN_IDLE).
+    let _ = exited_tx.send(true);
     for r in readers {
-        let abort = r.abort_handle();
-        if tokio::time::timeout(Duration::from_millis(500), r)
-            .await
-            .is_err()
-        {
-            abort.abort();
-        }
+        let _ = r.await;
     }
     if st.timed_out || st.cancelled {
         killpg(pid, libc::SIGKILL);

@@ -271,9 +271,17 @@ async fn session(
             HubMessage::Heartbeat {} | HubMessage::Welcome { .. } => {}
             HubMessage::Exec { exec_id, spec } => {
                 let mut cur = current.lock().expect("lock");
-                if cur.is_some() || draining {
+                let cleaning = cleanup.as_ref().is_some_and(|c| !c.is_finished());
+                if cur.is_some() || draining || cleaning {
+                    let why = if cleaning {
+                        "is cleaning up after a released lease"
+                    } else if draining {
+                        "is draining"
+                    } else {
+                        "is already running a command"
+                    };
                     let status = ExitStatus {
-                        error: Some(format!("agent {} is busy or draining", cfg.agent_id)),
+                        error: Some(format!("agent {} {why}", cfg.agent_id)),
                         ..Default::default()
                     };
                     let _ = tx.try_send(json(&AgentMessage::Exit { exec_id, status }));
@@ -289,13 +297,16 @@ async fn session(
                 );
                 let task = tokio::spawn(async move {
                     let status = exec::run(exec_id, spec, &ws, tx2.clone(), c2, pids2).await;
+                    // Free before reporting, so the next exec the client sends is accepted.
+                    {
+                        let mut cur = cur2.lock().expect("lock");
+                        if cur.as_ref().is_some_and(|c| c.exec_id == exec_id) {
+                            *cur = None;
+                        }
+                    }
                     let _ = tx2
                         .send(json(&AgentMessage::Exit { exec_id, status }))
                         .await;
-                    let mut cur = cur2.lock().expect("lock");
-                    if cur.as_ref().is_some_and(|c| c.exec_id == exec_id) {
-                        *cur = None;
-                    }
                 });
                 *cur = Some(Current {
                     exec_id,

@@ -225,7 +225,8 @@ fn spawn_agent(
         let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&dir)).await;
         children.remove(&agent);
         SPAWNED.lock().expect("lock").remove(&(pid as i32));
-        let _ = sweep_orphans();
+        // A /proc scan: off the async threads.
+        let _ = tokio::task::spawn_blocking(sweep_orphans).await;
         gone.notify_waiters();
         let _ = events.send(BackendEvent::Exited { agent, detail });
     });
@@ -300,6 +301,17 @@ impl Backend for ProcessBackend {
                     );
                     break;
                 }
+            }
+            // Killed orphans turn into zombies; sweep until nothing is left to signal or reap.
+            for _ in 0..50 {
+                if tokio::task::spawn_blocking(sweep_orphans)
+                    .await
+                    .unwrap_or(0)
+                    == 0
+                {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
     }

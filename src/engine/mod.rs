@@ -219,11 +219,6 @@ impl Engine {
                 pools: self.describe_pools(),
             });
         }
-        if self.waiters.len() >= self.cfg.max_waiters {
-            return Err(LeaseError::QueueFull {
-                limit: self.cfg.max_waiters,
-            });
-        }
         let id = self.next_seq();
         let deadline = now + req.wait;
         let wait_zero = req.wait.is_zero();
@@ -252,6 +247,14 @@ impl Engine {
             return Err(LeaseError::WaitExpired {
                 selector,
                 waited_ms: 0,
+            });
+        }
+        // Only a request that has to wait can find the queue full.
+        if self.waiters.len() > self.cfg.max_waiters {
+            self.waiters.retain(|w| w.id != id);
+            self.reconcile(now);
+            return Err(LeaseError::QueueFull {
+                limit: self.cfg.max_waiters,
             });
         }
         Ok(LeaseDecision::Queued(id))
@@ -409,6 +412,8 @@ impl Engine {
             p.last_error = Some(format!("agent {id}: {error}"));
         }
         self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
+        // It never started: nothing will report its exit, so it is gone now.
+        self.agents.remove(id);
         self.reconcile(now);
     }
 
@@ -549,7 +554,10 @@ impl Engine {
         let why = problems.join(", ");
         match a.state {
             AgentState::Idle => self.terminate(id, Reason::Unhealthy(why), now),
-            AgentState::Leased | AgentState::Cleaning => {
+            // A job that grew the workspace past the limit: recycle instead of reusing.
+            // (Heartbeats while Cleaning describe the workspace before the wipe; `ready`
+            // reports the state after it, checked once the agent is Idle again.)
+            AgentState::Leased => {
                 self.agents.get_mut(id).expect("exists").unhealthy = Some(why);
             }
             _ => {}
@@ -643,9 +651,12 @@ impl Engine {
         for a in self.agents.values() {
             let spec = &self.pools[&a.pool].spec;
             match a.state {
-                AgentState::Provisioning | AgentState::Connecting
-                    if now.duration_since(a.created) >= spec.connect_timeout.0 =>
+                AgentState::Provisioning
+                    if now.duration_since(a.since) >= spec.connect_timeout.0 =>
                 {
+                    doomed.push((a.id.clone(), Reason::ProvisionTimeout));
+                }
+                AgentState::Connecting if now.duration_since(a.since) >= spec.connect_timeout.0 => {
                     doomed.push((a.id.clone(), Reason::ConnectTimeout));
                 }
                 AgentState::Idle | AgentState::Leased | AgentState::Cleaning

@@ -237,7 +237,11 @@ fn connect_timeout_is_a_leak() {
     let t0 = Instant::now();
     let mut e = engine();
     e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
-    e.take_actions();
+    let acts = e.take_actions();
+    let Action::Provision { agent, .. } = acts[0].clone() else {
+        panic!()
+    };
+    e.agent_started(&agent, t0);
     e.tick(t0 + ms(500));
     let acts = e.take_actions();
     assert_eq!(terminations(&acts), vec!["connect-timeout"]);
@@ -607,4 +611,85 @@ proptest! {
             prop_assert_eq!(order, &sorted, "selector {}", SELECTORS[*sel]);
         }
     }
+}
+
+#[test]
+fn failed_provisions_do_not_hold_capacity() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    for _ in 0..5 {
+        let acts = e.take_actions();
+        let Some(Action::Provision { agent, .. }) = acts
+            .iter()
+            .find(|a| matches!(a, Action::Provision { .. }))
+            .cloned()
+        else {
+            panic!("a provision each time: {acts:?}")
+        };
+        e.provision_failed(&agent, "no such program", t0);
+        let s = status(&e, "p");
+        assert!(s.total <= 1, "failed agents still count: {s:?}");
+        assert!(s.last_error.as_deref().unwrap().contains("no such program"));
+    }
+    assert_eq!(status(&e, "p").provision_failures_total, 5);
+}
+
+#[test]
+fn queue_limit_does_not_block_a_request_an_idle_agent_can_serve() {
+    let t0 = Instant::now();
+    let mut e = Engine::new(
+        EngineConfig {
+            max_waiters: 1,
+            ..EngineConfig::default()
+        },
+        "t",
+        Box::new(Unpaced),
+    );
+    e.upsert_pool("busy", spec(&["busy"], 1, 1, 0), t0);
+    e.upsert_pool("free", spec(&["free"], 1, 1, 0), t0);
+    settle(&mut e, t0);
+    let LeaseDecision::Granted(_) = e.request_lease(req("busy", 5000, 5000), t0).unwrap() else {
+        panic!()
+    };
+    let LeaseDecision::Queued(_) = e.request_lease(req("busy", 5000, 5000), t0).unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        e.request_lease(req("busy", 5000, 5000), t0)
+            .unwrap_err()
+            .code(),
+        "queue_full"
+    );
+    assert!(matches!(
+        e.request_lease(req("free", 5000, 5000), t0).unwrap(),
+        LeaseDecision::Granted(_)
+    ));
+}
+
+#[test]
+fn connect_timeout_counts_from_start_and_stuck_provisioning_is_not_a_leak() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 1, 0), t0);
+    let acts = e.take_actions();
+    let Action::Provision { agent, .. } = acts[0].clone() else {
+        panic!()
+    };
+    // Never started by the backend: provision-timeout, not a leak.
+    e.tick(t0 + ms(500));
+    assert_eq!(terminations(&e.take_actions()), vec!["provision-timeout"]);
+    assert_eq!(status(&e, "p").leaks_total, 0);
+    e.agent_exited(&agent, "never started", t0 + ms(500));
+    // Started late: the connect deadline runs from the start.
+    let acts = e.take_actions();
+    let Action::Provision { agent, .. } = acts[0].clone() else {
+        panic!("{acts:?}")
+    };
+    e.agent_started(&agent, t0 + ms(900));
+    e.tick(t0 + ms(1300));
+    assert!(terminations(&e.take_actions()).is_empty());
+    e.tick(t0 + ms(1400));
+    assert_eq!(terminations(&e.take_actions()), vec!["connect-timeout"]);
+    assert_eq!(status(&e, "p").leaks_total, 1);
 }

@@ -88,6 +88,8 @@ pub enum Reason {
     Exited(String),
     /// The backend could not start it.
     ProvisionFailed(String),
+    /// The backend did not report it started within `connectTimeout`.
+    ProvisionTimeout,
     /// Did not finish cleanup in time.
     CleanupTimeout,
     /// Its pool was removed.
@@ -110,6 +112,7 @@ impl Reason {
             Reason::Disconnected(_) => "disconnected",
             Reason::Exited(_) => "exited",
             Reason::ProvisionFailed(_) => "provision-failed",
+            Reason::ProvisionTimeout => "provision-timeout",
             Reason::CleanupTimeout => "cleanup-timeout",
             Reason::PoolRemoved => "pool-removed",
             Reason::Shutdown => "shutdown",
