@@ -715,3 +715,85 @@ async fn agent_killed_mid_job_fails_the_lease_and_leaves_no_orphan() {
     h.wait_idle("linux", 2).await;
     h.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn unstartable_agent_command_does_not_wedge_the_pool() {
+    let h = start_pools(
+        "pools:\n  - name: broken\n    labels: [linux]\n    minIdle: 1\n    maxTotal: 1\n    agentCommand: [/no/such/agent-binary]\n",
+    )
+    .await;
+    wait_until(
+        "repeated provision attempts",
+        Duration::from_secs(10),
+        || h.pool("broken").provision_failures_total >= 3,
+    )
+    .await;
+    let p = h.pool("broken");
+    assert!(p.total <= 1, "failed agents must not pile up: {p:?}");
+    assert!(p.last_error.unwrap().contains("/no/such/agent-binary"));
+    // Requests wait (the pool could serve them) and time out cleanly.
+    match h
+        .client
+        .lease(&CreateLease {
+            selector: "linux".into(),
+            wait_seconds: Some(0.3),
+            ..Default::default()
+        })
+        .await
+    {
+        Err(ClientError::Api { status: 408, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    h.server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_no_output_and_keeps_its_agent() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut cfg = test_config(ONE_POOL);
+    cfg.service.engine.heartbeat_timeout = Duration::from_millis(800);
+    let h = start_with(cfg).await;
+    h.wait_idle("linux", 1).await;
+    let l = h.lease("linux", 5.0, 60.0).await;
+    let url = format!("ws://{}/v1/leases/{}/exec", h.server.addr, l.id);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let req =
+        serde_json::json!({"type": "exec", "script": "head -c 8000000 /dev/zero; echo done >&2"});
+    ws.send(Message::Text(req.to_string().into()))
+        .await
+        .unwrap();
+    // Read nothing for well over the heartbeat timeout while the job floods its output.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (mut stdout, mut stderr, mut exit) = (0usize, Vec::new(), None);
+    while let Some(m) = ws.next().await {
+        match m.unwrap() {
+            Message::Binary(b) => {
+                let (s, _, d) = warmpool::protocol::decode_output(&b).unwrap();
+                match s {
+                    Stream::Stdout => stdout += d.len(),
+                    Stream::Stderr => stderr.extend_from_slice(d),
+                }
+            }
+            Message::Text(t) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if v["type"] == "exit" {
+                    exit = Some(v["code"].as_i64().unwrap());
+                    break;
+                }
+                assert_eq!(v["type"], "started", "{v}");
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(stdout, 8_000_000, "every byte arrives");
+    assert_eq!(stderr, b"done\n");
+    assert_eq!(exit, Some(0));
+    assert_eq!(
+        h.recycles("heartbeat-lost"),
+        0,
+        "a slow client must not cost the agent"
+    );
+    assert_eq!(h.client.get_lease(&l.id).await.unwrap().state, "active");
+    h.server.shutdown().await;
+}
