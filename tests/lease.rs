@@ -797,3 +797,27 @@ async fn a_client_that_stops_reading_loses_no_output_and_keeps_its_agent() {
     assert_eq!(h.client.get_lease(&l.id).await.unwrap().state, "active");
     h.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn provisioning_rate_limit_is_visible_in_status_and_metrics() {
+    let h = start_pools(
+        "pools:\n  - name: slow\n    labels: [linux]\n    minIdle: 4\n    maxTotal: 4\n    provisioning: {perSecond: 2, burst: 1, maxConcurrent: 4}\n",
+    )
+    .await;
+    wait_until("throttled", Duration::from_secs(5), || {
+        h.pool("slow").throttled_total >= 1
+    })
+    .await;
+    let t = Instant::now();
+    h.wait_idle("slow", 4).await;
+    // 1 at once, then 2 per second: the last of 4 needs about 1.5 s.
+    assert!(
+        t.elapsed() >= Duration::from_millis(900),
+        "not paced: {:?}",
+        t.elapsed()
+    );
+    assert!(!h.pool("slow").throttled, "no longer throttled once full");
+    let m = h.server.svc.render_metrics();
+    assert!(metric(&m, "warmpool_provisions_throttled_total{pool=\"slow\"}").unwrap() >= 1.0);
+    h.server.shutdown().await;
+}

@@ -1,0 +1,164 @@
+//! `warmpool agent` against a scripted fake hub (a plain tokio-tungstenite server in the test):
+//! reconnect after refusals, welcome, heartbeats, exec output before exit, drain.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use warmpool::protocol::{AgentMessage, HubMessage, Stream, decode_output};
+
+async fn next_json(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+) -> AgentMessage {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("agent talks")
+            .expect("open")
+            .expect("ok");
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).expect("valid agent message");
+        }
+    }
+}
+
+#[tokio::test]
+async fn agent_reconnects_runs_exec_and_drains() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ws_dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(support::EXE)
+        .arg("agent")
+        .env("WARMPOOL_HUB", format!("ws://{addr}/"))
+        .env("WARMPOOL_AGENT_ID", "fake-1")
+        .env("WARMPOOL_TOKEN", "t0k3n")
+        .env("WARMPOOL_WORKSPACE", ws_dir.path())
+        .env("WARMPOOL_MAX_BACKOFF", "300ms")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // Refuse the first two connections with a reason; the agent must come back each time.
+    for _ in 0..2 {
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .unwrap()
+            .unwrap();
+        let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        let AgentMessage::Hello {
+            agent_id,
+            token,
+            protocol,
+            ..
+        } = next_json(&mut ws).await
+        else {
+            panic!("hello first")
+        };
+        assert_eq!(
+            (agent_id.as_str(), token.as_str(), protocol),
+            ("fake-1", "t0k3n", 1)
+        );
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(4429),
+            reason: "busy".into(),
+        })))
+        .await
+        .unwrap();
+    }
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    assert!(matches!(
+        next_json(&mut ws).await,
+        AgentMessage::Hello { .. }
+    ));
+    let welcome = HubMessage::Welcome {
+        protocol: 1,
+        agent_id: "fake-1".into(),
+        heartbeat_interval_ms: 100,
+        max_frame_bytes: 1 << 20,
+    };
+    ws.send(Message::Text(
+        serde_json::to_string(&welcome).unwrap().into(),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        matches!(next_json(&mut ws).await, AgentMessage::Heartbeat { .. }),
+        "heartbeats flow"
+    );
+
+    let exec = serde_json::json!({"type":"exec","execId":5,"script":"echo one; echo two >&2; echo three; exit 4"});
+    ws.send(Message::Text(exec.to_string().into()))
+        .await
+        .unwrap();
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Binary(b) => {
+                let (s, id, d) = decode_output(&b).unwrap();
+                assert_eq!(id, 5);
+                match s {
+                    Stream::Stdout => out.extend_from_slice(d),
+                    Stream::Stderr => err.extend_from_slice(d),
+                }
+            }
+            Message::Text(t) => match serde_json::from_str::<AgentMessage>(&t).unwrap() {
+                AgentMessage::Exit { exec_id, status } => {
+                    assert_eq!(exec_id, 5);
+                    break status;
+                }
+                AgentMessage::Heartbeat { .. } => {}
+                other => panic!("{other:?}"),
+            },
+            _ => {}
+        }
+    };
+    assert_eq!(
+        out, b"one\nthree\n",
+        "stdout complete and in order before exit"
+    );
+    assert_eq!(err, b"two\n");
+    assert_eq!(status.code, Some(4));
+
+    // Release: workspace wiped, ready reported.
+    std::fs::write(ws_dir.path().join("junk"), b"x").unwrap();
+    ws.send(Message::Text(r#"{"type":"release","lease":"l-1"}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        match next_json(&mut ws).await {
+            AgentMessage::Ready { lease, health } => {
+                assert_eq!(lease.as_deref(), Some("l-1"));
+                assert_eq!(health.workspace_bytes, 0);
+                assert_eq!(health.leftover_processes, 0);
+                break;
+            }
+            AgentMessage::Heartbeat { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(!ws_dir.path().join("junk").exists());
+
+    // Drain: the agent closes and exits 0.
+    ws.send(Message::Text(r#"{"type":"drain","reason":"test"}"#.into()))
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
