@@ -170,9 +170,10 @@ pub struct RunArgs {
     #[arg(long, env = "WARMPOOL_TIMEOUT", value_parser = dur)]
     pub timeout: Option<Dur>,
     /// Working directory on the agent, relative to its workspace.
-    #[arg(long)]
+    #[arg(long, env = "WARMPOOL_CWD")]
     pub cwd: Option<String>,
-    /// Extra environment for the command, KEY=VALUE (repeatable).
+    /// Extra environment for the command, KEY=VALUE (repeatable; no env twin: a value may
+    /// contain any character, so no delimiter is safe).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
     pub env: Vec<(String, String)>,
     /// The command and its arguments.
@@ -203,7 +204,13 @@ pub struct StatusArgs {
     #[command(flatten)]
     pub server: ServerArgs,
     /// Output format.
-    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    #[arg(
+        long,
+        short = 'o',
+        env = "WARMPOOL_OUTPUT",
+        value_enum,
+        default_value = "table"
+    )]
     pub output: OutputFormat,
 }
 

@@ -54,6 +54,16 @@ pub enum Expr {
 
 impl Expr {
     /// Parses an expression in Jenkins label syntax.
+    ///
+    /// ```
+    /// use std::collections::BTreeSet;
+    /// use warmpool::labels::Expr;
+    ///
+    /// let agent: BTreeSet<String> = ["linux", "go"].iter().map(|s| s.to_string()).collect();
+    /// assert!(Expr::parse("linux && (go || rust)").unwrap().matches(&agent));
+    /// assert!(!Expr::parse("linux && !go").unwrap().matches(&agent));
+    /// assert!(Expr::parse("linux &&").is_err());
+    /// ```
     pub fn parse(input: &str) -> Result<Expr> {
         if input.len() > MAX_EXPR_BYTES {
             return Err(Error::Syntax {

@@ -51,6 +51,12 @@ pub struct Dur(pub Duration);
 
 impl Dur {
     /// Parses the human form (`30s`, `10m`, `250ms`).
+    ///
+    /// ```
+    /// use warmpool::spec::Dur;
+    /// assert_eq!(Dur::parse("10m").unwrap(), Dur::secs(600));
+    /// assert!(Dur::parse("soon").is_err());
+    /// ```
     pub fn parse(s: &str) -> std::result::Result<Dur, String> {
         let t = s.trim();
         if let Ok(secs) = t.parse::<u64>() {
@@ -286,6 +292,13 @@ pub fn load_file(path: &Path) -> Result<Vec<PoolDef>> {
 }
 
 /// Parses pools YAML; `source_name` is used in messages.
+///
+/// ```
+/// let pools = warmpool::spec::parse_pools("pools:\n  - name: go\n    labels: [linux, go]\n", "example").unwrap();
+/// assert_eq!(pools[0].spec.labels, ["linux", "go"]);
+/// let err = warmpool::spec::parse_pools("pools:\n  - name: go\n    minIdle: lots\n", "example").unwrap_err();
+/// assert!(err.to_string().contains("pools[0].minIdle"));
+/// ```
 pub fn parse_pools(text: &str, source_name: &str) -> Result<Vec<PoolDef>> {
     let doc: Value = serde_yaml::from_str(text).map_err(|e| Error::Yaml {
         path: source_name.to_string(),

@@ -10,6 +10,7 @@ use tokio_tungstenite::tungstenite::Message;
 use warmpool::api::CreateLease;
 use warmpool::client::Client;
 use warmpool::engine::{AgentState, PoolStatus};
+use warmpool::protocol::{ExecSpec, ExitStatus, Stream};
 use warmpool::server::{Running, ServeConfig, start};
 use warmpool::spec::parse_pools;
 
@@ -209,4 +210,76 @@ pub fn metric(text: &str, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// One pool `linux` ([linux, go]), minIdle 2, maxTotal 4, unlimited uses.
+pub const ONE_POOL: &str = "
+pools:
+  - name: linux
+    labels: [linux, go]
+    minIdle: 2
+    maxTotal: 4
+    maxUses: 0
+";
+
+/// What an exec produced.
+pub struct Out {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+}
+
+/// Runs `spec` on a lease and collects its output.
+pub async fn exec(h: &Harness, lease: &str, spec: ExecSpec) -> Out {
+    exec_cancel(h, lease, spec, std::future::pending()).await
+}
+
+/// Like [`exec`], sending a cancel when `cancel` resolves.
+pub async fn exec_cancel(
+    h: &Harness,
+    lease: &str,
+    spec: ExecSpec,
+    cancel: impl std::future::Future<Output = ()>,
+) -> Out {
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    let status = h
+        .client
+        .exec(
+            lease,
+            spec,
+            |s, d| match s {
+                Stream::Stdout => stdout.extend_from_slice(d),
+                Stream::Stderr => stderr.extend_from_slice(d),
+            },
+            cancel,
+        )
+        .await
+        .expect("exec completes");
+    Out {
+        stdout,
+        stderr,
+        status,
+    }
+}
+
+/// A `sh -c` exec.
+pub fn script(s: &str) -> ExecSpec {
+    ExecSpec {
+        script: Some(s.into()),
+        ..Default::default()
+    }
+}
+
+/// Leases, runs `true` and releases `n` times; returns the agents that served.
+pub async fn agents_serving(h: &Harness, n: usize) -> Vec<String> {
+    let mut agents = Vec::new();
+    for _ in 0..n {
+        let l = h.lease("linux", 10.0, 60.0).await;
+        let out = exec(h, &l.id, script("true")).await;
+        assert_eq!(out.status.code, Some(0));
+        agents.push(l.agent.clone());
+        h.client.release(&l.id).await.unwrap();
+    }
+    agents
 }

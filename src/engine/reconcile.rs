@@ -1,0 +1,301 @@
+//! Time and sizing for the engine: deadlines (`tick`), the level-triggered pass (`reconcile`),
+//! FIFO assignment of waiters to idle agents, and per-pool sizing (scale up under the pacer and
+//! `maxConcurrent`, rotate stale agents replacement-first, scale idle agents down after `idleTtl`).
+//!
+//! Pure like the rest of the engine: no I/O, time passed in.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::*;
+
+impl Engine {
+    /// Applies every deadline due at `now`, then reconciles.
+    pub fn tick(&mut self, now: Instant) {
+        // Waiters whose wait ran out.
+        let mut expired = Vec::new();
+        self.waiters.retain(|w| {
+            if w.deadline <= now {
+                expired.push((
+                    w.id,
+                    w.req.selector_text.clone(),
+                    now.duration_since(w.enqueued),
+                ));
+                false
+            } else {
+                true
+            }
+        });
+        for (request, selector, waited) in expired {
+            self.actions.push(Action::WaitFailed {
+                request,
+                error: LeaseError::WaitExpired {
+                    selector,
+                    waited_ms: waited.as_millis() as u64,
+                },
+            });
+        }
+        // Leases not renewed.
+        let mut due: Vec<(Instant, LeaseId, AgentId)> = self
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active && l.expires <= now)
+            .map(|l| (l.expires, l.id.clone(), l.agent.clone()))
+            .collect();
+        due.sort();
+        for (_, _, agent) in due {
+            self.terminate(&agent, Reason::LeaseExpired, now);
+        }
+        // Agent deadlines.
+        let mut doomed: Vec<(AgentId, Reason)> = Vec::new();
+        for a in self.agents.values() {
+            let spec = &self.pools[&a.pool].spec;
+            match a.state {
+                AgentState::Provisioning
+                    if now.duration_since(a.since) >= spec.connect_timeout.0 =>
+                {
+                    doomed.push((a.id.clone(), Reason::ProvisionTimeout));
+                }
+                AgentState::Connecting if now.duration_since(a.since) >= spec.connect_timeout.0 => {
+                    doomed.push((a.id.clone(), Reason::ConnectTimeout));
+                }
+                AgentState::Idle | AgentState::Leased | AgentState::Cleaning
+                    if now.duration_since(a.last_seen) >= self.cfg.heartbeat_timeout =>
+                {
+                    doomed.push((a.id.clone(), Reason::HeartbeatLost));
+                }
+                AgentState::Cleaning if now.duration_since(a.since) >= self.cfg.cleanup_timeout => {
+                    doomed.push((a.id.clone(), Reason::CleanupTimeout));
+                }
+                _ => {}
+            }
+        }
+        doomed.sort_by(|a, b| a.0.cmp(&b.0));
+        for (id, r) in doomed {
+            self.terminate(&id, r, now);
+        }
+        self.reconcile(now);
+    }
+
+    /// Level-triggered pass: serve waiters FIFO, then size every pool from scratch.
+    pub fn reconcile(&mut self, now: Instant) {
+        self.assign_waiters(now);
+        let demand = if self.waiters.is_empty() {
+            HashMap::new()
+        } else {
+            self.demand()
+        };
+        let names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in names {
+            let d = demand.get(&name).copied().unwrap_or(0);
+            self.size_pool(&name, d, now);
+        }
+    }
+
+    fn is_stale(&self, a: &Agent, now: Instant) -> bool {
+        now.duration_since(a.created) >= self.pools[&a.pool].spec.max_age.0
+    }
+
+    /// Serves waiters in arrival order; each takes the best idle agent it matches.
+    fn assign_waiters(&mut self, now: Instant) {
+        if self.waiters.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.waiters.len() {
+            let w = &self.waiters[i];
+            // Best agent: a fresh one before a stale one, then the most recently idle (keeps
+            // the rest idle long enough for idleTtl to scale them down), then by id for
+            // determinism.
+            let best = self
+                .agents
+                .values()
+                .filter(|a| a.state == AgentState::Idle)
+                .filter(|a| {
+                    let p = &self.pools[&a.pool];
+                    !p.removed && w.req.selector.matches(&p.labels)
+                })
+                .max_by(|a, b| {
+                    (!self.is_stale(a, now), a.since, &b.id).cmp(&(
+                        !self.is_stale(b, now),
+                        b.since,
+                        &a.id,
+                    ))
+                })
+                .map(|a| a.id.clone());
+            match best {
+                Some(agent) => {
+                    let w = self.waiters.remove(i).expect("index valid");
+                    let lease = self.grant(w, &agent, now);
+                    self.actions.push(Action::Granted {
+                        request: lease.0,
+                        lease: lease.1,
+                    });
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    fn grant(&mut self, w: Waiter, agent: &str, now: Instant) -> (RequestId, Lease) {
+        let n = self.next_seq();
+        let id = format!("lease-{}-{n}", self.instance);
+        let a = self.agents.get_mut(agent).expect("agent exists");
+        a.uses += 1;
+        a.lease = Some(id.clone());
+        let pool = a.pool.clone();
+        let lease = Lease {
+            id: id.clone(),
+            agent: agent.to_string(),
+            pool: pool.clone(),
+            labels: self.pools[&pool].spec.labels.clone(),
+            holder: w.req.holder,
+            selector: w.req.selector_text,
+            granted: now,
+            expires: now + w.req.ttl,
+            ttl: w.req.ttl,
+            state: LeaseState::Active,
+            end_reason: None,
+            idempotency_key: w.req.idempotency_key,
+        };
+        if let Some(k) = &lease.idempotency_key {
+            self.keys.insert(k.clone(), id.clone());
+        }
+        self.leases.insert(id.clone(), lease.clone());
+        self.set_state(agent, AgentState::Leased, now);
+        self.actions.push(Action::Observe(Observation::LeaseWait {
+            pool,
+            seconds: now.duration_since(w.enqueued).as_secs_f64(),
+        }));
+        (w.id, lease)
+    }
+
+    /// Waiting requests attributed to each pool: each waiter counts for the first pool (by
+    /// name) that matches it and still has room below maxTotal.
+    fn demand(&self) -> HashMap<String, u32> {
+        let mut out: HashMap<String, u32> = HashMap::new();
+        let mut room: HashMap<&str, i64> = self
+            .pools
+            .iter()
+            .map(|(n, p)| {
+                let total = self.agents.values().filter(|a| &a.pool == n).count() as i64;
+                (n.as_str(), p.spec.max_total as i64 - total)
+            })
+            .collect();
+        for w in &self.waiters {
+            let pick = self
+                .pools
+                .iter()
+                .filter(|(_, p)| !p.removed && w.req.selector.matches(&p.labels))
+                .find(|(n, _)| room.get(n.as_str()).copied().unwrap_or(0) > 0)
+                .or_else(|| {
+                    self.pools
+                        .iter()
+                        .find(|(_, p)| !p.removed && w.req.selector.matches(&p.labels))
+                });
+            if let Some((n, _)) = pick {
+                *room.entry(n.as_str()).or_default() -= 1;
+                *out.entry(n.clone()).or_default() += 1;
+            }
+        }
+        out
+    }
+
+    fn size_pool(&mut self, name: &str, demand: u32, now: Instant) {
+        let pool = &self.pools[name];
+        let spec = pool.spec.clone();
+        if pool.removed {
+            return;
+        }
+        let mut total = 0u32;
+        let mut in_flight = 0u32;
+        let mut fresh_idle: Vec<(Instant, AgentId)> = Vec::new();
+        let mut stale_idle: Vec<(Instant, AgentId)> = Vec::new();
+        for a in self.agents.values().filter(|a| a.pool == name) {
+            total += 1;
+            match a.state {
+                AgentState::Provisioning | AgentState::Connecting => in_flight += 1,
+                AgentState::Idle if self.is_stale(a, now) => {
+                    stale_idle.push((a.since, a.id.clone()))
+                }
+                AgentState::Idle => fresh_idle.push((a.since, a.id.clone())),
+                _ => {}
+            }
+        }
+        let want = spec.min_idle + demand;
+
+        // Scale up: fresh idle + in-flight must cover minIdle + demand.
+        let supply = fresh_idle.len() as u32 + in_flight;
+        let mut need = want.saturating_sub(supply);
+        if self.shutting_down {
+            need = 0;
+        }
+        need = need
+            .min(spec.max_total.saturating_sub(total))
+            .min(spec.provisioning.max_concurrent.saturating_sub(in_flight));
+        let mut throttled = false;
+        for _ in 0..need {
+            if !self.pacer.try_acquire(name) {
+                throttled = true;
+                self.actions.push(Action::Observe(Observation::Throttled {
+                    pool: name.to_string(),
+                }));
+                break;
+            }
+            let n = self.next_seq();
+            let id = format!("{name}-{}-{n}", self.instance);
+            self.agents.insert(
+                id.clone(),
+                Agent {
+                    id: id.clone(),
+                    pool: name.to_string(),
+                    state: AgentState::Provisioning,
+                    created: now,
+                    since: now,
+                    last_seen: now,
+                    uses: 0,
+                    lease: None,
+                    health: Health::default(),
+                    unhealthy: None,
+                    terminate_reason: None,
+                },
+            );
+            total += 1;
+            in_flight += 1;
+            self.actions.push(Action::Provision {
+                pool: name.to_string(),
+                agent: id,
+            });
+        }
+        let p = self.pools.get_mut(name).expect("pool exists");
+        if throttled {
+            p.throttled_total += 1;
+        }
+        p.throttled = throttled;
+
+        // Rotate stale idle agents once their replacements are warm, or at once when no
+        // replacement is on its way and none can be made (pool at maxTotal).
+        stale_idle.sort();
+        let fresh = fresh_idle.len() as u32;
+        for (_, id) in stale_idle {
+            let replacement_coming = fresh + in_flight >= want;
+            if fresh >= want || (!replacement_coming && total >= spec.max_total) {
+                self.terminate(&id, Reason::MaxAge, now);
+                total -= 1;
+            }
+        }
+
+        // Scale down: idle agents above minIdle + demand that sat idle past idleTtl, oldest first.
+        fresh_idle.sort();
+        let mut idle = fresh_idle.len() as u32;
+        for (since, id) in fresh_idle {
+            if idle <= want {
+                break;
+            }
+            if now.duration_since(since) >= spec.idle_ttl.0 {
+                self.terminate(&id, Reason::IdleTtl, now);
+                idle -= 1;
+            }
+        }
+    }
+}

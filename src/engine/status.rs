@@ -1,0 +1,148 @@
+//! Read-only views of the engine (pool status, per-state counts, invariants) and shutdown.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::*;
+
+impl Engine {
+    /// Stops leasing: waiting requests fail, no more provisioning. Running leases go on.
+    pub fn begin_shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        for w in std::mem::take(&mut self.waiters) {
+            self.actions.push(Action::WaitFailed {
+                request: w.id,
+                error: LeaseError::ShuttingDown,
+            });
+        }
+        self.reconcile(now);
+    }
+
+    /// True once shutdown began.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Active leases.
+    pub fn active_leases(&self) -> usize {
+        self.leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active)
+            .count()
+    }
+
+    /// Terminates every agent (end of shutdown).
+    pub fn terminate_all(&mut self, now: Instant) {
+        let mut ids: Vec<AgentId> = self.agents.keys().cloned().collect();
+        ids.sort();
+        for id in ids {
+            self.terminate(&id, Reason::Shutdown, now);
+        }
+    }
+
+    pub(super) fn describe_pools(&self) -> String {
+        if self.pools.is_empty() {
+            return "none configured".into();
+        }
+        self.pools
+            .iter()
+            .filter(|(_, p)| !p.removed)
+            .map(|(n, p)| format!("{n}: [{}]", p.spec.labels.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Status of every pool.
+    pub fn pool_status(&self) -> Vec<PoolStatus> {
+        self.pools
+            .iter()
+            .map(|(name, p)| {
+                let mut s = PoolStatus {
+                    name: name.clone(),
+                    labels: p.spec.labels.clone(),
+                    idle: 0,
+                    leased: 0,
+                    cleaning: 0,
+                    connecting: 0,
+                    provisioning: 0,
+                    terminating: 0,
+                    total: 0,
+                    min_idle: p.spec.min_idle,
+                    max_total: p.spec.max_total,
+                    waiting: self
+                        .waiters
+                        .iter()
+                        .filter(|w| w.req.selector.matches(&p.labels))
+                        .count() as u32,
+                    throttled: p.throttled,
+                    throttled_total: p.throttled_total,
+                    leaks_total: p.leaks_total,
+                    provision_failures_total: p.provision_failures_total,
+                    last_error: p.last_error.clone(),
+                    spec: p.spec.clone(),
+                };
+                for a in self.agents.values().filter(|a| &a.pool == name) {
+                    s.total += 1;
+                    match a.state {
+                        AgentState::Provisioning => s.provisioning += 1,
+                        AgentState::Connecting => s.connecting += 1,
+                        AgentState::Idle => s.idle += 1,
+                        AgentState::Leased => s.leased += 1,
+                        AgentState::Cleaning => s.cleaning += 1,
+                        AgentState::Terminating => s.terminating += 1,
+                    }
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Number of waiting requests.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    /// Checks internal invariants; used by tests (cheap enough for debug builds).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for l in self
+            .leases
+            .values()
+            .filter(|l| l.state == LeaseState::Active)
+        {
+            if !seen.insert(&l.agent) {
+                return Err(format!("agent {} is in two active leases", l.agent));
+            }
+            let a = self
+                .agents
+                .get(&l.agent)
+                .ok_or_else(|| format!("lease {} names missing agent {}", l.id, l.agent))?;
+            if a.state != AgentState::Leased || a.lease.as_deref() != Some(&l.id) {
+                return Err(format!(
+                    "lease {} active but agent {} is {:?}",
+                    l.id, a.id, a.state
+                ));
+            }
+        }
+        for a in self.agents.values() {
+            if a.state == AgentState::Leased && a.lease.is_none() {
+                return Err(format!("agent {} leased without a lease", a.id));
+            }
+        }
+        Ok(())
+    }
+
+    /// Agents of a pool by state (for metrics).
+    pub fn counts(&self) -> BTreeMap<(String, AgentState), u32> {
+        let mut out = BTreeMap::new();
+        for name in self.pools.keys() {
+            for s in AgentState::ALL {
+                out.insert((name.clone(), s), 0);
+            }
+        }
+        for a in self.agents.values() {
+            *out.entry((a.pool.clone(), a.state)).or_default() += 1;
+        }
+        out
+    }
+}
