@@ -11,6 +11,19 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+/// Puts a command in its own process group (so its whole tree can be signalled at once) and
+/// has it killed when the thread that spawned it dies (`PR_SET_PDEATHSIG`).
+pub fn isolate(cmd: &mut tokio::process::Command) {
+    cmd.process_group(0).kill_on_drop(true);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
 /// Makes this process the reaper of its orphaned descendants.
 pub fn become_subreaper() {
     // SAFETY: prctl with plain integer arguments.

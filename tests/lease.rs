@@ -128,46 +128,17 @@ async fn unsatisfiable_selector_fails_at_once_and_wait_times_out() {
     )
     .await;
     let t = Instant::now();
-    match h
-        .client
-        .lease(&CreateLease {
-            selector: "windows && msvc".into(),
-            wait_seconds: Some(30.0),
-            ..Default::default()
-        })
-        .await
-    {
-        Err(ClientError::Api {
-            status: 422,
-            code,
-            message,
-            ..
-        }) => {
-            assert_eq!(code, "unsatisfiable");
-            assert!(
-                message.contains("windows && msvc") && message.contains("one: [linux]"),
-                "{message}"
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    let (status, code, message) = lease_error(&h, "windows && msvc", 30.0).await;
+    assert_eq!((status, code.as_str()), (422, "unsatisfiable"));
+    assert!(
+        message.contains("windows && msvc") && message.contains("one: [linux]"),
+        "{message}"
+    );
     assert!(t.elapsed() < Duration::from_secs(1));
     let held = h.lease("linux", 10.0, 60.0).await;
     let t = Instant::now();
-    match h
-        .client
-        .lease(&CreateLease {
-            selector: "linux".into(),
-            wait_seconds: Some(0.3),
-            ..Default::default()
-        })
-        .await
-    {
-        Err(ClientError::Api {
-            status: 408, code, ..
-        }) => assert_eq!(code, "wait_expired"),
-        other => panic!("{other:?}"),
-    }
+    let (status, code, _) = lease_error(&h, "linux", 0.3).await;
+    assert_eq!((status, code.as_str()), (408, "wait_expired"));
     assert!(t.elapsed() >= Duration::from_millis(300));
     // The held lease is untouched.
     assert_eq!(h.client.get_lease(&held.id).await.unwrap().state, "active");
@@ -182,52 +153,33 @@ async fn waiters_are_served_in_order_and_queue_limit_answers_429() {
     cfg.service.engine.max_waiters = 2;
     let h = start_with(cfg).await;
     let held = h.lease("linux", 10.0, 60.0).await;
-    let c1 = h.client.clone();
-    let first = tokio::spawn(async move {
-        let r = c1
-            .lease(&CreateLease {
-                selector: "linux".into(),
-                wait_seconds: Some(20.0),
-                holder: Some("first".into()),
-                ..Default::default()
-            })
-            .await;
-        (Instant::now(), r)
-    });
+    // A lease request that waits in the background; yields when it was answered.
+    let waiter = |holder: &'static str| {
+        let c = h.client.clone();
+        tokio::spawn(async move {
+            let r = c
+                .lease(&CreateLease {
+                    selector: "linux".into(),
+                    wait_seconds: Some(20.0),
+                    holder: Some(holder.into()),
+                    ..Default::default()
+                })
+                .await;
+            (Instant::now(), r)
+        })
+    };
+    let first = waiter("first");
     wait_until("first waiting", Duration::from_secs(5), || {
         h.server.svc.read(|e| e.waiting()) == 1
     })
     .await;
-    let c2 = h.client.clone();
-    let second = tokio::spawn(async move {
-        let r = c2
-            .lease(&CreateLease {
-                selector: "linux".into(),
-                wait_seconds: Some(20.0),
-                holder: Some("second".into()),
-                ..Default::default()
-            })
-            .await;
-        (Instant::now(), r)
-    });
+    let second = waiter("second");
     wait_until("second waiting", Duration::from_secs(5), || {
         h.server.svc.read(|e| e.waiting()) == 2
     })
     .await;
-    match h
-        .client
-        .lease(&CreateLease {
-            selector: "linux".into(),
-            wait_seconds: Some(5.0),
-            ..Default::default()
-        })
-        .await
-    {
-        Err(ClientError::Api {
-            status: 429, code, ..
-        }) => assert_eq!(code, "queue_full"),
-        other => panic!("{other:?}"),
-    }
+    let (status, code, _) = lease_error(&h, "linux", 5.0).await;
+    assert_eq!((status, code.as_str()), (429, "queue_full"));
     h.client.release(&held.id).await.unwrap();
     let (t1, r1) = first.await.unwrap();
     let l1 = r1.unwrap();

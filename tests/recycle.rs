@@ -6,7 +6,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::*;
-use warmpool::api::CreateLease;
 use warmpool::client::Error as ClientError;
 
 #[tokio::test]
@@ -300,18 +299,8 @@ async fn unstartable_agent_command_does_not_wedge_the_pool() {
     assert!(p.total <= 1, "failed agents must not pile up: {p:?}");
     assert!(p.last_error.unwrap().contains("/no/such/agent-binary"));
     // Requests wait (the pool could serve them) and time out cleanly.
-    match h
-        .client
-        .lease(&CreateLease {
-            selector: "linux".into(),
-            wait_seconds: Some(0.3),
-            ..Default::default()
-        })
-        .await
-    {
-        Err(ClientError::Api { status: 408, .. }) => {}
-        other => panic!("{other:?}"),
-    }
+    let (status, _, _) = lease_error(&h, "linux", 0.3).await;
+    assert_eq!(status, 408);
     h.server.shutdown().await;
 }
 

@@ -160,16 +160,8 @@ fn spawn_agent(
         .env("WARMPOOL_LABELS", req.spec.labels.join(","))
         .env("WARMPOOL_WORKSPACE", &workspace)
         .current_dir(&dir)
-        .stdin(Stdio::null())
-        .process_group(0)
-        .kill_on_drop(true);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
+        .stdin(Stdio::null());
+    crate::procs::isolate(&mut cmd);
     let mut spawned = SPAWNED.lock().expect("lock");
     let mut child = match cmd.spawn() {
         Ok(c) => c,

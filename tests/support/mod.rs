@@ -283,3 +283,24 @@ pub async fn agents_serving(h: &Harness, n: usize) -> Vec<String> {
     }
     agents
 }
+
+/// Requests a lease that must fail; returns (HTTP status, code, message).
+pub async fn lease_error(h: &Harness, selector: &str, wait: f64) -> (u16, String, String) {
+    let r = h
+        .client
+        .lease(&CreateLease {
+            selector: selector.into(),
+            wait_seconds: Some(wait),
+            ..Default::default()
+        })
+        .await;
+    match r {
+        Err(warmpool::client::Error::Api {
+            status,
+            code,
+            message,
+            ..
+        }) => (status, code, message),
+        other => panic!("expected an API error for {selector:?}, got {other:?}"),
+    }
+}
