@@ -72,6 +72,20 @@ impl Client {
         }
     }
 
+    /// A transport error with its whole cause chain ("... : connection refused").
+    fn io(&self, e: impl std::error::Error) -> Error {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            source = s.source();
+        }
+        self.transport(message)
+    }
+
     fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(m, format!("{}{path}", self.base));
         match &self.token {
@@ -82,7 +96,7 @@ impl Client {
 
     async fn decode<T: serde::de::DeserializeOwned>(&self, resp: reqwest::Response) -> Result<T> {
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| self.transport(e))?;
+        let bytes = resp.bytes().await.map_err(|e| self.io(e))?;
         if status.is_success() {
             return serde_json::from_slice(&bytes)
                 .map_err(|e| self.transport(format!("unexpected response: {e}")));
@@ -110,7 +124,7 @@ impl Client {
             .json(body)
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.io(e))?;
         self.decode(resp).await
     }
 
@@ -120,7 +134,7 @@ impl Client {
             .req(reqwest::Method::POST, &format!("/v1/leases/{id}/renew"))
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.io(e))?;
         self.decode(resp).await
     }
 
@@ -130,7 +144,7 @@ impl Client {
             .req(reqwest::Method::DELETE, &format!("/v1/leases/{id}"))
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.io(e))?;
         self.decode(resp).await
     }
 
@@ -140,7 +154,7 @@ impl Client {
             .req(reqwest::Method::GET, &format!("/v1/leases/{id}"))
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.io(e))?;
         self.decode(resp).await
     }
 
@@ -150,7 +164,7 @@ impl Client {
             .req(reqwest::Method::GET, "/v1/pools")
             .send()
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.io(e))?;
         self.decode(resp).await
     }
 
@@ -195,12 +209,12 @@ impl Client {
                     Err(_) => self.transport(format!("exec socket refused with HTTP {status}")),
                 });
             }
-            Err(e) => return Err(self.transport(e)),
+            Err(e) => return Err(self.io(e)),
         };
         let text = serde_json::to_string(&ClientMessage::Exec(spec)).expect("serialisable");
         ws.send(Message::Text(text.into()))
             .await
-            .map_err(|e| self.transport(e))?;
+            .map_err(|e| self.io(e))?;
         tokio::pin!(cancel);
         let mut cancelled = false;
         loop {

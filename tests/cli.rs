@@ -69,7 +69,12 @@ async fn run_prints_output_and_exits_with_the_job_code() {
 fn run_against_no_server_exits_255_with_a_message() {
     let out = warmpool(&["run", "--", "true"], "http://127.0.0.1:9");
     assert_eq!(out.status.code(), Some(255));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("http://127.0.0.1:9"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http://127.0.0.1:9"), "{err}");
+    assert!(
+        err.to_lowercase().contains("connection refused"),
+        "the cause is named: {err}"
+    );
 }
 
 #[tokio::test]
