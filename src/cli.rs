@@ -31,6 +31,8 @@ pub enum Command {
     Run(RunArgs),
     /// Show the pools.
     Status(StatusArgs),
+    /// Print the AgentPool CustomResourceDefinition as YAML.
+    Crd,
 }
 
 /// Log format.

@@ -5,6 +5,7 @@
 //! and recycled after use, idle TTL, max age or bad health.
 //!
 //! # Layout
+//! - [`k8s`]: the `AgentPool` custom resource (Kubernetes backend, in progress).
 //! - [`labels`]: Jenkins label-expression parser and matcher (pure).
 //! - [`spec`]: the pool spec, its defaults, duration syntax and validation (pure).
 //! - [`engine`]: the pool engine, a synchronous state machine with time passed in (pure).
@@ -31,6 +32,7 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod hub;
+pub mod k8s;
 pub mod labels;
 pub mod metrics;
 pub mod pacer;

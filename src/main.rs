@@ -138,6 +138,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let code = client::run_job(&c, opts).await?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
+        Command::Crd => {
+            print!("{}", warmpool::k8s::crd::crd_yaml());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Status(a) => {
             let c = client_for(&a.server)?;
             let pools = c.pools().await?;

@@ -9,6 +9,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_yaml::{Mapping, Value};
@@ -79,6 +80,20 @@ impl fmt::Display for Dur {
     }
 }
 
+impl JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        // A string like "30s" or "10m", or a whole number of seconds (structural: int-or-string).
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "description": "A duration: 30s, 10m, 1h30m, 250ms, or a whole number of seconds."
+        })
+    }
+}
+
 impl Serialize for Dur {
     fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
         s.serialize_str(&self.to_string())
@@ -101,14 +116,17 @@ impl<'de> Deserialize<'de> for Dur {
 }
 
 /// Provisioning pace for one pool.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct Provisioning {
     /// Sustained agent starts per second.
+    #[schemars(range(min = 0.001))]
     pub per_second: f64,
     /// Starts allowed in a burst above the sustained rate.
+    #[schemars(range(min = 1))]
     pub burst: u32,
     /// Agents provisioning or connecting at once (in-flight provisions).
+    #[schemars(range(min = 1))]
     pub max_concurrent: u32,
 }
 
@@ -123,7 +141,7 @@ impl Default for Provisioning {
 }
 
 /// Health limits an agent reports against in its heartbeats and after cleanup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct HealthLimits {
     /// Bytes left in the workspace above which the agent is recycled.
@@ -142,7 +160,7 @@ impl Default for HealthLimits {
 }
 
 /// The specification of one pool of warm agents.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields, default)]
 pub struct PoolSpec {
     /// Labels every agent of the pool carries; lease selectors match against them.
@@ -150,6 +168,7 @@ pub struct PoolSpec {
     /// Idle agents kept ready at all times.
     pub min_idle: u32,
     /// Hard cap on agents of the pool in any state.
+    #[schemars(range(min = 1))]
     pub max_total: u32,
     /// Leases an agent serves before it is replaced (1 = a fresh agent per lease, 0 = no limit).
     pub max_uses: u32,
@@ -165,7 +184,9 @@ pub struct PoolSpec {
     pub health: HealthLimits,
     /// Process backend only: the command that starts one agent instead of `warmpool agent`.
     /// It gets `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` and `WARMPOOL_WORKSPACE`.
+    /// Not part of the `AgentPool` schema: pods get their command from the pod template.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
     pub agent_command: Option<Vec<String>>,
 }
 

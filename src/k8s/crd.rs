@@ -1,0 +1,200 @@
+//! The `AgentPool` custom resource (`warmpool.dev/v1alpha1`), derived with `kube::CustomResource`
+//! and schemars from the same [`PoolSpec`] the process backend reads from its pools file.
+//!
+//! Owns the resource's shape: spec (the pool spec plus a pod `template` and the name of the
+//! `agentContainer`), status (counts by state, `observedGeneration`, conditions, `leaksTotal`),
+//! printer columns and the scale subresource on `minIdle`. Validation that a 1.20 apiserver
+//! can express without CEL lives in the schema (minimums); cross-field rules (`maxTotal >=
+//! minIdle`) are checked by [`AgentPoolSpec::problems`] and reported as a condition.
+
+use k8s_openapi::api::core::v1::PodTemplateSpec;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::spec::PoolSpec;
+
+/// Spec of an `AgentPool`: a pool spec plus the pod template its agents run from.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "warmpool.dev",
+    version = "v1alpha1",
+    kind = "AgentPool",
+    plural = "agentpools",
+    shortname = "ap",
+    namespaced,
+    status = "AgentPoolStatus",
+    scale = r#"{"specReplicasPath":".spec.minIdle","statusReplicasPath":".status.idle"}"#,
+    printcolumn = r#"{"name":"Labels","type":"string","jsonPath":".spec.labels"}"#,
+    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minIdle"}"#,
+    printcolumn = r#"{"name":"Idle","type":"integer","jsonPath":".status.idle"}"#,
+    printcolumn = r#"{"name":"Leased","type":"integer","jsonPath":".status.leased"}"#,
+    printcolumn = r#"{"name":"Provisioning","type":"integer","jsonPath":".status.provisioning"}"#,
+    printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxTotal"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPoolSpec {
+    /// The pool: labels, sizing, recycling, provisioning pace, health limits.
+    #[serde(flatten)]
+    pub pool: PoolSpec,
+    /// The pod every agent of this pool runs as.
+    #[schemars(schema_with = "pod_template_schema")]
+    pub template: PodTemplateSpec,
+    /// The container that runs `warmpool agent` (default: the first container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_container: Option<String>,
+}
+
+/// A pod template is validated by the apiserver when pods are created from it; the CRD keeps
+/// it as an open object so the CRD stays small and version-independent.
+fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "description": "A core/v1 PodTemplateSpec: metadata and spec of the agent pods."
+    })
+}
+
+/// Observed state of an `AgentPool`, written through the status subresource.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentPoolStatus {
+    /// Pods requested, not yet running.
+    #[serde(default)]
+    pub provisioning: u32,
+    /// Pods running whose agent has not registered yet.
+    #[serde(default)]
+    pub connecting: u32,
+    /// Agents connected and free.
+    #[serde(default)]
+    pub idle: u32,
+    /// Agents bound to a lease (or cleaning after one).
+    #[serde(default)]
+    pub leased: u32,
+    /// Pods being deleted.
+    #[serde(default)]
+    pub terminating: u32,
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Throttled`, `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Agents that never registered within `connectTimeout`.
+    #[serde(default)]
+    pub leaks_total: u64,
+}
+
+/// A status condition, shaped like `metav1.Condition`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Throttled` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// CamelCase machine reason (required, as in `metav1.Condition`).
+    pub reason: String,
+    /// Human message (names the pods concerned; required, may be empty).
+    pub message: String,
+    /// RFC 3339 time of the last status change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// Generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl AgentPoolSpec {
+    /// Rules the schema cannot express on a 1.20 apiserver; one message per problem.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = self.pool.validate("spec.");
+        let containers = self
+            .template
+            .spec
+            .as_ref()
+            .map(|s| s.containers.as_slice())
+            .unwrap_or_default();
+        if containers.is_empty() {
+            p.push("spec.template.spec.containers: the pod template has no container".into());
+        }
+        if let Some(name) = &self.agent_container
+            && !containers.iter().any(|c| &c.name == name)
+        {
+            p.push(format!(
+                "spec.agentContainer: no container named {name:?} in the pod template"
+            ));
+        }
+        p
+    }
+}
+
+/// The CRD as YAML, exactly as `warmpool crd` prints it and `manifests/crd.yaml` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let crd = AgentPool::crd();
+    format!(
+        "# Generated by `warmpool crd`; do not edit (a test fails when they differ).\n{}",
+        serde_yaml::to_string(&crd).expect("CRD serialises")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checked_in_crd_matches_the_code() {
+        let want = crd_yaml();
+        let have = include_str!("../../manifests/crd.yaml");
+        assert!(
+            have == want,
+            "manifests/crd.yaml is stale: regenerate it with `cargo run -- crd > manifests/crd.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_subresources_columns_and_schema_minimums() {
+        let y = crd_yaml();
+        for want in [
+            "group: warmpool.dev",
+            "kind: AgentPool",
+            "scope: Namespaced",
+            "specReplicasPath: .spec.minIdle",
+            "statusReplicasPath: .status.idle",
+            "status: {}",
+            "jsonPath: .spec.labels",
+            "jsonPath: .metadata.creationTimestamp",
+            "x-kubernetes-preserve-unknown-fields: true",
+            "x-kubernetes-int-or-string: true",
+        ] {
+            assert!(y.contains(want), "CRD lacks {want:?}:\n{y}");
+        }
+    }
+
+    #[test]
+    fn spec_round_trips_and_reports_problems() {
+        let yaml = r#"
+labels: [linux, docker]
+minIdle: 5
+maxTotal: 2
+idleTtl: 5m
+agentContainer: agent
+template:
+  spec:
+    containers:
+      - name: main
+        image: warmpool:dev
+"#;
+        let spec: AgentPoolSpec = serde_yaml::from_str(yaml).unwrap();
+        assert_eq!(spec.pool.idle_ttl, crate::spec::Dur::secs(300));
+        let p = spec.problems().join("\n");
+        assert!(p.contains("spec.minIdle: 5 is above maxTotal 2"), "{p}");
+        assert!(p.contains("spec.agentContainer"), "{p}");
+        let back: AgentPoolSpec =
+            serde_yaml::from_str(&serde_yaml::to_string(&spec).unwrap()).unwrap();
+        assert_eq!(back, spec);
+    }
+}
