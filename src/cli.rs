@@ -66,6 +66,8 @@ pub struct LogArgs {
 pub enum BackendKind {
     /// Agents are local child processes.
     Process,
+    /// Agents are pods; pools are `AgentPool` resources.
+    Kubernetes,
 }
 
 fn dur(s: &str) -> Result<Dur, String> {
@@ -81,6 +83,10 @@ pub struct ServeArgs {
     /// Where agents come from.
     #[arg(long, env = "WARMPOOL_BACKEND", value_enum, default_value = "process")]
     pub backend: BackendKind,
+    /// Namespace of the `AgentPool`s and their pods (kubernetes backend; default: the
+    /// kubeconfig's or the pod's namespace).
+    #[arg(long, env = "WARMPOOL_NAMESPACE")]
+    pub namespace: Option<String>,
     /// Pools file (YAML `pools: [...]`). Without it, the built-in pool `default` is served.
     #[arg(long, env = "WARMPOOL_POOLS")]
     pub pools: Option<PathBuf>,

@@ -85,6 +85,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(p) = &a.agent_key_file {
                 cfg.agent_key = auth::AgentKey::from_file(p)?;
             }
+            if a.backend == warmpool::cli::BackendKind::Kubernetes {
+                let client = kube::Client::try_default()
+                    .await
+                    .context("cannot configure a Kubernetes client (in-cluster or KUBECONFIG)")?;
+                let namespace = a
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| client.default_namespace().to_string());
+                cfg.backend = server::BackendChoice::Kubernetes { client, namespace };
+            }
             cfg.work_dir = a.work_dir;
             cfg.hub_url = a.hub_url;
             cfg.service.heartbeat_interval = a.heartbeat_interval.0;

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{ApiState, router};
 use crate::auth::AgentKey;
+use crate::backend::Backend;
+use crate::backend::kubernetes::{KubeBackend, KubeConfig};
 use crate::backend::process::{ProcessBackend, ProcessConfig};
 use crate::metrics::Metrics;
 use crate::pacer::GovernorPacer;
@@ -46,10 +48,37 @@ pub enum Error {
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// Where agents come from.
+#[derive(Clone)]
+pub enum BackendChoice {
+    /// Local child processes; pools from [`ServeConfig::pools`].
+    Process,
+    /// Pods; pools from the `AgentPool`s in `namespace`.
+    Kubernetes {
+        /// The client (in-cluster config or a kubeconfig).
+        client: kube::Client,
+        /// Namespace of the `AgentPool`s and their pods.
+        namespace: String,
+    },
+}
+
+impl std::fmt::Debug for BackendChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendChoice::Process => f.write_str("Process"),
+            BackendChoice::Kubernetes { namespace, .. } => {
+                write!(f, "Kubernetes {{ namespace: {namespace:?} }}")
+            }
+        }
+    }
+}
+
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// Pools to serve.
+    /// Where agents come from.
+    pub backend: BackendChoice,
+    /// Pools to serve (process backend; the Kubernetes backend reads `AgentPool`s).
     pub pools: Vec<PoolDef>,
     /// API bearer token.
     pub api_token: Option<String>,
@@ -73,6 +102,7 @@ impl ServeConfig {
     /// Defaults with the built-in `default` pool.
     pub fn new(agent_exe: PathBuf) -> ServeConfig {
         ServeConfig {
+            backend: BackendChoice::Process,
             pools: vec![PoolDef {
                 name: "default".into(),
                 spec: PoolSpec::builtin_default(),
@@ -95,13 +125,20 @@ pub struct Running {
     pub addr: SocketAddr,
     /// The service (engine, hub, metrics).
     pub svc: Arc<Service>,
-    /// The process backend (for inspecting agent pids).
-    pub backend: Arc<ProcessBackend>,
+    /// The process backend, when it is the one in use (for inspecting agent pids).
+    pub process: Option<Arc<ProcessBackend>>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Running {
+    /// The process backend; panics with another backend.
+    pub fn process(&self) -> &ProcessBackend {
+        self.process
+            .as_deref()
+            .expect("the process backend is in use")
+    }
+
     /// `http://addr`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
@@ -140,16 +177,32 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         };
         format!("ws://{host}/v1/agents/connect")
     });
-    let backend = Arc::new(ProcessBackend::new(ProcessConfig {
-        agent_exe: cfg.agent_exe.clone(),
-        hub_url,
-        work_dir: work_dir.clone(),
-        grace: cfg.agent_grace,
-    }));
+    let (backend, process, kube): (Arc<dyn Backend>, _, _) = match &cfg.backend {
+        BackendChoice::Process => {
+            let p = Arc::new(ProcessBackend::new(ProcessConfig {
+                agent_exe: cfg.agent_exe.clone(),
+                hub_url,
+                work_dir: work_dir.clone(),
+                grace: cfg.agent_grace,
+            }));
+            (p.clone(), Some(p), None)
+        }
+        BackendChoice::Kubernetes { client, namespace } => {
+            let k = Arc::new(KubeBackend::new(
+                client.clone(),
+                KubeConfig {
+                    namespace: namespace.clone(),
+                    hub_url,
+                    status_interval: Duration::from_millis(500),
+                },
+            ));
+            (k.clone(), None, Some(k))
+        }
+    };
     let svc = Service::start(
         cfg.service.clone(),
         cfg.agent_key.clone(),
-        backend.clone(),
+        backend,
         Box::new(GovernorPacer::default()),
         Metrics::new(),
     );
@@ -170,16 +223,29 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             }
         })
     };
-    for p in &cfg.pools {
-        svc.upsert_pool(&p.name, p.spec.clone());
+    let watchers = CancellationToken::new();
+    match kube {
+        None => {
+            for p in &cfg.pools {
+                svc.upsert_pool(&p.name, p.spec.clone());
+            }
+        }
+        Some(k) => {
+            tokio::spawn(crate::backend::kubernetes::run(
+                svc.clone(),
+                k,
+                watchers.clone(),
+            ));
+        }
     }
-    tracing::info!(%addr, backend = svc.backend_name(), pools = cfg.pools.len(), "warmpool serving");
+    tracing::info!(%addr, backend = svc.backend_name(), "warmpool serving");
     let task = {
         let (svc, stop, grace) = (svc.clone(), stop.clone(), cfg.shutdown_grace);
         tokio::spawn(async move {
             stop.cancelled().await;
             tracing::info!("shutting down: no new leases; waiting for running leases");
             svc.shutdown(grace).await;
+            watchers.cancel();
             http_stop.cancel();
             if tokio::time::timeout(Duration::from_secs(5), http)
                 .await
@@ -196,7 +262,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     Ok(Running {
         addr,
         svc,
-        backend,
+        process,
         stop,
         task,
     })

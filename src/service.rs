@@ -184,6 +184,17 @@ impl Service {
         }
     }
 
+    /// Where backends and their watchers report agent events.
+    pub fn backend_sink(&self) -> EventSink {
+        self.backend_tx.clone()
+    }
+
+    /// Removes a pool (idle agents stop now, leased ones at release).
+    pub fn remove_pool(&self, name: &str) {
+        self.apply(|e, now| e.remove_pool(name, now));
+        self.specs.remove(name);
+    }
+
     /// The backend's name.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
@@ -368,7 +379,14 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.apply(|e, now| e.terminate_all(now));
+        if self.backend.keeps_agents_on_shutdown() {
+            tracing::info!(
+                backend = self.backend.name(),
+                "leaving agents running for the next instance"
+            );
+        } else {
+            self.apply(|e, now| e.terminate_all(now));
+        }
         self.backend.shutdown().await;
         self.hub
             .close_all(close::GOING_AWAY, "warmpool is shutting down");

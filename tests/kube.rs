@@ -6,44 +6,10 @@
 #[path = "support/kube.rs"]
 mod kube_api;
 
-use std::time::{Duration, Instant};
-
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::CustomResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube_api::KubeApi;
+use kube_api::{KubeApi, install_crd};
 use serde_json::json;
 use warmpool::k8s::crd::{AgentPool, AgentPoolStatus};
-
-async fn install_crd(client: &kube::Client) {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let from_file: CustomResourceDefinition =
-        serde_yaml::from_str(include_str!("../manifests/crd.yaml"))
-            .expect("manifests/crd.yaml parses");
-    assert_eq!(
-        from_file.spec,
-        AgentPool::crd().spec,
-        "the checked-in CRD is the generated one"
-    );
-    crds.create(&PostParams::default(), &from_file)
-        .await
-        .expect("apiserver accepts the CRD");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let crd = crds.get("agentpools.warmpool.dev").await.unwrap();
-        let established = crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True");
-        if established {
-            return;
-        }
-        assert!(Instant::now() < deadline, "CRD never became Established");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn pool_json(name: &str, extra: serde_json::Value) -> serde_json::Value {
     let mut spec = json!({

@@ -211,7 +211,7 @@ async fn unhealthy_agent_is_recycled_on_release_not_reused() {
 async fn shutdown_lets_leases_finish_then_leaves_no_process_behind() {
     let h = start_pools(ONE_POOL).await;
     h.wait_idle("linux", 2).await;
-    let pids = h.server.backend.pids();
+    let pids = h.server.process().pids();
     assert!(pids.len() >= 2);
     let l = h.lease("linux", 5.0, 60.0).await;
     let c = h.client.clone();
@@ -224,7 +224,7 @@ async fn shutdown_lets_leases_finish_then_leaves_no_process_behind() {
         !pids_matching("sleep 5555").is_empty()
     })
     .await;
-    let all = h.server.backend.pids();
+    let all = h.server.process().pids();
     h.server.shutdown().await;
     for p in all {
         assert!(!alive(p), "agent {p} survived shutdown");
@@ -263,7 +263,7 @@ async fn agent_killed_mid_job_fails_the_lease_and_leaves_no_orphan() {
         !pids_matching("sleep 8642").is_empty()
     })
     .await;
-    let pid = h.server.backend.pid_of(&l.agent).expect("agent pid");
+    let pid = h.server.process().pid_of(&l.agent).expect("agent pid");
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     match job.await.unwrap() {
         Err(ClientError::Api { code, message, .. }) => {

@@ -5,6 +5,7 @@
 //! unbounded channel (bounded in practice by a few events per agent). Backends know nothing of
 //! leases or sizing; that is the engine's job.
 
+pub mod kubernetes;
 pub mod process;
 
 use std::future::Future;
@@ -70,4 +71,9 @@ pub trait Backend: Send + Sync + 'static {
     fn terminate(&self, agent: &str, events: EventSink);
     /// Stops every agent and resolves once all are gone.
     fn shutdown(&self) -> BoxFuture<'_>;
+    /// True when agents outlive the service (pods): shutdown then leaves them for the next
+    /// instance instead of terminating them.
+    fn keeps_agents_on_shutdown(&self) -> bool {
+        false
+    }
 }

@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+use kube::api::{Api, PostParams};
+use warmpool::k8s::crd::AgentPool;
+
 pub struct KubeApi {
     pub url: String,
     pub token: String,
@@ -156,5 +161,37 @@ impl Drop for KubeApi {
         let _ = self.apiserver.wait();
         let _ = self.etcd.kill();
         let _ = self.etcd.wait();
+    }
+}
+
+/// Installs manifests/crd.yaml (checked to equal the generated CRD) and waits until it is
+/// Established.
+pub async fn install_crd(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let from_file: CustomResourceDefinition =
+        serde_yaml::from_str(include_str!("../../manifests/crd.yaml"))
+            .expect("manifests/crd.yaml parses");
+    assert_eq!(
+        from_file.spec,
+        AgentPool::crd().spec,
+        "the checked-in CRD is the generated one"
+    );
+    crds.create(&PostParams::default(), &from_file)
+        .await
+        .expect("apiserver accepts the CRD");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let crd = crds.get("agentpools.warmpool.dev").await.unwrap();
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return;
+        }
+        assert!(Instant::now() < deadline, "CRD never became Established");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

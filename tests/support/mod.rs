@@ -56,10 +56,17 @@ impl Harness {
     }
 
     pub async fn wait_idle(&self, name: &str, n: u32) {
+        // The pool may not exist yet (an AgentPool still on its way through the watch).
         wait_until(
             &format!("{n} idle agents in {name}"),
             Duration::from_secs(20),
-            || self.pool(name).idle >= n,
+            || {
+                self.server
+                    .svc
+                    .pools()
+                    .iter()
+                    .any(|p| p.name == name && p.idle >= n)
+            },
         )
         .await;
     }

@@ -1,0 +1,414 @@
+//! The `kubernetes` backend: every agent is a pod built from its `AgentPool`'s template.
+//!
+//! Owns pod construction (env `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` injected into
+//! the agent container; labels and annotations from which pool state can be rebuilt; an owner
+//! reference to the `AgentPool`), pod creation and deletion, and the watchers that feed the
+//! service: `AgentPool`s become pools (invalid specs are reported, never applied), pod phases
+//! become agent events (Running -> started, gone/Failed/Succeeded -> exited). It also writes each
+//! pool's status through the status subresource.
+//!
+//! It does not decide sizing: the engine does, and this backend executes. Pods are never patched
+//! on the lease path. On shutdown pods are left running (`keeps_agents_on_shutdown`).
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use super::{Backend, BackendEvent, BoxFuture, EventSink, ProvisionRequest};
+use crate::k8s::crd::{AgentPool, AgentPoolStatus, Condition};
+use crate::service::Service;
+
+/// Label: the pool a pod belongs to.
+pub const LABEL_POOL: &str = "warmpool.dev/pool";
+/// Label: the agent id (also the pod name).
+pub const LABEL_AGENT: &str = "warmpool.dev/agent";
+/// Label: hash of the pod template the pod was built from.
+pub const LABEL_TEMPLATE_HASH: &str = "warmpool.dev/template-hash";
+/// Label: marks pods this service manages (the pod watcher selects on it).
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Annotation: uid of the owning `AgentPool`.
+pub const ANNOTATION_POOL_UID: &str = "warmpool.dev/pool-uid";
+/// Annotation: when warmpool created the pod (RFC 3339).
+pub const ANNOTATION_CREATED_AT: &str = "warmpool.dev/created-at";
+
+/// Settings of the Kubernetes backend.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// Namespace of the `AgentPool`s and their pods.
+    pub namespace: String,
+    /// URL agents in pods dial.
+    pub hub_url: String,
+    /// How often pool statuses are written (only when they changed).
+    pub status_interval: Duration,
+}
+
+/// The Kubernetes backend.
+pub struct KubeBackend {
+    client: Client,
+    cfg: KubeConfig,
+    pools: DashMap<String, AgentPool>,
+}
+
+impl KubeBackend {
+    /// A backend for one namespace.
+    pub fn new(client: Client, cfg: KubeConfig) -> KubeBackend {
+        KubeBackend {
+            client,
+            cfg,
+            pools: DashMap::new(),
+        }
+    }
+
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), &self.cfg.namespace)
+    }
+}
+
+/// Short hash of a pool's pod template (changes when the template does).
+pub fn template_hash(ap: &AgentPool) -> String {
+    let json = serde_json::to_vec(&ap.spec.template).unwrap_or_default();
+    hex::encode(&Sha256::digest(&json)[..5])
+}
+
+/// Builds the pod for one agent of `ap`.
+pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod, String> {
+    let mut template = ap.spec.template.clone();
+    let mut spec = template.spec.take().ok_or("the pod template has no spec")?;
+    let idx = match &ap.spec.agent_container {
+        Some(name) => spec
+            .containers
+            .iter()
+            .position(|c| &c.name == name)
+            .ok_or_else(|| format!("no container named {name:?} in the pod template"))?,
+        None if spec.containers.is_empty() => {
+            return Err("the pod template has no container".into());
+        }
+        None => 0,
+    };
+    let env = spec.containers[idx].env.get_or_insert_with(Vec::new);
+    for (k, v) in [
+        ("WARMPOOL_HUB", hub_url.to_string()),
+        ("WARMPOOL_AGENT_ID", req.agent.clone()),
+        ("WARMPOOL_TOKEN", req.token.clone()),
+        ("WARMPOOL_POOL", req.pool.clone()),
+        ("WARMPOOL_LABELS", req.spec.labels.join(",")),
+    ] {
+        env.retain(|e| e.name != k);
+        env.push(EnvVar {
+            name: k.into(),
+            value: Some(v),
+            value_from: None,
+        });
+    }
+    // An agent pod runs once: recycling is warmpool's job, not the kubelet's.
+    spec.restart_policy = Some("Never".into());
+    let meta = template.metadata.unwrap_or_default();
+    let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
+    labels.insert(LABEL_POOL.into(), req.pool.clone());
+    labels.insert(LABEL_AGENT.into(), req.agent.clone());
+    labels.insert(LABEL_TEMPLATE_HASH.into(), template_hash(ap));
+    labels.insert(LABEL_MANAGED_BY.into(), "warmpool".into());
+    let mut annotations = meta.annotations.unwrap_or_default();
+    annotations.insert(ANNOTATION_POOL_UID.into(), ap.uid().unwrap_or_default());
+    annotations.insert(
+        ANNOTATION_CREATED_AT.into(),
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    );
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(req.agent.clone()),
+            namespace: ap.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "warmpool.dev/v1alpha1".into(),
+                kind: "AgentPool".into(),
+                name: ap.name_any(),
+                uid: ap.uid().unwrap_or_default(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            }]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+impl Backend for KubeBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn provision(&self, req: ProvisionRequest, events: EventSink) {
+        let failed = |error: String| {
+            let _ = events.send(BackendEvent::Failed {
+                pool: req.pool.clone(),
+                agent: req.agent.clone(),
+                error,
+            });
+        };
+        let Some(ap) = self.pools.get(&req.pool).map(|p| p.clone()) else {
+            failed(format!(
+                "AgentPool {}/{} not found",
+                self.cfg.namespace, req.pool
+            ));
+            return;
+        };
+        let pod = match build_pod(&ap, &req, &self.cfg.hub_url) {
+            Ok(p) => p,
+            Err(e) => {
+                failed(format!(
+                    "AgentPool {}/{}: {e}",
+                    self.cfg.namespace, req.pool
+                ));
+                return;
+            }
+        };
+        let api = self.pods();
+        let ns = self.cfg.namespace.clone();
+        tokio::spawn(async move {
+            // Started is reported when the pod runs (pod watcher), not when it is created.
+            if let Err(e) = api.create(&PostParams::default(), &pod).await {
+                let _ = events.send(BackendEvent::Failed {
+                    pool: req.pool,
+                    error: format!("creating pod {ns}/{}: {e}", req.agent),
+                    agent: req.agent,
+                });
+            }
+        });
+    }
+
+    fn terminate(&self, agent: &str, events: EventSink) {
+        let api = self.pods();
+        let agent = agent.to_string();
+        let ns = self.cfg.namespace.clone();
+        tokio::spawn(async move {
+            match api.delete(&agent, &DeleteParams::default()).await {
+                // Exited is reported when the watch sees the pod gone.
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    let _ = events.send(BackendEvent::Exited {
+                        agent,
+                        detail: "pod already gone".into(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %agent, namespace = %ns, error = %e, "deleting pod failed")
+                }
+            }
+        });
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_> {
+        Box::pin(async {})
+    }
+
+    fn keeps_agents_on_shutdown(&self) -> bool {
+        true
+    }
+}
+
+/// Runs the `AgentPool` and pod watchers and the status writer until `stop` fires.
+pub async fn run(svc: Arc<Service>, backend: Arc<KubeBackend>, stop: CancellationToken) {
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = watch_pools(svc.clone(), backend.clone()) => {}
+        _ = watch_pods(svc.clone(), backend.clone()) => {}
+        _ = write_statuses(svc, backend) => {}
+    }
+}
+
+/// `AgentPool`s become pools. An invalid spec is reported (Degraded) and not applied.
+async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
+    let api: Api<AgentPool> = Api::namespaced(backend.client.clone(), &backend.cfg.namespace);
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut seen: HashSet<String> = HashSet::new();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Apply(ap)) | Ok(Event::InitApply(ap)) => {
+                let name = ap.name_any();
+                seen.insert(name.clone());
+                let problems = ap.spec.problems();
+                if problems.is_empty() {
+                    backend.pools.insert(name.clone(), ap.clone());
+                    svc.upsert_pool(&name, ap.spec.pool.clone());
+                } else {
+                    tracing::warn!(pool = %name, problems = ?problems, "invalid AgentPool spec; not applied");
+                }
+            }
+            Ok(Event::Delete(ap)) => {
+                let name = ap.name_any();
+                backend.pools.remove(&name);
+                svc.remove_pool(&name);
+            }
+            Ok(Event::Init) => seen.clear(),
+            Ok(Event::InitDone) => {
+                // Level-triggered repair: pools deleted while the watch was down.
+                let gone: Vec<String> = backend
+                    .pools
+                    .iter()
+                    .map(|p| p.key().clone())
+                    .filter(|n| !seen.contains(n))
+                    .collect();
+                for name in gone {
+                    backend.pools.remove(&name);
+                    svc.remove_pool(&name);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "AgentPool watch error; retrying"),
+        }
+    }
+}
+
+fn agent_of(pod: &Pod) -> Option<String> {
+    pod.labels().get(LABEL_AGENT).cloned()
+}
+
+/// Pod phases become agent events; pods the engine does not know are deleted.
+async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
+    let cfg = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=warmpool"));
+    let mut stream = watcher::watcher(backend.pods(), cfg)
+        .default_backoff()
+        .boxed();
+    let events = svc.backend_sink();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
+                let Some(agent) = agent_of(&pod) else {
+                    continue;
+                };
+                let known = svc.read(|e| e.agent(&agent).is_some());
+                if !known {
+                    tracing::warn!(pod = %agent, "pod not known to this instance; deleting it");
+                    backend.terminate(&agent, events.clone());
+                    continue;
+                }
+                let phase = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default();
+                match phase.as_str() {
+                    "Running" if pod.metadata.deletion_timestamp.is_none() => {
+                        let _ = events.send(BackendEvent::Started { agent });
+                    }
+                    "Failed" | "Succeeded" => {
+                        let _ = events.send(BackendEvent::Exited {
+                            agent: agent.clone(),
+                            detail: format!("pod {phase}"),
+                        });
+                        backend.terminate(&agent, events.clone());
+                    }
+                    _ => {}
+                }
+            }
+            Ok(Event::Delete(pod)) => {
+                if let Some(agent) = agent_of(&pod) {
+                    let _ = events.send(BackendEvent::Exited {
+                        agent,
+                        detail: "pod deleted".into(),
+                    });
+                }
+            }
+            Ok(Event::Init) | Ok(Event::InitDone) => {}
+            Err(e) => tracing::warn!(error = %e, "pod watch error; retrying"),
+        }
+    }
+}
+
+/// Writes each pool's status when it changed: counts by state, observedGeneration, conditions.
+async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
+    let api: Api<AgentPool> = Api::namespaced(backend.client.clone(), &backend.cfg.namespace);
+    let mut last: BTreeMap<String, AgentPoolStatus> = BTreeMap::new();
+    let mut iv = tokio::time::interval(backend.cfg.status_interval);
+    loop {
+        iv.tick().await;
+        for p in svc.pools() {
+            let Some(ap) = backend.pools.get(&p.name).map(|a| a.clone()) else {
+                continue;
+            };
+            let ready = p.idle >= p.min_idle;
+            let cond = |type_: &str, on: bool, reason: &str, message: String| Condition {
+                type_: type_.into(),
+                status: if on { "True" } else { "False" }.into(),
+                reason: reason.into(),
+                message,
+                last_transition_time: None,
+                observed_generation: ap.metadata.generation,
+            };
+            let status = AgentPoolStatus {
+                provisioning: p.provisioning,
+                connecting: p.connecting,
+                idle: p.idle,
+                leased: p.leased + p.cleaning,
+                terminating: p.terminating,
+                observed_generation: ap.metadata.generation,
+                conditions: vec![
+                    cond(
+                        "Ready",
+                        ready,
+                        if ready {
+                            "MinIdleReached"
+                        } else {
+                            "BelowMinIdle"
+                        },
+                        format!("{} of {} idle agents", p.idle, p.min_idle),
+                    ),
+                    cond(
+                        "Throttled",
+                        p.throttled,
+                        if p.throttled {
+                            "RateLimited"
+                        } else {
+                            "NotThrottled"
+                        },
+                        format!("{} provisioning passes held back", p.throttled_total),
+                    ),
+                    cond(
+                        "Degraded",
+                        p.last_error.is_some(),
+                        if p.last_error.is_some() {
+                            "ProvisioningFailed"
+                        } else {
+                            "Healthy"
+                        },
+                        // Never empty: a 1.20 apiserver turns "" into null and rejects it.
+                        p.last_error
+                            .clone()
+                            .unwrap_or_else(|| "no provisioning errors".into()),
+                    ),
+                ],
+                leaks_total: p.leaks_total,
+            };
+            if last.get(&p.name) == Some(&status) {
+                continue;
+            }
+            let patch = Patch::Merge(serde_json::json!({ "status": status }));
+            match api
+                .patch_status(&p.name, &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => {
+                    last.insert(p.name.clone(), status);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %p.name, error = %e, "writing AgentPool status failed")
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! End to end through a real kube-apiserver: `warmpool serve --backend kubernetes` keeps agent
+//! pods for `AgentPool`s; the process kubelet (tests/support/kubelet.rs, the only simulated
+//! part) runs each pod's agent as a local process that dials the hub for real.
+
+#[path = "support/kube.rs"]
+mod kube_api;
+#[path = "support/kubelet.rs"]
+mod kubelet;
+mod support;
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube_api::{KubeApi, install_crd};
+use kubelet::ProcessKubelet;
+use serde_json::json;
+use support::*;
+use warmpool::k8s::crd::AgentPool;
+use warmpool::server::BackendChoice;
+
+struct Cluster {
+    api: KubeApi,
+    client: kube::Client,
+    _kubelet: ProcessKubelet,
+    h: Harness,
+}
+
+async fn cluster() -> Cluster {
+    // Warnings from warmpool show in a failing test's output.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,warmpool=info")
+        .with_test_writer()
+        .try_init();
+    let api = KubeApi::start().await;
+    let client = api.client().await;
+    install_crd(&client).await;
+    let kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
+    let mut cfg = test_config("pools:\n  - name: unused\n");
+    cfg.backend = BackendChoice::Kubernetes {
+        client: client.clone(),
+        namespace: "default".into(),
+    };
+    let h = start_with(cfg).await;
+    Cluster {
+        api,
+        client,
+        _kubelet: kubelet,
+        h,
+    }
+}
+
+fn agent_pool(name: &str, command: serde_json::Value, extra: serde_json::Value) -> AgentPool {
+    let mut spec = json!({
+        "labels": ["linux", name],
+        "template": {"spec": {"containers": [{"name": "agent", "image": "warmpool:dev", "command": command}]}}
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "warmpool.dev/v1alpha1", "kind": "AgentPool",
+        "metadata": {"name": name, "namespace": "default"}, "spec": spec
+    }))
+    .unwrap()
+}
+
+impl Cluster {
+    fn pools(&self) -> Api<AgentPool> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+    fn pods(&self) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), "default")
+    }
+    async fn pod_names(&self, pool: &str) -> Vec<String> {
+        let lp = ListParams::default().labels(&format!("warmpool.dev/pool={pool}"));
+        let mut v: Vec<String> = self
+            .pods()
+            .list(&lp)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        v.sort();
+        v
+    }
+    async fn until(&self, what: &str, mut f: impl AsyncFnMut(&Cluster) -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !f(self).await {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for: {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn agent_cmd() -> serde_json::Value {
+    json!([EXE, "agent"])
+}
+
+#[tokio::test]
+async fn pool_reaches_min_idle_runs_a_job_and_replaces_the_pod_per_max_uses() {
+    let c = cluster().await;
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool(
+                "go",
+                agent_cmd(),
+                json!({"minIdle": 2, "maxTotal": 3, "maxUses": 1}),
+            ),
+        )
+        .await
+        .unwrap();
+    c.h.wait_idle("go", 2).await;
+    c.until(
+        "Ready condition and counts in the AgentPool status",
+        async |c: &Cluster| {
+            let s = c
+                .pools()
+                .get("go")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            s.idle == 2
+                && s.conditions
+                    .iter()
+                    .any(|x| x.type_ == "Ready" && x.status == "True")
+        },
+    )
+    .await;
+    let pods = c.pod_names("go").await;
+    assert_eq!(pods.len(), 2);
+    // Pods carry what is needed to rebuild state, and are owned by their AgentPool.
+    let pod = c.pods().get(&pods[0]).await.unwrap();
+    let labels = pod.metadata.labels.clone().unwrap();
+    assert_eq!(labels["warmpool.dev/pool"], "go");
+    assert_eq!(labels["warmpool.dev/agent"], pods[0]);
+    assert!(labels.contains_key("warmpool.dev/template-hash"));
+    let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("AgentPool", "go")
+    );
+    let env: Vec<String> = pod.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    for want in ["WARMPOOL_HUB", "WARMPOOL_AGENT_ID", "WARMPOOL_TOKEN"] {
+        assert!(env.contains(&want.to_string()), "{want} injected");
+    }
+
+    // A lease runs a job on a pod's agent; with maxUses 1 its pod is replaced afterwards.
+    let l = c.h.lease("go", 10.0, 60.0).await;
+    assert!(pods.contains(&l.agent));
+    let out = exec(&c.h, &l.id, script("echo from-pod")).await;
+    assert_eq!(out.stdout, b"from-pod\n");
+    c.h.client.release(&l.id).await.unwrap();
+    let used = l.agent.clone();
+    c.until("used pod deleted and replaced", async |c: &Cluster| {
+        let now = c.pod_names("go").await;
+        !now.contains(&used) && now.len() == 2
+    })
+    .await;
+    c.h.wait_idle("go", 2).await;
+    drop(c.api);
+}
+
+#[tokio::test]
+async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
+    let c = cluster().await;
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool(
+                "stuck",
+                json!(["sleep", "600"]),
+                json!({"minIdle": 1, "maxTotal": 1, "connectTimeout": "1s"}),
+            ),
+        )
+        .await
+        .unwrap();
+    c.until("a pod", async |c: &Cluster| {
+        !c.pod_names("stuck").await.is_empty()
+    })
+    .await;
+    let first = c.pod_names("stuck").await[0].clone();
+    c.until(
+        "leak counted in the AgentPool status",
+        async |c: &Cluster| {
+            c.pools()
+                .get("stuck")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default()
+                .leaks_total
+                >= 1
+        },
+    )
+    .await;
+    c.until("leaked pod deleted", async |c: &Cluster| {
+        !c.pod_names("stuck").await.contains(&first)
+    })
+    .await;
+    let m = c.h.server.svc.render_metrics();
+    assert!(metric(&m, "warmpool_leaks_total{pool=\"stuck\"}").unwrap() >= 1.0);
+}
+
+#[tokio::test]
+async fn deleting_the_agentpool_removes_its_pods_and_scale_drives_min_idle() {
+    let c = cluster().await;
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool("py", agent_cmd(), json!({"minIdle": 1, "maxTotal": 4})),
+        )
+        .await
+        .unwrap();
+    c.h.wait_idle("py", 1).await;
+    // `kubectl scale agentpool py --replicas=3`
+    c.pools()
+        .patch_scale(
+            "py",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    c.h.wait_idle("py", 3).await;
+    assert_eq!(c.pod_names("py").await.len(), 3);
+    // No garbage collector runs here: warmpool deletes what it owns.
+    c.pools()
+        .delete("py", &DeleteParams::default())
+        .await
+        .unwrap();
+    c.until("pods removed", async |c: &Cluster| {
+        c.pod_names("py").await.is_empty()
+    })
+    .await;
+    c.until("pool forgotten", async |c: &Cluster| {
+        c.h.server.svc.pools().iter().all(|p| p.name != "py")
+    })
+    .await;
+}

@@ -1,0 +1,184 @@
+//! A *simulated* kubelet, the one part of the cluster that cannot exist here: the process
+//! kubelet. It watches pods in a namespace and, for each new pod:
+//!   1. binds it to the node `process-kubelet` (pods/binding),
+//!   2. after `start_delay`, starts the first container's command and args as a local process
+//!      with the container's env (so agents really dial the hub), and marks the pod Running
+//!      through the status subresource,
+//!   3. marks it Succeeded/Failed when the process exits,
+//!   4. when the pod gets a deletionTimestamp, kills the process and removes the pod (grace 0),
+//!      as a kubelet confirms a deletion.
+//!
+//! Everything else (the apiserver, etcd, watches) is real.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Client, ResourceExt};
+use tokio_util::sync::CancellationToken;
+
+pub const NODE: &str = "process-kubelet";
+
+pub struct ProcessKubelet {
+    stop: CancellationToken,
+    procs: Arc<Mutex<HashMap<String, u32>>>,
+}
+
+impl ProcessKubelet {
+    pub fn start(client: Client, namespace: &str, start_delay: Duration) -> ProcessKubelet {
+        let stop = CancellationToken::new();
+        let procs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let (s, p, ns) = (stop.clone(), procs.clone(), namespace.to_string());
+        tokio::spawn(async move {
+            let mut stream = watcher::watcher(api.clone(), watcher::Config::default())
+                .default_backoff()
+                .boxed();
+            let mut started: std::collections::HashSet<String> = Default::default();
+            loop {
+                let ev = tokio::select! {
+                    _ = s.cancelled() => return,
+                    ev = stream.next() => ev,
+                };
+                let Some(Ok(ev)) = ev else { continue };
+                match ev {
+                    Event::Apply(pod) | Event::InitApply(pod) => {
+                        let name = pod.name_any();
+                        if pod.metadata.deletion_timestamp.is_some() {
+                            kill(&p, &name);
+                            let _ = api
+                                .delete(&name, &DeleteParams::default().grace_period(0))
+                                .await;
+                            continue;
+                        }
+                        let bound = pod
+                            .spec
+                            .as_ref()
+                            .and_then(|s| s.node_name.clone())
+                            .is_some();
+                        if !bound {
+                            bind(&client, &ns, &name).await;
+                            continue;
+                        }
+                        if started.insert(name.clone()) {
+                            tokio::spawn(run_pod(api.clone(), pod, p.clone(), start_delay));
+                        }
+                    }
+                    Event::Delete(pod) => kill(&p, &pod.name_any()),
+                    _ => {}
+                }
+            }
+        });
+        ProcessKubelet { stop, procs }
+    }
+
+    /// Pids of the pods' processes now running.
+    pub fn running(&self) -> usize {
+        self.procs.lock().unwrap().len()
+    }
+}
+
+impl Drop for ProcessKubelet {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        for (_, pid) in self.procs.lock().unwrap().drain() {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+fn kill(procs: &Arc<Mutex<HashMap<String, u32>>>, name: &str) {
+    if let Some(pid) = procs.lock().unwrap().remove(name) {
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+}
+
+async fn bind(client: &Client, ns: &str, name: &str) {
+    let body = serde_json::json!({
+        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+        "target": {"apiVersion": "v1", "kind": "Node", "name": NODE}
+    });
+    let req = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{name}/binding"))
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&body).unwrap())
+        .unwrap();
+    let _ = client.request_text(req).await;
+}
+
+async fn set_phase(api: &Api<Pod>, name: &str, phase: &str) {
+    let ready = if phase == "Running" { "True" } else { "False" };
+    let patch = serde_json::json!({"status": {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": ready}],
+        "startTime": humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    }});
+    let _ = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await;
+}
+
+async fn run_pod(
+    api: Api<Pod>,
+    pod: Pod,
+    procs: Arc<Mutex<HashMap<String, u32>>>,
+    delay: Duration,
+) {
+    tokio::time::sleep(delay).await;
+    let name = pod.name_any();
+    let Some(c) = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.first())
+        .cloned()
+    else {
+        set_phase(&api, &name, "Failed").await;
+        return;
+    };
+    let argv: Vec<String> = c
+        .command
+        .unwrap_or_default()
+        .into_iter()
+        .chain(c.args.unwrap_or_default())
+        .collect();
+    if argv.is_empty() {
+        set_phase(&api, &name, "Failed").await;
+        return;
+    }
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null());
+    let ws = std::env::temp_dir().join(format!("process-kubelet-{name}"));
+    std::fs::create_dir_all(&ws).unwrap();
+    cmd.env("WARMPOOL_WORKSPACE", &ws);
+    for e in c.env.unwrap_or_default() {
+        if let Some(v) = e.value {
+            cmd.env(e.name, v);
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(_) => {
+            set_phase(&api, &name, "Failed").await;
+            return;
+        }
+    };
+    procs
+        .lock()
+        .unwrap()
+        .insert(name.clone(), child.id().unwrap_or(0));
+    set_phase(&api, &name, "Running").await;
+    let status = child.wait().await;
+    let _ = std::fs::remove_dir_all(&ws);
+    // Killed for a deletion: the pod is going away, nothing to report.
+    if procs.lock().unwrap().remove(&name).is_some() {
+        let ok = status.map(|s| s.success()).unwrap_or(false);
+        set_phase(&api, &name, if ok { "Succeeded" } else { "Failed" }).await;
+    }
+}
