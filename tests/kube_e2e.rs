@@ -252,3 +252,108 @@ async fn deleting_the_agentpool_removes_its_pods_and_scale_drives_min_idle() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn invalid_spec_is_reported_as_degraded_and_never_applied() {
+    let c = cluster().await;
+    // maxTotal >= minIdle cannot be expressed in a 1.20 schema: checked at reconcile.
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool("bad", agent_cmd(), json!({"minIdle": 3, "maxTotal": 1})),
+        )
+        .await
+        .unwrap();
+    c.until(
+        "Degraded/InvalidSpec naming the field",
+        async |c: &Cluster| {
+            let s = c
+                .pools()
+                .get("bad")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            s.conditions.iter().any(|x| {
+                x.type_ == "Degraded"
+                    && x.status == "True"
+                    && x.reason == "InvalidSpec"
+                    && x.message.contains("spec.minIdle: 3 is above maxTotal 1")
+            })
+        },
+    )
+    .await;
+    assert!(
+        c.pod_names("bad").await.is_empty(),
+        "an invalid pool starts no pod"
+    );
+    assert!(c.h.server.svc.pools().iter().all(|p| p.name != "bad"));
+    // Fixing the spec applies it.
+    c.pools()
+        .patch(
+            "bad",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"maxTotal": 3}})),
+        )
+        .await
+        .unwrap();
+    c.h.wait_idle("bad", 3).await;
+    c.until("Degraded cleared", async |c: &Cluster| {
+        let s = c
+            .pools()
+            .get("bad")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default();
+        s.conditions
+            .iter()
+            .any(|x| x.type_ == "Degraded" && x.status == "False")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn template_change_rolls_idle_pods_replacement_first() {
+    let c = cluster().await;
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool("roll", agent_cmd(), json!({"minIdle": 2, "maxTotal": 4})),
+        )
+        .await
+        .unwrap();
+    c.h.wait_idle("roll", 2).await;
+    let before = c.pod_names("roll").await;
+    let patch = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "agent", "image": "warmpool:dev", "command": agent_cmd(), "env": [{"name": "ROLLED", "value": "1"}]}
+    ]}}}});
+    c.pools()
+        .patch("roll", &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .unwrap();
+    // Until every old pod is gone, the warm count never dips below minIdle.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = c.pod_names("roll").await;
+        if before.iter().all(|p| !now.contains(p)) && c.h.pool("roll").idle >= 2 {
+            break;
+        }
+        assert!(
+            c.h.pool("roll").idle >= 2,
+            "warm count dipped during the roll"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pods never rolled: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(c.h.recycles("rolled") >= 2);
+    let pod = c.pods().get(&c.pod_names("roll").await[0]).await.unwrap();
+    let env = pod.spec.unwrap().containers[0].env.clone().unwrap();
+    assert!(
+        env.iter().any(|e| e.name == "ROLLED"),
+        "new pods use the new template"
+    );
+}

@@ -57,7 +57,10 @@ pub struct KubeConfig {
 pub struct KubeBackend {
     client: Client,
     cfg: KubeConfig,
+    /// The last valid version of every `AgentPool` (its template builds the pods).
     pools: DashMap<String, AgentPool>,
+    /// `AgentPool`s whose latest spec is invalid: generation and one message per problem.
+    invalid: DashMap<String, (Option<i64>, Vec<String>)>,
 }
 
 impl KubeBackend {
@@ -67,6 +70,7 @@ impl KubeBackend {
             client,
             cfg,
             pools: DashMap::new(),
+            invalid: DashMap::new(),
         }
     }
 
@@ -244,15 +248,25 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 seen.insert(name.clone());
                 let problems = ap.spec.problems();
                 if problems.is_empty() {
+                    backend.invalid.remove(&name);
+                    let old_hash = backend.pools.get(&name).map(|p| template_hash(&p));
                     backend.pools.insert(name.clone(), ap.clone());
                     svc.upsert_pool(&name, ap.spec.pool.clone());
+                    if old_hash.is_some_and(|h| h != template_hash(&ap)) {
+                        retire_outdated(&svc, &backend, &ap).await;
+                    }
                 } else {
+                    // Reported as Degraded/InvalidSpec; the last valid spec (if any) stays.
                     tracing::warn!(pool = %name, problems = ?problems, "invalid AgentPool spec; not applied");
+                    backend
+                        .invalid
+                        .insert(name.clone(), (ap.metadata.generation, problems));
                 }
             }
             Ok(Event::Delete(ap)) => {
                 let name = ap.name_any();
                 backend.pools.remove(&name);
+                backend.invalid.remove(&name);
                 svc.remove_pool(&name);
             }
             Ok(Event::Init) => seen.clear(),
@@ -271,6 +285,25 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             }
             Err(e) => tracing::warn!(error = %e, "AgentPool watch error; retrying"),
         }
+    }
+}
+
+/// Marks the pool's pods built from an older template for replacement.
+async fn retire_outdated(svc: &Service, backend: &KubeBackend, ap: &AgentPool) {
+    let hash = template_hash(ap);
+    let lp = kube::api::ListParams::default().labels(&format!("{LABEL_POOL}={}", ap.name_any()));
+    match backend.pods().list(&lp).await {
+        Ok(pods) => {
+            for pod in pods.items {
+                if pod.labels().get(LABEL_TEMPLATE_HASH) != Some(&hash)
+                    && let Some(agent) = agent_of(&pod)
+                {
+                    svc.apply(|e, now| e.retire(&agent, now));
+                }
+            }
+        }
+        // The pod watch repairs this: every pod event checks its template hash.
+        Err(e) => tracing::warn!(pool = %ap.name_any(), error = %e, "listing pods to roll failed"),
     }
 }
 
@@ -296,6 +329,14 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     tracing::warn!(pod = %agent, "pod not known to this instance; deleting it");
                     backend.terminate(&agent, events.clone());
                     continue;
+                }
+                let current = pod
+                    .labels()
+                    .get(LABEL_POOL)
+                    .and_then(|p| backend.pools.get(p))
+                    .map(|ap| template_hash(&ap));
+                if current.is_some() && pod.labels().get(LABEL_TEMPLATE_HASH) != current.as_ref() {
+                    svc.apply(|e, now| e.retire(&agent, now));
                 }
                 let phase = pod
                     .status
@@ -337,10 +378,49 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
     let mut iv = tokio::time::interval(backend.cfg.status_interval);
     loop {
         iv.tick().await;
-        for p in svc.pools() {
+        // Pools whose spec was never valid: only the Degraded condition to report.
+        let invalid: Vec<(String, Option<i64>, Vec<String>)> = backend
+            .invalid
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0, e.value().1.clone()))
+            .collect();
+        let engine_pools = svc.pools();
+        for (name, generation, problems) in &invalid {
+            if engine_pools.iter().any(|p| &p.name == name) {
+                continue;
+            }
+            let status = AgentPoolStatus {
+                observed_generation: *generation,
+                conditions: vec![Condition {
+                    type_: "Degraded".into(),
+                    status: "True".into(),
+                    reason: "InvalidSpec".into(),
+                    message: problems.join("; "),
+                    last_transition_time: None,
+                    observed_generation: *generation,
+                }],
+                ..Default::default()
+            };
+            if last.get(name) != Some(&status) {
+                let patch = Patch::Merge(serde_json::json!({ "status": status }));
+                match api
+                    .patch_status(name, &PatchParams::default(), &patch)
+                    .await
+                {
+                    Ok(_) => {
+                        last.insert(name.clone(), status);
+                    }
+                    Err(e) => {
+                        tracing::warn!(pool = %name, error = %e, "writing AgentPool status failed")
+                    }
+                }
+            }
+        }
+        for p in engine_pools {
             let Some(ap) = backend.pools.get(&p.name).map(|a| a.clone()) else {
                 continue;
             };
+            let invalid_spec = backend.invalid.get(&p.name).map(|e| e.value().1.join("; "));
             let ready = p.idle >= p.min_idle;
             let cond = |type_: &str, on: bool, reason: &str, message: String| Condition {
                 type_: type_.into(),
@@ -378,19 +458,27 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                         },
                         format!("{} provisioning passes held back", p.throttled_total),
                     ),
-                    cond(
-                        "Degraded",
-                        p.last_error.is_some(),
-                        if p.last_error.is_some() {
-                            "ProvisioningFailed"
-                        } else {
-                            "Healthy"
-                        },
-                        // Never empty: a 1.20 apiserver turns "" into null and rejects it.
-                        p.last_error
-                            .clone()
-                            .unwrap_or_else(|| "no provisioning errors".into()),
-                    ),
+                    match &invalid_spec {
+                        Some(problems) => cond(
+                            "Degraded",
+                            true,
+                            "InvalidSpec",
+                            format!("latest spec not applied: {problems}"),
+                        ),
+                        None => cond(
+                            "Degraded",
+                            p.last_error.is_some(),
+                            if p.last_error.is_some() {
+                                "ProvisioningFailed"
+                            } else {
+                                "Healthy"
+                            },
+                            // Never empty: a 1.20 apiserver turns "" into null and rejects it.
+                            p.last_error
+                                .clone()
+                                .unwrap_or_else(|| "no provisioning errors".into()),
+                        ),
+                    },
                 ],
                 leaks_total: p.leaks_total,
             };

@@ -364,6 +364,8 @@ impl Engine {
             Some(Reason::PoolRemoved)
         } else if spec.max_uses > 0 && a.uses >= spec.max_uses {
             Some(Reason::MaxUses)
+        } else if a.retire {
+            Some(Reason::Rolled)
         } else if now.duration_since(a.created) >= spec.max_age.0 {
             Some(Reason::MaxAge)
         } else {
@@ -469,6 +471,17 @@ impl Engine {
         self.check_health(id, now);
         self.reconcile(now);
         Ok(())
+    }
+
+    /// Marks an agent for replacement (its template is outdated). Idle agents are rotated once
+    /// a fresh replacement is idle, paced by the rate limit; a leased one at release.
+    pub fn retire(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id)
+            && !a.retire
+        {
+            a.retire = true;
+            self.reconcile(now);
+        }
     }
 
     /// A heartbeat with health.

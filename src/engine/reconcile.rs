@@ -92,8 +92,16 @@ impl Engine {
         }
     }
 
-    fn is_stale(&self, a: &Agent, now: Instant) -> bool {
-        now.duration_since(a.created) >= self.pools[&a.pool].spec.max_age.0
+    pub(super) fn is_stale(&self, a: &Agent, now: Instant) -> bool {
+        a.retire || now.duration_since(a.created) >= self.pools[&a.pool].spec.max_age.0
+    }
+
+    /// Why a stale agent is replaced.
+    pub(super) fn stale_reason(&self, id: &str) -> Reason {
+        match self.agents.get(id) {
+            Some(a) if a.retire => Reason::Rolled,
+            _ => Reason::MaxAge,
+        }
     }
 
     /// Serves waiters in arrival order; each takes the best idle agent it matches.
@@ -258,6 +266,7 @@ impl Engine {
                     health: Health::default(),
                     unhealthy: None,
                     terminate_reason: None,
+                    retire: false,
                 },
             );
             total += 1;
@@ -280,7 +289,8 @@ impl Engine {
         for (_, id) in stale_idle {
             let replacement_coming = fresh + in_flight >= want;
             if fresh >= want || (!replacement_coming && total >= spec.max_total) {
-                self.terminate(&id, Reason::MaxAge, now);
+                let reason = self.stale_reason(&id);
+                self.terminate(&id, reason, now);
                 total -= 1;
             }
         }

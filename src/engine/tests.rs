@@ -693,3 +693,34 @@ fn connect_timeout_counts_from_start_and_stuck_provisioning_is_not_a_leak() {
     assert_eq!(terminations(&e.take_actions()), vec!["connect-timeout"]);
     assert_eq!(status(&e, "p").leaks_total, 1);
 }
+
+#[test]
+fn retired_agents_roll_replacement_first() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 2, 4, 0), t0);
+    settle(&mut e, t0);
+    let old: Vec<AgentId> = e.agents().map(|a| a.id.clone()).collect();
+    for id in &old {
+        e.retire(id, t0);
+    }
+    let acts = e.take_actions();
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::Provision { .. }))
+            .count(),
+        2,
+        "replacements first"
+    );
+    assert!(terminations(&acts).is_empty(), "{acts:?}");
+    for a in acts {
+        if let Action::Provision { agent, .. } = a {
+            e.agent_started(&agent, t0);
+            e.agent_connected(&agent, Some("p"), Health::default(), t0)
+                .unwrap();
+        }
+    }
+    let acts = settle(&mut e, t0);
+    assert_eq!(terminations(&acts), vec!["rolled", "rolled"]);
+    assert!(e.agents().all(|a| !old.contains(&a.id)));
+}

@@ -74,6 +74,8 @@ pub enum Reason {
     IdleTtl,
     /// Older than `maxAge`.
     MaxAge,
+    /// Built from an outdated template (rolled after a spec change).
+    Rolled,
     /// Did not register within `connectTimeout` (a leak).
     ConnectTimeout,
     /// No heartbeat within the heartbeat timeout.
@@ -105,6 +107,7 @@ impl Reason {
             Reason::MaxUses => "max-uses",
             Reason::IdleTtl => "idle-ttl",
             Reason::MaxAge => "max-age",
+            Reason::Rolled => "rolled",
             Reason::ConnectTimeout => "connect-timeout",
             Reason::HeartbeatLost => "heartbeat-lost",
             Reason::Unhealthy(_) => "unhealthy",
@@ -157,6 +160,8 @@ pub struct Agent {
     pub unhealthy: Option<String>,
     /// Why it is terminating.
     pub terminate_reason: Option<Reason>,
+    /// Marked for replacement (outdated template): rotated like an agent past `maxAge`.
+    pub retire: bool,
 }
 
 /// How a lease ended, or that it is still active.
