@@ -8,6 +8,7 @@ mod kube_api;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube_api::{KubeApi, install_crd};
+use serde::Deserialize;
 use serde_json::json;
 use warmpool::k8s::crd::{AgentPool, AgentPoolStatus};
 
@@ -153,4 +154,67 @@ async fn agentpool_crd_on_a_real_apiserver() {
         .unwrap();
     assert_eq!(row["cells"][2], 5, "Min");
     assert_eq!(row["cells"][3], 2, "Idle");
+}
+
+#[tokio::test]
+async fn manifests_are_accepted_by_the_apiserver() {
+    use kube::api::{ApiResource, DynamicObject};
+    use kube::discovery::Discovery;
+    let k = KubeApi::start().await;
+    let client = k.client().await;
+    install_crd(&client).await;
+    let discovery = Discovery::new(client.clone()).run().await.unwrap();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    let mut files: Vec<_> = [
+        "namespace.yaml",
+        "rbac.yaml",
+        "deployment.yaml",
+        "service.yaml",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .collect();
+    files.push(dir.join("examples/agentpool-generic.yaml"));
+    files.push(dir.join("examples/agentpool-docker.yaml"));
+    let mut created = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let value = serde_yaml::Value::deserialize(doc).unwrap();
+            if value.is_null() {
+                continue;
+            }
+            let obj: DynamicObject = serde_yaml::from_value(value.clone()).unwrap();
+            let tm = obj.types.clone().unwrap();
+            if tm.api_version == "policy/v1" {
+                // PodDisruptionBudget policy/v1 is GA from 1.21; this apiserver is 1.20.
+                continue;
+            }
+            let gvk = kube::api::GroupVersionKind::try_from(&tm).unwrap();
+            let (ar, caps): (ApiResource, _) = discovery
+                .resolve_gvk(&gvk)
+                .unwrap_or_else(|| panic!("{}: unknown kind {gvk:?}", f.display()));
+            let api: Api<DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
+                (kube::discovery::Scope::Namespaced, Some(ns)) => {
+                    Api::namespaced_with(client.clone(), ns, &ar)
+                }
+                _ => Api::all_with(client.clone(), &ar),
+            };
+            api.create(&PostParams::default(), &obj)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {} rejected: {e}", f.display(), tm.kind));
+            created += 1;
+            if tm.kind == "AgentPool" {
+                let pool: AgentPool = serde_yaml::from_value(value).unwrap();
+                assert!(
+                    pool.spec.problems().is_empty(),
+                    "{}: {:?}",
+                    f.display(),
+                    pool.spec.problems()
+                );
+            }
+        }
+    }
+    // Namespace, ServiceAccount, Role, RoleBinding, Deployment, Service, two AgentPools.
+    assert_eq!(created, 8);
 }
