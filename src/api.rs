@@ -407,7 +407,7 @@ async fn readyz(State(st): State<ApiState>) -> Response {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
-            "warmpool is shutting down",
+            "warmpool is not ready: a leader-election standby, or shutting down",
         )
         .into_response()
     }

@@ -87,6 +87,26 @@ pub struct ServeArgs {
     /// kubeconfig's or the pod's namespace).
     #[arg(long, env = "WARMPOOL_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Kubernetes backend: elect one leader among replicas with a coordination.k8s.io Lease
+    /// (only the leader provisions and deletes; a standby is not ready).
+    #[arg(long, env = "WARMPOOL_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "WARMPOOL_LEADER_LEASE_NAME",
+        default_value = "warmpool-leader"
+    )]
+    pub leader_lease_name: String,
+    /// How long the leader's lease holds without renewal.
+    #[arg(long, env = "WARMPOOL_LEADER_LEASE_DURATION", value_parser = dur, default_value = "15s")]
+    pub leader_lease_duration: Dur,
+    /// The leader steps down when it could not renew for this long.
+    #[arg(long, env = "WARMPOOL_LEADER_RENEW_DEADLINE", value_parser = dur, default_value = "10s")]
+    pub leader_renew_deadline: Dur,
+    /// Time between leader-election attempts and renewals.
+    #[arg(long, env = "WARMPOOL_LEADER_RETRY_PERIOD", value_parser = dur, default_value = "2s")]
+    pub leader_retry_period: Dur,
     /// Pools file (YAML `pools: [...]`). Without it, the built-in pool `default` is served.
     #[arg(long, env = "WARMPOOL_POOLS")]
     pub pools: Option<PathBuf>,

@@ -93,7 +93,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     .namespace
                     .clone()
                     .unwrap_or_else(|| client.default_namespace().to_string());
-                cfg.backend = server::BackendChoice::Kubernetes { client, namespace };
+                let leader = a.leader_elect.then(|| {
+                    let pod = std::env::var("POD_NAME")
+                        .or_else(|_| std::env::var("HOSTNAME"))
+                        .unwrap_or_else(|_| "warmpool".into());
+                    let mut l = warmpool::k8s::leader::LeaderConfig::new(
+                        &namespace,
+                        &format!("{pod}-{:08x}", rand::random::<u32>()),
+                    );
+                    l.name = a.leader_lease_name.clone();
+                    l.lease_duration = a.leader_lease_duration.0;
+                    l.renew_deadline = a.leader_renew_deadline.0;
+                    l.retry_period = a.leader_retry_period.0;
+                    Box::new(l)
+                });
+                cfg.backend = server::BackendChoice::Kubernetes {
+                    client,
+                    namespace,
+                    leader,
+                };
             }
             cfg.work_dir = a.work_dir;
             cfg.hub_url = a.hub_url;

@@ -59,6 +59,8 @@ pub enum BackendChoice {
         client: kube::Client,
         /// Namespace of the `AgentPool`s and their pods.
         namespace: String,
+        /// Leader election; None runs as the only instance.
+        leader: Option<Box<crate::k8s::leader::LeaderConfig>>,
     },
 }
 
@@ -66,8 +68,13 @@ impl std::fmt::Debug for BackendChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             BackendChoice::Process => f.write_str("Process"),
-            BackendChoice::Kubernetes { namespace, .. } => {
-                write!(f, "Kubernetes {{ namespace: {namespace:?} }}")
+            BackendChoice::Kubernetes {
+                namespace, leader, ..
+            } => {
+                write!(
+                    f,
+                    "Kubernetes {{ namespace: {namespace:?}, leader: {leader:?} }}"
+                )
             }
         }
     }
@@ -187,7 +194,9 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             }));
             (p.clone(), Some(p), None)
         }
-        BackendChoice::Kubernetes { client, namespace } => {
+        BackendChoice::Kubernetes {
+            client, namespace, ..
+        } => {
             let k = Arc::new(KubeBackend::new(
                 client.clone(),
                 KubeConfig {
@@ -210,7 +219,6 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         svc: svc.clone(),
         api_token: cfg.api_token.clone().map(Arc::new),
     });
-    let stop = CancellationToken::new();
     let http_stop = CancellationToken::new();
     let http = {
         let http_stop = http_stop.clone();
@@ -223,6 +231,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             }
         })
     };
+    let stop = CancellationToken::new();
     let watchers = CancellationToken::new();
     match kube {
         None => {
@@ -231,11 +240,31 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             }
         }
         Some(k) => {
-            tokio::spawn(crate::backend::kubernetes::run(
-                svc.clone(),
-                k,
-                watchers.clone(),
-            ));
+            let leader = match &cfg.backend {
+                BackendChoice::Kubernetes { client, leader, .. } => {
+                    leader.clone().map(|l| (client.clone(), *l))
+                }
+                BackendChoice::Process => None,
+            };
+            match leader {
+                None => {
+                    tokio::spawn(crate::backend::kubernetes::run(
+                        svc.clone(),
+                        k,
+                        watchers.clone(),
+                    ));
+                }
+                Some((client, lcfg)) => {
+                    tokio::spawn(lead(
+                        svc.clone(),
+                        k,
+                        client,
+                        lcfg,
+                        watchers.clone(),
+                        stop.clone(),
+                    ));
+                }
+            }
         }
     }
     tracing::info!(%addr, backend = svc.backend_name(), "warmpool serving");
@@ -266,6 +295,39 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         stop,
         task,
     })
+}
+
+/// Leader-election driver: a standby is not ready and runs no watcher; the leader runs them and
+/// renews its Lease. Losing the lease stops the whole service (the process exits and restarts as
+/// a standby, as Kubernetes controllers do); a normal shutdown releases it.
+async fn lead(
+    svc: Arc<Service>,
+    backend: Arc<KubeBackend>,
+    client: kube::Client,
+    cfg: crate::k8s::leader::LeaderConfig,
+    watchers: CancellationToken,
+    stop: CancellationToken,
+) {
+    use crate::k8s::leader;
+    let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
+        kube::Api::namespaced(client, &cfg.namespace);
+    svc.set_ready(false);
+    if leader::acquire(&api, &cfg, &watchers).await.is_none() {
+        return;
+    }
+    svc.set_ready(true);
+    tokio::spawn(crate::backend::kubernetes::run(
+        svc.clone(),
+        backend,
+        watchers.clone(),
+    ));
+    leader::hold(&api, &cfg, &watchers).await;
+    if !watchers.is_cancelled() {
+        tracing::error!(identity = %cfg.identity, "lost leadership; stopping");
+        svc.set_ready(false);
+        watchers.cancel();
+        stop.cancel();
+    }
 }
 
 /// Serves until `shutdown` resolves, then shuts down cleanly.

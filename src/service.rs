@@ -240,6 +240,11 @@ impl Service {
         result
     }
 
+    /// Marks the service ready or not (a leader-election standby is not ready).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
     /// True while the service grants leases.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)

@@ -40,6 +40,7 @@ async fn cluster() -> Cluster {
     cfg.backend = BackendChoice::Kubernetes {
         client: client.clone(),
         namespace: "default".into(),
+        leader: None,
     };
     let h = start_with(cfg).await;
     Cluster {
@@ -356,4 +357,79 @@ async fn template_change_rolls_idle_pods_replacement_first() {
         env.iter().any(|e| e.name == "ROLLED"),
         "new pods use the new template"
     );
+}
+
+fn replica(client: &kube::Client, identity: &str) -> warmpool::server::ServeConfig {
+    let mut l = warmpool::k8s::leader::LeaderConfig::new("default", identity);
+    l.lease_duration = Duration::from_secs(3);
+    l.renew_deadline = Duration::from_secs(2);
+    l.retry_period = Duration::from_millis(200);
+    let mut cfg = test_config("pools:\n  - name: unused\n");
+    cfg.backend = BackendChoice::Kubernetes {
+        client: client.clone(),
+        namespace: "default".into(),
+        leader: Some(Box::new(l)),
+    };
+    cfg
+}
+
+#[tokio::test]
+async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
+    let c = cluster().await;
+    // The cluster() instance runs without election; stop it so only the two replicas act.
+    let Cluster {
+        api,
+        client,
+        _kubelet,
+        h,
+    } = c;
+    h.server.shutdown().await;
+    let a = start_with(replica(&client, "replica-a")).await;
+    let b = start_with(replica(&client, "replica-b")).await;
+    let ready = |h: &Harness| h.server.svc.is_ready();
+    wait_until("one leader", Duration::from_secs(10), || {
+        ready(&a) ^ ready(&b)
+    })
+    .await;
+    let (leader, standby, leader_id) = if ready(&a) {
+        (a, b, "replica-a")
+    } else {
+        (b, a, "replica-b")
+    };
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "default");
+    let lease = leases.get("warmpool-leader").await.unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(leader_id)
+    );
+    // Only the leader provisions; the standby is not ready and starts nothing.
+    let pools: Api<AgentPool> = Api::namespaced(client.clone(), "default");
+    pools
+        .create(
+            &PostParams::default(),
+            &agent_pool("ha", agent_cmd(), json!({"minIdle": 1, "maxTotal": 2})),
+        )
+        .await
+        .unwrap();
+    leader.wait_idle("ha", 1).await;
+    assert!(
+        standby.server.svc.pools().is_empty(),
+        "the standby runs no watcher"
+    );
+    let r = reqwest::get(standby.url("/readyz")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    // The leader stops (releasing its lease): the standby takes over and serves the pool.
+    leader.server.shutdown().await;
+    wait_until("standby leads", Duration::from_secs(10), || {
+        standby.server.svc.is_ready()
+    })
+    .await;
+    standby.wait_idle("ha", 1).await;
+    let lease = leases.get("warmpool-leader").await.unwrap();
+    assert_ne!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(leader_id)
+    );
+    drop(api);
 }
