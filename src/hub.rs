@@ -273,8 +273,9 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
                 pool,
                 token,
                 health,
+                lease,
                 ..
-            }) => (protocol, agent_id, pool, token, health),
+            }) => (protocol, agent_id, pool, token, health, lease),
             Ok(other) => {
                 let r = format!("expected hello, got {}", msg_type(&other));
                 return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
@@ -289,7 +290,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
         }
     };
-    let (version, agent, pool, token, health) = hello;
+    let (version, agent, pool, token, health, lease) = hello;
     if version != PROTOCOL_VERSION {
         let r =
             format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
@@ -319,7 +320,9 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             v.insert(conn.clone());
         }
     }
-    if let Err(e) = svc.apply(|e, now| e.agent_connected(&agent, pool.as_deref(), health, now)) {
+    if let Err(e) = svc
+        .apply(|e, now| e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), now))
+    {
         svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
         return refuse_connect(&svc, socket, e).await;
     }

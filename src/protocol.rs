@@ -132,6 +132,12 @@ pub enum HubMessage {
         /// The exec.
         exec_id: u64,
     },
+    /// The agent now serves this lease; it reports it in `hello` if it reconnects (so a
+    /// restarted service restores the lease instead of losing it).
+    Leased {
+        /// The lease.
+        lease: String,
+    },
     /// The lease ended: clean the workspace, kill leftover processes, then send `ready`.
     Release {
         /// The lease.

@@ -81,6 +81,9 @@ pub struct Service {
     /// Fired when shutdown begins.
     pub shutdown: CancellationToken,
     ready: AtomicBool,
+    /// Set when a shutdown leaves the agents to the next instance: from then on nothing is
+    /// provisioned or terminated, whatever the engine decides.
+    detached: AtomicBool,
 }
 
 /// A lease request that is waiting; dropping it withdraws the request and releases a lease that
@@ -153,6 +156,7 @@ impl Service {
             waiters: DashMap::new(),
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(true),
+            detached: AtomicBool::new(false),
         });
         tokio::spawn(tick_loop(Arc::downgrade(&svc), svc.cfg.tick));
         tokio::spawn(backend_loop(Arc::downgrade(&svc), backend_rx));
@@ -251,8 +255,13 @@ impl Service {
     }
 
     fn dispatch(&self, actions: Vec<Action>) {
+        let detached = self.detached.load(Ordering::Relaxed);
         for a in actions {
             match a {
+                Action::Provision { .. } | Action::Terminate { .. } if detached => {}
+                Action::Bound { agent, lease } => {
+                    self.hub.send(self, &agent, HubMessage::Leased { lease });
+                }
                 Action::Provision { pool, agent } => {
                     let Some(spec) = self.specs.get(&pool).map(|s| s.clone()) else {
                         let _ = self.backend_tx.send(BackendEvent::Failed {
@@ -372,6 +381,20 @@ impl Service {
     pub async fn shutdown(&self, grace: Duration) {
         self.ready.store(false, Ordering::Relaxed);
         self.shutdown.cancel();
+        if self.backend.keeps_agents_on_shutdown() {
+            // Agents (pods) and their leases outlive this instance: the next one adopts them
+            // and the agents report their leases when they reconnect.
+            self.detached.store(true, Ordering::Relaxed);
+            self.apply(|e, now| e.begin_shutdown(now));
+            tracing::info!(
+                backend = self.backend.name(),
+                "leaving agents and leases to the next instance"
+            );
+            self.backend.shutdown().await;
+            self.hub
+                .close_all(close::GOING_AWAY, "warmpool is restarting; reconnect");
+            return;
+        }
         self.apply(|e, now| e.begin_shutdown(now));
         let deadline = Instant::now() + grace;
         loop {
@@ -384,14 +407,7 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        if self.backend.keeps_agents_on_shutdown() {
-            tracing::info!(
-                backend = self.backend.name(),
-                "leaving agents running for the next instance"
-            );
-        } else {
-            self.apply(|e, now| e.terminate_all(now));
-        }
+        self.apply(|e, now| e.terminate_all(now));
         self.backend.shutdown().await;
         self.hub
             .close_all(close::GOING_AWAY, "warmpool is shutting down");

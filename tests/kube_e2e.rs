@@ -26,6 +26,19 @@ struct Cluster {
     h: Harness,
 }
 
+/// A fixed agent key: agent tokens stay valid across service instances, as with
+/// `--agent-key-file` in production.
+fn kube_config(client: &kube::Client) -> warmpool::server::ServeConfig {
+    let mut cfg = test_config("pools:\n  - name: unused\n");
+    cfg.agent_key = warmpool::auth::AgentKey::from_bytes(b"test-agent-key-0123456789");
+    cfg.backend = BackendChoice::Kubernetes {
+        client: client.clone(),
+        namespace: "default".into(),
+        leader: None,
+    };
+    cfg
+}
+
 async fn cluster() -> Cluster {
     // Warnings from warmpool show in a failing test's output.
     let _ = tracing_subscriber::fmt()
@@ -36,13 +49,7 @@ async fn cluster() -> Cluster {
     let client = api.client().await;
     install_crd(&client).await;
     let kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
-    let mut cfg = test_config("pools:\n  - name: unused\n");
-    cfg.backend = BackendChoice::Kubernetes {
-        client: client.clone(),
-        namespace: "default".into(),
-        leader: None,
-    };
-    let h = start_with(cfg).await;
+    let h = start_with(kube_config(&client)).await;
     Cluster {
         api,
         client,
@@ -359,12 +366,60 @@ async fn template_change_rolls_idle_pods_replacement_first() {
     );
 }
 
+/// What a Kubernetes Service does for the replicas: one stable address that forwards each
+/// connection to a ready replica (only the leader is ready).
+type Replicas = std::sync::Arc<
+    std::sync::Mutex<
+        Vec<(
+            std::net::SocketAddr,
+            std::sync::Arc<warmpool::service::Service>,
+        )>,
+    >,
+>;
+
+async fn service_proxy(replicas: Replicas) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = replicas
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, svc)| svc.is_ready())
+                .map(|(a, _)| *a);
+            let Some(target) = target else { continue };
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn pod_names_of(client: &kube::Client, pool: &str) -> Vec<String> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let lp = ListParams::default().labels(&format!("warmpool.dev/pool={pool}"));
+    let mut v: Vec<String> = pods
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|p| p.metadata.name)
+        .collect();
+    v.sort();
+    v
+}
+
 fn replica(client: &kube::Client, identity: &str) -> warmpool::server::ServeConfig {
     let mut l = warmpool::k8s::leader::LeaderConfig::new("default", identity);
     l.lease_duration = Duration::from_secs(3);
     l.renew_deadline = Duration::from_secs(2);
     l.retry_period = Duration::from_millis(200);
-    let mut cfg = test_config("pools:\n  - name: unused\n");
+    let mut cfg = kube_config(client);
     cfg.backend = BackendChoice::Kubernetes {
         client: client.clone(),
         namespace: "default".into(),
@@ -384,8 +439,20 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
         h,
     } = c;
     h.server.shutdown().await;
-    let a = start_with(replica(&client, "replica-a")).await;
-    let b = start_with(replica(&client, "replica-b")).await;
+    let replicas: Replicas = Default::default();
+    let service = service_proxy(replicas.clone()).await;
+    let hub = format!("ws://{service}/v1/agents/connect");
+    let (mut ca, mut cb) = (replica(&client, "replica-a"), replica(&client, "replica-b"));
+    ca.hub_url = Some(hub.clone());
+    cb.hub_url = Some(hub);
+    let a = start_with(ca).await;
+    let b = start_with(cb).await;
+    for h in [&a, &b] {
+        replicas
+            .lock()
+            .unwrap()
+            .push((h.server.addr, h.server.svc.clone()));
+    }
     let ready = |h: &Harness| h.server.svc.is_ready();
     wait_until("one leader", Duration::from_secs(10), || {
         ready(&a) ^ ready(&b)
@@ -419,17 +486,88 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     );
     let r = reqwest::get(standby.url("/readyz")).await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
-    // The leader stops (releasing its lease): the standby takes over and serves the pool.
+    // The leader stops (releasing its lease): the standby takes over, adopts the pod (its agent
+    // reconnects through the Service) and serves the pool without creating another.
+    let pods_before = pod_names_of(&client, "ha").await;
     leader.server.shutdown().await;
     wait_until("standby leads", Duration::from_secs(10), || {
         standby.server.svc.is_ready()
     })
     .await;
     standby.wait_idle("ha", 1).await;
+    assert_eq!(
+        pod_names_of(&client, "ha").await,
+        pods_before,
+        "the pod was adopted, not replaced"
+    );
     let lease = leases.get("warmpool-leader").await.unwrap();
     assert_ne!(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some(leader_id)
     );
     drop(api);
+}
+
+#[tokio::test]
+async fn a_restart_adopts_pods_and_keeps_a_running_lease() {
+    let c = cluster().await;
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool(
+                "keep",
+                agent_cmd(),
+                json!({"minIdle": 2, "maxTotal": 3, "maxUses": 0}),
+            ),
+        )
+        .await
+        .unwrap();
+    c.h.wait_idle("keep", 2).await;
+    let l = c.h.lease("keep", 10.0, 120.0).await;
+    let out = exec(&c.h, &l.id, script("echo before")).await;
+    assert_eq!(out.stdout, b"before\n");
+    c.until("three pods (one leased, two idle)", async |c: &Cluster| {
+        c.pod_names("keep").await.len() == 3
+    })
+    .await;
+    let before = c.pod_names("keep").await;
+
+    // Restart: the old instance goes away (pods stay), a new one starts with the same key.
+    let Cluster {
+        api,
+        client,
+        _kubelet,
+        h,
+    } = c;
+    let addr = h.server.addr;
+    h.server.shutdown().await;
+    let h2 = start_at(kube_config(&client), addr).await;
+    let c = Cluster {
+        api,
+        client,
+        _kubelet,
+        h: h2,
+    };
+
+    // The lease is restored from the agent's hello, on the same agent, and usable.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        // Never more pods than maxTotal, and none of the old ones deleted.
+        let now = c.pod_names("keep").await;
+        assert!(now.len() <= 3, "maxTotal exceeded after restart: {now:?}");
+        assert_eq!(now, before, "a restart must not delete or add pods");
+        if let Ok(v) = c.h.client.get_lease(&l.id).await {
+            assert_eq!(v.agent, l.agent);
+            assert_eq!(v.state, "active");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "lease never restored");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.h.wait_idle("keep", 2).await;
+    assert_eq!(c.pod_names("keep").await, before);
+    let out = exec(&c.h, &l.id, script("echo after")).await;
+    assert_eq!(out.stdout, b"after\n");
+    c.h.client.renew(&l.id).await.unwrap();
+    c.h.client.release(&l.id).await.unwrap();
 }

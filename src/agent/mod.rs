@@ -93,10 +93,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         message: format!("cannot create workspace {}: {e}", cfg.workspace.display()),
     })?;
     let pids = Arc::new(Mutex::new(HashSet::new()));
+    // The lease this agent serves, kept across reconnects and reported in `hello`.
+    let lease: Arc<Mutex<Option<String>>> = Arc::default();
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
-        let end = session(&cfg, &shutdown, pids.clone()).await;
+        let end = session(&cfg, &shutdown, pids.clone(), lease.clone()).await;
         match &end {
             Ok(End::Exit(why)) => {
                 tracing::info!(agent = %cfg.agent_id, why = %why, "agent exiting");
@@ -146,6 +148,7 @@ async fn session(
     cfg: &AgentConfig,
     shutdown: &CancellationToken,
     pids: Arc<Mutex<HashSet<i32>>>,
+    current_lease: Arc<Mutex<Option<String>>>,
 ) -> Result<End> {
     let transport = |message: String| Error::Transport {
         hub: cfg.hub.clone(),
@@ -158,13 +161,14 @@ async fn session(
         .await
         .map_err(|e| transport(e.to_string()))?;
     let (mut sink, mut stream) = ws.split();
+    let lease = current_lease.lock().expect("lock").clone();
     let hello = AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
         pool: cfg.pool.clone(),
         token: cfg.token.clone(),
         labels: cfg.labels.clone(),
-        lease: None,
+        lease,
         health: health_async(cfg, &pids).await,
     };
     sink.send(json(&hello))
@@ -269,6 +273,9 @@ async fn session(
         };
         match m {
             HubMessage::Heartbeat {} | HubMessage::Welcome { .. } => {}
+            HubMessage::Leased { lease } => {
+                *current_lease.lock().expect("lock") = Some(lease);
+            }
             HubMessage::Exec { exec_id, spec } => {
                 let mut cur = current.lock().expect("lock");
                 let cleaning = cleanup.as_ref().is_some_and(|c| !c.is_finished());
@@ -322,6 +329,7 @@ async fn session(
                 }
             }
             HubMessage::Release { lease } => {
+                current_lease.lock().expect("lock").take();
                 let running = current.lock().expect("lock").take();
                 let (tx2, cfg2, pids2) = (tx.clone(), cfg.clone(), pids.clone());
                 let previous = cleanup.take();

@@ -224,8 +224,66 @@ impl Backend for KubeBackend {
     }
 }
 
-/// Runs the `AgentPool` and pod watchers and the status writer until `stop` fires.
+/// Adopts what a previous instance left: with provisioning paused, loads the valid
+/// `AgentPool`s and takes over their live pods from the labels, so pool counts (and `maxTotal`)
+/// are rebuilt from the cluster before anything new is created. Their agents reconnect and
+/// report the leases they still serve. Returns how many pods were adopted.
+/// The caller holds provisioning paused until this succeeds.
+pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::Error> {
+    let pools: Api<AgentPool> = Api::namespaced(backend.client.clone(), &backend.cfg.namespace);
+    for ap in pools.list(&Default::default()).await?.items {
+        if ap.spec.problems().is_empty() {
+            let name = ap.name_any();
+            backend.pools.insert(name.clone(), ap.clone());
+            svc.upsert_pool(&name, ap.spec.pool.clone());
+        }
+    }
+    let lp = kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=warmpool"));
+    let mut adopted = 0;
+    for pod in backend.pods().list(&lp).await?.items {
+        let (Some(agent), Some(pool)) = (agent_of(&pod), pod.labels().get(LABEL_POOL).cloned())
+        else {
+            continue;
+        };
+        let phase = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.phase.clone())
+            .unwrap_or_default();
+        if pod.metadata.deletion_timestamp.is_some() || phase == "Failed" || phase == "Succeeded" {
+            continue;
+        }
+        if svc.read(|e| e.agent(&agent).is_some()) {
+            continue;
+        }
+        let running = phase == "Running";
+        if svc.apply(|e, now| e.adopt(&agent, &pool, running, now)) {
+            adopted += 1;
+        }
+    }
+    tracing::info!(adopted, "adopted existing agent pods");
+    Ok(adopted)
+}
+
+/// Runs the `AgentPool` and pod watchers and the status writer until `stop` fires, after
+/// adopting what a previous instance left.
 pub async fn run(svc: Arc<Service>, backend: Arc<KubeBackend>, stop: CancellationToken) {
+    svc.apply(|e, now| e.set_paused(true, now));
+    loop {
+        match adopt(&svc, &backend).await {
+            Ok(_) => {
+                svc.apply(|e, now| e.set_paused(false, now));
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "adopting existing pods failed; retrying");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
     tokio::select! {
         _ = stop.cancelled() => {}
         _ = watch_pools(svc.clone(), backend.clone()) => {}

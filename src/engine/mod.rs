@@ -46,6 +46,9 @@ impl Pacer for Unpaced {
     }
 }
 
+/// TTL of a lease restored from an agent's `hello` until its holder renews it.
+pub const RESTORED_LEASE_TTL: Duration = Duration::from_secs(300);
+
 /// Engine-wide settings.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -104,6 +107,7 @@ pub struct Engine {
     actions: Vec<Action>,
     seq: u64,
     shutting_down: bool,
+    paused: bool,
 }
 
 impl Engine {
@@ -122,6 +126,7 @@ impl Engine {
             actions: Vec::new(),
             seq: 0,
             shutting_down: false,
+            paused: false,
         }
     }
 
@@ -182,6 +187,46 @@ impl Engine {
             self.terminate(&id, Reason::PoolRemoved, now);
         }
         self.reconcile(now);
+    }
+
+    /// Holds provisioning back (while a new instance adopts existing agents, so counts are
+    /// rebuilt from what exists before anything new is created).
+    pub fn set_paused(&mut self, paused: bool, now: Instant) {
+        self.paused = paused;
+        self.reconcile(now);
+    }
+
+    /// Adopts an agent that already exists (a pod left by a previous instance). It counts toward
+    /// `maxTotal` at once and must register within `connectTimeout`. False when the pool is
+    /// unknown or the id is taken.
+    pub fn adopt(&mut self, id: &str, pool: &str, started: bool, now: Instant) -> bool {
+        if self.agents.contains_key(id) || self.pools.get(pool).is_none_or(|p| p.removed) {
+            return false;
+        }
+        let state = if started {
+            AgentState::Connecting
+        } else {
+            AgentState::Provisioning
+        };
+        self.agents.insert(
+            id.to_string(),
+            Agent {
+                id: id.to_string(),
+                pool: pool.to_string(),
+                state,
+                created: now,
+                since: now,
+                last_seen: now,
+                uses: 0,
+                lease: None,
+                health: Health::default(),
+                unhealthy: None,
+                terminate_reason: None,
+                retire: false,
+            },
+        );
+        tracing::info!(agent = id, pool, "adopted existing agent");
+        true
     }
 
     /// Names of the pools.
@@ -456,12 +501,59 @@ impl Engine {
         health: Health,
         now: Instant,
     ) -> Result<(), ConnectError> {
+        self.agent_registered(id, pool, health, None, now)
+    }
+
+    /// Like [`Engine::agent_connected`], for an agent that reports a lease it still serves (it
+    /// reconnected after a service restart): the lease is restored, with [`RESTORED_LEASE_TTL`]
+    /// until its holder renews it.
+    pub fn agent_registered(
+        &mut self,
+        id: &str,
+        pool: Option<&str>,
+        health: Health,
+        lease: Option<&str>,
+        now: Instant,
+    ) -> Result<(), ConnectError> {
         self.check_connect(id, pool)?;
         let a = self.agents.get_mut(id).expect("checked");
         a.health = health;
         a.last_seen = now;
         let seconds = now.duration_since(a.created).as_secs_f64();
         let pool = a.pool.clone();
+        if let Some(lease_id) = lease
+            && !self.leases.contains_key(lease_id)
+        {
+            let a = self.agents.get_mut(id).expect("checked");
+            a.uses += 1;
+            a.lease = Some(lease_id.to_string());
+            let labels = self.pools[&pool].spec.labels.clone();
+            self.leases.insert(
+                lease_id.to_string(),
+                Lease {
+                    id: lease_id.to_string(),
+                    agent: id.to_string(),
+                    pool: pool.clone(),
+                    labels,
+                    holder: "restored after a service restart".into(),
+                    selector: String::new(),
+                    granted: now,
+                    expires: now + RESTORED_LEASE_TTL,
+                    ttl: RESTORED_LEASE_TTL,
+                    state: LeaseState::Active,
+                    end_reason: None,
+                    idempotency_key: None,
+                },
+            );
+            tracing::info!(
+                agent = id,
+                lease = lease_id,
+                "restored lease reported by agent"
+            );
+            self.set_state(id, AgentState::Leased, now);
+            self.reconcile(now);
+            return Ok(());
+        }
         self.actions
             .push(Action::Observe(Observation::ProvisionToIdle {
                 pool,

@@ -171,6 +171,10 @@ impl Engine {
         }
         self.leases.insert(id.clone(), lease.clone());
         self.set_state(agent, AgentState::Leased, now);
+        self.actions.push(Action::Bound {
+            agent: agent.to_string(),
+            lease: id.clone(),
+        });
         self.actions.push(Action::Observe(Observation::LeaseWait {
             pool,
             seconds: now.duration_since(w.enqueued).as_secs_f64(),
@@ -235,7 +239,7 @@ impl Engine {
         // Scale up: fresh idle + in-flight must cover minIdle + demand.
         let supply = fresh_idle.len() as u32 + in_flight;
         let mut need = want.saturating_sub(supply);
-        if self.shutting_down {
+        if self.shutting_down || self.paused {
             need = 0;
         }
         need = need

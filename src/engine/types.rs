@@ -372,6 +372,13 @@ pub enum Action {
         /// The lease that ended.
         lease: LeaseId,
     },
+    /// An agent was bound to a lease: tell it (it reports the lease after a reconnect).
+    Bound {
+        /// Agent.
+        agent: AgentId,
+        /// The lease.
+        lease: LeaseId,
+    },
     /// A lease ended (any way); running execs on it must stop.
     LeaseEnded {
         /// The lease.

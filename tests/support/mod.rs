@@ -41,6 +41,15 @@ pub async fn start_with(cfg: ServeConfig) -> Harness {
     Harness { server, client }
 }
 
+/// Starts on a given address (a restarted instance reuses its predecessor's, as a Service
+/// name stays the same in a cluster).
+pub async fn start_at(cfg: ServeConfig, addr: std::net::SocketAddr) -> Harness {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let server = start(listener, cfg).await.expect("server starts");
+    let client = Client::new(&server.base_url(), None);
+    Harness { server, client }
+}
+
 pub async fn start_pools(pools_yaml: &str) -> Harness {
     start_with(test_config(pools_yaml)).await
 }
