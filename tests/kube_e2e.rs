@@ -571,3 +571,42 @@ async fn a_restart_adopts_pods_and_keeps_a_running_lease() {
     c.h.client.renew(&l.id).await.unwrap();
     c.h.client.release(&l.id).await.unwrap();
 }
+
+#[tokio::test]
+async fn unschedulable_pods_are_kept_and_reported_not_recreated() {
+    let c = cluster().await;
+    let mut ap = agent_pool(
+        "nowhere",
+        agent_cmd(),
+        json!({"minIdle": 1, "maxTotal": 1, "connectTimeout": "1s"}),
+    );
+    ap.spec.template.spec.as_mut().unwrap().node_selector =
+        Some([("disk".to_string(), "ssd".to_string())].into());
+    c.pools().create(&PostParams::default(), &ap).await.unwrap();
+    c.until(
+        "Degraded/Unschedulable naming the pod",
+        async |c: &Cluster| {
+            let s = c
+                .pools()
+                .get("nowhere")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            s.conditions.iter().any(|x| {
+                x.type_ == "Degraded"
+                    && x.status == "True"
+                    && x.reason == "Unschedulable"
+                    && x.message.contains("nowhere-")
+            })
+        },
+    )
+    .await;
+    let first = c.pod_names("nowhere").await;
+    assert_eq!(first.len(), 1);
+    // Well past connectTimeout: the same pod is kept, nothing deleted or recreated.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(c.pod_names("nowhere").await, first);
+    assert_eq!(c.h.recycles("provision-timeout"), 0);
+    assert_eq!(c.h.pool("nowhere").leaks_total, 0);
+}

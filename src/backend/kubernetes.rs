@@ -61,6 +61,8 @@ pub struct KubeBackend {
     pools: DashMap<String, AgentPool>,
     /// `AgentPool`s whose latest spec is invalid: generation and one message per problem.
     invalid: DashMap<String, (Option<i64>, Vec<String>)>,
+    /// Pods that cannot be scheduled (agent -> (pool, why)): kept and reported, not recreated.
+    pending: DashMap<String, (String, String)>,
 }
 
 impl KubeBackend {
@@ -71,6 +73,7 @@ impl KubeBackend {
             cfg,
             pools: DashMap::new(),
             invalid: DashMap::new(),
+            pending: DashMap::new(),
         }
     }
 
@@ -365,6 +368,29 @@ async fn retire_outdated(svc: &Service, backend: &KubeBackend, ap: &AgentPool) {
     }
 }
 
+/// Why a Pending pod cannot start: unschedulable or scheduling-gated (None otherwise).
+pub fn unschedulable(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Pending") {
+        return None;
+    }
+    if let Some(gates) = pod.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref())
+        && !gates.is_empty()
+    {
+        let names: Vec<&str> = gates.iter().map(|g| g.name.as_str()).collect();
+        return Some(format!("scheduling-gated ({})", names.join(", ")));
+    }
+    status.conditions.as_ref()?.iter().find_map(|c| {
+        (c.type_ == "PodScheduled"
+            && c.status == "False"
+            && matches!(
+                c.reason.as_deref(),
+                Some("Unschedulable" | "SchedulingGated")
+            ))
+        .then(|| c.message.clone().unwrap_or_else(|| "unschedulable".into()))
+    })
+}
+
 fn agent_of(pod: &Pod) -> Option<String> {
     pod.labels().get(LABEL_AGENT).cloned()
 }
@@ -396,6 +422,16 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 if current.is_some() && pod.labels().get(LABEL_TEMPLATE_HASH) != current.as_ref() {
                     svc.apply(|e, now| e.retire(&agent, now));
                 }
+                match (unschedulable(&pod), pod.labels().get(LABEL_POOL)) {
+                    (Some(why), Some(pool)) => {
+                        tracing::warn!(pod = %agent, why = %why, "pod cannot be scheduled; keeping it");
+                        backend.pending.insert(agent.clone(), (pool.clone(), why));
+                        svc.apply(|e, now| e.hold_pending(&agent, now));
+                    }
+                    _ => {
+                        backend.pending.remove(&agent);
+                    }
+                }
                 let phase = pod
                     .status
                     .as_ref()
@@ -417,6 +453,7 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             }
             Ok(Event::Delete(pod)) => {
                 if let Some(agent) = agent_of(&pod) {
+                    backend.pending.remove(&agent);
                     let _ = events.send(BackendEvent::Exited {
                         agent,
                         detail: "pod deleted".into(),
@@ -436,6 +473,20 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
     let mut iv = tokio::time::interval(backend.cfg.status_interval);
     loop {
         iv.tick().await;
+        // Level-triggered: pods still unschedulable keep their provisioning deadline held.
+        let pending: Vec<(String, String, String)> = backend
+            .pending
+            .iter()
+            .map(|e| (e.key().clone(), e.value().0.clone(), e.value().1.clone()))
+            .collect();
+        for (agent, _, _) in &pending {
+            let known = svc.read(|e| e.agent(agent).is_some());
+            if known {
+                svc.apply(|e, now| e.hold_pending(agent, now));
+            } else {
+                backend.pending.remove(agent);
+            }
+        }
         // Pools whose spec was never valid: only the Degraded condition to report.
         let invalid: Vec<(String, Option<i64>, Vec<String>)> = backend
             .invalid
@@ -479,6 +530,11 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 continue;
             };
             let invalid_spec = backend.invalid.get(&p.name).map(|e| e.value().1.join("; "));
+            let stuck: Vec<String> = pending
+                .iter()
+                .filter(|(_, pool, _)| pool == &p.name)
+                .map(|(agent, _, why)| format!("{agent}: {why}"))
+                .collect();
             let ready = p.idle >= p.min_idle;
             let cond = |type_: &str, on: bool, reason: &str, message: String| Condition {
                 type_: type_.into(),
@@ -522,6 +578,12 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                             true,
                             "InvalidSpec",
                             format!("latest spec not applied: {problems}"),
+                        ),
+                        None if !stuck.is_empty() => cond(
+                            "Degraded",
+                            true,
+                            "Unschedulable",
+                            format!("pods pending, not deleted: {}", stuck.join("; ")),
                         ),
                         None => cond(
                             "Degraded",

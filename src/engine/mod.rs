@@ -83,6 +83,30 @@ struct Pool {
     leaks_total: u64,
     provision_failures_total: u64,
     last_error: Option<String>,
+    /// Provisioning failures in a row (reset when an agent of the pool starts).
+    failures_in_a_row: u32,
+    /// No provisioning before this (exponential backoff after failures).
+    backoff_until: Option<Instant>,
+}
+
+/// First pause after a provisioning failure; it doubles per failure in a row.
+pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Longest pause between provisioning attempts of a failing pool.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Exponential backoff with jitter for the `n`th failure in a row (n >= 1): a duration in
+/// [d/2, d] where d = min(BACKOFF_MAX, BACKOFF_BASE * 2^(n-1)). The jitter is derived from the
+/// pool name and n, so the engine stays deterministic while pools failing together spread out.
+pub fn backoff(pool: &str, n: u32) -> Duration {
+    let d = BACKOFF_BASE
+        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
+        .min(BACKOFF_MAX);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in pool.bytes().chain(n.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let frac = (h % 1000) as f64 / 1000.0;
+    d.mul_f64(0.5 + frac * 0.5)
 }
 
 #[derive(Debug)]
@@ -164,6 +188,8 @@ impl Engine {
                         leaks_total: 0,
                         provision_failures_total: 0,
                         last_error: None,
+                        failures_in_a_row: 0,
+                        backoff_until: None,
                     },
                 );
             }
@@ -452,7 +478,21 @@ impl Engine {
         if let Some(a) = self.agents.get(id)
             && a.state == AgentState::Provisioning
         {
+            if let Some(p) = self.pools.get_mut(&a.pool) {
+                p.failures_in_a_row = 0;
+                p.backoff_until = None;
+            }
             self.set_state(id, AgentState::Connecting, now);
+        }
+    }
+
+    /// The backend reports the agent cannot start yet for a reason outside warmpool's control
+    /// (pod unschedulable or scheduling-gated): it is kept, not timed out and recreated in a loop.
+    pub fn hold_pending(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id)
+            && a.state == AgentState::Provisioning
+        {
+            a.since = now;
         }
     }
 
@@ -462,7 +502,14 @@ impl Engine {
         let pool = a.pool.clone();
         if let Some(p) = self.pools.get_mut(&pool) {
             p.provision_failures_total += 1;
-            p.last_error = Some(format!("agent {id}: {error}"));
+            p.failures_in_a_row += 1;
+            let pause = backoff(&pool, p.failures_in_a_row);
+            p.backoff_until = Some(now + pause);
+            p.last_error = Some(format!(
+                "agent {id}: {error} (failure {} in a row; next attempt in {} ms)",
+                p.failures_in_a_row,
+                pause.as_millis()
+            ));
         }
         self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
         // It never started: nothing will report its exit, so it is gone now.

@@ -239,7 +239,8 @@ impl Engine {
         // Scale up: fresh idle + in-flight must cover minIdle + demand.
         let supply = fresh_idle.len() as u32 + in_flight;
         let mut need = want.saturating_sub(supply);
-        if self.shutting_down || self.paused {
+        let backing_off = self.pools[name].backoff_until.is_some_and(|t| now < t);
+        if self.shutting_down || self.paused || backing_off {
             need = 0;
         }
         need = need

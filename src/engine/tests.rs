@@ -618,7 +618,11 @@ fn failed_provisions_do_not_hold_capacity() {
     let t0 = Instant::now();
     let mut e = engine();
     e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    let mut now = t0;
     for _ in 0..5 {
+        // Past the backoff of the previous failure.
+        now += BACKOFF_MAX;
+        e.tick(now);
         let acts = e.take_actions();
         let Some(Action::Provision { agent, .. }) = acts
             .iter()
@@ -627,7 +631,7 @@ fn failed_provisions_do_not_hold_capacity() {
         else {
             panic!("a provision each time: {acts:?}")
         };
-        e.provision_failed(&agent, "no such program", t0);
+        e.provision_failed(&agent, "no such program", now);
         let s = status(&e, "p");
         assert!(s.total <= 1, "failed agents still count: {s:?}");
         assert!(s.last_error.as_deref().unwrap().contains("no such program"));
@@ -723,4 +727,60 @@ fn retired_agents_roll_replacement_first() {
     let acts = settle(&mut e, t0);
     assert_eq!(terminations(&acts), vec!["rolled", "rolled"]);
     assert!(e.agents().all(|a| !old.contains(&a.id)));
+}
+
+#[test]
+fn provisioning_failures_back_off_exponentially_with_jitter() {
+    assert!(backoff("p", 1) >= BACKOFF_BASE / 2 && backoff("p", 1) <= BACKOFF_BASE);
+    assert!(backoff("p", 3) >= BACKOFF_BASE * 2 && backoff("p", 3) <= BACKOFF_BASE * 4);
+    assert!(backoff("p", 40) <= BACKOFF_MAX);
+    assert_ne!(
+        backoff("a", 5),
+        backoff("b", 5),
+        "pools failing together spread out"
+    );
+
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    let mut now = t0;
+    let mut attempts = Vec::new();
+    for _ in 0..600 {
+        for a in e.take_actions() {
+            if let Action::Provision { agent, .. } = a {
+                attempts.push(now);
+                e.provision_failed(&agent, "image pull refused", now);
+            }
+        }
+        now += ms(50);
+        e.tick(now);
+    }
+    // 30 s of failures: 1, 2, 4, 8, 16 s pauses (halved at most by jitter) -> about 5-8 attempts.
+    assert!(
+        (4..=9).contains(&attempts.len()),
+        "{} attempts",
+        attempts.len()
+    );
+    let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.windows(2).all(|g| g[1] >= g[0]),
+        "pauses grow: {gaps:?}"
+    );
+    assert!(status(&e, "p").last_error.unwrap().contains("in a row"));
+    // A successful start resets the backoff.
+    let a = loop {
+        now += ms(50);
+        e.tick(now);
+        if let Some(Action::Provision { agent, .. }) = e
+            .take_actions()
+            .into_iter()
+            .find(|a| matches!(a, Action::Provision { .. }))
+        {
+            break agent;
+        }
+    };
+    e.agent_started(&a, now);
+    e.agent_connected(&a, Some("p"), Health::default(), now)
+        .unwrap();
+    assert_eq!(status(&e, "p").idle, 1);
 }

@@ -24,6 +24,11 @@ use kube::{Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
 pub const NODE: &str = "process-kubelet";
+/// Labels of the one simulated node.
+pub const NODE_LABELS: [(&str, &str); 2] = [
+    ("kubernetes.io/os", "linux"),
+    ("kubernetes.io/hostname", NODE),
+];
 
 pub struct ProcessKubelet {
     stop: CancellationToken,
@@ -63,7 +68,21 @@ impl ProcessKubelet {
                             .and_then(|s| s.node_name.clone())
                             .is_some();
                         if !bound {
-                            bind(&client, &ns, &name).await;
+                            // The scheduler's part: a nodeSelector this node cannot satisfy
+                            // leaves the pod Pending and Unschedulable, as kube-scheduler does.
+                            let selector = pod
+                                .spec
+                                .as_ref()
+                                .and_then(|s| s.node_selector.clone())
+                                .unwrap_or_default();
+                            let fits = selector.iter().all(|(k, v)| {
+                                NODE_LABELS.iter().any(|(nk, nv)| nk == k && nv == v)
+                            });
+                            if fits {
+                                bind(&client, &ns, &name).await;
+                            } else {
+                                mark_unschedulable(&api, &name).await;
+                            }
                             continue;
                         }
                         if started.insert(name.clone()) {
@@ -109,6 +128,16 @@ async fn bind(client: &Client, ns: &str, name: &str) {
         .body(serde_json::to_vec(&body).unwrap())
         .unwrap();
     let _ = client.request_text(req).await;
+}
+
+async fn mark_unschedulable(api: &Api<Pod>, name: &str) {
+    let patch = serde_json::json!({"status": {"phase": "Pending", "conditions": [{
+        "type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+        "message": "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
+    }]}});
+    let _ = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await;
 }
 
 async fn set_phase(api: &Api<Pod>, name: &str, phase: &str) {
