@@ -610,3 +610,86 @@ async fn unschedulable_pods_are_kept_and_reported_not_recreated() {
     assert_eq!(c.h.recycles("provision-timeout"), 0);
     assert_eq!(c.h.pool("nowhere").leaks_total, 0);
 }
+
+#[path = "support/faults.rs"]
+mod faults;
+
+#[tokio::test]
+async fn api_faults_never_push_pods_above_max_total() {
+    let api = KubeApi::start().await;
+    let admin = api.client().await;
+    install_crd(&admin).await;
+    let _kubelet = ProcessKubelet::start(admin.clone(), "default", Duration::from_millis(50));
+    let plan = faults::FaultPlan {
+        create_429_every: 4,
+        create_500_every: 3,
+        status_409_every: 3,
+        slow_every: 7,
+        delay: Duration::from_millis(300),
+        cut_watch_after: Duration::from_secs(2),
+    };
+    let (url, counts) = faults::start(admin.clone(), plan).await;
+    // warmpool talks to the apiserver only through the proxy.
+    let kc = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: faulty\n  cluster:\n    server: {url}\nusers:\n- name: u\n  user:\n    token: unused\ncontexts:\n- name: faulty\n  context:\n    cluster: faulty\n    user: u\n    namespace: default\ncurrent-context: faulty\n"
+    );
+    let kc = kube::config::Kubeconfig::from_yaml(&kc).unwrap();
+    let faulty = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let h = start_with(kube_config(&faulty)).await;
+    let pools: Api<AgentPool> = Api::namespaced(admin.clone(), "default");
+    pools
+        .create(
+            &PostParams::default(),
+            &agent_pool(
+                "churn",
+                agent_cmd(),
+                json!({"minIdle": 3, "maxTotal": 3, "maxUses": 1}),
+            ),
+        )
+        .await
+        .unwrap();
+    // Sample every pod of the pool, terminating ones included, straight from the apiserver.
+    let max_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let sampler = {
+        let (admin, max_seen) = (admin.clone(), max_seen.clone());
+        tokio::spawn(async move {
+            let pods: Api<Pod> = Api::namespaced(admin, "default");
+            let lp = ListParams::default().labels("warmpool.dev/pool=churn");
+            loop {
+                if let Ok(list) = pods.list(&lp).await {
+                    max_seen.fetch_max(list.items.len(), std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        })
+    };
+    h.wait_idle("churn", 1).await;
+    // Churn: every lease uses up its pod (maxUses 1), so pods are deleted and created all along.
+    for _ in 0..8 {
+        let l = h.lease("churn", 30.0, 60.0).await;
+        let out = exec(&h, &l.id, script("true")).await;
+        assert_eq!(out.status.code, Some(0));
+        h.client.release(&l.id).await.unwrap();
+    }
+    h.wait_idle("churn", 3).await;
+    sampler.abort();
+    let max = max_seen.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(max <= 3, "{max} pods seen for maxTotal 3");
+    assert!(
+        counts.injected.load(std::sync::atomic::Ordering::Relaxed) >= 3,
+        "faults were injected"
+    );
+    assert!(
+        counts
+            .cut_watches
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1,
+        "watches were cut"
+    );
+    drop(api);
+}

@@ -187,13 +187,28 @@ impl Backend for KubeBackend {
         let ns = self.cfg.namespace.clone();
         tokio::spawn(async move {
             // Started is reported when the pod runs (pod watcher), not when it is created.
-            if let Err(e) = api.create(&PostParams::default(), &pod).await {
-                let _ = events.send(BackendEvent::Failed {
-                    pool: req.pool,
-                    error: format!("creating pod {ns}/{}: {e}", req.agent),
-                    agent: req.agent,
-                });
+            let Err(e) = api.create(&PostParams::default(), &pod).await else {
+                return;
+            };
+            let definite = matches!(&e, kube::Error::Api(s) if (400..500).contains(&s.code));
+            match &e {
+                // Our own earlier attempt got through: the pod is there.
+                kube::Error::Api(s) if s.code == 409 => return,
+                // 5xx, timeouts, cut connections: the pod may exist anyway. Read it back rather
+                // than forget a pod that would then leak and be created twice.
+                _ if !definite => match api.get_opt(&req.agent).await {
+                    Ok(None) => {}
+                    // There, or unknown: the pod watch reports it when it runs, and the
+                    // provisioning timeout settles the rest. Never forget a pod that may exist.
+                    Ok(Some(_)) | Err(_) => return,
+                },
+                _ => {}
             }
+            let _ = events.send(BackendEvent::Failed {
+                pool: req.pool,
+                error: format!("creating pod {ns}/{}: {e}", req.agent),
+                agent: req.agent,
+            });
         });
     }
 
