@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::AgentKey;
-use crate::backend::{Backend, BackendEvent, EventSink, ProvisionRequest};
+use crate::backend::{Backend, BackendEvent, EventSink, PoolEvent, ProvisionRequest};
 use crate::engine::{
     Action, Engine, EngineConfig, Lease, LeaseDecision, LeaseError, LeaseRequest, Observation,
     Pacer, Reason, RequestId,
@@ -299,6 +299,21 @@ impl Service {
                     if reason == Reason::ConnectTimeout {
                         tracing::warn!(pool = %pool, agent = %agent, "agent never connected: leak");
                         self.metrics.leaks.with_label_values(&[&pool]).inc();
+                        self.backend.record(
+                            &pool,
+                            PoolEvent::Leak {
+                                agent: agent.clone(),
+                            },
+                        );
+                    }
+                    if let Reason::ProvisionFailed(error) = &reason {
+                        self.backend.record(
+                            &pool,
+                            PoolEvent::ProvisionFailed {
+                                agent: agent.clone(),
+                                error: error.clone(),
+                            },
+                        );
                     }
                     let code = match reason {
                         Reason::Shutdown => close::GOING_AWAY,
@@ -356,7 +371,8 @@ impl Service {
                         .with_label_values(&[&pool])
                         .observe(seconds),
                     Observation::Throttled { pool } => {
-                        self.metrics.throttled.with_label_values(&[&pool]).inc()
+                        self.metrics.throttled.with_label_values(&[&pool]).inc();
+                        self.backend.record(&pool, PoolEvent::Throttled);
                     }
                 },
             }

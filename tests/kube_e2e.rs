@@ -222,6 +222,33 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
     .await;
     let m = c.h.server.svc.render_metrics();
     assert!(metric(&m, "warmpool_leaks_total{pool=\"stuck\"}").unwrap() >= 1.0);
+    // A Warning Event on the AgentPool names the leaked pod; repeats are folded, not spammed.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(c.client.clone(), "default");
+    c.until("AgentLeaked event on the AgentPool", async |_: &Cluster| {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("AgentLeaked")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("stuck")
+                    && e.note.as_deref().is_some_and(|n| n.contains("stuck-"))
+            })
+    })
+    .await;
+    let leaked = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("AgentLeaked"))
+        .count();
+    assert_eq!(leaked, 1, "one event per reason and pool per minute");
 }
 
 #[tokio::test]

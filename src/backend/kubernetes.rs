@@ -25,9 +25,11 @@ use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::{Backend, BackendEvent, BoxFuture, EventSink, ProvisionRequest};
+use super::{Backend, BackendEvent, BoxFuture, EventSink, PoolEvent, ProvisionRequest};
 use crate::k8s::crd::{AgentPool, AgentPoolStatus, Condition};
 use crate::service::Service;
+use kube::Resource;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 
 /// Label: the pool a pod belongs to.
 pub const LABEL_POOL: &str = "warmpool.dev/pool";
@@ -63,17 +65,32 @@ pub struct KubeBackend {
     invalid: DashMap<String, (Option<i64>, Vec<String>)>,
     /// Pods that cannot be scheduled (agent -> (pool, why)): kept and reported, not recreated.
     pending: DashMap<String, (String, String)>,
+    /// Publishes Events on AgentPools (the recorder folds repeats into a series).
+    recorder: Recorder,
+    /// Last time each (pool, reason) was published: repeats within a minute are dropped.
+    recorded: DashMap<(String, &'static str), std::time::Instant>,
 }
+
+/// Repeats of one event reason on one pool within this window are not published again.
+const EVENT_WINDOW: Duration = Duration::from_secs(60);
 
 impl KubeBackend {
     /// A backend for one namespace.
     pub fn new(client: Client, cfg: KubeConfig) -> KubeBackend {
         KubeBackend {
-            client,
+            client: client.clone(),
             cfg,
             pools: DashMap::new(),
             invalid: DashMap::new(),
             pending: DashMap::new(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "warmpool".into(),
+                    instance: None,
+                },
+            ),
+            recorded: DashMap::new(),
         }
     }
 
@@ -239,6 +256,56 @@ impl Backend for KubeBackend {
 
     fn keeps_agents_on_shutdown(&self) -> bool {
         true
+    }
+
+    fn record(&self, pool: &str, event: PoolEvent) {
+        let Some(reference) = self.pools.get(pool).map(|ap| ap.object_ref(&())) else {
+            return;
+        };
+        let (reason, action, note) = match event {
+            PoolEvent::Leak { agent } => (
+                "AgentLeaked",
+                "DeletePod",
+                format!("pod {agent} did not register within connectTimeout; deleted"),
+            ),
+            PoolEvent::ProvisionFailed { agent, error } => (
+                "ProvisioningFailed",
+                "CreatePod",
+                format!("pod {agent}: {error}"),
+            ),
+            PoolEvent::Throttled => (
+                "Throttled",
+                "CreatePod",
+                "the provisioning rate limit is holding pod creation back".to_string(),
+            ),
+        };
+        let key = (pool.to_string(), reason);
+        let now = std::time::Instant::now();
+        if self
+            .recorded
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < EVENT_WINDOW)
+        {
+            return;
+        }
+        self.recorded.insert(key, now);
+        let recorder = self.recorder.clone();
+        let ev = KubeEvent {
+            type_: if reason == "Throttled" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, "publishing an AgentPool event failed");
+            }
+        });
     }
 }
 
@@ -456,7 +523,7 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     "Running" if pod.metadata.deletion_timestamp.is_none() => {
                         let _ = events.send(BackendEvent::Started { agent });
                     }
-                    "Failed" | "Succeeded" => {
+                    "Failed" | "Succeeded" | "Unknown" => {
                         let _ = events.send(BackendEvent::Exited {
                             agent: agent.clone(),
                             detail: format!("pod {phase}"),

@@ -55,6 +55,25 @@ pub enum BackendEvent {
     },
 }
 
+/// Something worth telling the people who own a pool (Kubernetes Events on the AgentPool).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolEvent {
+    /// An agent did not register within `connectTimeout`.
+    Leak {
+        /// Agent (pod) id.
+        agent: AgentId,
+    },
+    /// An agent could not be started.
+    ProvisionFailed {
+        /// Agent (pod) id.
+        agent: AgentId,
+        /// Why.
+        error: String,
+    },
+    /// The provisioning rate limit held agents back.
+    Throttled,
+}
+
 /// Where backend events go.
 pub type EventSink = mpsc::UnboundedSender<BackendEvent>;
 
@@ -76,4 +95,6 @@ pub trait Backend: Send + Sync + 'static {
     fn keeps_agents_on_shutdown(&self) -> bool {
         false
     }
+    /// Records something about a pool where its owners look (must return at once).
+    fn record(&self, _pool: &str, _event: PoolEvent) {}
 }
