@@ -274,8 +274,9 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
                 token,
                 health,
                 lease,
+                uses,
                 ..
-            }) => (protocol, agent_id, pool, token, health, lease),
+            }) => (protocol, agent_id, pool, token, health, lease, uses),
             Ok(other) => {
                 let r = format!("expected hello, got {}", msg_type(&other));
                 return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
@@ -290,7 +291,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
         }
     };
-    let (version, agent, pool, token, health, lease) = hello;
+    let (version, agent, pool, token, health, lease, uses) = hello;
     if version != PROTOCOL_VERSION {
         let r =
             format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
@@ -320,9 +321,9 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             v.insert(conn.clone());
         }
     }
-    if let Err(e) = svc
-        .apply(|e, now| e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), now))
-    {
+    if let Err(e) = svc.apply(|e, now| {
+        e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), uses, now)
+    }) {
         svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
         return refuse_connect(&svc, socket, e).await;
     }

@@ -66,9 +66,13 @@ pub enum AgentMessage {
         /// Labels the agent reports (informational; the pool's labels are authoritative).
         #[serde(default)]
         labels: Vec<String>,
-        /// A lease the agent is still serving (restart adoption; reserved in version 1).
+        /// A lease the agent is still serving (restart adoption).
         #[serde(default)]
         lease: Option<String>,
+        /// Leases this agent has served since it started (restart adoption: `maxUses` keeps
+        /// counting across a service restart without patching pods on the lease path).
+        #[serde(default)]
+        uses: u32,
         /// Health at connect time.
         #[serde(default)]
         health: Health,

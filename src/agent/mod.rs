@@ -93,8 +93,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         message: format!("cannot create workspace {}: {e}", cfg.workspace.display()),
     })?;
     let pids = Arc::new(Mutex::new(HashSet::new()));
-    // The lease this agent serves, kept across reconnects and reported in `hello`.
-    let lease: Arc<Mutex<Option<String>>> = Arc::default();
+    // The lease this agent serves and how many it served, kept across reconnects and
+    // reported in `hello`.
+    let lease: Arc<Mutex<(Option<String>, u32)>> = Arc::default();
     let mut backoff = Duration::from_millis(100);
     loop {
         let started = Instant::now();
@@ -148,7 +149,7 @@ async fn session(
     cfg: &AgentConfig,
     shutdown: &CancellationToken,
     pids: Arc<Mutex<HashSet<i32>>>,
-    current_lease: Arc<Mutex<Option<String>>>,
+    current_lease: Arc<Mutex<(Option<String>, u32)>>,
 ) -> Result<End> {
     let transport = |message: String| Error::Transport {
         hub: cfg.hub.clone(),
@@ -161,7 +162,7 @@ async fn session(
         .await
         .map_err(|e| transport(e.to_string()))?;
     let (mut sink, mut stream) = ws.split();
-    let lease = current_lease.lock().expect("lock").clone();
+    let (lease, uses) = current_lease.lock().expect("lock").clone();
     let hello = AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
@@ -169,6 +170,7 @@ async fn session(
         token: cfg.token.clone(),
         labels: cfg.labels.clone(),
         lease,
+        uses,
         health: health_async(cfg, &pids).await,
     };
     sink.send(json(&hello))
@@ -274,7 +276,9 @@ async fn session(
         match m {
             HubMessage::Heartbeat {} | HubMessage::Welcome { .. } => {}
             HubMessage::Leased { lease } => {
-                *current_lease.lock().expect("lock") = Some(lease);
+                let mut l = current_lease.lock().expect("lock");
+                l.0 = Some(lease);
+                l.1 += 1;
             }
             HubMessage::Exec { exec_id, spec } => {
                 let mut cur = current.lock().expect("lock");
@@ -329,7 +333,7 @@ async fn session(
                 }
             }
             HubMessage::Release { lease } => {
-                current_lease.lock().expect("lock").take();
+                current_lease.lock().expect("lock").0.take();
                 let running = current.lock().expect("lock").take();
                 let (tx2, cfg2, pids2) = (tx.clone(), cfg.clone(), pids.clone());
                 let previous = cleanup.take();

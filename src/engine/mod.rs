@@ -548,7 +548,7 @@ impl Engine {
         health: Health,
         now: Instant,
     ) -> Result<(), ConnectError> {
-        self.agent_registered(id, pool, health, None, now)
+        self.agent_registered(id, pool, health, None, 0, now)
     }
 
     /// Like [`Engine::agent_connected`], for an agent that reports a lease it still serves (it
@@ -560,10 +560,13 @@ impl Engine {
         pool: Option<&str>,
         health: Health,
         lease: Option<&str>,
+        uses: u32,
         now: Instant,
     ) -> Result<(), ConnectError> {
         self.check_connect(id, pool)?;
         let a = self.agents.get_mut(id).expect("checked");
+        // An adopted agent keeps counting toward maxUses from what it reports.
+        a.uses = a.uses.max(uses);
         a.health = health;
         a.last_seen = now;
         let seconds = now.duration_since(a.created).as_secs_f64();
@@ -572,7 +575,8 @@ impl Engine {
             && !self.leases.contains_key(lease_id)
         {
             let a = self.agents.get_mut(id).expect("checked");
-            a.uses += 1;
+            // The restored lease is among the uses the agent reported.
+            a.uses = a.uses.max(1);
             a.lease = Some(lease_id.to_string());
             let labels = self.pools[&pool].spec.labels.clone();
             self.leases.insert(

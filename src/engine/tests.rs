@@ -784,3 +784,50 @@ fn provisioning_failures_back_off_exponentially_with_jitter() {
         .unwrap();
     assert_eq!(status(&e, "p").idle, 1);
 }
+
+#[test]
+fn adopted_agents_keep_their_uses_and_restore_their_lease() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.set_paused(true, t0);
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 3), t0);
+    assert!(
+        e.take_actions().is_empty(),
+        "paused: nothing provisioned before adoption"
+    );
+    assert!(e.adopt("p-old-1", "p", true, t0));
+    assert!(e.adopt("p-old-2", "p", true, t0));
+    assert!(!e.adopt("p-old-3", "gone", true, t0), "unknown pool");
+    e.set_paused(false, t0);
+    assert!(
+        !e.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Provision { .. })),
+        "adopted agents count: no over-creation"
+    );
+    // One agent was idle with 2 uses behind it, the other was serving a lease.
+    e.agent_registered("p-old-1", Some("p"), Health::default(), None, 2, t0)
+        .unwrap();
+    e.agent_registered(
+        "p-old-2",
+        Some("p"),
+        Health::default(),
+        Some("lease-x-9"),
+        1,
+        t0,
+    )
+    .unwrap();
+    let l = e.lease("lease-x-9").unwrap().clone();
+    assert_eq!(
+        (l.agent.as_str(), l.state.clone()),
+        ("p-old-2", LeaseState::Active)
+    );
+    e.check_invariants().unwrap();
+    // p-old-1 has one use left (maxUses 3).
+    let LeaseDecision::Granted(l1) = e.request_lease(req("linux", 0, 5000), t0).unwrap() else {
+        panic!()
+    };
+    assert_eq!(l1.agent, "p-old-1");
+    e.release(&l1.id, t0).unwrap();
+    assert!(terminations(&e.take_actions()).contains(&"max-uses"));
+}
