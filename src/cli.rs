@@ -87,6 +87,10 @@ pub struct ServeArgs {
     /// kubeconfig's or the pod's namespace).
     #[arg(long, env = "WARMPOOL_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Kubernetes backend: serve the `AgentPool`s of every namespace (pools are then named
+    /// `namespace.name`; needs cluster-wide RBAC, manifests/rbac-all-namespaces.yaml).
+    #[arg(long, env = "WARMPOOL_ALL_NAMESPACES")]
+    pub all_namespaces: bool,
     /// Kubernetes backend: elect one leader among replicas with a coordination.k8s.io Lease
     /// (only the leader provisions and deletes; a standby is not ready).
     #[arg(long, env = "WARMPOOL_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]

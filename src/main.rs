@@ -109,7 +109,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 cfg.backend = server::BackendChoice::Kubernetes {
                     client,
-                    namespace,
+                    namespace: (!a.all_namespaces).then_some(namespace),
                     leader,
                 };
             }

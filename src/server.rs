@@ -57,8 +57,8 @@ pub enum BackendChoice {
     Kubernetes {
         /// The client (in-cluster config or a kubeconfig).
         client: kube::Client,
-        /// Namespace of the `AgentPool`s and their pods.
-        namespace: String,
+        /// Namespace of the `AgentPool`s and their pods; None serves all namespaces.
+        namespace: Option<String>,
         /// Leader election; None runs as the only instance.
         leader: Option<Box<crate::k8s::leader::LeaderConfig>>,
     },

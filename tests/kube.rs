@@ -168,6 +168,7 @@ async fn manifests_are_accepted_by_the_apiserver() {
     let mut files: Vec<_> = [
         "namespace.yaml",
         "rbac.yaml",
+        "rbac-all-namespaces.yaml",
         "deployment.yaml",
         "service.yaml",
     ]
@@ -215,6 +216,7 @@ async fn manifests_are_accepted_by_the_apiserver() {
             }
         }
     }
-    // Namespace, ServiceAccount, Role, RoleBinding, Deployment, Service, two AgentPools.
-    assert_eq!(created, 8);
+    // Namespace, ServiceAccount, Role, RoleBinding, ClusterRole, ClusterRoleBinding, Deployment,
+    // Service, two AgentPools.
+    assert_eq!(created, 10);
 }

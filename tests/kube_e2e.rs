@@ -33,7 +33,7 @@ fn kube_config(client: &kube::Client) -> warmpool::server::ServeConfig {
     cfg.agent_key = warmpool::auth::AgentKey::from_bytes(b"test-agent-key-0123456789");
     cfg.backend = BackendChoice::Kubernetes {
         client: client.clone(),
-        namespace: "default".into(),
+        namespace: Some("default".into()),
         leader: None,
     };
     cfg
@@ -449,7 +449,7 @@ fn replica(client: &kube::Client, identity: &str) -> warmpool::server::ServeConf
     let mut cfg = kube_config(client);
     cfg.backend = BackendChoice::Kubernetes {
         client: client.clone(),
-        namespace: "default".into(),
+        namespace: Some("default".into()),
         leader: Some(Box::new(l)),
     };
     cfg
@@ -719,4 +719,71 @@ async fn api_faults_never_push_pods_above_max_total() {
         "watches were cut"
     );
     drop(api);
+}
+
+#[tokio::test]
+async fn all_namespaces_serves_same_named_pools_apart() {
+    let api = KubeApi::start().await;
+    let admin = api.client().await;
+    install_crd(&admin).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
+    for ns in ["team-a", "team-b"] {
+        let obj = serde_json::from_value(
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        )
+        .unwrap();
+        namespaces
+            .create(&PostParams::default(), &obj)
+            .await
+            .unwrap();
+    }
+    let _ka = ProcessKubelet::start(admin.clone(), "team-a", Duration::from_millis(50));
+    let _kb = ProcessKubelet::start(admin.clone(), "team-b", Duration::from_millis(50));
+    let mut cfg = kube_config(&admin);
+    cfg.backend = BackendChoice::Kubernetes {
+        client: admin.clone(),
+        namespace: None,
+        leader: None,
+    };
+    let h = start_with(cfg).await;
+    for (ns, label) in [("team-a", "a"), ("team-b", "b")] {
+        let mut ap = agent_pool(
+            "go",
+            agent_cmd(),
+            json!({"labels": ["linux", label], "minIdle": 1, "maxTotal": 2}),
+        );
+        ap.metadata.namespace = Some(ns.into());
+        Api::<AgentPool>::namespaced(admin.clone(), ns)
+            .create(&PostParams::default(), &ap)
+            .await
+            .unwrap();
+    }
+    h.wait_idle("team-a.go", 1).await;
+    h.wait_idle("team-b.go", 1).await;
+    for (ns, label) in [("team-a", "a"), ("team-b", "b")] {
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+        let list = pods
+            .list(&ListParams::default().labels("warmpool.dev/pool=go"))
+            .await
+            .unwrap();
+        assert_eq!(list.items.len(), 1, "one pod in {ns}");
+        let l = h.lease(label, 10.0, 60.0).await;
+        assert_eq!(l.pool, format!("{ns}.go"));
+        assert_eq!(l.agent, list.items[0].metadata.name.clone().unwrap());
+        h.client.release(&l.id).await.unwrap();
+        let pools: Api<AgentPool> = Api::namespaced(admin.clone(), ns);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while pools
+            .get("go")
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+            .idle
+            < 1
+        {
+            assert!(std::time::Instant::now() < deadline, "status in {ns}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

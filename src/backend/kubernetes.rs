@@ -47,8 +47,9 @@ pub const ANNOTATION_CREATED_AT: &str = "warmpool.dev/created-at";
 /// Settings of the Kubernetes backend.
 #[derive(Debug, Clone)]
 pub struct KubeConfig {
-    /// Namespace of the `AgentPool`s and their pods.
-    pub namespace: String,
+    /// Namespace of the `AgentPool`s and their pods; None serves every namespace (pools are
+    /// then keyed `namespace.name` in the engine and the API).
+    pub namespace: Option<String>,
     /// URL agents in pods dial.
     pub hub_url: String,
     /// How often pool statuses are written (only when they changed).
@@ -61,14 +62,17 @@ pub struct KubeBackend {
     cfg: KubeConfig,
     /// The last valid version of every `AgentPool` (its template builds the pods).
     pools: DashMap<String, AgentPool>,
-    /// `AgentPool`s whose latest spec is invalid: generation and one message per problem.
-    invalid: DashMap<String, (Option<i64>, Vec<String>)>,
+    /// `AgentPool`s whose latest spec is invalid (by key): the object and one message per
+    /// problem.
+    invalid: DashMap<String, (AgentPool, Vec<String>)>,
     /// Pods that cannot be scheduled (agent -> (pool, why)): kept and reported, not recreated.
     pending: DashMap<String, (String, String)>,
     /// Publishes Events on AgentPools (the recorder folds repeats into a series).
     recorder: Recorder,
     /// Last time each (pool, reason) was published: repeats within a minute are dropped.
     recorded: DashMap<(String, &'static str), std::time::Instant>,
+    /// Namespace of every agent pod this instance knows.
+    agent_ns: DashMap<String, String>,
 }
 
 /// Repeats of one event reason on one pool within this window are not published again.
@@ -91,11 +95,48 @@ impl KubeBackend {
                 },
             ),
             recorded: DashMap::new(),
+            agent_ns: DashMap::new(),
         }
     }
 
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), &self.cfg.namespace)
+    /// The engine's key for a pool: its name, or `namespace.name` across namespaces.
+    pub fn pool_key(&self, namespace: &str, name: &str) -> String {
+        match &self.cfg.namespace {
+            Some(_) => name.to_string(),
+            None => format!("{namespace}.{name}"),
+        }
+    }
+
+    fn key_of(&self, ap: &AgentPool) -> String {
+        self.pool_key(&ap.namespace().unwrap_or_default(), &ap.name_any())
+    }
+
+    fn key_of_pod(&self, pod: &Pod) -> Option<String> {
+        let name = pod.labels().get(LABEL_POOL)?;
+        Some(self.pool_key(&pod.namespace().unwrap_or_default(), name))
+    }
+
+    fn pods_in(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn scope<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match &self.cfg.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    fn namespace_of_agent(&self, agent: &str) -> String {
+        self.agent_ns
+            .get(agent)
+            .map(|n| n.clone())
+            .or_else(|| self.cfg.namespace.clone())
+            .unwrap_or_else(|| "default".into())
     }
 }
 
@@ -139,7 +180,7 @@ pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Resul
     spec.restart_policy = Some("Never".into());
     let meta = template.metadata.unwrap_or_default();
     let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
-    labels.insert(LABEL_POOL.into(), req.pool.clone());
+    labels.insert(LABEL_POOL.into(), ap.name_any());
     labels.insert(LABEL_AGENT.into(), req.agent.clone());
     labels.insert(LABEL_TEMPLATE_HASH.into(), template_hash(ap));
     labels.insert(LABEL_MANAGED_BY.into(), "warmpool".into());
@@ -183,25 +224,21 @@ impl Backend for KubeBackend {
                 error,
             });
         };
+        let ns_display = self.cfg.namespace.clone().unwrap_or_else(|| "*".into());
         let Some(ap) = self.pools.get(&req.pool).map(|p| p.clone()) else {
-            failed(format!(
-                "AgentPool {}/{} not found",
-                self.cfg.namespace, req.pool
-            ));
+            failed(format!("AgentPool {}/{} not found", ns_display, req.pool));
             return;
         };
         let pod = match build_pod(&ap, &req, &self.cfg.hub_url) {
             Ok(p) => p,
             Err(e) => {
-                failed(format!(
-                    "AgentPool {}/{}: {e}",
-                    self.cfg.namespace, req.pool
-                ));
+                failed(format!("AgentPool {}/{}: {e}", ns_display, req.pool));
                 return;
             }
         };
-        let api = self.pods();
-        let ns = self.cfg.namespace.clone();
+        let ns = ap.namespace().unwrap_or_default();
+        self.agent_ns.insert(req.agent.clone(), ns.clone());
+        let api = self.pods_in(&ns);
         tokio::spawn(async move {
             // Started is reported when the pod runs (pod watcher), not when it is created.
             let Err(e) = api.create(&PostParams::default(), &pod).await else {
@@ -230,9 +267,9 @@ impl Backend for KubeBackend {
     }
 
     fn terminate(&self, agent: &str, events: EventSink) {
-        let api = self.pods();
+        let ns = self.namespace_of_agent(agent);
+        let api = self.pods_in(&ns);
         let agent = agent.to_string();
-        let ns = self.cfg.namespace.clone();
         tokio::spawn(async move {
             match api.delete(&agent, &DeleteParams::default()).await {
                 // Exited is reported when the watch sees the pod gone.
@@ -315,21 +352,24 @@ impl Backend for KubeBackend {
 /// report the leases they still serve. Returns how many pods were adopted.
 /// The caller holds provisioning paused until this succeeds.
 pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::Error> {
-    let pools: Api<AgentPool> = Api::namespaced(backend.client.clone(), &backend.cfg.namespace);
+    let pools: Api<AgentPool> = backend.scope();
     for ap in pools.list(&Default::default()).await?.items {
         if ap.spec.problems().is_empty() {
-            let name = ap.name_any();
-            backend.pools.insert(name.clone(), ap.clone());
-            svc.upsert_pool(&name, ap.spec.pool.clone());
+            let key = backend.key_of(&ap);
+            backend.pools.insert(key.clone(), ap.clone());
+            svc.upsert_pool(&key, ap.spec.pool.clone());
         }
     }
     let lp = kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=warmpool"));
     let mut adopted = 0;
-    for pod in backend.pods().list(&lp).await?.items {
-        let (Some(agent), Some(pool)) = (agent_of(&pod), pod.labels().get(LABEL_POOL).cloned())
-        else {
+    let pods: Api<Pod> = backend.scope();
+    for pod in pods.list(&lp).await?.items {
+        let (Some(agent), Some(pool)) = (agent_of(&pod), backend.key_of_pod(&pod)) else {
             continue;
         };
+        backend
+            .agent_ns
+            .insert(agent.clone(), pod.namespace().unwrap_or_default());
         let phase = pod
             .status
             .as_ref()
@@ -379,7 +419,7 @@ pub async fn run(svc: Arc<Service>, backend: Arc<KubeBackend>, stop: Cancellatio
 
 /// `AgentPool`s become pools. An invalid spec is reported (Degraded) and not applied.
 async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
-    let api: Api<AgentPool> = Api::namespaced(backend.client.clone(), &backend.cfg.namespace);
+    let api: Api<AgentPool> = backend.scope();
     let mut stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
         .boxed();
@@ -387,7 +427,7 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
     while let Some(ev) = stream.next().await {
         match ev {
             Ok(Event::Apply(ap)) | Ok(Event::InitApply(ap)) => {
-                let name = ap.name_any();
+                let name = backend.key_of(&ap);
                 seen.insert(name.clone());
                 let problems = ap.spec.problems();
                 if problems.is_empty() {
@@ -401,13 +441,11 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 } else {
                     // Reported as Degraded/InvalidSpec; the last valid spec (if any) stays.
                     tracing::warn!(pool = %name, problems = ?problems, "invalid AgentPool spec; not applied");
-                    backend
-                        .invalid
-                        .insert(name.clone(), (ap.metadata.generation, problems));
+                    backend.invalid.insert(name.clone(), (ap.clone(), problems));
                 }
             }
             Ok(Event::Delete(ap)) => {
-                let name = ap.name_any();
+                let name = backend.key_of(&ap);
                 backend.pools.remove(&name);
                 backend.invalid.remove(&name);
                 svc.remove_pool(&name);
@@ -435,7 +473,8 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
 async fn retire_outdated(svc: &Service, backend: &KubeBackend, ap: &AgentPool) {
     let hash = template_hash(ap);
     let lp = kube::api::ListParams::default().labels(&format!("{LABEL_POOL}={}", ap.name_any()));
-    match backend.pods().list(&lp).await {
+    let ns = ap.namespace().unwrap_or_default();
+    match backend.pods_in(&ns).list(&lp).await {
         Ok(pods) => {
             for pod in pods.items {
                 if pod.labels().get(LABEL_TEMPLATE_HASH) != Some(&hash)
@@ -480,9 +519,8 @@ fn agent_of(pod: &Pod) -> Option<String> {
 /// Pod phases become agent events; pods the engine does not know are deleted.
 async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
     let cfg = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=warmpool"));
-    let mut stream = watcher::watcher(backend.pods(), cfg)
-        .default_backoff()
-        .boxed();
+    let pods: Api<Pod> = backend.scope();
+    let mut stream = watcher::watcher(pods, cfg).default_backoff().boxed();
     let events = svc.backend_sink();
     while let Some(ev) = stream.next().await {
         match ev {
@@ -490,21 +528,24 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 let Some(agent) = agent_of(&pod) else {
                     continue;
                 };
+                backend
+                    .agent_ns
+                    .insert(agent.clone(), pod.namespace().unwrap_or_default());
                 let known = svc.read(|e| e.agent(&agent).is_some());
                 if !known {
                     tracing::warn!(pod = %agent, "pod not known to this instance; deleting it");
                     backend.terminate(&agent, events.clone());
                     continue;
                 }
-                let current = pod
-                    .labels()
-                    .get(LABEL_POOL)
+                let pool_key = backend.key_of_pod(&pod);
+                let current = pool_key
+                    .as_ref()
                     .and_then(|p| backend.pools.get(p))
                     .map(|ap| template_hash(&ap));
                 if current.is_some() && pod.labels().get(LABEL_TEMPLATE_HASH) != current.as_ref() {
                     svc.apply(|e, now| e.retire(&agent, now));
                 }
-                match (unschedulable(&pod), pod.labels().get(LABEL_POOL)) {
+                match (unschedulable(&pod), pool_key.as_ref()) {
                     (Some(why), Some(pool)) => {
                         tracing::warn!(pod = %agent, why = %why, "pod cannot be scheduled; keeping it");
                         backend.pending.insert(agent.clone(), (pool.clone(), why));
@@ -536,6 +577,7 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             Ok(Event::Delete(pod)) => {
                 if let Some(agent) = agent_of(&pod) {
                     backend.pending.remove(&agent);
+                    backend.agent_ns.remove(&agent);
                     let _ = events.send(BackendEvent::Exited {
                         agent,
                         detail: "pod deleted".into(),
@@ -550,7 +592,9 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
 
 /// Writes each pool's status when it changed: counts by state, observedGeneration, conditions.
 async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
-    let api: Api<AgentPool> = Api::namespaced(backend.client.clone(), &backend.cfg.namespace);
+    let api_for = |ap: &AgentPool| -> Api<AgentPool> {
+        Api::namespaced(backend.client.clone(), &ap.namespace().unwrap_or_default())
+    };
     let mut last: BTreeMap<String, AgentPoolStatus> = BTreeMap::new();
     let mut iv = tokio::time::interval(backend.cfg.status_interval);
     loop {
@@ -570,13 +614,14 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             }
         }
         // Pools whose spec was never valid: only the Degraded condition to report.
-        let invalid: Vec<(String, Option<i64>, Vec<String>)> = backend
+        let invalid: Vec<(String, AgentPool, Vec<String>)> = backend
             .invalid
             .iter()
-            .map(|e| (e.key().clone(), e.value().0, e.value().1.clone()))
+            .map(|e| (e.key().clone(), e.value().0.clone(), e.value().1.clone()))
             .collect();
         let engine_pools = svc.pools();
-        for (name, generation, problems) in &invalid {
+        for (name, ap, problems) in &invalid {
+            let generation = &ap.metadata.generation;
             if engine_pools.iter().any(|p| &p.name == name) {
                 continue;
             }
@@ -594,8 +639,8 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             };
             if last.get(name) != Some(&status) {
                 let patch = Patch::Merge(serde_json::json!({ "status": status }));
-                match api
-                    .patch_status(name, &PatchParams::default(), &patch)
+                match api_for(ap)
+                    .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
                     .await
                 {
                     Ok(_) => {
@@ -688,8 +733,8 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 continue;
             }
             let patch = Patch::Merge(serde_json::json!({ "status": status }));
-            match api
-                .patch_status(&p.name, &PatchParams::default(), &patch)
+            match api_for(&ap)
+                .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
                 .await
             {
                 Ok(_) => {
