@@ -220,6 +220,25 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
         !c.pod_names("stuck").await.contains(&first)
     })
     .await;
+    c.until(
+        "Degraded/AgentsFailing naming the pod",
+        async |c: &Cluster| {
+            let s = c
+                .pools()
+                .get("stuck")
+                .await
+                .unwrap()
+                .status
+                .unwrap_or_default();
+            s.conditions.iter().any(|x| {
+                x.type_ == "Degraded"
+                    && x.status == "True"
+                    && x.reason == "AgentsFailing"
+                    && x.message.contains("stuck-")
+            })
+        },
+    )
+    .await;
     let m = c.h.server.svc.render_metrics();
     assert!(metric(&m, "warmpool_leaks_total{pool=\"stuck\"}").unwrap() >= 1.0);
     // A Warning Event on the AgentPool names the leaked pod; repeats are folded, not spammed.

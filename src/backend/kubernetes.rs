@@ -716,7 +716,7 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                             "Degraded",
                             p.last_error.is_some(),
                             if p.last_error.is_some() {
-                                "ProvisioningFailed"
+                                "AgentsFailing"
                             } else {
                                 "Healthy"
                             },

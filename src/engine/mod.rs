@@ -569,6 +569,12 @@ impl Engine {
         a.uses = a.uses.max(uses);
         a.health = health;
         a.last_seen = now;
+        let pool_name = a.pool.clone();
+        // Agents register again: the pool is no longer failing.
+        if let Some(p) = self.pools.get_mut(&pool_name) {
+            p.last_error = None;
+        }
+        let a = self.agents.get_mut(id).expect("checked");
         let seconds = now.duration_since(a.created).as_secs_f64();
         let pool = a.pool.clone();
         if let Some(lease_id) = lease
@@ -758,6 +764,7 @@ impl Engine {
             && let Some(p) = self.pools.get_mut(&pool)
         {
             p.leaks_total += 1;
+            p.last_error = Some(format!("agent {id} did not register within connectTimeout"));
         }
         tracing::info!(agent = id, pool = %pool, reason = %reason, "terminating agent");
         self.set_state(id, AgentState::Terminating, now);
