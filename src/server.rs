@@ -233,6 +233,11 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     };
     let stop = CancellationToken::new();
     let watchers = CancellationToken::new();
+    let mut leader_task = None;
+    if kube.is_some() {
+        // Not ready until this instance leads (if elected) and has adopted existing pods.
+        svc.set_ready(false);
+    }
     match kube {
         None => {
             for p in &cfg.pools {
@@ -255,14 +260,14 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                     ));
                 }
                 Some((client, lcfg)) => {
-                    tokio::spawn(lead(
+                    leader_task = Some(tokio::spawn(lead(
                         svc.clone(),
                         k,
                         client,
                         lcfg,
                         watchers.clone(),
                         stop.clone(),
-                    ));
+                    )));
                 }
             }
         }
@@ -275,6 +280,10 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             tracing::info!("shutting down: no new leases; waiting for running leases");
             svc.shutdown(grace).await;
             watchers.cancel();
+            // Let the leader release its Lease so a standby takes over at once.
+            if let Some(t) = leader_task {
+                let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+            }
             http_stop.cancel();
             if tokio::time::timeout(Duration::from_secs(5), http)
                 .await
@@ -311,11 +320,10 @@ async fn lead(
     use crate::k8s::leader;
     let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
         kube::Api::namespaced(client, &cfg.namespace);
-    svc.set_ready(false);
     if leader::acquire(&api, &cfg, &watchers).await.is_none() {
         return;
     }
-    svc.set_ready(true);
+    // Ready once the adoption in `run` is done, not before.
     tokio::spawn(crate::backend::kubernetes::run(
         svc.clone(),
         backend,
@@ -337,7 +345,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     let running = start(listener, cfg).await?;
-    shutdown.await;
+    // Either the caller's signal, or the service stopping by itself (lost leadership).
+    tokio::select! {
+        _ = shutdown => {}
+        _ = running.stop.cancelled() => {
+            tracing::error!("the service stopped itself; exiting");
+        }
+    }
     running.shutdown().await;
     Ok(())
 }

@@ -10,7 +10,7 @@
 //! It does not decide sizing: the engine does, and this backend executes. Pods are never patched
 //! on the lease path. On shutdown pods are left running (`keeps_agents_on_shutdown`).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,6 +131,13 @@ impl KubeBackend {
         }
     }
 
+    /// Forgets a pool that is gone.
+    fn forget(&self, key: &str) {
+        self.pools.remove(key);
+        self.invalid.remove(key);
+        self.recorded.retain(|(pool, _), _| pool != key);
+    }
+
     fn namespace_of_agent(&self, agent: &str) -> String {
         self.agent_ns
             .get(agent)
@@ -139,6 +146,12 @@ impl KubeBackend {
             .unwrap_or_else(|| "default".into())
     }
 }
+
+/// A pod still present this long after its delete is deleted again.
+const REDELETE_AFTER: Duration = Duration::from_secs(30);
+
+/// Longest pool key: agent ids (`{key}-{6 hex}-{n}`) must fit a 63-character label value.
+pub const MAX_POOL_KEY: usize = 40;
 
 /// Short hash of a pool's pod template (changes when the template does).
 pub fn template_hash(ap: &AgentPool) -> String {
@@ -202,7 +215,9 @@ pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Resul
                 name: ap.name_any(),
                 uid: ap.uid().unwrap_or_default(),
                 controller: Some(true),
-                block_owner_deletion: Some(true),
+                // Not set: it would need update on agentpools/finalizers where the
+                // OwnerReferencesPermissionEnforcement admission plugin runs.
+                block_owner_deletion: None,
             }]),
             ..Default::default()
         },
@@ -250,12 +265,10 @@ impl Backend for KubeBackend {
                 kube::Error::Api(s) if s.code == 409 => return,
                 // 5xx, timeouts, cut connections: the pod may exist anyway. Read it back rather
                 // than forget a pod that would then leak and be created twice.
-                _ if !definite => match api.get_opt(&req.agent).await {
-                    Ok(None) => {}
-                    // There, or unknown: the pod watch reports it when it runs, and the
-                    // provisioning timeout settles the rest. Never forget a pod that may exist.
-                    Ok(Some(_)) | Err(_) => return,
-                },
+                // A read-back could race the apiserver finishing the create, so the agent stays
+                // Provisioning: the pod watch reports the pod when it runs, and the provisioning
+                // timeout deletes it by name otherwise. A pod that may exist is never forgotten.
+                _ if !definite => return,
                 _ => {}
             }
             let _ = events.send(BackendEvent::Failed {
@@ -354,10 +367,14 @@ impl Backend for KubeBackend {
 pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::Error> {
     let pools: Api<AgentPool> = backend.scope();
     for ap in pools.list(&Default::default()).await?.items {
-        if ap.spec.problems().is_empty() {
-            let key = backend.key_of(&ap);
+        let key = backend.key_of(&ap);
+        let problems = ap.spec.problems();
+        if problems.is_empty() && key.len() <= MAX_POOL_KEY {
             backend.pools.insert(key.clone(), ap.clone());
             svc.upsert_pool(&key, ap.spec.pool.clone());
+        } else {
+            // Its pods are left alone; the watcher reports the problems.
+            backend.invalid.insert(key, (ap.clone(), problems));
         }
     }
     let lp = kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=warmpool"));
@@ -375,14 +392,32 @@ pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::
             .as_ref()
             .and_then(|s| s.phase.clone())
             .unwrap_or_default();
-        if pod.metadata.deletion_timestamp.is_some() || phase == "Failed" || phase == "Succeeded" {
+        if phase == "Failed" || phase == "Succeeded" {
             continue;
         }
         if svc.read(|e| e.agent(&agent).is_some()) {
             continue;
         }
-        let running = phase == "Running";
-        if svc.apply(|e, now| e.adopt(&agent, &pool, running, now)) {
+        let state = if pod.metadata.deletion_timestamp.is_some() {
+            // Still counts toward maxTotal until it is gone.
+            crate::engine::AgentState::Terminating
+        } else if phase == "Running" {
+            crate::engine::AgentState::Connecting
+        } else {
+            crate::engine::AgentState::Provisioning
+        };
+        let age = pod
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| {
+                std::time::Duration::try_from(
+                    k8s_openapi::jiff::Timestamp::now().duration_since(t.0),
+                )
+                .ok()
+            })
+            .unwrap_or_default();
+        if svc.apply(|e, now| e.adopt(&agent, &pool, state, age, now)) {
             adopted += 1;
         }
     }
@@ -393,11 +428,13 @@ pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::
 /// Runs the `AgentPool` and pod watchers and the status writer until `stop` fires, after
 /// adopting what a previous instance left.
 pub async fn run(svc: Arc<Service>, backend: Arc<KubeBackend>, stop: CancellationToken) {
+    svc.set_ready(false);
     svc.apply(|e, now| e.set_paused(true, now));
     loop {
         match adopt(&svc, &backend).await {
             Ok(_) => {
                 svc.apply(|e, now| e.set_paused(false, now));
+                svc.set_ready(true);
                 break;
             }
             Err(e) => {
@@ -429,7 +466,18 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             Ok(Event::Apply(ap)) | Ok(Event::InitApply(ap)) => {
                 let name = backend.key_of(&ap);
                 seen.insert(name.clone());
-                let problems = ap.spec.problems();
+                if ap.metadata.deletion_timestamp.is_some() {
+                    // Being deleted (foreground deletion): as good as gone.
+                    backend.forget(&name);
+                    svc.remove_pool(&name);
+                    continue;
+                }
+                let mut problems = ap.spec.problems();
+                if name.len() > MAX_POOL_KEY {
+                    problems.push(format!(
+                        "metadata.name: pool {name:?} is longer than {MAX_POOL_KEY} characters (agent ids derive from it and must fit in a label value)"
+                    ));
+                }
                 if problems.is_empty() {
                     backend.invalid.remove(&name);
                     let old_hash = backend.pools.get(&name).map(|p| template_hash(&p));
@@ -446,8 +494,7 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             }
             Ok(Event::Delete(ap)) => {
                 let name = backend.key_of(&ap);
-                backend.pools.remove(&name);
-                backend.invalid.remove(&name);
+                backend.forget(&name);
                 svc.remove_pool(&name);
             }
             Ok(Event::Init) => seen.clear(),
@@ -460,9 +507,11 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     .filter(|n| !seen.contains(n))
                     .collect();
                 for name in gone {
-                    backend.pools.remove(&name);
+                    backend.forget(&name);
                     svc.remove_pool(&name);
                 }
+                // Invalid pools deleted while the watch was down, too.
+                backend.invalid.retain(|k, _| seen.contains(k));
             }
             Err(e) => tracing::warn!(error = %e, "AgentPool watch error; retrying"),
         }
@@ -522,7 +571,15 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
     let pods: Api<Pod> = backend.scope();
     let mut stream = watcher::watcher(pods, cfg).default_backoff().boxed();
     let events = svc.backend_sink();
+    // Pods seen in the current (re)list: a Delete lost while the watch was down is repaired
+    // at InitDone.
+    let mut listed: HashSet<String> = HashSet::new();
     while let Some(ev) = stream.next().await {
+        if let Ok(Event::InitApply(pod)) = &ev
+            && let Some(agent) = agent_of(pod)
+        {
+            listed.insert(agent);
+        }
         match ev {
             Ok(Event::Apply(pod)) | Ok(Event::InitApply(pod)) => {
                 let Some(agent) = agent_of(&pod) else {
@@ -533,8 +590,16 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     .insert(agent.clone(), pod.namespace().unwrap_or_default());
                 let known = svc.read(|e| e.agent(&agent).is_some());
                 if !known {
-                    tracing::warn!(pod = %agent, "pod not known to this instance; deleting it");
-                    backend.terminate(&agent, events.clone());
+                    // Only a pod whose AgentPool is gone is garbage. A pod of an existing pool
+                    // (valid or not) that this instance does not know is left alone.
+                    let key = backend.key_of_pod(&pod);
+                    let pool_exists = key.as_ref().is_some_and(|k| {
+                        backend.pools.contains_key(k) || backend.invalid.contains_key(k)
+                    });
+                    if !pool_exists && pod.metadata.deletion_timestamp.is_none() {
+                        tracing::warn!(pod = %agent, "pod of a deleted AgentPool; deleting it");
+                        backend.terminate(&agent, events.clone());
+                    }
                     continue;
                 }
                 let pool_key = backend.key_of_pod(&pod);
@@ -584,7 +649,22 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     });
                 }
             }
-            Ok(Event::Init) | Ok(Event::InitDone) => {}
+            Ok(Event::Init) => listed.clear(),
+            Ok(Event::InitDone) => {
+                let gone: Vec<String> = svc.read(|e| {
+                    e.agents()
+                        .filter(|a| a.state == crate::engine::AgentState::Terminating)
+                        .filter(|a| !listed.contains(&a.id))
+                        .map(|a| a.id.clone())
+                        .collect()
+                });
+                for agent in gone {
+                    let _ = events.send(BackendEvent::Exited {
+                        agent,
+                        detail: "pod gone (seen on relist)".into(),
+                    });
+                }
+            }
             Err(e) => tracing::warn!(error = %e, "pod watch error; retrying"),
         }
     }
@@ -597,8 +677,29 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
     };
     let mut last: BTreeMap<String, AgentPoolStatus> = BTreeMap::new();
     let mut iv = tokio::time::interval(backend.cfg.status_interval);
+    let mut redeleted: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
         iv.tick().await;
+        // Level-triggered: a pod still there long after its delete (a failed DELETE, a lost
+        // event) is deleted again; a 404 reports it gone.
+        let stuck: Vec<String> = svc.read(|e| {
+            let now = std::time::Instant::now();
+            e.agents()
+                .filter(|a| a.state == crate::engine::AgentState::Terminating)
+                .filter(|a| now.duration_since(a.since) > REDELETE_AFTER)
+                .map(|a| a.id.clone())
+                .collect()
+        });
+        redeleted.retain(|a, _| stuck.contains(a));
+        for agent in stuck {
+            let due = redeleted
+                .get(&agent)
+                .is_none_or(|t| t.elapsed() > REDELETE_AFTER);
+            if due {
+                redeleted.insert(agent.clone(), std::time::Instant::now());
+                backend.terminate(&agent, svc.backend_sink());
+            }
+        }
         // Level-triggered: pods still unschedulable keep their provisioning deadline held.
         let pending: Vec<(String, String, String)> = backend
             .pending
@@ -626,7 +727,7 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 continue;
             }
             let status = AgentPoolStatus {
-                observed_generation: *generation,
+                observed_generation: None,
                 conditions: vec![Condition {
                     type_: "Degraded".into(),
                     status: "True".into(),
@@ -637,14 +738,15 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 }],
                 ..Default::default()
             };
-            if last.get(name) != Some(&status) {
+            let cache_key = format!("{name}/{}", ap.uid().unwrap_or_default());
+            if last.get(&cache_key) != Some(&status) {
                 let patch = Patch::Merge(serde_json::json!({ "status": status }));
                 match api_for(ap)
                     .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
                     .await
                 {
                     Ok(_) => {
-                        last.insert(name.clone(), status);
+                        last.insert(cache_key, status);
                     }
                     Err(e) => {
                         tracing::warn!(pool = %name, error = %e, "writing AgentPool status failed")
@@ -729,7 +831,8 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 ],
                 leaks_total: p.leaks_total,
             };
-            if last.get(&p.name) == Some(&status) {
+            let cache_key = format!("{}/{}", p.name, ap.uid().unwrap_or_default());
+            if last.get(&cache_key) == Some(&status) {
                 continue;
             }
             let patch = Patch::Merge(serde_json::json!({ "status": status }));
@@ -738,7 +841,7 @@ async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 .await
             {
                 Ok(_) => {
-                    last.insert(p.name.clone(), status);
+                    last.insert(cache_key, status);
                 }
                 Err(e) => {
                     tracing::warn!(pool = %p.name, error = %e, "writing AgentPool status failed")

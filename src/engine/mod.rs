@@ -222,36 +222,34 @@ impl Engine {
         self.reconcile(now);
     }
 
-    /// Adopts an agent that already exists (a pod left by a previous instance). It counts toward
-    /// `maxTotal` at once and must register within `connectTimeout`. False when the pool is
-    /// unknown or the id is taken.
-    pub fn adopt(&mut self, id: &str, pool: &str, started: bool, now: Instant) -> bool {
+    /// Adopts an agent that already exists (a pod left by a previous instance), `age` old. It
+    /// counts toward `maxTotal` at once; `state` is Provisioning (not running yet), Connecting
+    /// (running: it must register within `connectTimeout`) or Terminating (being deleted: gone
+    /// when the backend reports it). False when the pool is unknown or the id is taken.
+    pub fn adopt(
+        &mut self,
+        id: &str,
+        pool: &str,
+        state: AgentState,
+        age: Duration,
+        now: Instant,
+    ) -> bool {
         if self.agents.contains_key(id) || self.pools.get(pool).is_none_or(|p| p.removed) {
             return false;
         }
-        let state = if started {
-            AgentState::Connecting
-        } else {
-            AgentState::Provisioning
-        };
-        self.agents.insert(
-            id.to_string(),
-            Agent {
-                id: id.to_string(),
-                pool: pool.to_string(),
-                state,
-                created: now,
-                since: now,
-                last_seen: now,
-                uses: 0,
-                lease: None,
-                health: Health::default(),
-                unhealthy: None,
-                terminate_reason: None,
-                retire: false,
-            },
+        let mut a = Agent::new(id, pool, state, now);
+        // maxAge keeps counting across restarts.
+        a.created = now.checked_sub(age).unwrap_or(now);
+        if state == AgentState::Terminating {
+            a.terminate_reason = Some(Reason::Shutdown);
+        }
+        self.agents.insert(id.to_string(), a);
+        tracing::info!(
+            agent = id,
+            pool,
+            state = state.as_str(),
+            "adopted existing agent"
         );
-        tracing::info!(agent = id, pool, "adopted existing agent");
         true
     }
 

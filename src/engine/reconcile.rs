@@ -259,20 +259,7 @@ impl Engine {
             let id = format!("{name}-{}-{n}", self.instance);
             self.agents.insert(
                 id.clone(),
-                Agent {
-                    id: id.clone(),
-                    pool: name.to_string(),
-                    state: AgentState::Provisioning,
-                    created: now,
-                    since: now,
-                    last_seen: now,
-                    uses: 0,
-                    lease: None,
-                    health: Health::default(),
-                    unhealthy: None,
-                    terminate_reason: None,
-                    retire: false,
-                },
+                Agent::new(&id, name, AgentState::Provisioning, now),
             );
             total += 1;
             in_flight += 1;

@@ -795,9 +795,13 @@ fn adopted_agents_keep_their_uses_and_restore_their_lease() {
         e.take_actions().is_empty(),
         "paused: nothing provisioned before adoption"
     );
-    assert!(e.adopt("p-old-1", "p", true, t0));
-    assert!(e.adopt("p-old-2", "p", true, t0));
-    assert!(!e.adopt("p-old-3", "gone", true, t0), "unknown pool");
+    let age = Duration::ZERO;
+    assert!(e.adopt("p-old-1", "p", AgentState::Connecting, age, t0));
+    assert!(e.adopt("p-old-2", "p", AgentState::Connecting, age, t0));
+    assert!(
+        !e.adopt("p-old-3", "gone", AgentState::Connecting, age, t0),
+        "unknown pool"
+    );
     e.set_paused(false, t0);
     assert!(
         !e.take_actions()

@@ -164,6 +164,26 @@ pub struct Agent {
     pub retire: bool,
 }
 
+impl Agent {
+    /// A new agent in `state`, created now.
+    pub fn new(id: &str, pool: &str, state: AgentState, now: Instant) -> Agent {
+        Agent {
+            id: id.to_string(),
+            pool: pool.to_string(),
+            state,
+            created: now,
+            since: now,
+            last_seen: now,
+            uses: 0,
+            lease: None,
+            health: Health::default(),
+            unhealthy: None,
+            terminate_reason: None,
+            retire: false,
+        }
+    }
+}
+
 /// How a lease ended, or that it is still active.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -144,13 +144,16 @@ pub async fn hold(api: &Api<Lease>, cfg: &LeaderConfig, stop: &CancellationToken
             }
             _ = tokio::time::sleep(cfg.retry_period) => {}
         }
-        match try_acquire(api, cfg).await {
-            Ok(true) => last_renewed = Instant::now(),
-            Ok(false) => {
+        // A renewal that hangs must not outlive the deadline: by then a standby may lead.
+        let left = cfg.renew_deadline.saturating_sub(last_renewed.elapsed());
+        match tokio::time::timeout(left, try_acquire(api, cfg)).await {
+            Ok(Ok(true)) => last_renewed = Instant::now(),
+            Ok(Ok(false)) => {
                 tracing::error!(identity = %cfg.identity, "leader lease taken by another candidate");
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing the leader lease failed"),
+            Err(_) => tracing::warn!("renewing the leader lease timed out"),
         }
         if last_renewed.elapsed() > cfg.renew_deadline {
             tracing::error!(identity = %cfg.identity, "could not renew the leader lease in time");
