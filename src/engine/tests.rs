@@ -835,3 +835,43 @@ fn adopted_agents_keep_their_uses_and_restore_their_lease() {
     e.release(&l1.id, t0).unwrap();
     assert!(terminations(&e.take_actions()).contains(&"max-uses"));
 }
+
+#[test]
+fn adopted_agents_keep_their_age_and_terminating_ones_count() {
+    let t0 = Instant::now() + Duration::from_secs(3600);
+    let mut e = engine();
+    e.set_paused(true, t0);
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
+    // Older than maxAge (10 s in these specs) already, and one pod still being deleted.
+    assert!(e.adopt(
+        "p-old-1",
+        "p",
+        AgentState::Connecting,
+        Duration::from_secs(60),
+        t0
+    ));
+    assert!(e.adopt("p-old-2", "p", AgentState::Terminating, Duration::ZERO, t0));
+    e.set_paused(false, t0);
+    e.agent_connected("p-old-1", Some("p"), Health::default(), t0)
+        .unwrap();
+    let acts = e.take_actions();
+    // The terminating pod holds a slot: at maxTotal no replacement can be made, so the agent,
+    // already past maxAge because its age was kept, is rotated at once.
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::Provision { .. }))
+            .count(),
+        0
+    );
+    assert_eq!(terminations(&acts), vec!["max-age"]);
+    // Once both are gone, minIdle is restored.
+    e.agent_exited("p-old-1", "pod deleted", t0);
+    e.agent_exited("p-old-2", "pod deleted", t0);
+    let acts = e.take_actions();
+    assert_eq!(
+        acts.iter()
+            .filter(|a| matches!(a, Action::Provision { .. }))
+            .count(),
+        1
+    );
+}
