@@ -299,6 +299,15 @@ async fn create_lease(
     body: Result<Json<CreateLease>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(body) = body?;
+    if !st.svc.is_ready() {
+        // A standby, an instance still adopting its pods, or one shutting down: retry elsewhere
+        // or later, rather than read "no pool can satisfy" into an empty engine.
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "warmpool is not ready to lease (a leader-election standby, adopting, or shutting down); retry",
+        ));
+    }
     let selector = Expr::parse(&body.selector)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_selector", e.to_string()))?;
     let wait = seconds(body.wait_seconds, 60.0, MAX_WAIT_SECONDS, "waitSeconds")?;

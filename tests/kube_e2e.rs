@@ -532,6 +532,9 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     );
     let r = reqwest::get(standby.url("/readyz")).await.unwrap();
     assert_eq!(r.status().as_u16(), 503);
+    // A lease asked of the standby gets a retryable 503, not "unsatisfiable".
+    let (status, code, _) = lease_error(&standby, "ha", 0.0).await;
+    assert_eq!((status, code.as_str()), (503, "not_ready"));
     // The leader stops (releasing its lease): the standby takes over, adopts the pod (its agent
     // reconnects through the Service) and serves the pool without creating another.
     let pods_before = pod_names_of(&client, "ha").await;
