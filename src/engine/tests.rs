@@ -1,20 +1,17 @@
-//! Engine tests: scenarios for each recycling rule, and proptest for the invariants
-//! (no agent in two leases, maxTotal never exceeded, every lease ends with a reason, FIFO).
+//! Engine tests: a scenario for each rule (recycling, waiting, throttling, backoff, adoption).
+//! The invariants are checked on random event sequences in proptests.rs.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-use proptest::prelude::*;
 
 use super::*;
 use crate::labels::Expr;
 use crate::spec::{Dur, PoolSpec};
 
-fn ms(n: u64) -> Duration {
+pub(super) fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
 
-fn spec(labels: &[&str], min_idle: u32, max_total: u32, max_uses: u32) -> PoolSpec {
+pub(super) fn spec(labels: &[&str], min_idle: u32, max_total: u32, max_uses: u32) -> PoolSpec {
     PoolSpec {
         labels: labels.iter().map(|s| s.to_string()).collect(),
         min_idle,
@@ -27,7 +24,7 @@ fn spec(labels: &[&str], min_idle: u32, max_total: u32, max_uses: u32) -> PoolSp
     }
 }
 
-fn req(sel: &str, wait: u64, ttl: u64) -> LeaseRequest {
+pub(super) fn req(sel: &str, wait: u64, ttl: u64) -> LeaseRequest {
     LeaseRequest {
         selector: Expr::parse(sel).unwrap(),
         selector_text: sel.into(),
@@ -38,7 +35,7 @@ fn req(sel: &str, wait: u64, ttl: u64) -> LeaseRequest {
     }
 }
 
-fn engine() -> Engine {
+pub(super) fn engine() -> Engine {
     Engine::new(EngineConfig::default(), "t", Box::new(Unpaced))
 }
 
@@ -401,216 +398,6 @@ fn shutdown_fails_waiters_and_refuses_requests() {
         e.request_lease(req("linux", 0, 1), t0).unwrap_err(),
         LeaseError::ShuttingDown
     );
-}
-
-// ---- property tests ------------------------------------------------------------------------
-
-#[derive(Debug, Clone)]
-enum Op {
-    Request { sel: usize, wait: u64, ttl: u64 },
-    Cancel(usize),
-    Release(usize),
-    Renew(usize),
-    Start(usize),
-    Connect(usize),
-    FailProvision(usize),
-    Heartbeat { agent: usize, sick: bool },
-    Ready(usize),
-    Disconnect(usize),
-    Exit(usize),
-    Advance(u64),
-}
-
-const SELECTORS: [&str; 6] = ["linux", "go", "rust", "linux && go", "windows", "!go"];
-
-fn arb_op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        4 => (0..SELECTORS.len(), 0u64..400, 50u64..800)
-            .prop_map(|(sel, wait, ttl)| Op::Request { sel, wait, ttl }),
-        1 => any::<usize>().prop_map(Op::Cancel),
-        3 => any::<usize>().prop_map(Op::Release),
-        1 => any::<usize>().prop_map(Op::Renew),
-        3 => any::<usize>().prop_map(Op::Start),
-        3 => any::<usize>().prop_map(Op::Connect),
-        1 => any::<usize>().prop_map(Op::FailProvision),
-        1 => (any::<usize>(), prop::bool::weighted(0.2))
-            .prop_map(|(agent, sick)| Op::Heartbeat { agent, sick }),
-        3 => any::<usize>().prop_map(Op::Ready),
-        1 => any::<usize>().prop_map(Op::Disconnect),
-        3 => any::<usize>().prop_map(Op::Exit),
-        3 => (1u64..300).prop_map(Op::Advance),
-    ]
-}
-
-fn pick<T: Clone>(v: &[T], i: usize) -> Option<T> {
-    (!v.is_empty()).then(|| v[i % v.len()].clone())
-}
-
-#[derive(Default)]
-struct Model {
-    /// Arrival index of each request, by engine request id.
-    queued: HashMap<RequestId, (usize, usize)>,
-    /// Outcomes per arrival index: true = granted.
-    outcomes: HashMap<usize, bool>,
-    /// Grant order per selector (arrival indexes).
-    grants: HashMap<usize, Vec<usize>>,
-    leases: Vec<LeaseId>,
-}
-
-impl Model {
-    fn absorb(&mut self, e: &Engine, acts: Vec<Action>) -> Result<(), TestCaseError> {
-        for a in acts {
-            match a {
-                Action::Granted { request, lease } => {
-                    let (arrival, sel) = self.queued.remove(&request).expect("known request");
-                    prop_assert!(self.outcomes.insert(arrival, true).is_none());
-                    self.grants.entry(sel).or_default().push(arrival);
-                    self.leases.push(lease.id);
-                }
-                Action::WaitFailed { request, .. } => {
-                    let (arrival, _) = self.queued.remove(&request).expect("known request");
-                    prop_assert!(self.outcomes.insert(arrival, false).is_none());
-                }
-                Action::Provision { pool, .. } => {
-                    let s = e
-                        .pool_status()
-                        .into_iter()
-                        .find(|p| p.name == pool)
-                        .unwrap();
-                    prop_assert!(
-                        s.total <= s.max_total,
-                        "{} has {} > {}",
-                        pool,
-                        s.total,
-                        s.max_total
-                    );
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
-
-    #[test]
-    fn engine_invariants_hold(ops in prop::collection::vec(arb_op(), 1..120)) {
-        let t0 = Instant::now();
-        let mut now = t0;
-        let mut e = engine();
-        e.upsert_pool("a", spec(&["linux", "go"], 1, 3, 0), now);
-        e.upsert_pool("b", spec(&["linux", "rust"], 0, 2, 2), now);
-        let mut m = Model::default();
-        let mut arrivals = 0usize;
-        let acts = e.take_actions();
-        m.absorb(&e, acts)?;
-        for op in ops {
-            let by_state = |e: &Engine, s: AgentState| -> Vec<AgentId> {
-                let mut v: Vec<_> = e.agents().filter(|a| a.state == s).map(|a| a.id.clone()).collect();
-                v.sort();
-                v
-            };
-            let live = |e: &Engine| -> Vec<AgentId> {
-                let mut v: Vec<_> = e.agents()
-                    .filter(|a| matches!(a.state, AgentState::Idle | AgentState::Leased | AgentState::Cleaning))
-                    .map(|a| a.id.clone()).collect();
-                v.sort();
-                v
-            };
-            match op {
-                Op::Request { sel, wait, ttl } => {
-                    let arrival = arrivals;
-                    arrivals += 1;
-                    match e.request_lease(req(SELECTORS[sel], wait, ttl), now) {
-                        Ok(LeaseDecision::Granted(l)) => {
-                            m.outcomes.insert(arrival, true);
-                            m.grants.entry(sel).or_default().push(arrival);
-                            m.leases.push(l.id);
-                        }
-                        Ok(LeaseDecision::Queued(id)) => { m.queued.insert(id, (arrival, sel)); }
-                        Ok(LeaseDecision::Existing(_)) => prop_assert!(false, "no keys used"),
-                        Err(LeaseError::Unsatisfiable { .. }) => {
-                            prop_assert_eq!(SELECTORS[sel], "windows");
-                            m.outcomes.insert(arrival, false);
-                        }
-                        Err(_) => { m.outcomes.insert(arrival, false); }
-                    }
-                }
-                Op::Cancel(i) => {
-                    let mut ids: Vec<_> = m.queued.keys().copied().collect();
-                    ids.sort();
-                    if let Some(id) = pick(&ids, i) && e.cancel_request(id, now) {
-                        let (arrival, _) = m.queued.remove(&id).unwrap();
-                        m.outcomes.insert(arrival, false);
-                    }
-                }
-                Op::Release(i) => {
-                    if let Some(l) = pick(&m.leases, i) { let _ = e.release(&l, now); }
-                }
-                Op::Renew(i) => {
-                    if let Some(l) = pick(&m.leases, i) { let _ = e.renew(&l, None, now); }
-                }
-                Op::Start(i) => {
-                    if let Some(a) = pick(&by_state(&e, AgentState::Provisioning), i) { e.agent_started(&a, now); }
-                }
-                Op::Connect(i) => {
-                    if let Some(a) = pick(&by_state(&e, AgentState::Connecting), i) {
-                        e.agent_connected(&a, None, Health::default(), now).unwrap();
-                    }
-                }
-                Op::FailProvision(i) => {
-                    if let Some(a) = pick(&by_state(&e, AgentState::Provisioning), i) {
-                        e.provision_failed(&a, "boom", now);
-                    }
-                }
-                Op::Heartbeat { agent, sick } => {
-                    if let Some(a) = pick(&live(&e), agent) {
-                        let h = Health { workspace_bytes: 0, leftover_processes: sick as u32 };
-                        e.agent_heartbeat(&a, h, now);
-                    }
-                }
-                Op::Ready(i) => {
-                    if let Some(a) = pick(&by_state(&e, AgentState::Cleaning), i) {
-                        e.agent_ready(&a, Health::default(), now);
-                    }
-                }
-                Op::Disconnect(i) => {
-                    if let Some(a) = pick(&live(&e), i) { e.agent_disconnected(&a, "socket closed", now); }
-                }
-                Op::Exit(i) => {
-                    if let Some(a) = pick(&by_state(&e, AgentState::Terminating), i) { e.agent_exited(&a, "reaped", now); }
-                }
-                Op::Advance(d) => { now += ms(d); e.tick(now); }
-            }
-            let acts = e.take_actions();
-            m.absorb(&e, acts)?;
-            if let Err(msg) = e.check_invariants() { prop_assert!(false, "{}", msg); }
-            for s in e.pool_status() {
-                prop_assert!(s.total <= s.max_total, "{} total {} > max {}", s.name, s.total, s.max_total);
-            }
-        }
-        // Drain: stop leasing, end everything; every request and lease must have an outcome.
-        e.begin_shutdown(now);
-        e.terminate_all(now);
-        let acts = e.take_actions();
-        m.absorb(&e, acts)?;
-        prop_assert!(m.queued.is_empty(), "requests left without an outcome: {:?}", m.queued);
-        prop_assert_eq!(m.outcomes.len(), arrivals);
-        for id in &m.leases {
-            if let Some(l) = e.lease(id) {
-                prop_assert!(l.state != LeaseState::Active, "lease {} still active", id);
-                prop_assert!(l.end_reason.is_some(), "lease {} ended without a reason", id);
-            }
-        }
-        // FIFO: among requests with the same selector, grants follow arrival order.
-        for (sel, order) in &m.grants {
-            let mut sorted = order.clone();
-            sorted.sort();
-            prop_assert_eq!(order, &sorted, "selector {}", SELECTORS[*sel]);
-        }
-    }
 }
 
 #[test]

@@ -1,0 +1,388 @@
+//! The `kubernetes` backend: every agent is a pod built from its `AgentPool`'s template.
+//!
+//! Owns pod construction (env `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` injected into
+//! the agent container; labels and annotations from which pool state can be rebuilt; an owner
+//! reference to the `AgentPool`), pod creation and deletion, and the watchers that feed the
+//! service: `AgentPool`s become pools (invalid specs are reported, never applied), pod phases
+//! become agent events (Running -> started, gone/Failed/Succeeded -> exited). It also writes each
+//! pool's status through the status subresource.
+//!
+//! Layout: this file builds pods and implements [`Backend`]; `watch.rs` adopts and watches;
+//! `status.rs` writes AgentPool statuses.
+//!
+//! It does not decide sizing: the engine does, and this backend executes. Pods are never patched
+//! on the lease path. On shutdown pods are left running (`keeps_agents_on_shutdown`).
+
+mod status;
+mod watch;
+
+pub use watch::{adopt, run};
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use k8s_openapi::api::core::v1::{EnvVar, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use sha2::{Digest, Sha256};
+
+use super::{Backend, BackendEvent, BoxFuture, EventSink, PoolEvent, ProvisionRequest};
+use crate::k8s::crd::AgentPool;
+
+/// Label: the pool a pod belongs to.
+pub const LABEL_POOL: &str = "warmpool.dev/pool";
+/// Label: the agent id (also the pod name).
+pub const LABEL_AGENT: &str = "warmpool.dev/agent";
+/// Label: hash of the pod template the pod was built from.
+pub const LABEL_TEMPLATE_HASH: &str = "warmpool.dev/template-hash";
+/// Label: marks pods this service manages (the pod watcher selects on it).
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Annotation: uid of the owning `AgentPool`.
+pub const ANNOTATION_POOL_UID: &str = "warmpool.dev/pool-uid";
+/// Annotation: when warmpool created the pod (RFC 3339).
+pub const ANNOTATION_CREATED_AT: &str = "warmpool.dev/created-at";
+
+/// Settings of the Kubernetes backend.
+#[derive(Debug, Clone)]
+pub struct KubeConfig {
+    /// Namespace of the `AgentPool`s and their pods; None serves every namespace (pools are
+    /// then keyed `namespace.name` in the engine and the API).
+    pub namespace: Option<String>,
+    /// URL agents in pods dial.
+    pub hub_url: String,
+    /// How often pool statuses are written (only when they changed).
+    pub status_interval: Duration,
+}
+
+/// The Kubernetes backend.
+pub struct KubeBackend {
+    client: Client,
+    cfg: KubeConfig,
+    /// The last valid version of every `AgentPool` (its template builds the pods).
+    pools: DashMap<String, AgentPool>,
+    /// `AgentPool`s whose latest spec is invalid (by key): the object and one message per
+    /// problem.
+    invalid: DashMap<String, (AgentPool, Vec<String>)>,
+    /// Pods that cannot be scheduled (agent -> (pool, why)): kept and reported, not recreated.
+    pending: DashMap<String, (String, String)>,
+    /// Publishes Events on AgentPools (the recorder folds repeats into a series).
+    recorder: Recorder,
+    /// Last time each (pool, reason) was published: repeats within a minute are dropped.
+    recorded: DashMap<(String, &'static str), std::time::Instant>,
+    /// Namespace of every agent pod this instance knows.
+    agent_ns: DashMap<String, String>,
+}
+
+/// Repeats of one event reason on one pool within this window are not published again.
+const EVENT_WINDOW: Duration = Duration::from_secs(60);
+
+impl KubeBackend {
+    /// A backend for one namespace.
+    pub fn new(client: Client, cfg: KubeConfig) -> KubeBackend {
+        KubeBackend {
+            client: client.clone(),
+            cfg,
+            pools: DashMap::new(),
+            invalid: DashMap::new(),
+            pending: DashMap::new(),
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: "warmpool".into(),
+                    instance: None,
+                },
+            ),
+            recorded: DashMap::new(),
+            agent_ns: DashMap::new(),
+        }
+    }
+
+    /// The engine's key for a pool: its name, or `namespace.name` across namespaces.
+    pub fn pool_key(&self, namespace: &str, name: &str) -> String {
+        match &self.cfg.namespace {
+            Some(_) => name.to_string(),
+            None => format!("{namespace}.{name}"),
+        }
+    }
+
+    fn key_of(&self, ap: &AgentPool) -> String {
+        self.pool_key(&ap.namespace().unwrap_or_default(), &ap.name_any())
+    }
+
+    fn key_of_pod(&self, pod: &Pod) -> Option<String> {
+        let name = pod.labels().get(LABEL_POOL)?;
+        Some(self.pool_key(&pod.namespace().unwrap_or_default(), name))
+    }
+
+    fn pods_in(&self, namespace: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), namespace)
+    }
+
+    fn scope<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        match &self.cfg.namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        }
+    }
+
+    /// Forgets a pool that is gone.
+    fn forget(&self, key: &str) {
+        self.pools.remove(key);
+        self.invalid.remove(key);
+        self.recorded.retain(|(pool, _), _| pool != key);
+    }
+
+    fn namespace_of_agent(&self, agent: &str) -> String {
+        self.agent_ns
+            .get(agent)
+            .map(|n| n.clone())
+            .or_else(|| self.cfg.namespace.clone())
+            .unwrap_or_else(|| "default".into())
+    }
+}
+
+/// A pod still present this long after its delete is deleted again.
+const REDELETE_AFTER: Duration = Duration::from_secs(30);
+
+/// Longest pool key: agent ids (`{key}-{6 hex}-{n}`) must fit a 63-character label value.
+pub const MAX_POOL_KEY: usize = 40;
+
+/// Short hash of a pool's pod template (changes when the template does).
+pub fn template_hash(ap: &AgentPool) -> String {
+    let json = serde_json::to_vec(&ap.spec.template).unwrap_or_default();
+    hex::encode(&Sha256::digest(&json)[..5])
+}
+
+/// Builds the pod for one agent of `ap`.
+pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod, String> {
+    let mut template = ap.spec.template.clone();
+    let mut spec = template.spec.take().ok_or("the pod template has no spec")?;
+    let idx = match &ap.spec.agent_container {
+        Some(name) => spec
+            .containers
+            .iter()
+            .position(|c| &c.name == name)
+            .ok_or_else(|| format!("no container named {name:?} in the pod template"))?,
+        None if spec.containers.is_empty() => {
+            return Err("the pod template has no container".into());
+        }
+        None => 0,
+    };
+    let env = spec.containers[idx].env.get_or_insert_with(Vec::new);
+    for (k, v) in [
+        ("WARMPOOL_HUB", hub_url.to_string()),
+        ("WARMPOOL_AGENT_ID", req.agent.clone()),
+        ("WARMPOOL_TOKEN", req.token.clone()),
+        ("WARMPOOL_POOL", req.pool.clone()),
+        ("WARMPOOL_LABELS", req.spec.labels.join(",")),
+    ] {
+        env.retain(|e| e.name != k);
+        env.push(EnvVar {
+            name: k.into(),
+            value: Some(v),
+            value_from: None,
+        });
+    }
+    // An agent pod runs once: recycling is warmpool's job, not the kubelet's.
+    spec.restart_policy = Some("Never".into());
+    let meta = template.metadata.unwrap_or_default();
+    let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
+    labels.insert(LABEL_POOL.into(), ap.name_any());
+    labels.insert(LABEL_AGENT.into(), req.agent.clone());
+    labels.insert(LABEL_TEMPLATE_HASH.into(), template_hash(ap));
+    labels.insert(LABEL_MANAGED_BY.into(), "warmpool".into());
+    let mut annotations = meta.annotations.unwrap_or_default();
+    annotations.insert(ANNOTATION_POOL_UID.into(), ap.uid().unwrap_or_default());
+    annotations.insert(
+        ANNOTATION_CREATED_AT.into(),
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+    );
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(req.agent.clone()),
+            namespace: ap.namespace(),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "warmpool.dev/v1alpha1".into(),
+                kind: "AgentPool".into(),
+                name: ap.name_any(),
+                uid: ap.uid().unwrap_or_default(),
+                controller: Some(true),
+                // Not set: it would need update on agentpools/finalizers where the
+                // OwnerReferencesPermissionEnforcement admission plugin runs.
+                block_owner_deletion: None,
+            }]),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    })
+}
+
+impl Backend for KubeBackend {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    fn provision(&self, req: ProvisionRequest, events: EventSink) {
+        let failed = |error: String| {
+            let _ = events.send(BackendEvent::Failed {
+                pool: req.pool.clone(),
+                agent: req.agent.clone(),
+                error,
+            });
+        };
+        let ns_display = self.cfg.namespace.clone().unwrap_or_else(|| "*".into());
+        let Some(ap) = self.pools.get(&req.pool).map(|p| p.clone()) else {
+            failed(format!("AgentPool {}/{} not found", ns_display, req.pool));
+            return;
+        };
+        let pod = match build_pod(&ap, &req, &self.cfg.hub_url) {
+            Ok(p) => p,
+            Err(e) => {
+                failed(format!("AgentPool {}/{}: {e}", ns_display, req.pool));
+                return;
+            }
+        };
+        let ns = ap.namespace().unwrap_or_default();
+        self.agent_ns.insert(req.agent.clone(), ns.clone());
+        let api = self.pods_in(&ns);
+        tokio::spawn(async move {
+            // Started is reported when the pod runs (pod watcher), not when it is created.
+            let Err(e) = api.create(&PostParams::default(), &pod).await else {
+                return;
+            };
+            let definite = matches!(&e, kube::Error::Api(s) if (400..500).contains(&s.code));
+            match &e {
+                // Our own earlier attempt got through: the pod is there.
+                kube::Error::Api(s) if s.code == 409 => return,
+                // 5xx, timeouts, cut connections: the pod may exist anyway. Read it back rather
+                // than forget a pod that would then leak and be created twice.
+                // A read-back could race the apiserver finishing the create, so the agent stays
+                // Provisioning: the pod watch reports the pod when it runs, and the provisioning
+                // timeout deletes it by name otherwise. A pod that may exist is never forgotten.
+                _ if !definite => return,
+                _ => {}
+            }
+            let _ = events.send(BackendEvent::Failed {
+                pool: req.pool,
+                error: format!("creating pod {ns}/{}: {e}", req.agent),
+                agent: req.agent,
+            });
+        });
+    }
+
+    fn terminate(&self, agent: &str, events: EventSink) {
+        let ns = self.namespace_of_agent(agent);
+        let api = self.pods_in(&ns);
+        let agent = agent.to_string();
+        tokio::spawn(async move {
+            match api.delete(&agent, &DeleteParams::default()).await {
+                // Exited is reported when the watch sees the pod gone.
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    let _ = events.send(BackendEvent::Exited {
+                        agent,
+                        detail: "pod already gone".into(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %agent, namespace = %ns, error = %e, "deleting pod failed")
+                }
+            }
+        });
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_> {
+        Box::pin(async {})
+    }
+
+    fn keeps_agents_on_shutdown(&self) -> bool {
+        true
+    }
+
+    fn record(&self, pool: &str, event: PoolEvent) {
+        let Some(reference) = self.pools.get(pool).map(|ap| ap.object_ref(&())) else {
+            return;
+        };
+        let (reason, action, note) = match event {
+            PoolEvent::Leak { agent } => (
+                "AgentLeaked",
+                "DeletePod",
+                format!("pod {agent} did not register within connectTimeout; deleted"),
+            ),
+            PoolEvent::ProvisionFailed { agent, error } => (
+                "ProvisioningFailed",
+                "CreatePod",
+                format!("pod {agent}: {error}"),
+            ),
+            PoolEvent::Throttled => (
+                "Throttled",
+                "CreatePod",
+                "the provisioning rate limit is holding pod creation back".to_string(),
+            ),
+        };
+        let key = (pool.to_string(), reason);
+        let now = std::time::Instant::now();
+        if self
+            .recorded
+            .get(&key)
+            .is_some_and(|t| now.duration_since(*t) < EVENT_WINDOW)
+        {
+            return;
+        }
+        self.recorded.insert(key, now);
+        let recorder = self.recorder.clone();
+        let ev = KubeEvent {
+            type_: if reason == "Throttled" {
+                EventType::Normal
+            } else {
+                EventType::Warning
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary: None,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                tracing::warn!(error = %e, "publishing an AgentPool event failed");
+            }
+        });
+    }
+}
+
+/// Why a Pending pod cannot start: unschedulable or scheduling-gated (None otherwise).
+pub fn unschedulable(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if status.phase.as_deref() != Some("Pending") {
+        return None;
+    }
+    if let Some(gates) = pod.spec.as_ref().and_then(|s| s.scheduling_gates.as_ref())
+        && !gates.is_empty()
+    {
+        let names: Vec<&str> = gates.iter().map(|g| g.name.as_str()).collect();
+        return Some(format!("scheduling-gated ({})", names.join(", ")));
+    }
+    status.conditions.as_ref()?.iter().find_map(|c| {
+        (c.type_ == "PodScheduled"
+            && c.status == "False"
+            && matches!(
+                c.reason.as_deref(),
+                Some("Unschedulable" | "SchedulingGated")
+            ))
+        .then(|| c.message.clone().unwrap_or_else(|| "unschedulable".into()))
+    })
+}
+
+fn agent_of(pod: &Pod) -> Option<String> {
+    pod.labels().get(LABEL_AGENT).cloned()
+}

@@ -1,0 +1,326 @@
+//! Agent events of the engine: the backend started or failed to start an agent, it
+//! registered (possibly reporting a lease to restore), heartbeats and health, cleanup done,
+//! disconnected, gone; adoption of existing agents; retirement; and the one place agents move
+//! to Terminating, with a reason.
+//!
+//! Pure like the rest of the engine: no I/O, time passed in.
+
+use std::time::Instant;
+
+use super::*;
+
+impl Engine {
+    /// An agent by id.
+    pub fn agent(&self, id: &str) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+
+    /// All agents.
+    pub fn agents(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+
+    /// The backend started the agent (Provisioning -> Connecting).
+    pub fn agent_started(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get(id)
+            && a.state == AgentState::Provisioning
+        {
+            if let Some(p) = self.pools.get_mut(&a.pool) {
+                p.failures_in_a_row = 0;
+                p.backoff_until = None;
+            }
+            self.set_state(id, AgentState::Connecting, now);
+        }
+    }
+
+    /// The backend reports the agent cannot start yet for a reason outside warmpool's control
+    /// (pod unschedulable or scheduling-gated): it is kept, not timed out and recreated in a loop.
+    pub fn hold_pending(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id)
+            && a.state == AgentState::Provisioning
+        {
+            a.since = now;
+        }
+    }
+
+    /// The backend could not start the agent.
+    pub fn provision_failed(&mut self, id: &str, error: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        let pool = a.pool.clone();
+        if let Some(p) = self.pools.get_mut(&pool) {
+            p.provision_failures_total += 1;
+            p.failures_in_a_row += 1;
+            let pause = backoff(&pool, p.failures_in_a_row);
+            p.backoff_until = Some(now + pause);
+            p.last_error = Some(format!(
+                "agent {id}: {error} (failure {} in a row; next attempt in {} ms)",
+                p.failures_in_a_row,
+                pause.as_millis()
+            ));
+        }
+        self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
+        // It never started: nothing will report its exit, so it is gone now.
+        self.agents.remove(id);
+        self.reconcile(now);
+    }
+
+    /// Checks whether an agent may register (before the hub accepts its connection).
+    pub fn check_connect(&self, id: &str, claimed_pool: Option<&str>) -> Result<(), ConnectError> {
+        let a = self
+            .agents
+            .get(id)
+            .ok_or_else(|| ConnectError::UnknownAgent(id.to_string()))?;
+        if let Some(claimed) = claimed_pool
+            && !claimed.is_empty()
+            && claimed != a.pool
+        {
+            return Err(ConnectError::WrongPool {
+                agent: id.to_string(),
+                claimed: claimed.to_string(),
+                actual: a.pool.clone(),
+            });
+        }
+        match a.state {
+            AgentState::Provisioning | AgentState::Connecting => Ok(()),
+            AgentState::Terminating => Err(ConnectError::Terminating(id.to_string())),
+            _ => Err(ConnectError::AlreadyConnected(id.to_string())),
+        }
+    }
+
+    /// The agent registered over the hub (Connecting -> Idle).
+    pub fn agent_connected(
+        &mut self,
+        id: &str,
+        pool: Option<&str>,
+        health: Health,
+        now: Instant,
+    ) -> Result<(), ConnectError> {
+        self.agent_registered(id, pool, health, None, 0, now)
+    }
+
+    /// Like [`Engine::agent_connected`], for an agent that reports a lease it still serves (it
+    /// reconnected after a service restart): the lease is restored, with [`RESTORED_LEASE_TTL`]
+    /// until its holder renews it.
+    pub fn agent_registered(
+        &mut self,
+        id: &str,
+        pool: Option<&str>,
+        health: Health,
+        lease: Option<&str>,
+        uses: u32,
+        now: Instant,
+    ) -> Result<(), ConnectError> {
+        self.check_connect(id, pool)?;
+        let a = self.agents.get_mut(id).expect("checked");
+        // An adopted agent keeps counting toward maxUses from what it reports.
+        a.uses = a.uses.max(uses);
+        a.health = health;
+        a.last_seen = now;
+        let pool_name = a.pool.clone();
+        // Agents register again: the pool is no longer failing.
+        if let Some(p) = self.pools.get_mut(&pool_name) {
+            p.last_error = None;
+        }
+        let a = self.agents.get_mut(id).expect("checked");
+        let seconds = now.duration_since(a.created).as_secs_f64();
+        let pool = a.pool.clone();
+        if let Some(lease_id) = lease
+            && !self.leases.contains_key(lease_id)
+        {
+            let a = self.agents.get_mut(id).expect("checked");
+            // The restored lease is among the uses the agent reported.
+            a.uses = a.uses.max(1);
+            a.lease = Some(lease_id.to_string());
+            let labels = self.pools[&pool].spec.labels.clone();
+            self.leases.insert(
+                lease_id.to_string(),
+                Lease {
+                    id: lease_id.to_string(),
+                    agent: id.to_string(),
+                    pool: pool.clone(),
+                    labels,
+                    holder: "restored after a service restart".into(),
+                    selector: String::new(),
+                    granted: now,
+                    expires: now + RESTORED_LEASE_TTL,
+                    ttl: RESTORED_LEASE_TTL,
+                    state: LeaseState::Active,
+                    end_reason: None,
+                    idempotency_key: None,
+                },
+            );
+            tracing::info!(
+                agent = id,
+                lease = lease_id,
+                "restored lease reported by agent"
+            );
+            self.set_state(id, AgentState::Leased, now);
+            self.reconcile(now);
+            return Ok(());
+        }
+        self.actions
+            .push(Action::Observe(Observation::ProvisionToIdle {
+                pool,
+                seconds,
+            }));
+        self.set_state(id, AgentState::Idle, now);
+        self.check_health(id, now);
+        self.reconcile(now);
+        Ok(())
+    }
+
+    /// Marks an agent for replacement (its template is outdated). Idle agents are rotated once
+    /// a fresh replacement is idle, paced by the rate limit; a leased one at release.
+    pub fn retire(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id)
+            && !a.retire
+        {
+            a.retire = true;
+            self.reconcile(now);
+        }
+    }
+
+    /// A heartbeat with health.
+    pub fn agent_heartbeat(&mut self, id: &str, health: Health, now: Instant) {
+        let Some(a) = self.agents.get_mut(id) else {
+            return;
+        };
+        a.last_seen = now;
+        a.health = health;
+        self.check_health(id, now);
+        self.reconcile(now);
+    }
+
+    /// Any frame from the agent proves it is alive.
+    pub fn agent_seen(&mut self, id: &str, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id) {
+            a.last_seen = now;
+        }
+    }
+
+    /// The agent finished cleaning after a release (Cleaning -> Idle, or recycled if unhealthy).
+    pub fn agent_ready(&mut self, id: &str, health: Health, now: Instant) {
+        let Some(a) = self.agents.get_mut(id) else {
+            return;
+        };
+        a.last_seen = now;
+        a.health = health;
+        if a.state != AgentState::Cleaning {
+            return;
+        }
+        self.set_state(id, AgentState::Idle, now);
+        self.check_health(id, now);
+        self.reconcile(now);
+    }
+
+    /// The agent's connection closed.
+    pub fn agent_disconnected(&mut self, id: &str, why: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if matches!(a.state, AgentState::Terminating) {
+            return;
+        }
+        self.terminate(id, Reason::Disconnected(why.to_string()), now);
+        self.reconcile(now);
+    }
+
+    /// The backend reports the agent is gone (process reaped, pod deleted).
+    pub fn agent_exited(&mut self, id: &str, detail: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if a.state != AgentState::Terminating {
+            self.terminate(id, Reason::Exited(detail.to_string()), now);
+        }
+        self.agents.remove(id);
+        // A removed pool disappears with its last agent.
+        let empty_removed: Vec<String> = self
+            .pools
+            .iter()
+            .filter(|(n, p)| p.removed && !self.agents.values().any(|a| &a.pool == *n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in empty_removed {
+            self.pools.remove(&n);
+        }
+        self.reconcile(now);
+    }
+
+    pub(super) fn check_health(&mut self, id: &str, now: Instant) {
+        let a = &self.agents[id];
+        let limits = &self.pools[&a.pool].spec.health;
+        let mut problems = Vec::new();
+        if a.health.workspace_bytes > limits.max_workspace_bytes {
+            problems.push(format!(
+                "workspace holds {} bytes (limit {})",
+                a.health.workspace_bytes, limits.max_workspace_bytes
+            ));
+        }
+        // While a job runs its processes are expected; leftovers count when the agent is idle
+        // (after cleanup, and in idle heartbeats).
+        if a.state == AgentState::Idle
+            && a.health.leftover_processes > limits.max_leftover_processes
+        {
+            problems.push(format!(
+                "{} leftover processes (limit {})",
+                a.health.leftover_processes, limits.max_leftover_processes
+            ));
+        }
+        if problems.is_empty() {
+            return;
+        }
+        let why = problems.join(", ");
+        match a.state {
+            AgentState::Idle => self.terminate(id, Reason::Unhealthy(why), now),
+            // A job that grew the workspace past the limit: recycle instead of reusing.
+            // (Heartbeats while Cleaning describe the workspace before the wipe; `ready`
+            // reports the state after it, checked once the agent is Idle again.)
+            AgentState::Leased => {
+                self.agents.get_mut(id).expect("exists").unhealthy = Some(why);
+            }
+            _ => {}
+        }
+    }
+
+    pub(super) fn set_state(&mut self, id: &str, state: AgentState, now: Instant) {
+        if let Some(a) = self.agents.get_mut(id) {
+            tracing::debug!(agent = id, pool = %a.pool, from = a.state.as_str(), to = state.as_str(), "agent state");
+            a.state = state;
+            a.since = now;
+        }
+    }
+
+    /// Moves an agent to Terminating (once), failing its lease if it had one.
+    pub(super) fn terminate(&mut self, id: &str, reason: Reason, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if a.state == AgentState::Terminating {
+            return;
+        }
+        let pool = a.pool.clone();
+        if let Some(lease) = a.lease.clone()
+            && self
+                .leases
+                .get(&lease)
+                .is_some_and(|l| l.state == LeaseState::Active)
+        {
+            let state = if reason == Reason::LeaseExpired {
+                LeaseState::Expired
+            } else {
+                LeaseState::Failed
+            };
+            self.end_lease(&lease, state, format!("agent {id} {reason}"), now);
+        }
+        if reason == Reason::ConnectTimeout
+            && let Some(p) = self.pools.get_mut(&pool)
+        {
+            p.leaks_total += 1;
+            p.last_error = Some(format!("agent {id} did not register within connectTimeout"));
+        }
+        tracing::info!(agent = id, pool = %pool, reason = %reason, "terminating agent");
+        self.set_state(id, AgentState::Terminating, now);
+        let a = self.agents.get_mut(id).expect("exists");
+        a.terminate_reason = Some(reason.clone());
+        self.actions.push(Action::Terminate {
+            pool,
+            agent: id.to_string(),
+            reason,
+        });
+    }
+}
