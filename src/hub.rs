@@ -104,11 +104,6 @@ impl Hub {
         self.handshakes.check().is_ok()
     }
 
-    /// Number of live agent connections.
-    pub fn connected(&self) -> usize {
-        self.conns.len()
-    }
-
     /// True when the agent has a live connection.
     pub fn is_connected(&self, agent: &str) -> bool {
         self.conns.contains_key(agent)

@@ -95,6 +95,31 @@ impl Cluster {
         v.sort();
         v
     }
+    async fn status(&self, pool: &str) -> warmpool::k8s::crd::AgentPoolStatus {
+        self.pools()
+            .get(pool)
+            .await
+            .unwrap()
+            .status
+            .unwrap_or_default()
+    }
+    /// True when the pool's status has condition `type_` = `status` with `reason` (when not
+    /// empty) and a message containing `text`.
+    async fn has_condition(
+        &self,
+        pool: &str,
+        type_: &str,
+        status: &str,
+        reason: &str,
+        text: &str,
+    ) -> bool {
+        self.status(pool).await.conditions.iter().any(|x| {
+            x.type_ == type_
+                && x.status == status
+                && (reason.is_empty() || x.reason == reason)
+                && x.message.contains(text)
+        })
+    }
     async fn until(&self, what: &str, mut f: impl AsyncFnMut(&Cluster) -> bool) {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !f(self).await {
@@ -129,17 +154,7 @@ async fn pool_reaches_min_idle_runs_a_job_and_replaces_the_pod_per_max_uses() {
     c.until(
         "Ready condition and counts in the AgentPool status",
         async |c: &Cluster| {
-            let s = c
-                .pools()
-                .get("go")
-                .await
-                .unwrap()
-                .status
-                .unwrap_or_default();
-            s.idle == 2
-                && s.conditions
-                    .iter()
-                    .any(|x| x.type_ == "Ready" && x.status == "True")
+            c.status("go").await.idle == 2 && c.has_condition("go", "Ready", "True", "", "").await
         },
     )
     .await;
@@ -204,16 +219,7 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
     let first = c.pod_names("stuck").await[0].clone();
     c.until(
         "leak counted in the AgentPool status",
-        async |c: &Cluster| {
-            c.pools()
-                .get("stuck")
-                .await
-                .unwrap()
-                .status
-                .unwrap_or_default()
-                .leaks_total
-                >= 1
-        },
+        async |c: &Cluster| c.status("stuck").await.leaks_total >= 1,
     )
     .await;
     c.until("leaked pod deleted", async |c: &Cluster| {
@@ -223,19 +229,8 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
     c.until(
         "Degraded/AgentsFailing naming the pod",
         async |c: &Cluster| {
-            let s = c
-                .pools()
-                .get("stuck")
+            c.has_condition("stuck", "Degraded", "True", "AgentsFailing", "stuck-")
                 .await
-                .unwrap()
-                .status
-                .unwrap_or_default();
-            s.conditions.iter().any(|x| {
-                x.type_ == "Degraded"
-                    && x.status == "True"
-                    && x.reason == "AgentsFailing"
-                    && x.message.contains("stuck-")
-            })
         },
     )
     .await;
@@ -321,19 +316,14 @@ async fn invalid_spec_is_reported_as_degraded_and_never_applied() {
     c.until(
         "Degraded/InvalidSpec naming the field",
         async |c: &Cluster| {
-            let s = c
-                .pools()
-                .get("bad")
-                .await
-                .unwrap()
-                .status
-                .unwrap_or_default();
-            s.conditions.iter().any(|x| {
-                x.type_ == "Degraded"
-                    && x.status == "True"
-                    && x.reason == "InvalidSpec"
-                    && x.message.contains("spec.minIdle: 3 is above maxTotal 1")
-            })
+            c.has_condition(
+                "bad",
+                "Degraded",
+                "True",
+                "InvalidSpec",
+                "spec.minIdle: 3 is above maxTotal 1",
+            )
+            .await
         },
     )
     .await;
@@ -353,16 +343,7 @@ async fn invalid_spec_is_reported_as_degraded_and_never_applied() {
         .unwrap();
     c.h.wait_idle("bad", 3).await;
     c.until("Degraded cleared", async |c: &Cluster| {
-        let s = c
-            .pools()
-            .get("bad")
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default();
-        s.conditions
-            .iter()
-            .any(|x| x.type_ == "Degraded" && x.status == "False")
+        c.has_condition("bad", "Degraded", "False", "", "").await
     })
     .await;
 }
@@ -635,19 +616,8 @@ async fn unschedulable_pods_are_kept_and_reported_not_recreated() {
     c.until(
         "Degraded/Unschedulable naming the pod",
         async |c: &Cluster| {
-            let s = c
-                .pools()
-                .get("nowhere")
+            c.has_condition("nowhere", "Degraded", "True", "Unschedulable", "nowhere-")
                 .await
-                .unwrap()
-                .status
-                .unwrap_or_default();
-            s.conditions.iter().any(|x| {
-                x.type_ == "Degraded"
-                    && x.status == "True"
-                    && x.reason == "Unschedulable"
-                    && x.message.contains("nowhere-")
-            })
         },
     )
     .await;

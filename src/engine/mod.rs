@@ -257,11 +257,6 @@ impl Engine {
         true
     }
 
-    /// Names of the pools.
-    pub fn pool_names(&self) -> Vec<String> {
-        self.pools.keys().cloned().collect()
-    }
-
     // ---- leases ------------------------------------------------------------------------------
 
     /// Requests a lease. Grants at once when an agent is free, fails at once when no pool can

@@ -18,11 +18,6 @@ impl Engine {
         self.reconcile(now);
     }
 
-    /// True once shutdown began.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down
-    }
-
     /// Active leases.
     pub fn active_leases(&self) -> usize {
         self.leases
