@@ -218,6 +218,9 @@ fn seconds(v: Option<f64>, default: f64, max: f64, field: &str) -> Result<Durati
     Ok(Duration::from_secs_f64(s))
 }
 
+/// Read and write buffer size of one agent connection.
+const AGENT_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
     let protected = Router::new()
@@ -227,6 +230,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/leases/{id}/exec", get(exec_socket))
         .route("/v1/pools", get(list_pools))
         .route("/v1/pools/{name}", get(get_pool))
+        .route("/v1/pools/{name}/join-token", post(join_token))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(protected)
@@ -264,9 +268,13 @@ async fn agent_connect(
     }
     let svc = st.svc.clone();
     let max = svc.cfg.max_frame_bytes;
+    // Small buffers: thousands of mostly idle agents each hold one connection (tungstenite's
+    // 128 KiB defaults would cost 256 KiB per agent); larger frames still grow them.
     Ok(ws
         .max_message_size(max)
         .max_frame_size(max)
+        .read_buffer_size(AGENT_BUFFER_BYTES)
+        .write_buffer_size(AGENT_BUFFER_BYTES)
         .on_upgrade(move |socket| hub::serve_agent(svc, socket)))
 }
 
@@ -400,6 +408,34 @@ async fn get_pool(
                 format!("pool {name} not found"),
             )
         })
+}
+
+/// The join token of an external pool (machines present it with `WARMPOOL_POOL` and an id of
+/// their own; see docs/API.md).
+async fn join_token(
+    State(st): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Some(pool) = st.svc.pools().into_iter().find(|p| p.name == name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "pool_not_found",
+            format!("pool {name} not found"),
+        ));
+    };
+    if !pool.spec.external {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "pool_not_external",
+            format!(
+                "pool {name} is not external: warmpool starts its agents and gives each its own token"
+            ),
+        ));
+    }
+    Ok(Json(serde_json::json!({
+        "pool": name,
+        "token": st.svc.key.join_token(&name),
+    })))
 }
 
 async fn metrics(State(st): State<ApiState>) -> impl IntoResponse {

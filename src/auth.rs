@@ -91,6 +91,17 @@ impl AgentKey {
         hex::encode(self.mac(agent_id).finalize().into_bytes())
     }
 
+    /// The join token of an external pool: machines present it with an id of their choosing.
+    /// Derived under a separate domain (`join\0` + pool) so it is never an agent's token.
+    pub fn join_token(&self, pool: &str) -> String {
+        self.token(&format!("join\0{pool}"))
+    }
+
+    /// Checks a pool join token in constant time.
+    pub fn verify_join(&self, pool: &str, token: &str) -> bool {
+        self.verify(&format!("join\0{pool}"), token)
+    }
+
     /// Checks a token in constant time.
     pub fn verify(&self, agent_id: &str, token: &str) -> bool {
         match hex::decode(token.trim()) {
@@ -140,6 +151,16 @@ mod tests {
         assert!(!k.verify("default-a-2", &t));
         assert!(!k.verify("default-a-1", "zz"));
         assert!(!AgentKey::random().verify("default-a-1", &t));
+    }
+
+    #[test]
+    fn join_tokens_are_per_pool_and_never_agent_tokens() {
+        let k = AgentKey::from_bytes(b"0123456789abcdef");
+        let j = k.join_token("gpu");
+        assert!(k.verify_join("gpu", &j));
+        assert!(!k.verify_join("cpu", &j));
+        assert!(!k.verify("gpu", &j));
+        assert!(!k.verify_join("gpu", &k.token("gpu")));
     }
 
     #[test]

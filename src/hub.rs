@@ -292,11 +292,21 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
         return refuse(&svc, socket, close::UNSUPPORTED_VERSION, "version", r).await;
     }
-    if !svc.key.verify(&agent, &token) {
-        let r = format!("invalid token for agent {agent}");
-        return refuse(&svc, socket, close::INVALID_TOKEN, "invalid-token", r).await;
-    }
-    if let Err(e) = svc.read(|e| e.check_connect(&agent, pool.as_deref())) {
+    // An agent the service started presents its own token; a machine joining an external pool
+    // presents the pool's join token.
+    let join = match pool.as_deref() {
+        _ if svc.key.verify(&agent, &token) => None,
+        Some(p) if !p.is_empty() && svc.key.verify_join(p, &token) => Some(p.to_string()),
+        _ => {
+            let r = format!("invalid token for agent {agent}");
+            return refuse(&svc, socket, close::INVALID_TOKEN, "invalid-token", r).await;
+        }
+    };
+    if join.is_some() {
+        if let Some(r) = invalid_join_id(&agent) {
+            return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
+        }
+    } else if let Err(e) = svc.read(|e| e.check_connect(&agent, pool.as_deref())) {
         return refuse_connect(&svc, socket, e).await;
     }
     // 2. register: at most one live connection per agent id.
@@ -316,8 +326,9 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             v.insert(conn.clone());
         }
     }
-    if let Err(e) = svc.apply(|e, now| {
-        e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), uses, now)
+    if let Err(e) = svc.apply(|e, now| match &join {
+        Some(p) => e.agent_joined(&agent, p, health, lease.as_deref(), uses, now),
+        None => e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), uses, now),
     }) {
         svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
         return refuse_connect(&svc, socket, e).await;
@@ -424,6 +435,19 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
     }
 }
 
+/// Why an id chosen by a joining machine is refused: 1 to 128 characters of letters, digits,
+/// '.', '_' and '-' (it names the agent in metrics, logs and leases).
+fn invalid_join_id(id: &str) -> Option<String> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    (!ok).then(|| {
+        format!("agent id {id:?} is not valid (1 to 128 letters, digits, '.', '_' or '-')")
+    })
+}
+
 fn is_too_big(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     t.contains("too long") || t.contains("too big") || t.contains("space limit")
@@ -435,6 +459,8 @@ async fn refuse_connect(svc: &Service, socket: WebSocket, e: ConnectError) {
         ConnectError::WrongPool { .. } => (close::PROTOCOL_VIOLATION, "wrong-pool"),
         ConnectError::AlreadyConnected(_) => (close::DUPLICATE_AGENT, "duplicate-agent"),
         ConnectError::Terminating(_) => (close::TERMINATED, "terminating"),
+        ConnectError::NotJoinable(_) => (close::POOL_FULL, "not-joinable"),
+        ConnectError::PoolFull { .. } => (close::POOL_FULL, "pool-full"),
     };
     refuse(svc, socket, code, metric, e.to_string()).await
 }

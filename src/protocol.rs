@@ -38,6 +38,8 @@ pub mod close {
     pub const UNSUPPORTED_VERSION: u16 = 4426;
     /// The agent did not read its messages fast enough; its send queue filled.
     pub const SLOW_CONSUMER: u16 = 4429;
+    /// An external pool has `maxTotal` agents already, or a join names no external pool.
+    pub const POOL_FULL: u16 = 4503;
     /// Standard code: message too big.
     pub const TOO_BIG: u16 = 1009;
     /// Standard code: going away (service shutting down, agent drained).
@@ -61,7 +63,9 @@ pub enum AgentMessage {
         /// The pool it believes it belongs to.
         #[serde(default)]
         pool: Option<String>,
-        /// HMAC-SHA256(server key, agent id), hex.
+        /// HMAC-SHA256(server key, agent id), hex; or, for an agent joining an external
+        /// pool, that pool's join token (then `pool` is required and `agentId` is the
+        /// machine's own name).
         token: String,
         /// Labels the agent reports (informational; the pool's labels are authoritative).
         #[serde(default)]

@@ -321,6 +321,15 @@ impl Service {
                     };
                     self.hub
                         .close(&agent, code, &format!("agent {agent} terminated: {reason}"));
+                    // An external machine is not warmpool's to stop: once its connection is
+                    // closed it is gone (it may join again).
+                    if self.specs.get(&pool).is_some_and(|s| s.external) {
+                        let _ = self.backend_tx.send(BackendEvent::Exited {
+                            agent,
+                            detail: "external agent disconnected".into(),
+                        });
+                        continue;
+                    }
                     // An agent that exited or never started has nothing left to stop.
                     if !matches!(reason, Reason::Exited(_) | Reason::ProvisionFailed(_)) {
                         self.backend.terminate(&agent, self.backend_tx.clone());

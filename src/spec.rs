@@ -182,6 +182,11 @@ pub struct PoolSpec {
     pub provisioning: Provisioning,
     /// Health limits checked on heartbeats and after each cleanup.
     pub health: HealthLimits,
+    /// External pool: warmpool starts no agents; machines join with the pool's join token
+    /// (static hosts, GPU machines, VMs). Leasing, heartbeats and recycling-by-release apply;
+    /// `maxTotal` caps how many may join; sizing, `maxUses`, `maxAge` and `idleTtl` do not.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub external: bool,
     /// Process backend only: the command that starts one agent instead of `warmpool agent`.
     /// It gets `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` and `WARMPOOL_WORKSPACE`.
     /// Not part of the `AgentPool` schema: pods get their command from the pod template.
@@ -202,6 +207,7 @@ impl Default for PoolSpec {
             connect_timeout: Dur::secs(120),
             provisioning: Provisioning::default(),
             health: HealthLimits::default(),
+            external: false,
             agent_command: None,
         }
     }
@@ -283,6 +289,11 @@ impl PoolSpec {
             && (cmd.is_empty() || cmd[0].is_empty())
         {
             p.push(format!("{prefix}agentCommand: must name a program"));
+        }
+        if self.external && self.agent_command.is_some() {
+            p.push(format!(
+                "{prefix}agentCommand: an external pool starts no agents (its machines join with the pool's join token)"
+            ));
         }
         p
     }
@@ -490,6 +501,13 @@ pub fn spec_from_mapping(
         prefix,
         &mut problems,
         &mut spec.health,
+    );
+    field(
+        take("external"),
+        "external",
+        prefix,
+        &mut problems,
+        &mut spec.external,
     );
     field(
         take("agentCommand"),

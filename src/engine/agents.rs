@@ -60,7 +60,7 @@ impl Engine {
         }
         self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
         // It never started: nothing will report its exit, so it is gone now.
-        self.agents.remove(id);
+        self.remove_agent(id);
         self.reconcile(now);
     }
 
@@ -85,6 +85,44 @@ impl Engine {
             AgentState::Terminating => Err(ConnectError::Terminating(id.to_string())),
             _ => Err(ConnectError::AlreadyConnected(id.to_string())),
         }
+    }
+
+    /// An agent of an external pool joined with the pool's join token: it is added and
+    /// registered at once (as Idle, or Leased when it reports a lease it still serves).
+    pub fn agent_joined(
+        &mut self,
+        id: &str,
+        pool: &str,
+        health: Health,
+        lease: Option<&str>,
+        uses: u32,
+        now: Instant,
+    ) -> Result<(), ConnectError> {
+        let p = match self.pools.get(pool) {
+            Some(p) if p.spec.external && !p.removed => p,
+            _ => return Err(ConnectError::NotJoinable(pool.to_string())),
+        };
+        if let Some(a) = self.agents.get(id) {
+            return Err(if a.state == AgentState::Terminating {
+                ConnectError::Terminating(id.to_string())
+            } else if a.pool != pool {
+                ConnectError::WrongPool {
+                    agent: id.to_string(),
+                    claimed: pool.to_string(),
+                    actual: a.pool.clone(),
+                }
+            } else {
+                ConnectError::AlreadyConnected(id.to_string())
+            });
+        }
+        if p.members.len() as u32 >= p.spec.max_total {
+            return Err(ConnectError::PoolFull {
+                pool: pool.to_string(),
+                max: p.spec.max_total,
+            });
+        }
+        self.insert_agent(Agent::new(id, pool, AgentState::Connecting, now));
+        self.agent_registered(id, Some(pool), health, lease, uses, now)
     }
 
     /// The agent registered over the hub (Connecting -> Idle).
@@ -158,11 +196,13 @@ impl Engine {
             self.reconcile(now);
             return Ok(());
         }
-        self.actions
-            .push(Action::Observe(Observation::ProvisionToIdle {
-                pool,
-                seconds,
-            }));
+        if !self.pools[&pool].spec.external {
+            self.actions
+                .push(Action::Observe(Observation::ProvisionToIdle {
+                    pool,
+                    seconds,
+                }));
+        }
         self.set_state(id, AgentState::Idle, now);
         self.check_health(id, now);
         self.reconcile(now);
@@ -176,6 +216,7 @@ impl Engine {
             && !a.retire
         {
             a.retire = true;
+            self.dirty.insert(a.pool.clone());
             self.reconcile(now);
         }
     }
@@ -187,8 +228,12 @@ impl Engine {
         };
         a.last_seen = now;
         a.health = health;
+        // Only a health problem changes anything; a plain heartbeat costs no reconcile pass.
+        let before = a.state;
         self.check_health(id, now);
-        self.reconcile(now);
+        if self.agents.get(id).is_some_and(|a| a.state != before) {
+            self.reconcile(now);
+        }
     }
 
     /// Any frame from the agent proves it is alive.
@@ -229,17 +274,8 @@ impl Engine {
         if a.state != AgentState::Terminating {
             self.terminate(id, Reason::Exited(detail.to_string()), now);
         }
-        self.agents.remove(id);
         // A removed pool disappears with its last agent.
-        let empty_removed: Vec<String> = self
-            .pools
-            .iter()
-            .filter(|(n, p)| p.removed && !self.agents.values().any(|a| &a.pool == *n))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for n in empty_removed {
-            self.pools.remove(&n);
-        }
+        self.remove_agent(id);
         self.reconcile(now);
     }
 
@@ -276,14 +312,6 @@ impl Engine {
                 self.agents.get_mut(id).expect("exists").unhealthy = Some(why);
             }
             _ => {}
-        }
-    }
-
-    pub(super) fn set_state(&mut self, id: &str, state: AgentState, now: Instant) {
-        if let Some(a) = self.agents.get_mut(id) {
-            tracing::debug!(agent = id, pool = %a.pool, from = a.state.as_str(), to = state.as_str(), "agent state");
-            a.state = state;
-            a.since = now;
         }
     }
 

@@ -15,6 +15,7 @@
 //! shutdown; `types.rs` the value types; `tests.rs` scenarios and the proptest.
 
 mod agents;
+mod index;
 mod reconcile;
 mod status;
 mod types;
@@ -24,7 +25,8 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use types::*;
@@ -91,6 +93,10 @@ struct Pool {
     failures_in_a_row: u32,
     /// No provisioning before this (exponential backoff after failures).
     backoff_until: Option<Instant>,
+    /// Ids of the pool's agents in any state.
+    members: HashSet<AgentId>,
+    /// The pool's idle agents by idle-since (see `index.rs`).
+    idle: BTreeSet<index::IdleKey>,
 }
 
 /// First pause after a provisioning failure; it doubles per failure in a row.
@@ -136,6 +142,12 @@ pub struct Engine {
     seq: u64,
     shutting_down: bool,
     paused: bool,
+    /// Pools touched since the last reconcile pass.
+    dirty: BTreeSet<String>,
+    /// Size every pool on the next pass (a tick, or a pool or engine-wide change).
+    all_dirty: bool,
+    /// Selector text -> live pools it matches.
+    matches: HashMap<String, Arc<[String]>>,
 }
 
 impl Engine {
@@ -155,6 +167,9 @@ impl Engine {
             seq: 0,
             shutting_down: false,
             paused: false,
+            dirty: BTreeSet::new(),
+            all_dirty: true,
+            matches: HashMap::new(),
         }
     }
 
@@ -194,25 +209,34 @@ impl Engine {
                         last_error: None,
                         failures_in_a_row: 0,
                         backoff_until: None,
+                        members: HashSet::new(),
+                        idle: BTreeSet::new(),
                     },
                 );
             }
         }
+        self.pools_changed();
         self.reconcile(now);
     }
 
     /// Removes a pool: idle agents stop now, leased ones when released; the pool disappears once
     /// it has no agents.
     pub fn remove_pool(&mut self, name: &str, now: Instant) {
-        if let Some(p) = self.pools.get_mut(name) {
-            p.removed = true;
-        }
-        let ids: Vec<AgentId> = self
-            .agents
-            .values()
-            .filter(|a| a.pool == name && a.state != AgentState::Leased)
-            .map(|a| a.id.clone())
+        let Some(p) = self.pools.get_mut(name) else {
+            return;
+        };
+        p.removed = true;
+        let mut ids: Vec<AgentId> = p
+            .members
+            .iter()
+            .filter(|id| self.agents[*id].state != AgentState::Leased)
+            .cloned()
             .collect();
+        ids.sort();
+        if p.members.is_empty() {
+            self.pools.remove(name);
+        }
+        self.pools_changed();
         for id in ids {
             self.terminate(&id, Reason::PoolRemoved, now);
         }
@@ -223,6 +247,7 @@ impl Engine {
     /// rebuilt from what exists before anything new is created).
     pub fn set_paused(&mut self, paused: bool, now: Instant) {
         self.paused = paused;
+        self.all_dirty = true;
         self.reconcile(now);
     }
 
@@ -247,7 +272,7 @@ impl Engine {
         if state == AgentState::Terminating {
             a.terminate_reason = Some(Reason::Shutdown);
         }
-        self.agents.insert(id.to_string(), a);
+        self.insert_agent(a);
         tracing::info!(
             agent = id,
             pool,
@@ -283,11 +308,7 @@ impl Engine {
                 return Err(LeaseError::DuplicateRequest(key.clone()));
             }
         }
-        if !self
-            .pools
-            .values()
-            .any(|p| !p.removed && p.spec.max_total > 0 && req.selector.matches(&p.labels))
-        {
+        if self.matching_pools(&req).is_empty() {
             return Err(LeaseError::Unsatisfiable {
                 selector: req.selector_text.clone(),
                 pools: self.describe_pools(),
@@ -428,13 +449,15 @@ impl Engine {
         }
         let pool = &self.pools[&a.pool];
         let spec = &pool.spec;
+        // An external machine is not replaced by warmpool: it is only cleaned between leases.
+        let managed = !spec.external;
         let reason = if pool.removed {
             Some(Reason::PoolRemoved)
-        } else if spec.max_uses > 0 && a.uses >= spec.max_uses {
+        } else if managed && spec.max_uses > 0 && a.uses >= spec.max_uses {
             Some(Reason::MaxUses)
-        } else if a.retire {
+        } else if managed && a.retire {
             Some(Reason::Rolled)
-        } else if now.duration_since(a.created) >= spec.max_age.0 {
+        } else if managed && now.duration_since(a.created) >= spec.max_age.0 {
             Some(Reason::MaxAge)
         } else {
             a.unhealthy.clone().map(Reason::Unhealthy)

@@ -74,10 +74,14 @@ impl Engine {
         for (id, r) in doomed {
             self.terminate(&id, r, now);
         }
+        // Time-based sizing (idleTtl, maxAge, backoff and rate-limit refills) for every pool.
+        self.all_dirty = true;
         self.reconcile(now);
     }
 
-    /// Level-triggered pass: serve waiters FIFO, then size every pool from scratch.
+    /// Level-triggered pass: serve waiters FIFO, then size pools from scratch: every pool on a
+    /// tick, while requests wait, or after a pool change; otherwise only the pools the last
+    /// events touched (the others' inputs did not change).
     pub fn reconcile(&mut self, now: Instant) {
         self.assign_waiters(now);
         let demand = if self.waiters.is_empty() {
@@ -85,11 +89,21 @@ impl Engine {
         } else {
             self.demand()
         };
-        let names: Vec<String> = self.pools.keys().cloned().collect();
+        let names: Vec<String> = if self.all_dirty || !self.waiters.is_empty() {
+            self.pools.keys().cloned().collect()
+        } else {
+            self.dirty.iter().cloned().collect()
+        };
         for name in names {
+            if !self.pools.contains_key(&name) {
+                continue;
+            }
             let d = demand.get(&name).copied().unwrap_or(0);
             self.size_pool(&name, d, now);
         }
+        // What sizing itself changed needs no second pass.
+        self.dirty.clear();
+        self.all_dirty = false;
     }
 
     pub(super) fn is_stale(&self, a: &Agent, now: Instant) -> bool {
@@ -111,26 +125,13 @@ impl Engine {
         }
         let mut i = 0;
         while i < self.waiters.len() {
-            let w = &self.waiters[i];
-            // Best agent: a fresh one before a stale one, then the most recently idle (keeps
-            // the rest idle long enough for idleTtl to scale them down), then by id for
-            // determinism.
-            let best = self
-                .agents
-                .values()
-                .filter(|a| a.state == AgentState::Idle)
-                .filter(|a| {
-                    let p = &self.pools[&a.pool];
-                    !p.removed && w.req.selector.matches(&p.labels)
-                })
-                .max_by(|a, b| {
-                    (!self.is_stale(a, now), a.since, &b.id).cmp(&(
-                        !self.is_stale(b, now),
-                        b.since,
-                        &a.id,
-                    ))
-                })
-                .map(|a| a.id.clone());
+            let best = index::find(
+                &self.pools,
+                &self.agents,
+                &mut self.matches,
+                &self.waiters[i].req,
+                now,
+            );
             match best {
                 Some(agent) => {
                     let w = self.waiters.remove(i).expect("index valid");
@@ -189,10 +190,7 @@ impl Engine {
         let mut room: HashMap<&str, i64> = self
             .pools
             .iter()
-            .map(|(n, p)| {
-                let total = self.agents.values().filter(|a| &a.pool == n).count() as i64;
-                (n.as_str(), p.spec.max_total as i64 - total)
-            })
+            .map(|(n, p)| (n.as_str(), p.spec.max_total as i64 - p.members.len() as i64))
             .collect();
         for w in &self.waiters {
             let pick = self
@@ -216,14 +214,15 @@ impl Engine {
     fn size_pool(&mut self, name: &str, demand: u32, now: Instant) {
         let pool = &self.pools[name];
         let spec = pool.spec.clone();
-        if pool.removed {
+        // External agents join by themselves: nothing to start, scale down or rotate.
+        if pool.removed || spec.external {
             return;
         }
         let mut total = 0u32;
         let mut in_flight = 0u32;
         let mut fresh_idle: Vec<(Instant, AgentId)> = Vec::new();
         let mut stale_idle: Vec<(Instant, AgentId)> = Vec::new();
-        for a in self.agents.values().filter(|a| a.pool == name) {
+        for a in pool.members.iter().map(|id| &self.agents[id]) {
             total += 1;
             match a.state {
                 AgentState::Provisioning | AgentState::Connecting => in_flight += 1,
@@ -257,10 +256,7 @@ impl Engine {
             }
             let n = self.next_seq();
             let id = format!("{name}-{}-{n}", self.instance);
-            self.agents.insert(
-                id.clone(),
-                Agent::new(&id, name, AgentState::Provisioning, now),
-            );
+            self.insert_agent(Agent::new(&id, name, AgentState::Provisioning, now));
             total += 1;
             in_flight += 1;
             self.actions.push(Action::Provision {

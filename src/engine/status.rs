@@ -76,7 +76,7 @@ impl Engine {
                     last_error: p.last_error.clone(),
                     spec: p.spec.clone(),
                 };
-                for a in self.agents.values().filter(|a| &a.pool == name) {
+                for a in p.members.iter().map(|id| &self.agents[id]) {
                     s.total += 1;
                     match a.state {
                         AgentState::Provisioning => s.provisioning += 1,
@@ -99,6 +99,7 @@ impl Engine {
 
     /// Checks internal invariants; used by tests (cheap enough for debug builds).
     pub fn check_invariants(&self) -> Result<(), String> {
+        self.check_index()?;
         let mut seen = std::collections::HashSet::new();
         for l in self
             .leases

@@ -662,3 +662,93 @@ fn adopted_agents_keep_their_age_and_terminating_ones_count() {
         1
     );
 }
+
+#[test]
+fn external_agents_join_lease_and_stay_after_release() {
+    let mut e = engine();
+    let t0 = Instant::now();
+    let mut s = spec(&["mac"], 1, 2, 1);
+    s.external = true;
+    e.upsert_pool("macs", s, t0);
+    // Nothing is provisioned for an external pool, whatever minIdle says.
+    assert!(settle(&mut e, t0).is_empty());
+    e.agent_joined("mini-1", "macs", Health::default(), None, 0, t0)
+        .unwrap();
+    e.agent_joined("mini-2", "macs", Health::default(), None, 0, t0)
+        .unwrap();
+    assert!(matches!(
+        e.agent_joined("mini-3", "macs", Health::default(), None, 0, t0),
+        Err(ConnectError::PoolFull { max: 2, .. })
+    ));
+    assert!(matches!(
+        e.agent_joined("mini-1", "macs", Health::default(), None, 0, t0),
+        Err(ConnectError::AlreadyConnected(_))
+    ));
+    assert!(matches!(
+        e.agent_joined("x", "nope", Health::default(), None, 0, t0),
+        Err(ConnectError::NotJoinable(_))
+    ));
+    // maxUses 1 does not replace a machine warmpool cannot recreate: it is cleaned and reused.
+    let t1 = t0 + ms(10);
+    let LeaseDecision::Granted(l) = e.request_lease(req("mac", 0, 1000), t1).unwrap() else {
+        panic!("granted")
+    };
+    e.release(&l.id, t1).unwrap();
+    let acts = settle(&mut e, t1);
+    assert!(terminations(&acts).is_empty(), "{acts:?}");
+    assert_eq!(status(&e, "macs").idle, 2);
+    // Past idleTtl and maxAge nothing is scaled down or rotated either.
+    e.agent_heartbeat("mini-1", Health::default(), t1 + ms(20_000));
+    e.agent_heartbeat("mini-2", Health::default(), t1 + ms(20_000));
+    e.tick(t1 + ms(40_000));
+    assert!(terminations(&e.take_actions()).is_empty());
+    // A dropped connection removes it (the backend reports it gone); it may join again.
+    let t2 = t1 + ms(40_001);
+    e.agent_disconnected("mini-1", "closed", t2);
+    assert_eq!(terminations(&settle(&mut e, t2)), ["disconnected"]);
+    assert!(e.agent("mini-1").is_none());
+    e.agent_joined("mini-1", "macs", Health::default(), None, 0, t2)
+        .unwrap();
+    e.check_invariants().unwrap();
+}
+
+#[test]
+fn find_agent_uses_the_idle_index_across_many_pools() {
+    let mut e = engine();
+    let t0 = Instant::now();
+    for i in 0..20 {
+        let mut s = spec(&["linux", &format!("set{i}")], 0, 50, 0);
+        s.external = true;
+        e.upsert_pool(&format!("p{i}"), s, t0);
+        for j in 0..50 {
+            e.agent_joined(
+                &format!("a{i}-{j}"),
+                &format!("p{i}"),
+                Health::default(),
+                None,
+                0,
+                t0,
+            )
+            .unwrap();
+        }
+    }
+    e.check_invariants().unwrap();
+    // Among equally fresh agents idle since the same instant, the smallest id wins.
+    assert_eq!(
+        e.find_agent(&req("set7", 0, 1), t0).as_deref(),
+        Some("a7-0")
+    );
+    // The most recently idle wins.
+    e.agent_heartbeat("a7-9", Health::default(), t0);
+    let LeaseDecision::Granted(l) = e.request_lease(req("set7", 0, 1000), t0).unwrap() else {
+        panic!()
+    };
+    e.release(&l.id, t0 + ms(5)).unwrap();
+    e.agent_ready(&l.agent, Health::default(), t0 + ms(6));
+    assert_eq!(
+        e.find_agent(&req("set7", 0, 1), t0 + ms(7)).as_deref(),
+        Some(l.agent.as_str())
+    );
+    assert_eq!(e.find_agent(&req("linux && !linux", 0, 1), t0), None);
+    e.check_invariants().unwrap();
+}

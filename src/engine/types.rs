@@ -350,6 +350,17 @@ pub enum ConnectError {
     /// The agent is being terminated.
     #[error("agent {0:?} is terminating")]
     Terminating(AgentId),
+    /// A join token was presented for a pool that does not exist or is not external.
+    #[error("pool {0:?} is not an external pool accepting joins")]
+    NotJoinable(String),
+    /// An external pool already has `maxTotal` agents.
+    #[error("external pool {pool:?} is full ({max} agents, its maxTotal)")]
+    PoolFull {
+        /// Pool.
+        pool: String,
+        /// Its maxTotal.
+        max: u32,
+    },
 }
 
 /// What the engine asks its shell to do. Executing an action never blocks the engine.

@@ -38,7 +38,8 @@ pub struct AgentPoolSpec {
     /// The pool: labels, sizing, recycling, provisioning pace, health limits.
     #[serde(flatten)]
     pub pool: PoolSpec,
-    /// The pod every agent of this pool runs as.
+    /// The pod every agent of this pool runs as (required unless the pool is `external`).
+    #[serde(default)]
     #[schemars(schema_with = "pod_template_schema")]
     pub template: PodTemplateSpec,
     /// The container that runs `warmpool agent` (default: the first container).
@@ -117,7 +118,13 @@ impl AgentPoolSpec {
             .as_ref()
             .map(|s| s.containers.as_slice())
             .unwrap_or_default();
-        if containers.is_empty() {
+        if self.pool.external {
+            if !containers.is_empty() {
+                p.push(
+                    "spec.template: an external pool starts no pods; remove the template".into(),
+                );
+            }
+        } else if containers.is_empty() {
             p.push("spec.template.spec.containers: the pod template has no container".into());
         }
         if let Some(name) = &self.agent_container
