@@ -33,6 +33,8 @@ pub enum Command {
     Status(StatusArgs),
     /// Print the AgentPool CustomResourceDefinition as YAML.
     Crd,
+    /// Benchmark a warmpool: warm vs cold side by side, or thousands of simulated agents.
+    Bench(BenchArgs),
 }
 
 /// Log format.
@@ -127,7 +129,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WARMPOOL_HUB_URL")]
     pub hub_url: Option<String>,
     /// Heartbeat period between hub and agents; 3 missed heartbeats lose the agent.
-    #[arg(long, env = "WARMPOOL_HEARTBEAT_INTERVAL", value_parser = dur, default_value = "5s")]
+    #[arg(long, env = "WARMPOOL_HEARTBEAT_INTERVAL", value_parser = dur, default_value = "15s")]
     pub heartbeat_interval: Dur,
     /// Agent handshakes accepted per second (protects the service during reconnect storms).
     #[arg(long, env = "WARMPOOL_HANDSHAKES_PER_SECOND", default_value_t = 50)]
@@ -225,7 +227,7 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
 pub enum OutputFormat {
     /// Aligned table.
     Table,
-    /// JSON array of pool statuses.
+    /// JSON.
     Json,
 }
 
@@ -243,6 +245,119 @@ pub struct StatusArgs {
         value_enum,
         default_value = "table"
     )]
+    pub output: OutputFormat,
+}
+
+/// `warmpool bench`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    /// `bench agents`: the scale test.
+    #[command(subcommand)]
+    pub sub: Option<BenchCommand>,
+    /// The load generator (without a subcommand).
+    #[command(flatten)]
+    pub load: BenchLoadArgs,
+}
+
+/// Subcommands of `bench`.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Open N simulated WebSocket agents against a server (external pools), then report the
+    /// server's RSS and idle CPU per 1,000 agents and lease latency under that population.
+    Agents(BenchAgentsArgs),
+}
+
+/// The load generator's flags.
+#[derive(Debug, Args)]
+pub struct BenchLoadArgs {
+    /// Service URL (default http://127.0.0.1:7420; ignored with --embedded).
+    #[arg(long, env = "WARMPOOL_SERVER")]
+    pub server: Option<String>,
+    /// File holding the API bearer token.
+    #[arg(long, env = "WARMPOOL_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Start an in-process service (process backend) with two pools identical but for
+    /// warmth, `warm` (minIdle = concurrency) and `cold` (minIdle 0), and alternate jobs
+    /// between them.
+    #[arg(long)]
+    pub embedded: bool,
+    /// A target: `name=selector` or a bare selector (repeatable; jobs alternate).
+    #[arg(long, short = 's')]
+    pub selector: Vec<String>,
+    /// Selector of the warm pool (target `warm`), for side-by-side runs.
+    #[arg(long)]
+    pub warm_selector: Option<String>,
+    /// Selector of the cold pool (target `cold`), for side-by-side runs.
+    #[arg(long)]
+    pub cold_selector: Option<String>,
+    /// Jobs in all.
+    #[arg(long, default_value_t = 200)]
+    pub jobs: usize,
+    /// Jobs in flight at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Shell command every job runs; empty: lease and release only (measures the lease API).
+    #[arg(long, default_value = "true")]
+    pub command: String,
+    /// Stop starting jobs after this long.
+    #[arg(long, value_parser = dur)]
+    pub duration: Option<Dur>,
+    /// How long a lease request may wait for an agent.
+    #[arg(long, value_parser = dur, default_value = "120s")]
+    pub wait: Dur,
+    /// `--embedded`: leases an agent serves before it is replaced (1 = a fresh agent per job).
+    #[arg(long, default_value_t = 1)]
+    pub max_uses: u32,
+    /// Output format; `json` includes every sample.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    /// Write the latency CDFs as SVG to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+/// `warmpool bench agents`.
+#[derive(Debug, Args)]
+pub struct BenchAgentsArgs {
+    /// A running server with external pools (default: start a local `warmpool serve`).
+    #[arg(long, env = "WARMPOOL_SERVER")]
+    pub server: Option<String>,
+    /// File holding the API bearer token of that server.
+    #[arg(long, env = "WARMPOOL_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// External pools of that server to join (repeatable; default: all external pools).
+    #[arg(long)]
+    pub pool: Vec<String>,
+    /// Pid of that server when it is local (default: found by its port).
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    pub count: usize,
+    /// External pools (label sets) of a started server.
+    #[arg(long, default_value_t = 10)]
+    pub label_sets: usize,
+    /// Connections opened at once.
+    #[arg(long, default_value_t = 200)]
+    pub dial_concurrency: usize,
+    /// Handshakes per second a started server accepts.
+    #[arg(long, default_value_t = 1000)]
+    pub handshakes_per_second: u32,
+    /// Heartbeat interval of a started server.
+    #[arg(long, value_parser = dur, default_value = "15s")]
+    pub heartbeat_interval: Dur,
+    /// How long idle CPU is measured.
+    #[arg(long, value_parser = dur, default_value = "20s")]
+    pub measure: Dur,
+    /// Leases in the latency phase.
+    #[arg(long, default_value_t = 2000)]
+    pub jobs: usize,
+    /// Leases in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: OutputFormat,
 }
 

@@ -53,6 +53,16 @@ pub struct Client {
 }
 
 impl Client {
+    /// The service URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// The API bearer token, when one is used.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// A client for `base` (`http://127.0.0.1:7420`), with an optional bearer token.
     pub fn new(base: &str, token: Option<String>) -> Client {
         Client {
@@ -194,7 +204,8 @@ impl Client {
                     .map_err(|e| self.transport(e))?,
             );
         }
-        let (mut ws, _) = match tokio_tungstenite::connect_async(req).await {
+        let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(req, None, true).await
+        {
             Ok(x) => x,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();

@@ -347,22 +347,18 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
     }
     tracing::info!(agent = %agent, "agent connected");
 
-    // 3. writer: queue + heartbeats; the only task that writes to the socket.
+    // 3. writer: the queue; the only task that writes to the socket. The hub's heartbeat is
+    // the answer to the agent's (queued by the reader): no timer per connection, and one
+    // wake-up serves both directions, which is what thousands of idle agents cost.
     let (mut sink, mut stream) = socket.split();
     let writer_conn = conn.clone();
-    let hb = svc.cfg.heartbeat_interval;
     let writer = tokio::spawn(async move {
-        let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + hb, hb);
         loop {
             tokio::select! {
                 _ = writer_conn.kill.cancelled() => break,
                 m = rx.recv() => {
                     let Some(Outbound::Msg(m)) = m else { break };
                     let text = serde_json::to_string(&m).expect("serialisable");
-                    if sink.send(Message::Text(text.into())).await.is_err() { break; }
-                }
-                _ = iv.tick() => {
-                    let text = serde_json::to_string(&HubMessage::Heartbeat {}).expect("serialisable");
                     if sink.send(Message::Text(text.into())).await.is_err() { break; }
                 }
             }
@@ -499,7 +495,12 @@ async fn forward(
                 }
                 return;
             }
-            _ = beat.tick() => svc.apply(|e, now| e.agent_seen(agent, now)),
+            _ = beat.tick() => {
+                svc.apply(|e, now| e.agent_seen(agent, now));
+                // The agent's heartbeats wait behind this frame, so the hub answers none:
+                // keep the agent hearing from the hub meanwhile.
+                let _ = conn.tx.try_send(Outbound::Msg(HubMessage::Heartbeat {}));
+            }
             _ = conn.kill.cancelled() => return,
         }
     }
@@ -518,6 +519,8 @@ async fn handle(
             match m {
                 AgentMessage::Heartbeat { health } => {
                     svc.apply(|e, now| e.agent_heartbeat(agent, health, now));
+                    // A full queue already means a slow agent; the next heartbeat answers.
+                    let _ = conn.tx.try_send(Outbound::Msg(HubMessage::Heartbeat {}));
                 }
                 AgentMessage::Ready { health, .. } => {
                     svc.apply(|e, now| e.agent_ready(agent, health, now));

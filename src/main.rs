@@ -147,6 +147,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(a) => {
+            let code = warmpool::bench::cmd::run(a).await?;
+            Ok(ExitCode::from(code as u8))
+        }
         Command::Run(a) => {
             let c = client_for(&a.server)?;
             let user = std::env::var("USER").unwrap_or_else(|_| "unknown".into());

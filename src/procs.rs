@@ -58,10 +58,61 @@ fn table() -> Vec<(i32, i32, char, i32)> {
     out
 }
 
+/// (pid, parent pid, state char, process group) of one process.
+fn stat_of(pid: i32) -> Option<(i32, i32, char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace();
+    let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
+    let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let pgid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    Some((pid, ppid, state, pgid))
+}
+
+/// Direct children of `pid` from /proc/PID/task/*/children; None when the kernel has no such
+/// files (CONFIG_PROC_CHILDREN).
+fn children_of(pid: i32) -> Option<Vec<i32>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut out = Vec::new();
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(text) = std::fs::read_to_string(t.path().join("children")) else {
+            continue;
+        };
+        any = true;
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
+    }
+    any.then_some(out)
+}
+
+/// The process table below this process: its descendants, read through the children files
+/// (a few reads instead of one per process on the machine: an agent checks this after every
+/// lease and in every heartbeat), or the whole table when those files do not exist.
+fn table_below_me() -> Vec<(i32, i32, char, i32)> {
+    let me = std::process::id() as i32;
+    if children_of(me).is_none() {
+        return table();
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![me];
+    while let Some(p) = stack.pop() {
+        for c in children_of(p).unwrap_or_default() {
+            if let Some(row) = stat_of(c) {
+                out.push(row);
+                stack.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// Live (non-zombie) descendants of this process, excluding `keep` and their descendants.
 pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
     let me = std::process::id() as i32;
-    let t = table();
+    let t = table_below_me();
     let mut children: HashMap<i32, Vec<(i32, char)>> = HashMap::new();
     for (pid, ppid, st, _) in &t {
         children.entry(*ppid).or_default().push((*pid, *st));
@@ -85,7 +136,7 @@ pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
 /// Reaps zombie children that nobody else waits for (orphans re-parented to us).
 pub fn reap_orphans(keep: &HashSet<i32>) {
     let me = std::process::id() as i32;
-    for (pid, ppid, st, _) in table() {
+    for (pid, ppid, st, _) in table_below_me() {
         if ppid == me && st == 'Z' && !keep.contains(&pid) {
             // SAFETY: waitpid on a specific zombie child, non-blocking.
             unsafe {
@@ -103,7 +154,7 @@ pub fn kill_orphans(spawned: &std::collections::BTreeSet<i32>) -> usize {
     // SAFETY: getpgrp has no preconditions.
     let my_group = unsafe { libc::getpgrp() };
     let mut n = 0;
-    for (pid, ppid, st, pgid) in table() {
+    for (pid, ppid, st, pgid) in table_below_me() {
         if ppid != me || pgid == my_group || spawned.contains(&pid) || spawned.contains(&pgid) {
             continue;
         }
@@ -197,5 +248,28 @@ mod tests {
         wipe(d.path()).unwrap();
         assert_eq!(dir_bytes(d.path()), 0);
         assert!(d.path().exists());
+    }
+
+    #[test]
+    fn descendants_are_found_through_children_files() {
+        let mut child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("sleep 30 & wait")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let mut found = Vec::new();
+        for _ in 0..100 {
+            found = leftovers(&HashSet::new());
+            if found.len() >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(found.contains(&pid), "{found:?}");
+        assert!(found.len() >= 2, "the sleep under sh: {found:?}");
+        assert!(!leftovers(&HashSet::from([pid])).contains(&pid));
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }

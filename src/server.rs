@@ -223,6 +223,12 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let http = {
         let http_stop = http_stop.clone();
         tokio::spawn(async move {
+            // No Nagle: leases, exec frames and agent messages are small and latency-bound
+            // (with Nagle and delayed ACKs a reply can sit 40 ms in a buffer).
+            use axum::serve::ListenerExt;
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let r = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { http_stop.cancelled().await })
                 .await;

@@ -49,8 +49,14 @@ pub struct ServiceConfig {
 impl Default for ServiceConfig {
     fn default() -> Self {
         ServiceConfig {
-            engine: EngineConfig::default(),
-            heartbeat_interval: Duration::from_secs(5),
+            engine: EngineConfig {
+                agent_scan_interval: Duration::from_millis(200),
+                heartbeat_timeout: Duration::from_secs(45),
+                ..EngineConfig::default()
+            },
+            // Each idle agent costs the service two messages per interval; 15 s keeps 10,000
+            // idle agents under 5 % of a core (docs/BENCHMARKS.md), loss detected in 45 s.
+            heartbeat_interval: Duration::from_secs(15),
             tick: Duration::from_millis(50),
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             agent_queue: 256,

@@ -66,6 +66,10 @@ pub struct EngineConfig {
     pub max_waiters: usize,
     /// Ended leases remembered for `GET /v1/leases/{id}`.
     pub lease_history: usize,
+    /// Agent deadlines (connect, heartbeat, cleanup) are checked by a tick at most this often
+    /// (zero: every tick). Waiters and leases are checked on every tick. The scan visits every
+    /// agent, so with thousands of agents a 50 ms tick would spend most of its time here.
+    pub agent_scan_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -75,6 +79,7 @@ impl Default for EngineConfig {
             cleanup_timeout: Duration::from_secs(120),
             max_waiters: 1024,
             lease_history: 4096,
+            agent_scan_interval: Duration::ZERO,
         }
     }
 }
@@ -148,6 +153,8 @@ pub struct Engine {
     all_dirty: bool,
     /// Selector text -> live pools it matches.
     matches: HashMap<String, Arc<[String]>>,
+    /// When the last agent deadline scan ran.
+    last_agent_scan: Option<Instant>,
 }
 
 impl Engine {
@@ -170,6 +177,7 @@ impl Engine {
             dirty: BTreeSet::new(),
             all_dirty: true,
             matches: HashMap::new(),
+            last_agent_scan: None,
         }
     }
 

@@ -47,9 +47,20 @@ impl Engine {
             self.terminate(&agent, Reason::LeaseExpired, now);
         }
         // Agent deadlines.
+        // Agent deadlines, at most every `agent_scan_interval`; by pool, so each agent costs
+        // one map lookup.
+        let scan = self
+            .last_agent_scan
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.agent_scan_interval);
+        if scan {
+            self.last_agent_scan = Some(now);
+        }
         let mut doomed: Vec<(AgentId, Reason)> = Vec::new();
-        for a in self.agents.values() {
-            let spec = &self.pools[&a.pool].spec;
+        let pools = self.pools.values().filter(|_| scan);
+        for (a, spec) in pools
+            .flat_map(|p| p.members.iter().map(move |id| (id, &p.spec)))
+            .map(|(id, spec)| (&self.agents[id], spec))
+        {
             match a.state {
                 AgentState::Provisioning
                     if now.duration_since(a.since) >= spec.connect_timeout.0 =>

@@ -1,0 +1,148 @@
+//! Human-readable output of `warmpool bench`: aligned tables of percentiles per target and
+//! figure, the baseline, and the ratios. JSON output is the serde form of the reports.
+
+use std::fmt::Write;
+
+use super::{LoadReport, Summary};
+
+fn row(out: &mut String, cells: &[String], widths: &[usize]) {
+    let line: Vec<String> = cells
+        .iter()
+        .zip(widths)
+        .map(|(c, w)| format!("{c:<w$}"))
+        .collect();
+    let _ = writeln!(out, "{}", line.join("  ").trim_end());
+}
+
+/// Renders rows with columns padded to their widest cell.
+pub fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        row(&mut out, r, &widths);
+    }
+    out
+}
+
+fn f(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Percentile cells of a summary.
+pub fn cells(s: &Summary) -> Vec<String> {
+    vec![s.n.to_string(), f(s.p50), f(s.p90), f(s.p99), f(s.max)]
+}
+
+/// The table `warmpool bench` prints.
+pub fn render(r: &LoadReport) -> String {
+    let mut out = String::new();
+    let jobs: usize = r.targets.iter().map(|t| t.jobs).sum();
+    let _ = writeln!(
+        out,
+        "warmpool bench: {jobs} jobs at concurrency {} running `{}` against {} in {:.1} s",
+        r.concurrency, r.command, r.server, r.seconds
+    );
+    let mut rows = vec![
+        ["TARGET", "FIGURE (ms)", "N", "P50", "P90", "P99", "MAX"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for (name, s) in [
+        ("baseline", ("bare sh -c spawn", &r.baseline.spawn)),
+        ("baseline", ("loopback HTTP", &r.baseline.http)),
+    ] {
+        let mut cells_ = vec![name.to_string(), s.0.to_string()];
+        cells_.extend(cells(s.1));
+        rows.push(cells_);
+    }
+    for t in &r.targets {
+        for (fig, s) in [
+            ("lease (to 201)", &t.lease),
+            ("first byte", &t.ttfb),
+            ("exit", &t.exit),
+        ] {
+            let mut c = vec![t.name.clone(), fig.to_string()];
+            c.extend(cells(s));
+            rows.push(c);
+        }
+    }
+    out.push_str(&table(&rows));
+    let mut rows = vec![
+        ["TARGET", "SELECTOR", "JOBS", "ERRORS", "JOBS/S"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for t in &r.targets {
+        rows.push(vec![
+            t.name.clone(),
+            t.selector.clone(),
+            t.jobs.to_string(),
+            t.errors.to_string(),
+            format!("{:.1}", t.throughput),
+        ]);
+    }
+    out.push('\n');
+    out.push_str(&table(&rows));
+    for t in r.targets.iter().filter(|t| t.errors > 0) {
+        for e in &t.error_examples {
+            let _ = writeln!(out, "  {} error: {e}", t.name);
+        }
+    }
+    if let Some(q) = &r.ratios {
+        let _ = writeln!(
+            out,
+            "\n{}/{} ratio: lease p50 {:.1}x p99 {:.1}x; first byte p50 {:.1}x p99 {:.1}x; exit p50 {:.1}x p99 {:.1}x",
+            q.slow,
+            q.fast,
+            q.lease.p50,
+            q.lease.p99,
+            q.ttfb.p50,
+            q.ttfb.p99,
+            q.exit.p50,
+            q.exit.p99
+        );
+        let _ = writeln!(
+            out,
+            "{} exit p50 is {:.2}x the bare local spawn p50 ({} ms vs {} ms)",
+            q.fast,
+            q.fast_exit_over_spawn,
+            f(r.targets
+                .iter()
+                .find(|t| t.name == q.fast)
+                .map_or(0.0, |t| t.exit.p50)),
+            f(r.baseline.spawn.p50)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align() {
+        let t = table(&[
+            vec!["A".into(), "BB".into()],
+            vec!["ccc".into(), "d".into()],
+        ]);
+        assert_eq!(t, "A    BB\nccc  d\n");
+        assert_eq!(f(1234.5), "1234");
+        assert_eq!(f(12.34), "12.3");
+        assert_eq!(f(0.1234), "0.12");
+    }
+}

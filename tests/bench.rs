@@ -1,0 +1,91 @@
+//! `warmpool bench` end to end: the embedded warm/cold run and the simulated-agents scale
+//! test, as a user runs them (the binary), checked for shape and completeness, never timing.
+
+mod support;
+
+use std::process::Command;
+
+use support::EXE;
+
+#[test]
+fn embedded_run_reports_both_pools_baseline_ratios_and_writes_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("cdf.svg");
+    let out = Command::new(EXE)
+        .args(["bench", "--embedded", "--jobs", "12", "--concurrency", "2"])
+        .args(["--command", "echo hi", "--output", "json", "--plot"])
+        .arg(&plot)
+        .env("WARMPOOL_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let targets = r["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 2);
+    for t in targets {
+        assert_eq!(t["jobs"], 6, "{t}");
+        assert_eq!(t["errors"], 0, "{t}");
+        for fig in ["lease", "ttfb", "exit"] {
+            assert_eq!(t[fig]["n"], 6, "{fig}: {t}");
+            assert!(t[fig]["p50"].as_f64().unwrap() > 0.0);
+        }
+    }
+    assert_eq!(r["samples"].as_array().unwrap().len(), 12);
+    assert!(r["baseline"]["spawn"]["n"].as_u64().unwrap() >= 50);
+    assert!(r["baseline"]["http"]["p50"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["ratios"]["slow"], "cold");
+    assert!(r["ratios"]["ttfb"]["p50"].as_f64().unwrap() > 0.0);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("warm") && svg.contains("cold"));
+}
+
+#[test]
+fn bad_flags_are_refused_with_a_reason() {
+    let out = Command::new(EXE).args(["bench"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--embedded"));
+    let out = Command::new(EXE)
+        .args(["bench", "--embedded", "--selector", "x"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("brings its own pools"));
+}
+
+#[test]
+fn simulated_agents_join_and_serve_leases() {
+    let out = Command::new(EXE)
+        .args(["bench", "agents", "--count", "40", "--label-sets", "4"])
+        .args([
+            "--measure",
+            "1s",
+            "--jobs",
+            "40",
+            "--concurrency",
+            "4",
+            "--output",
+            "json",
+        ])
+        .env("WARMPOOL_LOG", "error")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["agents"], 40);
+    assert_eq!(r["pools"], 4);
+    assert_eq!(r["jobs"], 40);
+    assert_eq!(r["errors"], 0);
+    assert_eq!(r["lease"]["n"], 40);
+    assert!(
+        r["rssMib"].as_f64().unwrap() > 1.0,
+        "the started server is local: {r}"
+    );
+    assert!(r["idleCpuPercent"].as_f64().is_some());
+}
