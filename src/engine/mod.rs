@@ -416,7 +416,7 @@ impl Engine {
     pub fn release(&mut self, id: &str, now: Instant) -> Result<Lease, LeaseError> {
         self.active_lease(id)?;
         let lease = self.end_lease(id, LeaseState::Released, "released by holder".into(), now);
-        self.recycle_after_lease(&lease.agent, now);
+        self.recycle_after_lease(&lease.agent, &lease.id, now);
         self.reconcile(now);
         Ok(lease)
     }
@@ -448,7 +448,7 @@ impl Engine {
     }
 
     /// After a lease ends normally: clean and reuse, or replace.
-    fn recycle_after_lease(&mut self, agent: &str, now: Instant) {
+    fn recycle_after_lease(&mut self, agent: &str, lease: &str, now: Instant) {
         let Some(a) = self.agents.get(agent) else {
             return;
         };
@@ -473,17 +473,10 @@ impl Engine {
         match reason {
             Some(r) => self.terminate(agent, r, now),
             None => {
-                let lease = self
-                    .leases
-                    .values()
-                    .filter(|l| l.agent == agent)
-                    .max_by_key(|l| l.granted)
-                    .map(|l| l.id.clone())
-                    .unwrap_or_default();
                 self.set_state(agent, AgentState::Cleaning, now);
                 self.actions.push(Action::Release {
                     agent: agent.to_string(),
-                    lease,
+                    lease: lease.to_string(),
                 });
             }
         }
