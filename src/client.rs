@@ -53,16 +53,6 @@ pub struct Client {
 }
 
 impl Client {
-    /// The service URL.
-    pub fn base(&self) -> &str {
-        &self.base
-    }
-
-    /// The API bearer token, when one is used.
-    pub fn token(&self) -> Option<&str> {
-        self.token.as_deref()
-    }
-
     /// A client for `base` (`http://127.0.0.1:7420`), with an optional bearer token.
     pub fn new(base: &str, token: Option<String>) -> Client {
         Client {
@@ -166,6 +156,23 @@ impl Client {
             .await
             .map_err(|e| self.io(e))?;
         self.decode(resp).await
+    }
+
+    /// `POST /v1/pools/{name}/join-token`: the join token of an external pool.
+    pub async fn join_token(&self, pool: &str) -> Result<String> {
+        #[derive(serde::Deserialize)]
+        struct JoinToken {
+            token: String,
+        }
+        let resp = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/v1/pools/{pool}/join-token"),
+            )
+            .send()
+            .await
+            .map_err(|e| self.io(e))?;
+        Ok(self.decode::<JoinToken>(resp).await?.token)
     }
 
     /// `GET /v1/pools`.
@@ -370,15 +377,27 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             p.max_total.to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..9)
-        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+    table(&rows)
+}
+
+/// Renders rows as text columns padded to their widest cell, two spaces apart.
+pub fn table<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let cols = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.as_ref().get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
+            .as_ref()
             .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');

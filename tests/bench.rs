@@ -7,14 +7,13 @@ use std::process::Command;
 
 use support::EXE;
 
-#[test]
-fn embedded_run_reports_both_pools_baseline_ratios_and_writes_a_plot() {
-    let dir = tempfile::tempdir().unwrap();
-    let plot = dir.path().join("cdf.svg");
+/// Runs `warmpool bench <args>` quietly and parses its JSON report; panics with its stderr on
+/// failure.
+fn bench_json(args: &[&str]) -> serde_json::Value {
     let out = Command::new(EXE)
-        .args(["bench", "--embedded", "--jobs", "12", "--concurrency", "2"])
-        .args(["--command", "echo hi", "--output", "json", "--plot"])
-        .arg(&plot)
+        .arg("bench")
+        .args(args)
+        .args(["--output", "json"])
         .env("WARMPOOL_LOG", "error")
         .output()
         .unwrap();
@@ -23,7 +22,24 @@ fn embedded_run_reports_both_pools_baseline_ratios_and_writes_a_plot() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn embedded_run_reports_both_pools_baseline_ratios_and_writes_a_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let plot = dir.path().join("cdf.svg");
+    let r = bench_json(&[
+        "--embedded",
+        "--jobs",
+        "12",
+        "--concurrency",
+        "2",
+        "--command",
+        "echo hi",
+        "--plot",
+        plot.to_str().unwrap(),
+    ]);
     let targets = r["targets"].as_array().unwrap();
     assert_eq!(targets.len(), 2);
     for t in targets {
@@ -57,27 +73,19 @@ fn bad_flags_are_refused_with_a_reason() {
 
 #[test]
 fn simulated_agents_join_and_serve_leases() {
-    let out = Command::new(EXE)
-        .args(["bench", "agents", "--count", "40", "--label-sets", "4"])
-        .args([
-            "--measure",
-            "1s",
-            "--jobs",
-            "40",
-            "--concurrency",
-            "4",
-            "--output",
-            "json",
-        ])
-        .env("WARMPOOL_LOG", "error")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = bench_json(&[
+        "agents",
+        "--count",
+        "40",
+        "--label-sets",
+        "4",
+        "--measure",
+        "1s",
+        "--jobs",
+        "40",
+        "--concurrency",
+        "4",
+    ]);
     assert_eq!(r["agents"], 40);
     assert_eq!(r["pools"], 4);
     assert_eq!(r["jobs"], 40);

@@ -35,15 +35,11 @@ pub struct SimAgent {
     pub token: String,
 }
 
-/// Live counters of the simulated fleet.
+/// Counters of the simulated fleet.
 #[derive(Debug, Default)]
 pub struct Fleet {
-    /// Agents with a registered connection now.
-    pub connected: AtomicUsize,
     /// Refused or failed connection attempts.
     pub refused: AtomicUsize,
-    /// Execs answered.
-    pub execs: AtomicUsize,
 }
 
 fn ws_config() -> WebSocketConfig {
@@ -68,7 +64,7 @@ pub async fn run_sim_agent(
 ) {
     let mut backoff = Duration::from_millis(200);
     while !stop.is_cancelled() {
-        match session(&a, &fleet, &stop, &mut dial).await {
+        match session(&a, &stop, &mut dial).await {
             Ok(()) => backoff = Duration::from_millis(200),
             Err(_) => {
                 fleet.refused.fetch_add(1, Ordering::Relaxed);
@@ -85,16 +81,13 @@ pub async fn run_sim_agent(
 
 async fn session(
     a: &SimAgent,
-    fleet: &Fleet,
     stop: &CancellationToken,
     dial: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), String> {
     let r = connect(a).await;
     dial.take();
     let (mut tx, mut rx, interval) = r?;
-    fleet.connected.fetch_add(1, Ordering::Relaxed);
-    let r = serve(&mut tx, &mut rx, interval, fleet, stop).await;
-    fleet.connected.fetch_sub(1, Ordering::Relaxed);
+    let r = serve(&mut tx, &mut rx, interval, stop).await;
     if stop.is_cancelled() {
         let _ = tx.send(Message::Close(None)).await;
     }
@@ -143,7 +136,6 @@ async fn serve<S, R>(
     tx: &mut S,
     rx: &mut R,
     interval: Duration,
-    fleet: &Fleet,
     stop: &CancellationToken,
 ) -> Result<(), String>
 where
@@ -169,7 +161,6 @@ where
         };
         let reply = match serde_json::from_str::<HubMessage>(&t) {
             Ok(HubMessage::Exec { exec_id, .. }) => {
-                fleet.execs.fetch_add(1, Ordering::Relaxed);
                 let out = protocol::encode_output(Stream::Stdout, exec_id, b"ok\n");
                 tx.send(Message::Binary(out.into()))
                     .await
@@ -327,26 +318,14 @@ async fn start_server(o: &AgentsOptions) -> Result<Server, String> {
     })
 }
 
-async fn join_token(client: &Client, http: &reqwest::Client, pool: &str) -> Result<String, String> {
-    let mut req = http.post(format!("{}/v1/pools/{pool}/join-token", client.base()));
-    if let Some(t) = client.token() {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let body: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
-    match body["token"].as_str() {
-        Some(t) if status.is_success() => Ok(t.to_string()),
-        _ => Err(format!("join token of pool {pool}: HTTP {status}: {body}")),
-    }
-}
-
 /// Runs the scale test.
 pub async fn run(o: &AgentsOptions) -> Result<AgentsReport, String> {
     sysinfo::raise_nofile();
     let mut server = match &o.server {
         Some(url) => {
-            let port = url::port_of(url);
+            let port = reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.port_or_known_default());
             Server {
                 url: url.trim_end_matches('/').to_string(),
                 pid: o
@@ -359,7 +338,6 @@ pub async fn run(o: &AgentsOptions) -> Result<AgentsReport, String> {
         None => start_server(o).await?,
     };
     let client = Client::new(&server.url, o.api_token.clone());
-    let http = reqwest::Client::new();
     let pools: Vec<crate::engine::PoolStatus> = client
         .pools()
         .await
@@ -387,7 +365,12 @@ pub async fn run(o: &AgentsOptions) -> Result<AgentsReport, String> {
     }
     let mut tokens = Vec::new();
     for p in &pools {
-        tokens.push(join_token(&client, &http, &p.name).await?);
+        tokens.push(
+            client
+                .join_token(&p.name)
+                .await
+                .map_err(|e| format!("join token of pool {}: {e}", p.name))?,
+        );
     }
     let rss_before = server.pid.and_then(sysinfo::rss_bytes);
     let hub = format!("{}/v1/agents/connect", server.url.replacen("http", "ws", 1));
@@ -505,19 +488,6 @@ pub async fn run(o: &AgentsOptions) -> Result<AgentsReport, String> {
     Ok(report)
 }
 
-mod url {
-    /// The port of an http(s) URL (explicit, or 80/443).
-    pub fn port_of(url: &str) -> Option<u16> {
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        let host = rest.split('/').next()?;
-        match host.rsplit_once(':') {
-            Some((_, p)) => p.parse().ok(),
-            None if url.starts_with("https") => Some(443),
-            None => Some(80),
-        }
-    }
-}
-
 /// The table `warmpool bench agents` prints.
 pub fn render(r: &AgentsReport) -> String {
     let opt = |v: Option<f64>, unit: &str| {
@@ -586,14 +556,4 @@ pub fn render(r: &AgentsReport) -> String {
     out.push('\n');
     out.push_str(&super::report::table(&t));
     out
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn ports_of_urls() {
-        assert_eq!(super::url::port_of("http://127.0.0.1:7420"), Some(7420));
-        assert_eq!(super::url::port_of("http://localhost/"), Some(80));
-        assert_eq!(super::url::port_of("https://x.example/a"), Some(443));
-    }
 }

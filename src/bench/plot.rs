@@ -101,7 +101,7 @@ fn draw(r: &LoadReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
                 .label(format!(
                     "{} (p50 {:.2} ms)",
                     t.name,
-                    percentile_of(&v, 50.0)
+                    super::stats::percentile(&v, 50.0)
                 ))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
         }
@@ -123,8 +123,4 @@ fn draw(r: &LoadReport, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     }
     root.present()?;
     Ok(())
-}
-
-fn percentile_of(sorted: &[f64], p: f64) -> f64 {
-    super::stats::percentile(sorted, p)
 }

@@ -5,32 +5,7 @@ use std::fmt::Write;
 
 use super::{LoadReport, Summary};
 
-fn row(out: &mut String, cells: &[String], widths: &[usize]) {
-    let line: Vec<String> = cells
-        .iter()
-        .zip(widths)
-        .map(|(c, w)| format!("{c:<w$}"))
-        .collect();
-    let _ = writeln!(out, "{}", line.join("  ").trim_end());
-}
-
-/// Renders rows with columns padded to their widest cell.
-pub fn table(rows: &[Vec<String>]) -> String {
-    let cols = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..cols)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    for r in rows {
-        row(&mut out, r, &widths);
-    }
-    out
-}
+pub use crate::client::table;
 
 fn f(v: f64) -> String {
     if v >= 100.0 {

@@ -46,18 +46,28 @@ impl Engine {
         for (_, _, agent) in due {
             self.terminate(&agent, Reason::LeaseExpired, now);
         }
-        // Agent deadlines.
-        // Agent deadlines, at most every `agent_scan_interval`; by pool, so each agent costs
-        // one map lookup.
+        // Agent deadlines, at most every `agent_scan_interval` (the scan visits every agent).
         let scan = self
             .last_agent_scan
             .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.agent_scan_interval);
         if scan {
             self.last_agent_scan = Some(now);
+            for (id, r) in self.agent_deadlines(now) {
+                self.terminate(&id, r, now);
+            }
         }
+        // Time-based sizing (idleTtl, maxAge, backoff and rate-limit refills) for every pool.
+        self.all_dirty = true;
+        self.reconcile(now);
+    }
+
+    /// Agents past a deadline (connect, heartbeat, cleanup), by id. Visited by pool, so each
+    /// agent costs one map lookup.
+    fn agent_deadlines(&self, now: Instant) -> Vec<(AgentId, Reason)> {
         let mut doomed: Vec<(AgentId, Reason)> = Vec::new();
-        let pools = self.pools.values().filter(|_| scan);
-        for (a, spec) in pools
+        for (a, spec) in self
+            .pools
+            .values()
             .flat_map(|p| p.members.iter().map(move |id| (id, &p.spec)))
             .map(|(id, spec)| (&self.agents[id], spec))
         {
@@ -82,12 +92,7 @@ impl Engine {
             }
         }
         doomed.sort_by(|a, b| a.0.cmp(&b.0));
-        for (id, r) in doomed {
-            self.terminate(&id, r, now);
-        }
-        // Time-based sizing (idleTtl, maxAge, backoff and rate-limit refills) for every pool.
-        self.all_dirty = true;
-        self.reconcile(now);
+        doomed
     }
 
     /// Level-triggered pass: serve waiters FIFO, then size pools from scratch: every pool on a
