@@ -231,6 +231,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/pools", get(list_pools))
         .route("/v1/pools/{name}", get(get_pool))
         .route("/v1/pools/{name}/join-token", post(join_token))
+        .route("/v1/jenkins/pools", get(jenkins_pools))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(protected)
@@ -386,6 +387,16 @@ async fn delete_lease(
 ) -> Result<Json<LeaseView>, ApiError> {
     let l = st.svc.apply(|e, now| e.release(&id, now))?;
     Ok(Json(view(&st.svc, &l)))
+}
+
+async fn jenkins_pools(State(st): State<ApiState>) -> Json<Vec<crate::jenkins::JenkinsPoolStatus>> {
+    Json(
+        st.svc
+            .jenkins
+            .get()
+            .map(|c| c.statuses())
+            .unwrap_or_default(),
+    )
 }
 
 async fn list_pools(State(st): State<ApiState>) -> Json<Vec<PoolStatus>> {

@@ -35,6 +35,14 @@ pub enum Command {
     Crd,
     /// Benchmark a warmpool: warm vs cold side by side, or thousands of simulated agents.
     Bench(BenchArgs),
+    /// A *simulated* Jenkins inbound agent (tests, demos): reads the `JENKINS_*` variables of
+    /// the official inbound-agent image and holds a `wsagents/` WebSocket open. No remoting.
+    #[command(hide = true, disable_help_flag = true)]
+    FakeJenkinsAgent {
+        /// agent.jar-style flags (`-url`, `-name`, `-secret`, `-webSocket`, `-workDir`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Log format.
@@ -146,6 +154,10 @@ pub struct ServeArgs {
     /// The executable agents run as `<exe> agent` (default: this executable).
     #[arg(long, env = "WARMPOOL_AGENT_EXE", hide = true)]
     pub agent_exe: Option<PathBuf>,
+    /// On shutdown, delete the Jenkins nodes of Jenkins pools and stop their agents (default:
+    /// leave them online; the next instance adopts them).
+    #[arg(long, env = "WARMPOOL_JENKINS_DELETE_ON_SHUTDOWN")]
+    pub jenkins_delete_on_shutdown: bool,
 }
 
 /// `warmpool agent`.

@@ -33,6 +33,7 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod hub;
+pub mod jenkins;
 pub mod k8s;
 pub mod labels;
 pub mod metrics;

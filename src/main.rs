@@ -121,6 +121,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.service.max_frame_bytes = a.max_frame_bytes;
             cfg.service.engine.max_waiters = a.max_waiters;
             cfg.shutdown_grace = a.shutdown_grace.0;
+            cfg.jenkins_delete_on_shutdown = a.jenkins_delete_on_shutdown;
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -168,6 +169,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
             };
             let code = client::run_job(&c, opts).await?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Command::FakeJenkinsAgent { args } => {
+            let code = warmpool::jenkins::fake_agent::run(args).await;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
         Command::Crd => {

@@ -4,7 +4,8 @@
 //! engine at scrape time (level-triggered), counters and histograms are updated by the shell.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// The registry and its metrics.
@@ -36,6 +37,18 @@ pub struct Metrics {
     pub lease_requests: IntCounterVec,
     /// `warmpool_leases_ended_total{pool,state}`.
     pub leases_ended: IntCounterVec,
+    /// `warmpool_jenkins_requests_total{endpoint,code}`: Jenkins API calls by answer.
+    pub jenkins_requests: IntCounterVec,
+    /// `warmpool_jenkins_request_seconds{endpoint}`.
+    pub jenkins_request_seconds: HistogramVec,
+    /// `warmpool_jenkins_connecting_agents{controller}`: agents started, not yet online.
+    pub jenkins_connecting: IntGaugeVec,
+    /// `warmpool_jenkins_nodes{pool,state}`: Jenkins nodes of a pool by state.
+    pub jenkins_nodes: IntGaugeVec,
+    /// `warmpool_jenkins_poll_interval_seconds{controller}`: the current (backed-off) interval.
+    pub jenkins_poll_interval: GaugeVec,
+    /// `warmpool_jenkins_queue_demand{pool}`: queued builds waiting for the pool's labels.
+    pub jenkins_demand: IntGaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -69,7 +82,52 @@ impl Metrics {
                 .expect("unique metric");
             h
         };
+        let jenkins_request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "warmpool_jenkins_request_seconds",
+                "Jenkins API call durations, by endpoint.",
+            )
+            .buckets(buckets()),
+            &["endpoint"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(jenkins_request_seconds.clone()))
+            .expect("unique metric");
+        let jenkins_poll_interval = GaugeVec::new(
+            Opts::new(
+                "warmpool_jenkins_poll_interval_seconds",
+                "Current poll interval per Jenkins controller (backs off when Jenkins is slow or failing).",
+            ),
+            &["controller"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(jenkins_poll_interval.clone()))
+            .expect("unique metric");
         Metrics {
+            jenkins_request_seconds,
+            jenkins_poll_interval,
+            jenkins_requests: counter(
+                "warmpool_jenkins_requests_total",
+                "Jenkins API calls, by endpoint and HTTP status (`error`: no answer).",
+                &["endpoint", "code"],
+            ),
+            jenkins_connecting: gauge(
+                "warmpool_jenkins_connecting_agents",
+                "Jenkins agents started and not yet online, per controller.",
+                &["controller"],
+            ),
+            jenkins_nodes: gauge(
+                "warmpool_jenkins_nodes",
+                "Jenkins nodes of a pool by state.",
+                &["pool", "state"],
+            ),
+            jenkins_demand: gauge(
+                "warmpool_jenkins_queue_demand",
+                "Queued Jenkins builds waiting for a pool's labels.",
+                &["pool"],
+            ),
             agents: gauge(
                 "warmpool_agents",
                 "Agents by pool and state.",

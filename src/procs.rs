@@ -58,6 +58,43 @@ fn table() -> Vec<(i32, i32, char, i32)> {
     out
 }
 
+/// Live process-group leaders whose environment has `marker` (a `NAME=` prefix is added), with
+/// their whole environment: how agents that outlive the service are found again. Processes of
+/// other users (environ unreadable) are skipped.
+pub fn group_leaders_with_env(marker: &str) -> Vec<(i32, HashMap<String, String>)> {
+    let needle = format!("{marker}=");
+    let mut out = Vec::new();
+    for (pid, _, state, pgid) in table() {
+        if pid != pgid || state == 'Z' || state == 'X' {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !raw
+            .split(|b| *b == 0)
+            .any(|kv| kv.starts_with(needle.as_bytes()))
+        {
+            continue;
+        }
+        let env = raw
+            .split(|b| *b == 0)
+            .filter_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect();
+        out.push((pid, env));
+    }
+    out
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    stat_of(pid).is_some_and(|(_, _, st, _)| st != 'Z' && st != 'X')
+}
+
 /// (pid, parent pid, state char, process group) of one process.
 fn stat_of(pid: i32) -> Option<(i32, i32, char, i32)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;

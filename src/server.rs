@@ -103,6 +103,9 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// Agents get this long between SIGTERM and SIGKILL.
     pub agent_grace: Duration,
+    /// At shutdown, delete every Jenkins node and stop its agent, instead of leaving them
+    /// online for the next instance to adopt.
+    pub jenkins_delete_on_shutdown: bool,
 }
 
 impl ServeConfig {
@@ -122,6 +125,7 @@ impl ServeConfig {
             service: ServiceConfig::default(),
             shutdown_grace: Duration::from_secs(30),
             agent_grace: Duration::from_secs(3),
+            jenkins_delete_on_shutdown: false,
         }
     }
 }
@@ -215,6 +219,19 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         Box::new(GovernorPacer::default()),
         Metrics::new(),
     );
+    let runner: Arc<dyn crate::jenkins::runner::Runner> = match &cfg.backend {
+        BackendChoice::Process => {
+            Arc::new(crate::jenkins::runner::ProcessRunner::new(cfg.agent_grace))
+        }
+        BackendChoice::Kubernetes {
+            client, namespace, ..
+        } => Arc::new(crate::jenkins::pods::KubeRunner::new(
+            client.clone(),
+            namespace.clone(),
+        )),
+    };
+    let jenkins = crate::jenkins::Connector::new(runner, svc.metrics.clone());
+    let _ = svc.jenkins.set(jenkins.clone());
     let app = router(ApiState {
         svc: svc.clone(),
         api_token: cfg.api_token.clone().map(Arc::new),
@@ -247,7 +264,22 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     match kube {
         None => {
             for p in &cfg.pools {
-                svc.upsert_pool(&p.name, p.spec.clone());
+                match &p.spec.jenkins {
+                    Some(j) => jenkins.upsert(crate::jenkins::PoolCfg {
+                        key: p.name.clone(),
+                        spec: p.spec.clone(),
+                        jenkins: j.clone(),
+                        credentials: match &j.credentials_file {
+                            Some(f) => crate::jenkins::Credentials::load(f),
+                            None => Err(
+                                "no credentials: set jenkins.credentialsFile to a file holding `user:api-token`"
+                                    .into(),
+                            ),
+                        },
+                        agent_pool: None,
+                    }),
+                    None => svc.upsert_pool(&p.name, p.spec.clone()),
+                }
             }
         }
         Some(k) => {
@@ -281,9 +313,14 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     tracing::info!(%addr, backend = svc.backend_name(), "warmpool serving");
     let task = {
         let (svc, stop, grace) = (svc.clone(), stop.clone(), cfg.shutdown_grace);
+        let delete_jenkins = cfg.jenkins_delete_on_shutdown;
         tokio::spawn(async move {
             stop.cancelled().await;
             tracing::info!("shutting down: no new leases; waiting for running leases");
+            // Jenkins agents outlive the service unless asked otherwise (adopted on restart).
+            jenkins
+                .shutdown(delete_jenkins, grace.max(Duration::from_secs(5)))
+                .await;
             svc.shutdown(grace).await;
             watchers.cancel();
             // Let the leader release its Lease so a standby takes over at once.

@@ -90,6 +90,8 @@ pub struct Service {
     /// Set when a shutdown leaves the agents to the next instance: from then on nothing is
     /// provisioned or terminated, whatever the engine decides.
     detached: AtomicBool,
+    /// The Jenkins connector (Jenkins pools live there, not in the engine).
+    pub jenkins: std::sync::OnceLock<Arc<crate::jenkins::Connector>>,
 }
 
 /// A lease request that is waiting; dropping it withdraws the request and releases a lease that
@@ -163,6 +165,7 @@ impl Service {
             shutdown: CancellationToken::new(),
             ready: AtomicBool::new(true),
             detached: AtomicBool::new(false),
+            jenkins: std::sync::OnceLock::new(),
         });
         tokio::spawn(tick_loop(Arc::downgrade(&svc), svc.cfg.tick));
         tokio::spawn(backend_loop(Arc::downgrade(&svc), backend_rx));

@@ -193,6 +193,10 @@ pub struct PoolSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub agent_command: Option<Vec<String>>,
+    /// A Jenkins pool: its agents are Jenkins nodes, online on this controller over Jenkins'
+    /// own WebSocket remoting, and Jenkins' queue leases them (docs/JENKINS.md).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jenkins: Option<crate::jenkins::JenkinsSpec>,
 }
 
 impl Default for PoolSpec {
@@ -209,6 +213,7 @@ impl Default for PoolSpec {
             health: HealthLimits::default(),
             external: false,
             agent_command: None,
+            jenkins: None,
         }
     }
 }
@@ -294,6 +299,19 @@ impl PoolSpec {
             p.push(format!(
                 "{prefix}agentCommand: an external pool starts no agents (its machines join with the pool's join token)"
             ));
+        }
+        if let Some(j) = &self.jenkins {
+            p.extend(j.validate(&format!("{prefix}jenkins.")));
+            if self.external {
+                p.push(format!(
+                    "{prefix}jenkins: a Jenkins pool cannot be external (warmpool starts its agents)"
+                ));
+            }
+            if self.agent_command.is_some() {
+                p.push(format!(
+                    "{prefix}agentCommand: a Jenkins pool takes its command from jenkins.agentCommand"
+                ));
+            }
         }
         p
     }
@@ -515,6 +533,13 @@ pub fn spec_from_mapping(
         prefix,
         &mut problems,
         &mut spec.agent_command,
+    );
+    field(
+        take("jenkins"),
+        "jenkins",
+        prefix,
+        &mut problems,
+        &mut spec.jenkins,
     );
     for k in map.keys() {
         problems.push(format!("{prefix}{}: unknown field", key_name(k)));

@@ -57,6 +57,22 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// backend or another one in the same process, for an orphan.
 static SPAWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 
+/// Spawns a process the orphan sweep must leave alone (a Jenkins agent): recorded under the
+/// same lock the sweep holds. Call [`forget_spawned`] once it has been reaped.
+pub fn spawn_tracked(cmd: &mut Command) -> std::io::Result<tokio::process::Child> {
+    let mut spawned = SPAWNED.lock().expect("lock");
+    let child = cmd.spawn()?;
+    if let Some(pid) = child.id() {
+        spawned.insert(pid as i32);
+    }
+    Ok(child)
+}
+
+/// Forgets a pid recorded by [`spawn_tracked`].
+pub fn forget_spawned(pid: u32) {
+    SPAWNED.lock().expect("lock").remove(&(pid as i32));
+}
+
 fn sweep_orphans() -> usize {
     let spawned = SPAWNED.lock().expect("lock");
     let n = crate::procs::kill_orphans(&spawned);

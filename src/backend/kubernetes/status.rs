@@ -67,7 +67,9 @@ pub(super) async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>)
         let engine_pools = svc.pools();
         for (name, ap, problems) in &invalid {
             let generation = &ap.metadata.generation;
-            if engine_pools.iter().any(|p| &p.name == name) {
+            if engine_pools.iter().any(|p| &p.name == name)
+                || svc.jenkins.get().is_some_and(|c| c.has_pool(name))
+            {
                 continue;
             }
             let status = AgentPoolStatus {
@@ -189,6 +191,61 @@ pub(super) async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>)
                 }
                 Err(e) => {
                     tracing::warn!(pool = %p.name, error = %e, "writing AgentPool status failed")
+                }
+            }
+        }
+        // Jenkins pools: counts of nodes by state, Ready/Degraded from the connector.
+        for js in svc.jenkins.get().map(|c| c.statuses()).unwrap_or_default() {
+            let Some(ap) = svc.jenkins.get().and_then(|c| c.agent_pool(&js.name)) else {
+                continue;
+            };
+            let invalid_spec = backend
+                .invalid
+                .get(&js.name)
+                .map(|e| e.value().1.join("; "));
+            let mut conditions: Vec<Condition> = js
+                .conditions
+                .iter()
+                .map(|c| Condition {
+                    type_: c.type_.clone(),
+                    status: c.status.clone(),
+                    reason: c.reason.clone(),
+                    message: c.message.clone(),
+                    last_transition_time: None,
+                    observed_generation: ap.metadata.generation,
+                })
+                .collect();
+            if let Some(problems) = invalid_spec {
+                for c in conditions.iter_mut().filter(|c| c.type_ == "Degraded") {
+                    c.status = "True".into();
+                    c.reason = "InvalidSpec".into();
+                    c.message = format!("latest spec not applied: {problems}");
+                }
+            }
+            let status = AgentPoolStatus {
+                provisioning: js.nodes.creating,
+                connecting: js.nodes.connecting,
+                idle: js.nodes.idle,
+                leased: js.nodes.busy,
+                terminating: js.nodes.deleting,
+                observed_generation: ap.metadata.generation,
+                conditions,
+                leaks_total: js.leaks_total,
+            };
+            let cache_key = format!("{}/{}", js.name, ap.uid().unwrap_or_default());
+            if last.get(&cache_key) == Some(&status) {
+                continue;
+            }
+            let patch = Patch::Merge(serde_json::json!({ "status": status }));
+            match api_for(&ap)
+                .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
+                .await
+            {
+                Ok(_) => {
+                    last.insert(cache_key, status);
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %js.name, error = %e, "writing AgentPool status failed")
                 }
             }
         }

@@ -136,6 +136,7 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     // Being deleted (foreground deletion): as good as gone.
                     backend.forget(&name);
                     svc.remove_pool(&name);
+                    remove_jenkins_pool(&svc, &name);
                     continue;
                 }
                 let mut problems = ap.spec.problems();
@@ -146,6 +147,31 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 }
                 if problems.is_empty() {
                     backend.invalid.remove(&name);
+                    if let Some(j) = &ap.spec.pool.jenkins {
+                        // A Jenkins pool: the connector runs it, not the engine.
+                        if backend.pools.remove(&name).is_some() {
+                            svc.remove_pool(&name);
+                        }
+                        let ns = ap.namespace().unwrap_or_default();
+                        let credentials = match &j.credentials_secret {
+                            Some(secret) => {
+                                crate::jenkins::pods::read_credentials(&backend.client, &ns, secret)
+                                    .await
+                            }
+                            None => Err("no credentials: set jenkins.credentialsSecret to a Secret with `username` and `token`".into()),
+                        };
+                        if let Some(c) = svc.jenkins.get() {
+                            c.upsert(crate::jenkins::PoolCfg {
+                                key: name.clone(),
+                                spec: ap.spec.pool.clone(),
+                                jenkins: j.clone(),
+                                credentials,
+                                agent_pool: Some(Box::new(ap.clone())),
+                            });
+                        }
+                        continue;
+                    }
+                    remove_jenkins_pool(&svc, &name);
                     let old_hash = backend.pools.get(&name).map(|p| template_hash(&p));
                     backend.pools.insert(name.clone(), ap.clone());
                     svc.upsert_pool(&name, ap.spec.pool.clone());
@@ -162,6 +188,7 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 let name = backend.key_of(&ap);
                 backend.forget(&name);
                 svc.remove_pool(&name);
+                remove_jenkins_pool(&svc, &name);
             }
             Ok(Event::Init) => seen.clear(),
             Ok(Event::InitDone) => {
@@ -178,9 +205,24 @@ async fn watch_pools(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 }
                 // Invalid pools deleted while the watch was down, too.
                 backend.invalid.retain(|k, _| seen.contains(k));
+                if let Some(c) = svc.jenkins.get() {
+                    for name in c.pool_keys() {
+                        if !seen.contains(&name) {
+                            c.remove(&name);
+                        }
+                    }
+                }
             }
             Err(e) => tracing::warn!(error = %e, "AgentPool watch error; retrying"),
         }
+    }
+}
+
+fn remove_jenkins_pool(svc: &Arc<Service>, name: &str) {
+    if let Some(c) = svc.jenkins.get()
+        && c.has_pool(name)
+    {
+        c.remove(name);
     }
 }
 

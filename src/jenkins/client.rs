@@ -1,0 +1,540 @@
+//! The Jenkins REST client of one pool: basic auth with a user and API token, CSRF crumbs
+//! (fetched from `crumbIssuer/api/json` on the first POST, sent with the session cookie they
+//! are bound to, refreshed once on a crumb 403; a controller without a crumb issuer needs
+//! none), redirects not followed (Jenkins answers a successful POST with 302).
+//!
+//! Every request first takes a token from the controller's bucket (shared by all pools of
+//! that controller), and is counted in `warmpool_jenkins_requests_total{endpoint,code}` and
+//! timed in `warmpool_jenkins_request_seconds{endpoint}`. Errors carry the method, the full
+//! URL, the HTTP status and an excerpt of the body (or Jenkins' `X-Error` header).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode, header};
+
+use super::config::Credentials;
+use super::model::{self, NodeObs, QueuedObs};
+use crate::metrics::Metrics;
+
+/// The Jenkins endpoints warmpool calls (the `endpoint` label of the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `GET crumbIssuer/api/json`.
+    Crumb,
+    /// `GET computer/api/json?tree=...`.
+    Computers,
+    /// `GET queue/api/json?tree=...`.
+    Queue,
+    /// `POST computer/doCreateItem`.
+    CreateNode,
+    /// `GET computer/NAME/slave-agent.jnlp`.
+    SlaveAgentJnlp,
+    /// `GET computer/NAME/jenkins-agent.jnlp`.
+    JenkinsAgentJnlp,
+    /// `POST computer/NAME/doDelete`.
+    DeleteNode,
+}
+
+impl Endpoint {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Endpoint::Crumb => "crumbIssuer",
+            Endpoint::Computers => "computer",
+            Endpoint::Queue => "queue",
+            Endpoint::CreateNode => "doCreateItem",
+            Endpoint::SlaveAgentJnlp => "slave-agent.jnlp",
+            Endpoint::JenkinsAgentJnlp => "jenkins-agent.jnlp",
+            Endpoint::DeleteNode => "doDelete",
+        }
+    }
+}
+
+/// A failed Jenkins request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JenkinsError {
+    /// `GET` or `POST`.
+    pub method: String,
+    /// The full request URL.
+    pub url: String,
+    /// The HTTP status, when Jenkins answered.
+    pub status: Option<u16>,
+    /// `X-Error`, or the start of the body as text, or the transport error.
+    pub excerpt: String,
+}
+
+impl std::fmt::Display for JenkinsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.status {
+            Some(s) => {
+                let reason = StatusCode::from_u16(s)
+                    .ok()
+                    .and_then(|c| c.canonical_reason())
+                    .unwrap_or("");
+                write!(f, "{} {}: HTTP {s} {reason}", self.method, self.url)?;
+                if !self.excerpt.is_empty() {
+                    write!(f, ": {}", self.excerpt)?;
+                }
+                Ok(())
+            }
+            None => write!(f, "{} {}: {}", self.method, self.url, self.excerpt),
+        }
+    }
+}
+
+impl std::error::Error for JenkinsError {}
+
+impl JenkinsError {
+    /// A machine reason for a `Degraded` condition.
+    pub fn reason(&self) -> &'static str {
+        match self.status {
+            None => "JenkinsUnreachable",
+            Some(401) => "JenkinsUnauthorized",
+            Some(403) => "JenkinsForbidden",
+            Some(404) => "JenkinsNotFound",
+            Some(s) if s >= 500 => "JenkinsServerError",
+            Some(_) => "JenkinsRequestFailed",
+        }
+    }
+
+    /// True for answers that say Jenkins is struggling (5xx, 429, no answer).
+    pub fn is_overload(&self) -> bool {
+        matches!(self.status, None | Some(429)) || self.status.is_some_and(|s| s >= 500)
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Crumb {
+    Unknown,
+    NoIssuer,
+    Issued { field: String, value: String },
+}
+
+/// A client for one Jenkins controller and one user.
+pub struct Client {
+    http: reqwest::Client,
+    root: String,
+    creds: Credentials,
+    limiter: super::SharedLimiter,
+    metrics: Metrics,
+    cookies: Mutex<BTreeMap<String, String>>,
+    crumb: Mutex<Crumb>,
+}
+
+const EXCERPT: usize = 300;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Text of a Jenkins error page, shortened: tags stripped, whitespace collapsed.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out = String::new();
+    let mut in_tag = false;
+    let mut skip = 0usize; // inside <script>/<style>
+    let lower = text.to_ascii_lowercase();
+    let mut i = 0;
+    let bytes: Vec<char> = text.chars().collect();
+    let lower: Vec<char> = lower.chars().collect();
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c == '<' {
+            let rest: String = lower[i..(i + 8).min(lower.len())].iter().collect();
+            if rest.starts_with("<script") || rest.starts_with("<style") {
+                skip += 1;
+            } else if rest.starts_with("</script") || rest.starts_with("</style") {
+                skip = skip.saturating_sub(1);
+            }
+            in_tag = true;
+        } else if c == '>' && in_tag {
+            in_tag = false;
+            out.push(' ');
+        } else if !in_tag && skip == 0 {
+            out.push(c);
+        }
+        i += 1;
+    }
+    let collapsed = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    if collapsed.chars().count() > EXCERPT {
+        let cut: String = collapsed.chars().take(EXCERPT).collect();
+        format!("{cut}...")
+    } else {
+        collapsed
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    body: bytes::Bytes,
+    x_error: Option<String>,
+    took: Duration,
+}
+
+impl Client {
+    /// A client for the controller at `root` (ending with `/`).
+    pub fn new(
+        root: &str,
+        creds: Credentials,
+        limiter: super::SharedLimiter,
+        metrics: Metrics,
+    ) -> Client {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(TIMEOUT)
+            .tcp_nodelay(true)
+            .user_agent(concat!("warmpool/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("HTTP client builds");
+        Client {
+            http,
+            root: root.to_string(),
+            creds,
+            limiter,
+            metrics,
+            cookies: Mutex::new(BTreeMap::new()),
+            crumb: Mutex::new(Crumb::Unknown),
+        }
+    }
+
+    /// The controller's root URL.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// The user this client authenticates as.
+    pub fn user(&self) -> &str {
+        &self.creds.user
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.root)
+    }
+
+    fn err(&self, method: &Method, path: &str, a: &Answer) -> JenkinsError {
+        JenkinsError {
+            method: method.to_string(),
+            url: self.url(path),
+            status: Some(a.status.as_u16()),
+            excerpt: a.x_error.clone().unwrap_or_else(|| excerpt(&a.body)),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        ep: Endpoint,
+        path: &str,
+        form: Option<&[(&str, &str)]>,
+        crumb: Option<(String, String)>,
+    ) -> Result<Answer, JenkinsError> {
+        let bucket = self.limiter.read().expect("lock").clone();
+        bucket.until_ready().await;
+        let url = self.url(path);
+        let mut rb = self
+            .http
+            .request(method.clone(), &url)
+            .basic_auth(&self.creds.user, Some(&self.creds.token));
+        let cookie = {
+            let jar = self.cookies.lock().expect("lock");
+            jar.iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        if !cookie.is_empty() {
+            rb = rb.header(header::COOKIE, cookie);
+        }
+        if let Some((field, value)) = crumb {
+            rb = rb.header(field, value);
+        }
+        if let Some(form) = form {
+            rb = rb.form(form);
+        }
+        let t0 = Instant::now();
+        let r = async {
+            let resp = rb.send().await?;
+            let status = resp.status();
+            let headers = resp.headers().clone();
+            let body = resp.bytes().await?;
+            Ok::<_, reqwest::Error>((status, headers, body))
+        }
+        .await;
+        let took = t0.elapsed();
+        self.metrics
+            .jenkins_request_seconds
+            .with_label_values(&[ep.label()])
+            .observe(took.as_secs_f64());
+        match r {
+            Ok((status, headers, body)) => {
+                self.metrics
+                    .jenkins_requests
+                    .with_label_values(&[ep.label(), status.as_str()])
+                    .inc();
+                let mut jar = self.cookies.lock().expect("lock");
+                for v in headers.get_all(header::SET_COOKIE) {
+                    if let Ok(v) = v.to_str()
+                        && let Some((k, val)) = v.split(';').next().and_then(|p| p.split_once('='))
+                    {
+                        jar.insert(k.trim().to_string(), val.trim().to_string());
+                    }
+                }
+                let x_error = headers
+                    .get("x-error")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok(Answer {
+                    status,
+                    body,
+                    x_error,
+                    took,
+                })
+            }
+            Err(e) => {
+                self.metrics
+                    .jenkins_requests
+                    .with_label_values(&[ep.label(), "error"])
+                    .inc();
+                let detail = if e.is_timeout() {
+                    format!("no answer within {}s", TIMEOUT.as_secs())
+                } else {
+                    let mut s = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(c) = src {
+                        s = format!("{s}: {c}");
+                        src = c.source();
+                    }
+                    s
+                };
+                Err(JenkinsError {
+                    method: method.to_string(),
+                    url,
+                    status: None,
+                    excerpt: detail,
+                })
+            }
+        }
+    }
+
+    /// A GET that must answer 200; returns the body and how long the exchange took.
+    async fn get_ok(
+        &self,
+        ep: Endpoint,
+        path: &str,
+    ) -> Result<(bytes::Bytes, Duration), JenkinsError> {
+        let a = self.send(Method::GET, ep, path, None, None).await?;
+        if a.status == StatusCode::OK {
+            Ok((a.body, a.took))
+        } else {
+            Err(self.err(&Method::GET, path, &a))
+        }
+    }
+
+    async fn crumb(&self, refresh: bool) -> Result<Option<(String, String)>, JenkinsError> {
+        if !refresh {
+            match &*self.crumb.lock().expect("lock") {
+                Crumb::NoIssuer => return Ok(None),
+                Crumb::Issued { field, value } => return Ok(Some((field.clone(), value.clone()))),
+                Crumb::Unknown => {}
+            }
+        }
+        let path = "crumbIssuer/api/json";
+        let a = self
+            .send(Method::GET, Endpoint::Crumb, path, None, None)
+            .await?;
+        let c = match a.status {
+            StatusCode::OK => {
+                #[derive(serde::Deserialize)]
+                #[serde(rename_all = "camelCase")]
+                struct Issued {
+                    crumb: String,
+                    crumb_request_field: String,
+                }
+                let i: Issued = serde_json::from_slice(&a.body).map_err(|e| JenkinsError {
+                    method: "GET".into(),
+                    url: self.url(path),
+                    status: Some(200),
+                    excerpt: format!("not a crumb: {e}"),
+                })?;
+                Crumb::Issued {
+                    field: i.crumb_request_field,
+                    value: i.crumb,
+                }
+            }
+            // No crumb issuer configured (CSRF protection off, or a plugin replaced it).
+            StatusCode::NOT_FOUND => Crumb::NoIssuer,
+            _ => return Err(self.err(&Method::GET, path, &a)),
+        };
+        *self.crumb.lock().expect("lock") = c.clone();
+        Ok(match c {
+            Crumb::Issued { field, value } => Some((field, value)),
+            _ => None,
+        })
+    }
+
+    /// A form POST with a crumb when the controller issues them; 2xx and 3xx are success.
+    /// Returns the status (so callers can tell a 404 from success).
+    async fn post(
+        &self,
+        ep: Endpoint,
+        path: &str,
+        form: &[(&str, &str)],
+    ) -> Result<StatusCode, JenkinsError> {
+        let mut refreshed = false;
+        loop {
+            let crumb = self.crumb(refreshed).await?;
+            let a = self.send(Method::POST, ep, path, Some(form), crumb).await?;
+            if a.status.is_success() || a.status.is_redirection() {
+                return Ok(a.status);
+            }
+            let crumb_refused = a.status == StatusCode::FORBIDDEN
+                && String::from_utf8_lossy(&a.body)
+                    .to_ascii_lowercase()
+                    .contains("crumb");
+            if crumb_refused && !refreshed {
+                // The crumb expired with its session, or the issuer was turned on: once more.
+                refreshed = true;
+                continue;
+            }
+            return Err(self.err(&Method::POST, path, &a));
+        }
+    }
+
+    /// The one batched node poll; returns the nodes and the exchange's duration.
+    pub async fn computers(&self) -> Result<(Vec<NodeObs>, Duration), JenkinsError> {
+        let path = format!("computer/api/json?tree={}", model::COMPUTER_TREE);
+        let (body, took) = self.get_ok(Endpoint::Computers, &path).await?;
+        let nodes = model::parse_computers(&body).map_err(|e| JenkinsError {
+            method: "GET".into(),
+            url: self.url(&path),
+            status: Some(200),
+            excerpt: e,
+        })?;
+        Ok((nodes, took))
+    }
+
+    /// The queue: items waiting for a label or a node.
+    pub async fn queue(&self) -> Result<(Vec<QueuedObs>, Duration), JenkinsError> {
+        let path = format!("queue/api/json?tree={}", model::QUEUE_TREE);
+        let (body, took) = self.get_ok(Endpoint::Queue, &path).await?;
+        let q = model::parse_queue(&body).map_err(|e| JenkinsError {
+            method: "GET".into(),
+            url: self.url(&path),
+            status: Some(200),
+            excerpt: e,
+        })?;
+        Ok((q, took))
+    }
+
+    /// Creates a permanent inbound WebSocket agent: one executor, EXCLUSIVE, `labels`.
+    pub async fn create_node(
+        &self,
+        name: &str,
+        remote_fs: &str,
+        labels: &str,
+        description: &str,
+    ) -> Result<(), JenkinsError> {
+        let json = serde_json::json!({
+            "name": name,
+            "nodeDescription": description,
+            "numExecutors": 1,
+            "remoteFS": remote_fs,
+            "labelString": labels,
+            "mode": "EXCLUSIVE",
+            "retentionStrategy": {"stapler-class": "hudson.slaves.RetentionStrategy$Always"},
+            "nodeProperties": {"stapler-class-bag": "true"},
+            "launcher": {"stapler-class": "hudson.slaves.JNLPLauncher", "webSocket": true},
+        })
+        .to_string();
+        self.post(
+            Endpoint::CreateNode,
+            "computer/doCreateItem",
+            &[
+                ("name", name),
+                ("type", "hudson.slaves.DumbSlave"),
+                ("json", &json),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The node's agent secret, from `slave-agent.jnlp`, or `jenkins-agent.jnlp` when the
+    /// former is not there.
+    pub async fn secret(&self, name: &str) -> Result<String, JenkinsError> {
+        let enc = encode_segment(name);
+        let mut last = None;
+        for (ep, file) in [
+            (Endpoint::SlaveAgentJnlp, "slave-agent.jnlp"),
+            (Endpoint::JenkinsAgentJnlp, "jenkins-agent.jnlp"),
+        ] {
+            let path = format!("computer/{enc}/{file}");
+            match self.get_ok(ep, &path).await {
+                Ok((body, _)) => {
+                    return model::jnlp_secret(&String::from_utf8_lossy(&body), name).map_err(
+                        |e| JenkinsError {
+                            method: "GET".into(),
+                            url: self.url(&path),
+                            status: Some(200),
+                            excerpt: e,
+                        },
+                    );
+                }
+                Err(e) if e.status == Some(404) => last = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.expect("two attempts"))
+    }
+
+    /// Deletes a node; Ok(false) when it was already gone.
+    pub async fn delete_node(&self, name: &str) -> Result<bool, JenkinsError> {
+        let path = format!("computer/{}/doDelete", encode_segment(name));
+        match self.post(Endpoint::DeleteNode, &path, &[]).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.status == Some(404) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Percent-encodes one path segment.
+fn encode_segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_and_errors() {
+        let page = b"<html><head><style>p{}</style><script>x()</script><title>Error 403</title></head><body><h2>HTTP ERROR 403 No valid crumb was included in the request</h2></body></html>";
+        let e = excerpt(page);
+        assert_eq!(
+            e,
+            "Error 403 HTTP ERROR 403 No valid crumb was included in the request"
+        );
+        assert!(excerpt(&vec![b'a'; 1000]).ends_with("..."));
+        let err = JenkinsError {
+            method: "POST".into(),
+            url: "http://j/computer/doCreateItem".into(),
+            status: Some(403),
+            excerpt: "bob is missing the Agent/Create permission".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            "POST http://j/computer/doCreateItem: HTTP 403 Forbidden: bob is missing the Agent/Create permission"
+        );
+        assert_eq!(err.reason(), "JenkinsForbidden");
+        assert!(!err.is_overload());
+        assert_eq!(encode_segment("a b/c"), "a%20b%2Fc");
+    }
+}

@@ -1,0 +1,930 @@
+//! The Jenkins connector: pools whose agents are Jenkins nodes, online on the controller over
+//! Jenkins' own WebSocket remoting before any build asks for them, so Jenkins' queue dispatches
+//! a build the moment it arrives. warmpool keeps each pool at `minIdle` idle nodes (plus the
+//! queue's demand for its labels), recycles nodes after `maxUses` builds, and protects the
+//! controller: one token bucket on all API calls per controller, a cap on agents connecting at
+//! once, a poll that backs off when Jenkins is slow or failing.
+//!
+//! Layout: `config.rs` (the pool's `jenkins` block, credentials), `model.rs` (parsing what
+//! Jenkins answers), `client.rs` (HTTP, auth, crumbs, metrics), `plan.rs` (the pure planner),
+//! `runner.rs` (agents as processes), `pods.rs` (agents as pods, AgentPool status),
+//! `fake_agent.rs` (a simulated inbound agent for tests and demos).
+//!
+//! State comes from ONE poll of `computer/api/json` (with a `tree`) and one of `queue/api/json`
+//! per controller per interval, never a request per node; the planner compares it with the
+//! runner's live agents and its memory of earlier polls (level-triggered), so a lost answer or
+//! a crashed task is repaired by the next poll, and a restarted service adopts what is there.
+//! A failing controller marks its pools `Degraded` and never stalls the other controllers or
+//! the rest of warmpool: each controller has its own task, and every call is spawned.
+
+pub mod client;
+pub mod config;
+pub mod fake_agent;
+pub mod model;
+pub mod plan;
+pub mod pods;
+pub mod runner;
+
+pub use config::{Credentials, JenkinsSpec};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, RateLimiter};
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use client::{Client, JenkinsError};
+use model::{NodeObs, Wants};
+use plan::{Inflight, NodeMem, Observation, PoolMem, Reason, Step};
+use runner::{Launch, Runner};
+
+use crate::metrics::Metrics;
+use crate::spec::PoolSpec;
+
+/// The controller's token bucket, replaceable when its pools' limits change.
+pub type SharedLimiter = Arc<RwLock<Arc<DefaultDirectRateLimiter>>>;
+
+/// A counting gate: agents started and not yet online, per controller.
+pub struct Gate {
+    cap: Mutex<(u32, u32)>,
+    freed: Notify,
+}
+
+/// One slot of a [`Gate`]; dropping it frees the slot.
+pub struct Slot(Arc<Gate>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.cap.lock().expect("lock").1 -= 1;
+        self.0.freed.notify_waiters();
+        self.0.freed.notify_one();
+    }
+}
+
+impl Gate {
+    fn new(cap: u32) -> Arc<Gate> {
+        Arc::new(Gate {
+            cap: Mutex::new((cap, 0)),
+            freed: Notify::new(),
+        })
+    }
+
+    fn set_cap(&self, cap: u32) {
+        self.cap.lock().expect("lock").0 = cap;
+        self.freed.notify_waiters();
+    }
+
+    /// Slots in use.
+    pub fn used(&self) -> u32 {
+        self.cap.lock().expect("lock").1
+    }
+
+    async fn acquire(self: &Arc<Gate>) -> Slot {
+        loop {
+            let notified = self.freed.notified();
+            {
+                let mut c = self.cap.lock().expect("lock");
+                if c.1 < c.0 {
+                    c.1 += 1;
+                    return Slot(self.clone());
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+/// A problem shown as the pool's `Degraded` condition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// CamelCase reason (`JenkinsUnauthorized`, `JenkinsUnreachable`, `CredentialsMissing`...).
+    pub reason: String,
+    /// Names the pool, the node (if any), the URL, the HTTP status and an excerpt of the body.
+    pub message: String,
+}
+
+impl Problem {
+    fn from_error(pool: &str, node: Option<&str>, what: &str, e: &JenkinsError) -> Problem {
+        let node = node.map(|n| format!(" node {n}:")).unwrap_or_default();
+        Problem {
+            reason: e.reason().into(),
+            message: format!("pool {pool}:{node} {what} failed: {e}"),
+        }
+    }
+}
+
+/// A pool's configuration as given.
+pub struct PoolCfg {
+    /// Pool key.
+    pub key: String,
+    /// The pool spec (sizing, recycling, pace); `jenkins` is set.
+    pub spec: PoolSpec,
+    /// The Jenkins block.
+    pub jenkins: JenkinsSpec,
+    /// Credentials, or why there are none.
+    pub credentials: Result<Credentials, String>,
+    /// Kubernetes: the AgentPool (pod template, owner, status target).
+    pub agent_pool: Option<Box<crate::k8s::crd::AgentPool>>,
+}
+
+struct PoolState {
+    mem: PoolMem,
+    counts: plan::Counts,
+    demand: u32,
+    poll_problem: Option<Problem>,
+    action_problem: Option<Problem>,
+    slots: HashMap<String, Slot>,
+    pacer: DefaultDirectRateLimiter,
+    pace_key: (u64, u32),
+    generation: Option<i64>,
+}
+
+/// A pool as one poll pass sees it: configuration, client (None without credentials), state.
+type PoolRef = (Arc<PoolCfg>, Option<Arc<Client>>, Arc<Mutex<PoolState>>);
+
+struct PoolEntry {
+    cfg: Arc<PoolCfg>,
+    client: Option<Arc<Client>>,
+    state: Arc<Mutex<PoolState>>,
+    root: String,
+}
+
+struct Controller {
+    root: String,
+    limiter: SharedLimiter,
+    limits: Mutex<(u64, u32)>,
+    gate: Arc<Gate>,
+    interval: Mutex<Duration>,
+    stop: CancellationToken,
+}
+
+/// The condition view of a pool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConditionView {
+    /// `Ready` or `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True` or `False`.
+    pub status: String,
+    /// CamelCase reason.
+    pub reason: String,
+    /// For people.
+    pub message: String,
+}
+
+/// What `GET /v1/jenkins/pools` shows for one pool.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JenkinsPoolStatus {
+    /// Pool key.
+    pub name: String,
+    /// Controller root URL.
+    pub url: String,
+    /// Node name prefix.
+    pub node_name_prefix: String,
+    /// Node label string.
+    pub labels: String,
+    /// Nodes by state, target and throttling.
+    pub nodes: plan::Counts,
+    /// Queued builds waiting for this pool's labels.
+    pub demand: u32,
+    /// Nodes deleted for `connectTimeout`.
+    pub leaks_total: u64,
+    /// Current poll interval of the controller (seconds).
+    pub poll_interval_seconds: f64,
+    /// `Ready` and `Degraded`.
+    pub conditions: Vec<ConditionView>,
+    /// Kubernetes: the AgentPool generation the status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The connector: every Jenkins pool of this service.
+pub struct Connector {
+    runner: Arc<dyn Runner>,
+    metrics: Metrics,
+    pools: Mutex<BTreeMap<String, PoolEntry>>,
+    controllers: Mutex<HashMap<String, Arc<Controller>>>,
+    stop: CancellationToken,
+    tasks: tokio_util::task::TaskTracker,
+}
+
+fn limiter(rps: f64, burst: u32) -> DefaultDirectRateLimiter {
+    RateLimiter::direct(crate::pacer::quota(rps, burst))
+}
+
+fn rate_key(rps: f64, burst: u32) -> (u64, u32) {
+    (rps.to_bits(), burst)
+}
+
+impl Connector {
+    /// A connector whose agents run on `runner`.
+    pub fn new(runner: Arc<dyn Runner>, metrics: Metrics) -> Arc<Connector> {
+        Arc::new(Connector {
+            runner,
+            metrics,
+            pools: Mutex::new(BTreeMap::new()),
+            controllers: Mutex::new(HashMap::new()),
+            stop: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        })
+    }
+
+    /// The runner's name.
+    pub fn runner_name(&self) -> &'static str {
+        self.runner.name()
+    }
+
+    /// True when `key` is a Jenkins pool of this connector.
+    pub fn has_pool(&self, key: &str) -> bool {
+        self.pools.lock().expect("lock").contains_key(key)
+    }
+
+    /// Keys of every pool.
+    pub fn pool_keys(&self) -> Vec<String> {
+        self.pools.lock().expect("lock").keys().cloned().collect()
+    }
+
+    /// Adds or updates a pool (its memory of nodes is kept across updates).
+    pub fn upsert(self: &Arc<Self>, cfg: PoolCfg) {
+        let root = cfg.jenkins.root_url();
+        let ctl = self.controller(&root, &cfg.jenkins);
+        let cfg = Arc::new(cfg);
+        let client = cfg.credentials.as_ref().ok().map(|c| {
+            Arc::new(Client::new(
+                &root,
+                c.clone(),
+                ctl.limiter.clone(),
+                self.metrics.clone(),
+            ))
+        });
+        let p = &cfg.spec.provisioning;
+        let pace_key = rate_key(p.per_second, p.burst);
+        let mut pools = self.pools.lock().expect("lock");
+        let state = match pools.remove(&cfg.key) {
+            Some(old) if old.root == root => {
+                let mut st = old.state.lock().expect("lock");
+                if st.pace_key != pace_key {
+                    st.pacer = limiter(p.per_second, p.burst);
+                    st.pace_key = pace_key;
+                }
+                drop(st);
+                old.state
+            }
+            old => {
+                if let Some(old) = old {
+                    // Moved to another controller: the old one's nodes go.
+                    self.spawn_cleanup(old, Reason::PoolRemoved);
+                }
+                Arc::new(Mutex::new(PoolState {
+                    mem: PoolMem::default(),
+                    counts: plan::Counts::default(),
+                    demand: 0,
+                    poll_problem: None,
+                    action_problem: None,
+                    slots: HashMap::new(),
+                    pacer: limiter(p.per_second, p.burst),
+                    pace_key,
+                    generation: None,
+                }))
+            }
+        };
+        {
+            let mut st = state.lock().expect("lock");
+            st.generation = cfg.agent_pool.as_ref().and_then(|a| a.metadata.generation);
+            st.action_problem = match &cfg.credentials {
+                Err(e) => Some(Problem {
+                    reason: "CredentialsMissing".into(),
+                    message: format!("pool {}: {e}", cfg.key),
+                }),
+                Ok(_) => None,
+            };
+        }
+        pools.insert(
+            cfg.key.clone(),
+            PoolEntry {
+                cfg,
+                client,
+                state,
+                root: root.clone(),
+            },
+        );
+        drop(pools);
+        self.retune(&root);
+    }
+
+    /// Removes a pool: its nodes are deleted and its agents stopped.
+    pub fn remove(self: &Arc<Self>, key: &str) {
+        let old = self.pools.lock().expect("lock").remove(key);
+        if let Some(old) = old {
+            let root = old.root.clone();
+            self.spawn_cleanup(old, Reason::PoolRemoved);
+            self.retune(&root);
+        }
+        self.metrics.jenkins_demand.remove_label_values(&[key]).ok();
+    }
+
+    /// Statuses of every pool.
+    pub fn statuses(&self) -> Vec<JenkinsPoolStatus> {
+        let pools = self.pools.lock().expect("lock");
+        let ctls = self.controllers.lock().expect("lock");
+        pools
+            .values()
+            .map(|e| {
+                let st = e.state.lock().expect("lock");
+                let interval = ctls
+                    .get(&e.root)
+                    .map(|c| *c.interval.lock().expect("lock"))
+                    .unwrap_or(e.cfg.jenkins.poll_interval.0);
+                let problems: Vec<&Problem> = [&st.poll_problem, &st.action_problem]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+                let degraded = match problems.as_slice() {
+                    [] => ConditionView {
+                        type_: "Degraded".into(),
+                        status: "False".into(),
+                        reason: "AsExpected".into(),
+                        // Never empty: a 1.20 apiserver turns "" into null and rejects it.
+                        message: "Jenkins answers; no provisioning errors".into(),
+                    },
+                    ps => ConditionView {
+                        type_: "Degraded".into(),
+                        status: "True".into(),
+                        reason: ps[0].reason.clone(),
+                        message: ps
+                            .iter()
+                            .map(|p| p.message.as_str())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    },
+                };
+                let ready = st.counts.idle >= e.cfg.spec.min_idle.min(e.cfg.spec.max_total);
+                let ready = ConditionView {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    reason: if ready {
+                        "MinIdleOnline"
+                    } else {
+                        "BelowMinIdle"
+                    }
+                    .into(),
+                    message: format!(
+                        "{} of minIdle {} nodes online and idle",
+                        st.counts.idle, e.cfg.spec.min_idle
+                    ),
+                };
+                JenkinsPoolStatus {
+                    name: e.cfg.key.clone(),
+                    url: e.root.clone(),
+                    node_name_prefix: e.cfg.jenkins.prefix(&e.cfg.key),
+                    labels: e.cfg.jenkins.labels.clone(),
+                    nodes: st.counts,
+                    demand: st.demand,
+                    leaks_total: st.mem.leaks_total,
+                    poll_interval_seconds: interval.as_secs_f64(),
+                    conditions: vec![ready, degraded],
+                    observed_generation: st.generation,
+                }
+            })
+            .collect()
+    }
+
+    /// The AgentPool of a pool (Kubernetes).
+    pub fn agent_pool(&self, key: &str) -> Option<Box<crate::k8s::crd::AgentPool>> {
+        self.pools
+            .lock()
+            .expect("lock")
+            .get(key)
+            .and_then(|e| e.cfg.agent_pool.clone())
+    }
+
+    /// Stops polling. With `delete`, every node is deleted and every agent stopped first
+    /// (bounded by `timeout`); without, they are left for the next instance to adopt.
+    pub async fn shutdown(self: &Arc<Self>, delete: bool, timeout: Duration) {
+        self.stop.cancel();
+        let deadline = tokio::time::Instant::now() + timeout;
+        // In-flight provisions finish (or undo themselves) first, so none starts an agent
+        // after the cleanup listed them.
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Jenkins connector: requests still running at shutdown");
+        }
+        self.tasks.reopen();
+        if delete {
+            let entries: Vec<PoolEntry> = {
+                let mut pools = self.pools.lock().expect("lock");
+                std::mem::take(&mut *pools).into_values().collect()
+            };
+            for e in entries {
+                self.spawn_cleanup(e, Reason::PoolRemoved);
+            }
+        }
+        self.tasks.close();
+        if tokio::time::timeout_at(deadline, self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Jenkins connector: cleanup still running at shutdown; leaving it");
+        }
+    }
+
+    fn controller(self: &Arc<Self>, root: &str, js: &JenkinsSpec) -> Arc<Controller> {
+        let mut ctls = self.controllers.lock().expect("lock");
+        if let Some(c) = ctls.get(root) {
+            return c.clone();
+        }
+        let c = Arc::new(Controller {
+            root: root.to_string(),
+            limiter: Arc::new(RwLock::new(Arc::new(limiter(
+                js.requests_per_second,
+                js.request_burst,
+            )))),
+            limits: Mutex::new(rate_key(js.requests_per_second, js.request_burst)),
+            gate: Gate::new(js.max_connecting),
+            interval: Mutex::new(js.poll_interval.0),
+            stop: self.stop.child_token(),
+        });
+        ctls.insert(root.to_string(), c.clone());
+        let me = self.clone();
+        let task = c.clone();
+        self.tasks
+            .spawn(async move { me.run_controller(task).await });
+        c
+    }
+
+    /// Applies the strictest limits of the controller's pools.
+    fn retune(&self, root: &str) {
+        let pools = self.pools.lock().expect("lock");
+        let mine: Vec<&JenkinsSpec> = pools
+            .values()
+            .filter(|e| e.root == root)
+            .map(|e| &e.cfg.jenkins)
+            .collect();
+        let ctls = self.controllers.lock().expect("lock");
+        let Some(c) = ctls.get(root) else { return };
+        if mine.is_empty() {
+            return;
+        }
+        let rps = mine
+            .iter()
+            .map(|j| j.requests_per_second)
+            .fold(f64::INFINITY, f64::min);
+        let burst = mine.iter().map(|j| j.request_burst).min().unwrap_or(1);
+        let connecting = mine.iter().map(|j| j.max_connecting).min().unwrap_or(1);
+        let key = rate_key(rps, burst);
+        let mut limits = c.limits.lock().expect("lock");
+        if *limits != key {
+            *limits = key;
+            *c.limiter.write().expect("lock") = Arc::new(limiter(rps, burst));
+        }
+        c.gate.set_cap(connecting);
+    }
+
+    fn pools_of(&self, root: &str) -> Vec<PoolRef> {
+        self.pools
+            .lock()
+            .expect("lock")
+            .values()
+            .filter(|e| e.root == root)
+            .map(|e| (e.cfg.clone(), e.client.clone(), e.state.clone()))
+            .collect()
+    }
+
+    async fn run_controller(self: Arc<Self>, ctl: Arc<Controller>) {
+        let label = ctl.root.clone();
+        let mut first = true;
+        loop {
+            let wait = if first {
+                Duration::ZERO
+            } else {
+                *ctl.interval.lock().expect("lock")
+            };
+            first = false;
+            tokio::select! {
+                _ = ctl.stop.cancelled() => break,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let pools = self.pools_of(&ctl.root);
+            if pools.is_empty() {
+                // Last pool gone: this controller is no longer ours to poll.
+                let mut ctls = self.controllers.lock().expect("lock");
+                if self.pools_of(&ctl.root).is_empty() {
+                    ctls.remove(&ctl.root);
+                    self.metrics
+                        .jenkins_poll_interval
+                        .remove_label_values(&[&label])
+                        .ok();
+                    self.metrics
+                        .jenkins_connecting
+                        .remove_label_values(&[&label])
+                        .ok();
+                    break;
+                }
+                continue;
+            }
+            self.poll_once(&ctl, &pools).await;
+            self.metrics
+                .jenkins_poll_interval
+                .with_label_values(&[&label])
+                .set(ctl.interval.lock().expect("lock").as_secs_f64());
+            self.metrics
+                .jenkins_connecting
+                .with_label_values(&[&label])
+                .set(ctl.gate.used() as i64);
+        }
+    }
+
+    fn backoff(&self, ctl: &Controller, pools: &[PoolRef], struggling: bool) {
+        let base = pools
+            .iter()
+            .map(|p| p.0.jenkins.poll_interval.0)
+            .min()
+            .unwrap_or(Duration::from_secs(2));
+        let max = pools
+            .iter()
+            .map(|p| p.0.jenkins.max_poll_interval.0)
+            .min()
+            .unwrap_or(Duration::from_secs(60))
+            .max(base);
+        let mut iv = ctl.interval.lock().expect("lock");
+        *iv = if struggling {
+            (*iv * 2).min(max)
+        } else {
+            (*iv / 2).max(base)
+        };
+    }
+
+    async fn poll_once(self: &Arc<Self>, ctl: &Arc<Controller>, pools: &[PoolRef]) {
+        let Some(client) = pools.iter().find_map(|p| p.1.clone()) else {
+            // No pool of this controller has credentials: their problems say so.
+            return;
+        };
+        let listed_at = Instant::now();
+        let agents = match self.runner.list(&ctl.root).await {
+            Ok(a) => a,
+            Err(e) => {
+                // Without the agent list nothing can be judged an orphan: skip this pass.
+                tracing::warn!(controller = %ctl.root, error = %e, "listing Jenkins agents failed");
+                return;
+            }
+        };
+        let slow = pools
+            .iter()
+            .map(|p| p.0.jenkins.slow_response.0)
+            .min()
+            .unwrap_or(Duration::from_secs(2));
+        let polled = async {
+            let (nodes, t1) = client.computers().await?;
+            let (queue, t2) = client.queue().await?;
+            Ok::<_, JenkinsError>((nodes, queue, t1.max(t2)))
+        }
+        .await;
+        let (nodes, queue) = match polled {
+            Ok((nodes, queue, took)) => {
+                if took > slow {
+                    tracing::warn!(controller = %ctl.root, took_ms = took.as_millis() as u64, "Jenkins answers slowly; polling less often");
+                }
+                self.backoff(ctl, pools, took > slow);
+                (nodes, queue)
+            }
+            Err(e) => {
+                self.backoff(ctl, pools, e.is_overload());
+                tracing::warn!(controller = %ctl.root, error = %e, "polling Jenkins failed");
+                for (cfg, _, st) in pools {
+                    st.lock().expect("lock").poll_problem =
+                        Some(Problem::from_error(&cfg.key, None, "polling Jenkins", &e));
+                }
+                return;
+            }
+        };
+        // Demand: each waiting item counts for the first pool (by name) that serves it.
+        let mut demand: HashMap<String, u32> = HashMap::new();
+        for item in &queue {
+            let pool = match &item.wants {
+                Wants::Label(l) => match crate::labels::Expr::parse(l) {
+                    Ok(expr) => pools
+                        .iter()
+                        .find(|p| expr.matches(&p.0.jenkins.label_atoms())),
+                    Err(_) => None,
+                },
+                Wants::Node(n) => pools
+                    .iter()
+                    .filter(|p| n.starts_with(&p.0.jenkins.prefix(&p.0.key)))
+                    .max_by_key(|p| p.0.jenkins.prefix(&p.0.key).len()),
+            };
+            if let Some(p) = pool {
+                *demand.entry(p.0.key.clone()).or_default() += 1;
+            }
+        }
+        // Longest prefix wins, so pools with nested prefixes do not take each other's nodes.
+        let mut prefixes: Vec<(String, String)> = pools
+            .iter()
+            .map(|p| (p.0.jenkins.prefix(&p.0.key), p.0.key.clone()))
+            .collect();
+        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        let owner = |node: &str| -> Option<&str> {
+            prefixes
+                .iter()
+                .find(|(p, _)| node.starts_with(p.as_str()))
+                .map(|(_, k)| k.as_str())
+        };
+        let mut by_pool: HashMap<&str, Vec<NodeObs>> = HashMap::new();
+        for n in nodes {
+            if let Some(k) = owner(&n.name) {
+                by_pool.entry(k).or_default().push(n);
+            }
+        }
+        let mut agents_by_pool: HashMap<&str, BTreeSet<String>> = HashMap::new();
+        for a in &agents {
+            agents_by_pool
+                .entry(a.pool.as_str())
+                .or_default()
+                .insert(a.node.clone());
+        }
+        for (cfg, pclient, st) in pools {
+            let obs = Observation {
+                now: Instant::now(),
+                agents_listed_at: listed_at,
+                nodes: by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
+                agents: agents_by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
+                demand: demand.get(&cfg.key).copied().unwrap_or(0),
+            };
+            let online: BTreeSet<String> = obs
+                .nodes
+                .iter()
+                .filter(|n| !n.offline)
+                .map(|n| n.name.clone())
+                .collect();
+            let steps = {
+                let mut s = st.lock().expect("lock");
+                s.poll_problem = None;
+                s.demand = obs.demand;
+                let PoolState { mem, pacer, .. } = &mut *s;
+                let (steps, counts) =
+                    plan::plan(&cfg.spec, mem, &obs, &mut || pacer.check().is_ok());
+                s.counts = counts;
+                // Online (or gone) nodes no longer hold a connecting slot.
+                let keep: BTreeSet<String> = s
+                    .mem
+                    .nodes
+                    .iter()
+                    .filter(|(_, m)| m.inflight.is_none() || m.inflight == Some(Inflight::Creating))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                s.slots
+                    .retain(|n, _| keep.contains(n) && !online.contains(n));
+                steps
+            };
+            self.export(cfg, st);
+            let Some(pclient) = pclient.clone() else {
+                continue;
+            };
+            for step in steps {
+                match step {
+                    Step::Create(n) => {
+                        for _ in 0..n {
+                            let name = format!(
+                                "{}{:08x}",
+                                cfg.jenkins.prefix(&cfg.key),
+                                rand::random::<u32>()
+                            );
+                            st.lock()
+                                .expect("lock")
+                                .mem
+                                .nodes
+                                .insert(name.clone(), NodeMem::creating(Instant::now()));
+                            let (me, ctl, cfg, c, st) = (
+                                self.clone(),
+                                ctl.clone(),
+                                cfg.clone(),
+                                pclient.clone(),
+                                st.clone(),
+                            );
+                            self.tasks
+                                .spawn(async move { me.provision(ctl, cfg, c, st, name).await });
+                        }
+                    }
+                    Step::Delete {
+                        node,
+                        reason,
+                        node_exists,
+                        ..
+                    } => {
+                        let (me, cfg, c, st) =
+                            (self.clone(), cfg.clone(), pclient.clone(), st.clone());
+                        self.tasks.spawn(async move {
+                            me.delete(cfg, c, st, node, reason, node_exists).await
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    fn export(&self, cfg: &PoolCfg, st: &Mutex<PoolState>) {
+        let s = st.lock().expect("lock");
+        let c = s.counts;
+        for (state, v) in [
+            ("creating", c.creating),
+            ("connecting", c.connecting),
+            ("idle", c.idle),
+            ("busy", c.busy),
+            ("deleting", c.deleting),
+        ] {
+            self.metrics
+                .jenkins_nodes
+                .with_label_values(&[&cfg.key, state])
+                .set(v as i64);
+        }
+        self.metrics
+            .jenkins_demand
+            .with_label_values(&[&cfg.key])
+            .set(s.demand as i64);
+        if c.throttled > 0 {
+            self.metrics.throttled.with_label_values(&[&cfg.key]).inc();
+        }
+    }
+
+    /// Create the node, read its secret, start its agent (holding a connecting slot until the
+    /// node is seen online).
+    async fn provision(
+        self: Arc<Self>,
+        ctl: Arc<Controller>,
+        cfg: Arc<PoolCfg>,
+        client: Arc<Client>,
+        st: Arc<Mutex<PoolState>>,
+        node: String,
+    ) {
+        let slot = tokio::select! {
+            s = ctl.gate.acquire() => s,
+            _ = ctl.stop.cancelled() => {
+                st.lock().expect("lock").mem.nodes.remove(&node);
+                return;
+            }
+        };
+        self.metrics
+            .jenkins_connecting
+            .with_label_values(&[&ctl.root])
+            .set(ctl.gate.used() as i64);
+        let workdir = self.runner.workdir(&cfg.jenkins, &node);
+        let description = format!("warmpool pool {} (managed: do not edit)", cfg.key);
+        let fail = |what: &str, e: String, reason: &str| {
+            tracing::warn!(pool = %cfg.key, node = %node, controller = %ctl.root, error = %e, "{what} failed");
+            self.metrics
+                .provisions
+                .with_label_values(&[&cfg.key, "failed"])
+                .inc();
+            let mut s = st.lock().expect("lock");
+            s.action_problem = Some(Problem {
+                reason: reason.into(),
+                message: e,
+            });
+        };
+        if let Err(e) = client
+            .create_node(&node, &workdir, &cfg.jenkins.labels, &description)
+            .await
+        {
+            let p = Problem::from_error(&cfg.key, Some(&node), "creating the node", &e);
+            fail("creating a Jenkins node", p.message, &p.reason);
+            st.lock().expect("lock").mem.nodes.remove(&node);
+            return;
+        }
+        let secret = match client.secret(&node).await {
+            Ok(s) => s,
+            Err(e) => {
+                let p = Problem::from_error(&cfg.key, Some(&node), "reading the agent secret", &e);
+                fail("reading a node's secret", p.message, &p.reason);
+                self.undo(&cfg, &client, &st, &node).await;
+                return;
+            }
+        };
+        if ctl.stop.is_cancelled() {
+            // Shutting down: no new agent; the node goes again.
+            self.undo(&cfg, &client, &st, &node).await;
+            return;
+        }
+        let launch = Launch {
+            pool: cfg.key.clone(),
+            node: node.clone(),
+            url: ctl.root.clone(),
+            secret,
+            workdir,
+            spec: cfg.jenkins.clone(),
+            agent_pool: cfg.agent_pool.clone(),
+        };
+        if let Err(e) = self.runner.start(launch).await {
+            fail(
+                "starting an agent",
+                format!(
+                    "pool {}: node {node}: starting its agent ({}) failed: {e}",
+                    cfg.key,
+                    self.runner.name()
+                ),
+                "AgentStartFailed",
+            );
+            self.undo(&cfg, &client, &st, &node).await;
+            return;
+        }
+        tracing::info!(pool = %cfg.key, node = %node, controller = %ctl.root, "Jenkins node created; agent started");
+        self.metrics
+            .provisions
+            .with_label_values(&[&cfg.key, "started"])
+            .inc();
+        let mut s = st.lock().expect("lock");
+        let now = Instant::now();
+        if let Some(m) = s.mem.nodes.get_mut(&node) {
+            m.inflight = None;
+            m.agent_started = Some(now);
+            m.offline_since = Some(now);
+        }
+        s.action_problem = None;
+        s.slots.insert(node, slot);
+    }
+
+    /// Removes a half-provisioned node (best effort: a node left behind is an orphan the next
+    /// poll deletes).
+    async fn undo(&self, cfg: &PoolCfg, client: &Client, st: &Mutex<PoolState>, node: &str) {
+        if let Err(e) = client.delete_node(node).await {
+            tracing::warn!(pool = %cfg.key, node, error = %e, "deleting a half-provisioned node failed; the next poll retries");
+        }
+        let _ = self.runner.stop(client.root(), &cfg.key, node).await;
+        st.lock().expect("lock").mem.nodes.remove(node);
+        self.metrics
+            .recycles
+            .with_label_values(&[&cfg.key, Reason::ProvisionFailed.as_str()])
+            .inc();
+    }
+
+    async fn delete(
+        self: Arc<Self>,
+        cfg: Arc<PoolCfg>,
+        client: Arc<Client>,
+        st: Arc<Mutex<PoolState>>,
+        node: String,
+        reason: Reason,
+        node_exists: bool,
+    ) {
+        if node_exists {
+            match client.delete_node(&node).await {
+                Ok(_) => {}
+                Err(e) => {
+                    let p = Problem::from_error(&cfg.key, Some(&node), "deleting the node", &e);
+                    tracing::warn!(pool = %cfg.key, node = %node, error = %e, "deleting a Jenkins node failed; the next poll retries");
+                    let mut s = st.lock().expect("lock");
+                    s.action_problem = Some(p);
+                    if let Some(m) = s.mem.nodes.get_mut(&node) {
+                        m.inflight = None;
+                    }
+                    return;
+                }
+            }
+        }
+        if let Err(e) = self.runner.stop(client.root(), &cfg.key, &node).await {
+            tracing::warn!(pool = %cfg.key, node = %node, error = %e, "stopping an agent failed; the next poll retries");
+        }
+        if reason == Reason::ConnectTimeout {
+            tracing::warn!(pool = %cfg.key, node = %node, connect_timeout = %cfg.spec.connect_timeout, "node never came online: deleted with its agent (a leak)");
+            self.metrics.leaks.with_label_values(&[&cfg.key]).inc();
+        } else {
+            tracing::info!(pool = %cfg.key, node = %node, reason = reason.as_str(), "Jenkins node recycled");
+        }
+        self.metrics
+            .recycles
+            .with_label_values(&[&cfg.key, reason.as_str()])
+            .inc();
+        let mut s = st.lock().expect("lock");
+        s.mem.nodes.remove(&node);
+        s.slots.remove(&node);
+    }
+
+    /// Deletes every node and agent of a pool that is gone (or moved to another controller).
+    fn spawn_cleanup(self: &Arc<Self>, e: PoolEntry, reason: Reason) {
+        let me = self.clone();
+        self.tasks.spawn(async move {
+            let nodes: Vec<String> = e.state.lock().expect("lock").mem.nodes.keys().cloned().collect();
+            let mut all: BTreeSet<String> = nodes.into_iter().collect();
+            if let Ok(agents) = me.runner.list(&e.root).await {
+                all.extend(agents.into_iter().filter(|a| a.pool == e.cfg.key).map(|a| a.node));
+            }
+            for node in all {
+                if let Some(c) = &e.client {
+                    if let Err(err) = c.delete_node(&node).await {
+                        tracing::warn!(pool = %e.cfg.key, node = %node, error = %err, "deleting a node of a removed pool failed");
+                    }
+                }
+                let _ = me.runner.stop(&e.root, &e.cfg.key, &node).await;
+                me.metrics
+                    .recycles
+                    .with_label_values(&[&e.cfg.key, reason.as_str()])
+                    .inc();
+            }
+        });
+    }
+}

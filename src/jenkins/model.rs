@@ -1,0 +1,299 @@
+//! What warmpool reads from Jenkins, parsed: the batched node list (`computer/api/json` with a
+//! `tree`), the queue (`queue/api/json`), the agent secret in a JNLP file, and the label a queue
+//! item waits for (Jenkins does not export it: it is parsed from the item's `why`).
+//!
+//! Pure: no I/O. Shapes and their sources are listed in docs/JENKINS.md.
+
+use serde::Deserialize;
+
+/// The `tree` of the one node poll: every field the connector needs, nothing else.
+pub const COMPUTER_TREE: &str = "computer[displayName,offline,idle,numExecutors,assignedLabels[name],executors[idle,currentExecutable[url]]]";
+/// The `tree` of the queue poll.
+pub const QUEUE_TREE: &str = "items[id,buildable,blocked,stuck,why,task[name]]";
+
+/// One Jenkins node as the poll sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeObs {
+    /// Node name (`displayName`).
+    pub name: String,
+    /// No agent connected.
+    pub offline: bool,
+    /// The build running on it (absolute URL), if any: the lease holder.
+    pub build: Option<String>,
+    /// Busy without an exported build (an executable the user may not read).
+    pub busy: bool,
+    /// Labels, including the node's own name.
+    pub labels: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ComputerSet {
+    #[serde(default)]
+    computer: Vec<Computer>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Computer {
+    display_name: String,
+    #[serde(default)]
+    offline: bool,
+    #[serde(default = "yes")]
+    idle: bool,
+    #[serde(default)]
+    assigned_labels: Vec<LabelRef>,
+    #[serde(default)]
+    executors: Vec<Executor>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+struct LabelRef {
+    name: String,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Executor {
+    #[serde(default = "yes")]
+    idle: bool,
+    #[serde(default)]
+    current_executable: Option<Executable>,
+}
+
+#[derive(Deserialize)]
+struct Executable {
+    #[serde(default)]
+    url: Option<String>,
+}
+
+/// Parses `computer/api/json`.
+pub fn parse_computers(body: &[u8]) -> Result<Vec<NodeObs>, String> {
+    let set: ComputerSet = serde_json::from_slice(body)
+        .map_err(|e| format!("computer/api/json is not the expected JSON: {e}"))?;
+    Ok(set
+        .computer
+        .into_iter()
+        .map(|c| {
+            let build = c
+                .executors
+                .iter()
+                .find_map(|e| e.current_executable.as_ref().and_then(|x| x.url.clone()));
+            let busy = !c.idle || c.executors.iter().any(|e| !e.idle) || build.is_some();
+            NodeObs {
+                name: c.display_name,
+                offline: c.offline,
+                build,
+                busy,
+                labels: c.assigned_labels.into_iter().map(|l| l.name).collect(),
+            }
+        })
+        .collect())
+}
+
+/// One queue item that waits for an executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedObs {
+    /// Queue id.
+    pub id: u64,
+    /// What it waits for, parsed from `why`.
+    pub wants: Wants,
+}
+
+/// What a queue item waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wants {
+    /// A node with this label (expression).
+    Label(String),
+    /// This node (the only node of the item's label, and it is offline or busy).
+    Node(String),
+}
+
+#[derive(Deserialize)]
+struct Queue {
+    #[serde(default)]
+    items: Vec<QueueItem>,
+}
+
+#[derive(Deserialize)]
+struct QueueItem {
+    #[serde(default)]
+    id: u64,
+    #[serde(default)]
+    buildable: bool,
+    #[serde(default)]
+    blocked: bool,
+    #[serde(default)]
+    why: Option<String>,
+}
+
+/// Parses `queue/api/json`: buildable or blocked items whose `why` names a label or node.
+pub fn parse_queue(body: &[u8]) -> Result<Vec<QueuedObs>, String> {
+    let q: Queue = serde_json::from_slice(body)
+        .map_err(|e| format!("queue/api/json is not the expected JSON: {e}"))?;
+    Ok(q.items
+        .into_iter()
+        .filter(|i| i.buildable || i.blocked)
+        .filter_map(|i| {
+            let wants = wants_of(i.why.as_deref()?)?;
+            Some(QueuedObs { id: i.id, wants })
+        })
+        .collect())
+}
+
+fn unquote(s: &str) -> &str {
+    let s = s.trim().trim_end_matches('.');
+    let quotes: &[char] = &['‘', '’', '\'', '"', '“', '”', '`'];
+    s.trim_matches(quotes).trim()
+}
+
+/// What a `why` says the item waits for (`Queue.*` messages of Jenkins core, both the quoted
+/// style of newer cores and the unquoted one of older cores).
+///
+/// ```
+/// use warmpool::jenkins::model::{wants_of, Wants};
+/// assert_eq!(wants_of("There are no nodes with the label ‘linux’"), Some(Wants::Label("linux".into())));
+/// assert_eq!(wants_of("Waiting for next available executor on go"), Some(Wants::Label("go".into())));
+/// assert_eq!(wants_of("‘go-1a2b’ is offline"), Some(Wants::Node("go-1a2b".into())));
+/// assert_eq!(wants_of("In the quiet period. Expires in 4.9 sec"), None);
+/// ```
+pub fn wants_of(why: &str) -> Option<Wants> {
+    let why = why.trim();
+    // Composite reasons ("X is reserved for ...; Y is offline") name several nodes: the
+    // label is not recoverable from them.
+    if why.contains(';') {
+        return None;
+    }
+    for p in [
+        "There are no nodes with the label ",
+        "Waiting for next available executor on ",
+    ] {
+        if let Some(rest) = why.strip_prefix(p) {
+            let l = unquote(rest);
+            return (!l.is_empty()).then(|| Wants::Label(l.into()));
+        }
+    }
+    if let Some(rest) = why.strip_prefix("All nodes of label ")
+        && let Some(l) = rest.strip_suffix(" are offline")
+    {
+        let l = unquote(l);
+        return (!l.is_empty()).then(|| Wants::Label(l.into()));
+    }
+    if let Some(n) = why.strip_suffix(" is offline") {
+        let n = unquote(n);
+        return (!n.is_empty() && !n.contains(' ')).then(|| Wants::Node(n.into()));
+    }
+    None
+}
+
+/// The agent secret in a JNLP file: the first `<argument>` of `<application-desc>` (the second
+/// is the node name, which must be `node`).
+pub fn jnlp_secret(xml: &str, node: &str) -> Result<String, String> {
+    let desc = xml
+        .find("<application-desc")
+        .map(|i| &xml[i..])
+        .ok_or("no <application-desc> in the JNLP file")?;
+    let mut args = Vec::new();
+    let mut rest = desc;
+    while args.len() < 2 {
+        let Some(i) = rest.find("<argument>") else {
+            break;
+        };
+        let after = &rest[i + "<argument>".len()..];
+        let j = after
+            .find("</argument>")
+            .ok_or("unterminated <argument> in the JNLP file")?;
+        args.push(xml_unescape(after[..j].trim()));
+        rest = &after[j..];
+    }
+    match args.as_slice() {
+        [secret, name] if name == node && !secret.is_empty() => Ok(secret.clone()),
+        [_, name] => Err(format!("the JNLP file is for node {name:?}, not {node:?}")),
+        _ => Err("the JNLP file has fewer than two <argument>s (secret, name)".into()),
+    }
+}
+
+fn xml_unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn computers() {
+        let body = br#"{"_class":"hudson.model.ComputerSet","computer":[
+          {"_class":"hudson.model.Hudson$MasterComputer","displayName":"Built-In Node",
+           "assignedLabels":[{"name":"built-in"}],"executors":[],"idle":true,"numExecutors":0,"offline":false},
+          {"_class":"hudson.slaves.SlaveComputer","displayName":"go-1",
+           "assignedLabels":[{"_class":"hudson.model.labels.LabelAtom","name":"go"},{"name":"go-1"}],
+           "executors":[{"_class":"hudson.model.Executor","idle":false,
+             "currentExecutable":{"_class":"hudson.model.FreeStyleBuild","url":"http://j/job/x/3/"}}],
+           "idle":false,"numExecutors":1,"offline":false},
+          {"displayName":"go-2","executors":[{"idle":true,"currentExecutable":null}],"idle":true,"offline":true}]}"#;
+        let n = parse_computers(body).unwrap();
+        assert_eq!(n.len(), 3);
+        assert_eq!(n[1].build.as_deref(), Some("http://j/job/x/3/"));
+        assert!(n[1].busy && !n[1].offline);
+        assert_eq!(n[1].labels, ["go", "go-1"]);
+        assert!(!n[2].busy && n[2].offline);
+        assert!(
+            parse_computers(b"<html>")
+                .unwrap_err()
+                .contains("computer/api/json")
+        );
+    }
+
+    #[test]
+    fn queue_and_why() {
+        let body = r#"{"_class":"hudson.model.Queue","items":[
+          {"_class":"hudson.model.Queue$BuildableItem","id":18,"buildable":true,"blocked":false,
+           "why":"There are no nodes with the label ‘linux’"},
+          {"id":19,"buildable":true,"why":"All nodes of label ‘go && linux’ are offline"},
+          {"id":20,"buildable":false,"blocked":false,"why":"In the quiet period. Expires in 4 sec"},
+          {"id":21,"blocked":true,"why":"Waiting for next available executor on 'py'"},
+          {"id":22,"buildable":true,"why":"Waiting for next available executor"},
+          {"id":23,"buildable":true,"why":"go-abc is offline"}]}"#;
+        let q = parse_queue(body.as_bytes()).unwrap();
+        let w: Vec<_> = q.iter().map(|i| (i.id, i.wants.clone())).collect();
+        assert_eq!(
+            w,
+            [
+                (18, Wants::Label("linux".into())),
+                (19, Wants::Label("go && linux".into())),
+                (21, Wants::Label("py".into())),
+                (23, Wants::Node("go-abc".into())),
+            ]
+        );
+        assert_eq!(
+            wants_of(
+                "‘Jenkins’ is reserved for jobs with matching label expression; ‘ubu2’ is offline"
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn jnlp() {
+        let new = "<jnlp><application-desc><argument>abc123</argument><argument>go-1</argument><argument>-webSocket</argument></application-desc></jnlp>";
+        assert_eq!(jnlp_secret(new, "go-1").unwrap(), "abc123");
+        let old = r#"<?xml version="1.0" encoding="UTF-8"?>
+<jnlp spec="1.0+" codebase="http://j/computer/go-1/"><information><title>Agent</title></information>
+<application-desc main-class="hudson.remoting.jnlp.Main">
+  <argument>s3cr3t</argument>
+  <argument>go-1</argument>
+  <argument>-url</argument><argument>http://j/</argument>
+</application-desc></jnlp>"#;
+        assert_eq!(jnlp_secret(old, "go-1").unwrap(), "s3cr3t");
+        assert!(jnlp_secret(old, "go-2").unwrap_err().contains("go-2"));
+        assert!(jnlp_secret("<html/>", "go-1").is_err());
+    }
+}

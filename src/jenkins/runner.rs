@@ -1,0 +1,249 @@
+//! Where Jenkins agents run: the [`Runner`] trait and its process implementation.
+//!
+//! A runner starts one agent with the inbound-agent environment (`JENKINS_URL`,
+//! `JENKINS_AGENT_NAME`, `JENKINS_SECRET`, `JENKINS_WEB_SOCKET=true`, `JENKINS_AGENT_WORKDIR`),
+//! stops one (idempotent), and lists the live agents of a controller, so the connector can
+//! compare them with Jenkins' nodes every poll (level-triggered) and adopt them after a restart.
+//!
+//! [`ProcessRunner`]: agents are local processes, each the leader of its own process group,
+//! without `PR_SET_PDEATHSIG`: like pods, they outlive a restart of the service and are found
+//! again through marker variables in their environment (`WARMPOOL_JENKINS_URL`,
+//! `WARMPOOL_JENKINS_POOL`, `WARMPOOL_JENKINS_NODE`). The Kubernetes runner is in `pods.rs`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::process::Command;
+
+use super::config::JenkinsSpec;
+
+/// A boxed future with an output, for the object-safe trait.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Marker: the controller's root URL.
+pub const ENV_URL: &str = "WARMPOOL_JENKINS_URL";
+/// Marker: the pool.
+pub const ENV_POOL: &str = "WARMPOOL_JENKINS_POOL";
+/// Marker: the node.
+pub const ENV_NODE: &str = "WARMPOOL_JENKINS_NODE";
+
+/// Everything needed to start one agent.
+#[derive(Clone)]
+pub struct Launch {
+    /// Pool key.
+    pub pool: String,
+    /// Node name.
+    pub node: String,
+    /// The controller's root URL (ends with `/`).
+    pub url: String,
+    /// The node's secret.
+    pub secret: String,
+    /// The node's remote FS (the agent's work dir).
+    pub workdir: String,
+    /// The pool's Jenkins block.
+    pub spec: JenkinsSpec,
+    /// Kubernetes: the AgentPool the pod is built from.
+    pub agent_pool: Option<Box<crate::k8s::crd::AgentPool>>,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("pool", &self.pool)
+            .field("node", &self.node)
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Launch {
+    /// The inbound-agent environment plus warmpool's markers.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("JENKINS_URL", self.url.as_str()),
+            ("JENKINS_AGENT_NAME", self.node.as_str()),
+            ("JENKINS_NAME", self.node.as_str()),
+            ("JENKINS_SECRET", self.secret.as_str()),
+            ("JENKINS_WEB_SOCKET", "true"),
+            ("JENKINS_AGENT_WORKDIR", self.workdir.as_str()),
+            (ENV_URL, self.url.as_str()),
+            (ENV_POOL, self.pool.as_str()),
+            (ENV_NODE, self.node.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+}
+
+/// A live agent.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AgentRef {
+    /// Pool key.
+    pub pool: String,
+    /// Node name.
+    pub node: String,
+}
+
+/// Where agents run.
+pub trait Runner: Send + Sync + 'static {
+    /// Short name (`process`, `kubernetes`).
+    fn name(&self) -> &'static str;
+    /// The node's remote FS for a pool.
+    fn workdir(&self, spec: &JenkinsSpec, node: &str) -> String;
+    /// Starts one agent; resolves once it is started (process spawned, pod created).
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), String>>;
+    /// Stops one agent and resolves once it is gone (or, for pods, deleted).
+    fn stop(&self, url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), String>>;
+    /// The live agents started for the controller at `url`.
+    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, String>>;
+}
+
+/// Agents as local processes.
+pub struct ProcessRunner {
+    grace: Duration,
+    /// Children this instance started, by node.
+    children: DashMap<String, u32>,
+}
+
+impl ProcessRunner {
+    /// A runner giving agents `grace` between SIGTERM and SIGKILL.
+    pub fn new(grace: Duration) -> ProcessRunner {
+        ProcessRunner {
+            grace,
+            children: DashMap::new(),
+        }
+    }
+}
+
+/// The command started when the pool names none: the official inbound-agent script.
+pub const DEFAULT_AGENT_COMMAND: &str = "jenkins-agent";
+
+/// (pid, work dir) of the live agent processes of one node.
+fn find(url: &str, pool: &str, node: &str) -> Vec<(i32, Option<String>)> {
+    crate::procs::group_leaders_with_env(ENV_NODE)
+        .into_iter()
+        .filter(|(_, env)| {
+            env.get(ENV_URL).map(String::as_str) == Some(url)
+                && env.get(ENV_POOL).map(String::as_str) == Some(pool)
+                && env.get(ENV_NODE).map(String::as_str) == Some(node)
+        })
+        .map(|(pid, env)| (pid, env.get("JENKINS_AGENT_WORKDIR").cloned()))
+        .collect()
+}
+
+impl Runner for ProcessRunner {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn workdir(&self, spec: &JenkinsSpec, node: &str) -> String {
+        // Agents share this machine: one directory each.
+        PathBuf::from(&spec.remote_fs)
+            .join(node)
+            .display()
+            .to_string()
+    }
+
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            let argv = launch
+                .spec
+                .agent_command
+                .clone()
+                .unwrap_or_else(|| vec![DEFAULT_AGENT_COMMAND.to_string()]);
+            let dir = PathBuf::from(&launch.workdir);
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create agent work dir {}: {e}", dir.display()))?;
+            let log = std::fs::File::create(dir.join("agent.log"))
+                .map_err(|e| format!("cannot create {}/agent.log: {e}", dir.display()))?;
+            let log2 = log
+                .try_clone()
+                .map_err(|e| format!("cannot open the agent log: {e}"))?;
+            let mut cmd = Command::new(&argv[0]);
+            cmd.args(&argv[1..])
+                .envs(launch.env())
+                .current_dir(&dir)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(log2)
+                // Its own group (the handle to its whole tree), no PDEATHSIG: it outlives a
+                // restart of the service, as a pod does.
+                .process_group(0)
+                .kill_on_drop(false);
+            let mut child = crate::backend::process::spawn_tracked(&mut cmd)
+                .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+            let pid = child.id().unwrap_or(0);
+            self.children.insert(launch.node.clone(), pid);
+            // Reap it when it exits (it is our child until this service exits).
+            tokio::spawn(async move {
+                let _ = child.wait().await;
+                crate::backend::process::forget_spawned(pid);
+            });
+            Ok(())
+        })
+    }
+
+    fn stop(&self, url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), String>> {
+        let (url, pool, node) = (url.to_string(), pool.to_string(), node.to_string());
+        Box::pin(async move {
+            let found = {
+                let (u, p, n) = (url.clone(), pool.clone(), node.clone());
+                tokio::task::spawn_blocking(move || find(&u, &p, &n))
+                    .await
+                    .unwrap_or_default()
+            };
+            let mut pids: Vec<i32> = found.iter().map(|(p, _)| *p).collect();
+            if let Some((_, pid)) = self.children.remove(&node)
+                && crate::procs::alive(pid as i32)
+                && !pids.contains(&(pid as i32))
+            {
+                pids.push(pid as i32);
+            }
+            for &pid in &pids {
+                // SAFETY: a signal to a process group this runner created (pgid == pid).
+                unsafe { libc::killpg(pid, libc::SIGTERM) };
+            }
+            let deadline = tokio::time::Instant::now() + self.grace;
+            while pids.iter().any(|p| crate::procs::alive(*p))
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            for &pid in &pids {
+                // SAFETY: as above; whatever is left of the group goes.
+                unsafe { libc::killpg(pid, libc::SIGKILL) };
+            }
+            // The per-node directory this runner created (`<remoteFS>/<node>`), nothing above.
+            for dir in found.into_iter().filter_map(|(_, d)| d) {
+                let dir = PathBuf::from(dir);
+                if dir.file_name().and_then(|n| n.to_str()) == Some(node.as_str()) {
+                    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, String>> {
+        let url = url.to_string();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                crate::procs::group_leaders_with_env(ENV_NODE)
+                    .into_iter()
+                    .filter(|(_, env)| env.get(ENV_URL) == Some(&url))
+                    .filter_map(|(_, env)| {
+                        Some(AgentRef {
+                            pool: env.get(ENV_POOL)?.clone(),
+                            node: env.get(ENV_NODE)?.clone(),
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| format!("scanning processes failed: {e}"))
+        })
+    }
+}
