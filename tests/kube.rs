@@ -177,6 +177,7 @@ async fn manifests_are_accepted_by_the_apiserver() {
     .collect();
     files.push(dir.join("examples/agentpool-generic.yaml"));
     files.push(dir.join("examples/agentpool-docker.yaml"));
+    files.push(dir.join("examples/agentpool-jenkins.yaml"));
     let mut created = 0;
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
@@ -217,6 +218,6 @@ async fn manifests_are_accepted_by_the_apiserver() {
         }
     }
     // Namespace, ServiceAccount, Role, RoleBinding, ClusterRole, ClusterRoleBinding, Deployment,
-    // Service, two AgentPools.
-    assert_eq!(created, 10);
+    // Service, three AgentPools (one a Jenkins pool) and its Secret.
+    assert_eq!(created, 12);
 }

@@ -34,7 +34,7 @@ pub struct JenkinsSpec {
     #[serde(rename = "remoteFS", default = "default_remote_fs")]
     pub remote_fs: String,
     /// The node's label string: labels separated by spaces (a list is accepted too).
-    #[serde(default, deserialize_with = "labels_de")]
+    #[serde(deserialize_with = "labels_de")]
     #[schemars(with = "String")]
     pub labels: String,
     /// The command that starts one agent: the process backend runs it (default
