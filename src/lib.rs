@@ -5,7 +5,7 @@
 //! and recycled after use, idle TTL, max age or bad health.
 //!
 //! # Layout
-//! - [`k8s`]: the `AgentPool` custom resource (Kubernetes backend, in progress).
+//! - [`k8s`]: the `AgentPool` custom resource and leader election.
 //! - [`labels`]: Jenkins label-expression parser and matcher (pure).
 //! - [`spec`]: the pool spec, its defaults, duration syntax and validation (pure).
 //! - [`engine`]: the pool engine, a synchronous state machine with time passed in (pure).
@@ -17,7 +17,8 @@
 //! - [`service`]: the async shell: runs the engine, executes its actions, ticks time.
 //! - [`hub`]: agent WebSocket connections, bounded per-connection queues, exec routing.
 //! - [`api`]: the HTTP lease API (axum), including the exec WebSocket.
-//! - [`backend`]: where agents come from (`process`: local child processes).
+//! - [`backend`]: where agents come from (`process`: local child processes; `kubernetes`: pods).
+//! - [`jenkins`]: the Jenkins connector: pools of warm Jenkins nodes, leased by Jenkins' queue.
 //! - [`agent`]: the `warmpool agent` side: dial the hub, run execs, clean up.
 //! - [`client`]: the lease API client behind `warmpool run` and `warmpool status`.
 //! - [`server`]: wiring: builds everything, serves a bound listener until shutdown.
