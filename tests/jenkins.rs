@@ -590,3 +590,43 @@ async fn secret_falls_back_to_jenkins_agent_jnlp() {
     assert!(j.request_count(Endpoint::JenkinsAgentJnlp) >= 2);
     h.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_max_uses_1_a_backlog_never_reuses_a_node() {
+    let j = jenkins(CrumbMode::Enforced).await;
+    let s = creds_of(&j);
+    let yaml = pool_yaml("once", &j, &s, "    maxUses: 1\n", "")
+        .replace("minIdle: 2", "minIdle: 1")
+        .replace("maxTotal: 6", "maxTotal: 2");
+    let h = serve(&yaml).await;
+    assert!(j.wait_for(WAIT, |j| online(j, "once-").len() == 1).await);
+    let ids: Vec<u64> = (0..4).map(|_| j.enqueue("linux")).collect();
+    let mut done = 0;
+    while done < ids.len() {
+        assert!(
+            j.wait_for(WAIT, |j| !j.running().is_empty()).await,
+            "a build runs"
+        );
+        let b = j.running()[0].clone();
+        // warmpool sees its last allowed build and takes the node's labels (config.xml), so
+        // Jenkins cannot give it the next queued build when this one ends.
+        assert!(
+            j.wait_for(WAIT, |j| j
+                .node(&b.node)
+                .is_some_and(|n| n.labels.is_empty()))
+                .await,
+            "{} drained",
+            b.node
+        );
+        assert!(j.finish(&b.url));
+        done += 1;
+    }
+    assert!(j.wait_for(WAIT, |j| j.finished().len() == 4).await);
+    let by_node = j.builds_by_node();
+    assert!(
+        by_node.values().all(|n| *n == 1),
+        "a node ran two builds: {by_node:?}"
+    );
+    assert!(j.request_count(Endpoint::ConfigXml) >= 4);
+    h.server.shutdown().await;
+}

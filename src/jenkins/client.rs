@@ -35,6 +35,8 @@ pub enum Endpoint {
     JenkinsAgentJnlp,
     /// `POST computer/NAME/doDelete`.
     DeleteNode,
+    /// `POST computer/NAME/config.xml`.
+    ConfigXml,
 }
 
 impl Endpoint {
@@ -48,6 +50,7 @@ impl Endpoint {
             Endpoint::SlaveAgentJnlp => "slave-agent.jnlp",
             Endpoint::JenkinsAgentJnlp => "jenkins-agent.jnlp",
             Endpoint::DeleteNode => "doDelete",
+            Endpoint::ConfigXml => "config.xml",
         }
     }
 }
@@ -224,7 +227,7 @@ impl Client {
         method: Method,
         ep: Endpoint,
         path: &str,
-        form: Option<&[(&str, &str)]>,
+        body: &Body<'_>,
         crumb: Option<(String, String)>,
     ) -> Result<Answer, JenkinsError> {
         let bucket = self.limiter.read().expect("lock").clone();
@@ -247,8 +250,14 @@ impl Client {
         if let Some((field, value)) = crumb {
             rb = rb.header(field, value);
         }
-        if let Some(form) = form {
-            rb = rb.form(form);
+        match body {
+            Body::None => {}
+            Body::Form(form) => rb = rb.form(form),
+            Body::Xml(xml) => {
+                rb = rb
+                    .header(header::CONTENT_TYPE, "application/xml; charset=UTF-8")
+                    .body(xml.to_string())
+            }
         }
         let t0 = Instant::now();
         let r = async {
@@ -278,10 +287,20 @@ impl Client {
                         jar.insert(k.trim().to_string(), val.trim().to_string());
                     }
                 }
-                let x_error = headers
+                let mut x_error = headers
                     .get("x-error")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                let location = headers
+                    .get(header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if status.is_redirection()
+                    && (location.contains("/login") || location.contains("securityRealm"))
+                {
+                    // A redirect to a login page (an SSO proxy, a lost session) is no success.
+                    x_error = Some(format!("redirected to a login page: {location}"));
+                }
                 Ok(Answer {
                     status,
                     body,
@@ -321,7 +340,7 @@ impl Client {
         ep: Endpoint,
         path: &str,
     ) -> Result<(bytes::Bytes, Duration), JenkinsError> {
-        let a = self.send(Method::GET, ep, path, None, None).await?;
+        let a = self.send(Method::GET, ep, path, &Body::None, None).await?;
         if a.status == StatusCode::OK {
             Ok((a.body, a.took))
         } else {
@@ -339,7 +358,7 @@ impl Client {
         }
         let path = "crumbIssuer/api/json";
         let a = self
-            .send(Method::GET, Endpoint::Crumb, path, None, None)
+            .send(Method::GET, Endpoint::Crumb, path, &Body::None, None)
             .await?;
         let c = match a.status {
             StatusCode::OK => {
@@ -377,13 +396,17 @@ impl Client {
         &self,
         ep: Endpoint,
         path: &str,
-        form: &[(&str, &str)],
+        body: Body<'_>,
     ) -> Result<StatusCode, JenkinsError> {
         let mut refreshed = false;
         loop {
             let crumb = self.crumb(refreshed).await?;
-            let a = self.send(Method::POST, ep, path, Some(form), crumb).await?;
-            if a.status.is_success() || a.status.is_redirection() {
+            let a = self.send(Method::POST, ep, path, &body, crumb).await?;
+            let login = a
+                .x_error
+                .as_deref()
+                .is_some_and(|x| x.starts_with("redirected to a login page"));
+            if a.status.is_success() || (a.status.is_redirection() && !login) {
                 return Ok(a.status);
             }
             let crumb_refused = a.status == StatusCode::FORBIDDEN
@@ -448,11 +471,11 @@ impl Client {
         self.post(
             Endpoint::CreateNode,
             "computer/doCreateItem",
-            &[
+            Body::Form(&[
                 ("name", name),
                 ("type", "hudson.slaves.DumbSlave"),
                 ("json", &json),
-            ],
+            ]),
         )
         .await
         .map(|_| ())
@@ -486,15 +509,57 @@ impl Client {
         Err(last.expect("two attempts"))
     }
 
+    /// Takes a node's labels away (`POST computer/NAME/config.xml`, Computer/Configure): it
+    /// finishes its build and gets no other.
+    pub async fn drain_node(
+        &self,
+        name: &str,
+        remote_fs: &str,
+        description: &str,
+    ) -> Result<(), JenkinsError> {
+        let path = format!("computer/{}/config.xml", encode_segment(name));
+        let xml = drained_config_xml(name, remote_fs, description);
+        self.post(Endpoint::ConfigXml, &path, Body::Xml(&xml))
+            .await
+            .map(|_| ())
+    }
+
     /// Deletes a node; Ok(false) when it was already gone.
     pub async fn delete_node(&self, name: &str) -> Result<bool, JenkinsError> {
         let path = format!("computer/{}/doDelete", encode_segment(name));
-        match self.post(Endpoint::DeleteNode, &path, &[]).await {
+        match self
+            .post(Endpoint::DeleteNode, &path, Body::Form(&[]))
+            .await
+        {
             Ok(_) => Ok(true),
             Err(e) if e.status == Some(404) => Ok(false),
             Err(e) => Err(e),
         }
     }
+}
+
+/// A node's configuration with no labels: EXCLUSIVE, so Jenkins gives it no build that asks
+/// for a label (the shape `GET computer/NAME/config.xml` returns for an inbound agent).
+pub fn drained_config_xml(name: &str, remote_fs: &str, description: &str) -> String {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+            .replace('"', "&quot;")
+    };
+    format!(
+        "<?xml version='1.1' encoding='UTF-8'?>\n<slave>\n  <name>{}</name>\n  <description>{}</description>\n  <remoteFS>{}</remoteFS>\n  <numExecutors>1</numExecutors>\n  <mode>EXCLUSIVE</mode>\n  <retentionStrategy class=\"hudson.slaves.RetentionStrategy$Always\"/>\n  <launcher class=\"hudson.slaves.JNLPLauncher\">\n    <workDirSettings>\n      <disabled>false</disabled>\n      <internalDir>remoting</internalDir>\n      <failIfWorkDirIsMissing>false</failIfWorkDirIsMissing>\n    </workDirSettings>\n    <webSocket>true</webSocket>\n  </launcher>\n  <label></label>\n  <nodeProperties/>\n</slave>\n",
+        esc(name),
+        esc(description),
+        esc(remote_fs)
+    )
+}
+
+/// Request bodies.
+enum Body<'a> {
+    None,
+    Form(&'a [(&'a str, &'a str)]),
+    Xml(&'a str),
 }
 
 /// Percent-encodes one path segment.

@@ -193,6 +193,9 @@ impl JenkinsSpec {
                 self.max_poll_interval, self.poll_interval
             ));
         }
+        if self.slow_response.0.is_zero() {
+            p.push(format!("{prefix}slowResponse: must be longer than 0s"));
+        }
         if !(self.requests_per_second.is_finite() && self.requests_per_second > 0.0) {
             p.push(format!(
                 "{prefix}requestsPerSecond: must be a positive number, got {}",

@@ -130,13 +130,24 @@ pub struct PoolCfg {
     pub agent_pool: Option<Box<crate::k8s::crd::AgentPool>>,
 }
 
+/// Kinds of problem a pool can have at once; each clears on that kind's next success.
+const PROBLEM_CREDENTIALS: &str = "credentials";
+const PROBLEM_POLL: &str = "poll";
+const PROBLEM_CREATE: &str = "create";
+const PROBLEM_DELETE: &str = "delete";
+const PROBLEM_DRAIN: &str = "drain";
+
 struct PoolState {
     mem: PoolMem,
     counts: plan::Counts,
     demand: u32,
-    poll_problem: Option<Problem>,
-    action_problem: Option<Problem>,
+    problems: BTreeMap<&'static str, Problem>,
     slots: HashMap<String, Slot>,
+    /// Fired when the pool is removed: its in-flight provisions undo themselves.
+    cancel: CancellationToken,
+    /// Consecutive failed provisions, and when creating may be tried again.
+    failures: u32,
+    retry_at: Option<Instant>,
     pacer: DefaultDirectRateLimiter,
     pace_key: (u64, u32),
     generation: Option<i64>,
@@ -248,23 +259,18 @@ impl Connector {
         self.pools.lock().expect("lock").keys().cloned().collect()
     }
 
-    /// Adds or updates a pool (its memory of nodes is kept across updates).
+    /// Adds or updates a pool (its memory of nodes, its client and its problems are kept
+    /// across updates with the same controller and credentials).
     pub fn upsert(self: &Arc<Self>, cfg: PoolCfg) {
         let root = cfg.jenkins.root_url();
-        let ctl = self.controller(&root, &cfg.jenkins);
         let cfg = Arc::new(cfg);
-        let client = cfg.credentials.as_ref().ok().map(|c| {
-            Arc::new(Client::new(
-                &root,
-                c.clone(),
-                ctl.limiter.clone(),
-                self.metrics.clone(),
-            ))
-        });
         let p = &cfg.spec.provisioning;
         let pace_key = rate_key(p.per_second, p.burst);
+        // Lock order everywhere: pools, then controllers.
         let mut pools = self.pools.lock().expect("lock");
-        let state = match pools.remove(&cfg.key) {
+        let ctl = self.controller(&root, &cfg.jenkins);
+        let old = pools.remove(&cfg.key);
+        let (state, client) = match old {
             Some(old) if old.root == root => {
                 let mut st = old.state.lock().expect("lock");
                 if st.pace_key != pace_key {
@@ -272,36 +278,60 @@ impl Connector {
                     st.pace_key = pace_key;
                 }
                 drop(st);
-                old.state
+                let same_creds =
+                    matches!((&old.cfg.credentials, &cfg.credentials), (Ok(a), Ok(b)) if a == b);
+                let client = if same_creds { old.client.clone() } else { None };
+                (old.state, client)
             }
             old => {
                 if let Some(old) = old {
                     // Moved to another controller: the old one's nodes go.
+                    old.state.lock().expect("lock").cancel.cancel();
                     self.spawn_cleanup(old, Reason::PoolRemoved);
                 }
-                Arc::new(Mutex::new(PoolState {
+                let st = Arc::new(Mutex::new(PoolState {
                     mem: PoolMem::default(),
                     counts: plan::Counts::default(),
                     demand: 0,
-                    poll_problem: None,
-                    action_problem: None,
+                    problems: BTreeMap::new(),
                     slots: HashMap::new(),
+                    cancel: CancellationToken::new(),
+                    failures: 0,
+                    retry_at: None,
                     pacer: limiter(p.per_second, p.burst),
                     pace_key,
                     generation: None,
-                }))
+                }));
+                (st, None)
             }
         };
+        let client = client.or_else(|| {
+            cfg.credentials.as_ref().ok().map(|c| {
+                Arc::new(Client::new(
+                    &root,
+                    c.clone(),
+                    ctl.limiter.clone(),
+                    self.metrics.clone(),
+                ))
+            })
+        });
         {
             let mut st = state.lock().expect("lock");
             st.generation = cfg.agent_pool.as_ref().and_then(|a| a.metadata.generation);
-            st.action_problem = match &cfg.credentials {
-                Err(e) => Some(Problem {
-                    reason: "CredentialsMissing".into(),
-                    message: format!("pool {}: {e}", cfg.key),
-                }),
-                Ok(_) => None,
-            };
+            match &cfg.credentials {
+                Err(e) => {
+                    st.problems.insert(
+                        PROBLEM_CREDENTIALS,
+                        Problem {
+                            reason: "CredentialsMissing".into(),
+                            message: format!("pool {}: {e}", cfg.key),
+                        },
+                    );
+                }
+                Ok(_) => {
+                    st.problems.remove(PROBLEM_CREDENTIALS);
+                }
+            }
         }
         pools.insert(
             cfg.key.clone(),
@@ -312,19 +342,27 @@ impl Connector {
                 root: root.clone(),
             },
         );
-        drop(pools);
-        self.retune(&root);
+        self.retune_locked(&pools, &root);
     }
 
     /// Removes a pool: its nodes are deleted and its agents stopped.
     pub fn remove(self: &Arc<Self>, key: &str) {
-        let old = self.pools.lock().expect("lock").remove(key);
+        let mut pools = self.pools.lock().expect("lock");
+        let old = pools.remove(key);
         if let Some(old) = old {
             let root = old.root.clone();
+            old.state.lock().expect("lock").cancel.cancel();
             self.spawn_cleanup(old, Reason::PoolRemoved);
-            self.retune(&root);
+            self.retune_locked(&pools, &root);
         }
+        drop(pools);
         self.metrics.jenkins_demand.remove_label_values(&[key]).ok();
+        for state in ["creating", "connecting", "idle", "busy", "deleting"] {
+            self.metrics
+                .jenkins_nodes
+                .remove_label_values(&[key, state])
+                .ok();
+        }
     }
 
     /// Statuses of every pool.
@@ -339,10 +377,7 @@ impl Connector {
                     .get(&e.root)
                     .map(|c| *c.interval.lock().expect("lock"))
                     .unwrap_or(e.cfg.jenkins.poll_interval.0);
-                let problems: Vec<&Problem> = [&st.poll_problem, &st.action_problem]
-                    .into_iter()
-                    .flatten()
-                    .collect();
+                let problems: Vec<&Problem> = st.problems.values().collect();
                 let degraded = match problems.as_slice() {
                     [] => ConditionView {
                         type_: "Degraded".into(),
@@ -459,9 +494,8 @@ impl Connector {
         c
     }
 
-    /// Applies the strictest limits of the controller's pools.
-    fn retune(&self, root: &str) {
-        let pools = self.pools.lock().expect("lock");
+    /// Applies the strictest limits of the controller's pools (the caller holds `pools`).
+    fn retune_locked(&self, pools: &BTreeMap<String, PoolEntry>, root: &str) {
         let mine: Vec<&JenkinsSpec> = pools
             .values()
             .filter(|e| e.root == root)
@@ -513,9 +547,12 @@ impl Connector {
             }
             let pools = self.pools_of(&ctl.root);
             if pools.is_empty() {
-                // Last pool gone: this controller is no longer ours to poll.
+                // Last pool gone: this controller is no longer ours to poll. Both locks, in
+                // the one order (pools, then controllers), so an upsert either sees this
+                // controller gone or is seen here.
+                let pools = self.pools.lock().expect("lock");
                 let mut ctls = self.controllers.lock().expect("lock");
-                if self.pools_of(&ctl.root).is_empty() {
+                if !pools.values().any(|e| e.root == ctl.root) {
                     ctls.remove(&ctl.root);
                     self.metrics
                         .jenkins_poll_interval
@@ -550,7 +587,7 @@ impl Connector {
         let max = pools
             .iter()
             .map(|p| p.0.jenkins.max_poll_interval.0)
-            .min()
+            .max()
             .unwrap_or(Duration::from_secs(60))
             .max(base);
         let mut iv = ctl.interval.lock().expect("lock");
@@ -562,16 +599,30 @@ impl Connector {
     }
 
     async fn poll_once(self: &Arc<Self>, ctl: &Arc<Controller>, pools: &[PoolRef]) {
-        let Some(client) = pools.iter().find_map(|p| p.1.clone()) else {
-            // No pool of this controller has credentials: their problems say so.
-            return;
-        };
         let listed_at = Instant::now();
         let agents = match self.runner.list(&ctl.root).await {
-            Ok(a) => a,
+            Ok(a) => {
+                for (_, _, st) in pools {
+                    st.lock().expect("lock").problems.remove(PROBLEM_POLL);
+                }
+                a
+            }
             Err(e) => {
                 // Without the agent list nothing can be judged an orphan: skip this pass.
                 tracing::warn!(controller = %ctl.root, error = %e, "listing Jenkins agents failed");
+                for (cfg, _, st) in pools {
+                    st.lock().expect("lock").problems.insert(
+                        PROBLEM_POLL,
+                        Problem {
+                            reason: "AgentListFailed".into(),
+                            message: format!(
+                                "pool {}: listing its agents ({}) failed: {e}",
+                                cfg.key,
+                                self.runner.name()
+                            ),
+                        },
+                    );
+                }
                 return;
             }
         };
@@ -580,12 +631,34 @@ impl Connector {
             .map(|p| p.0.jenkins.slow_response.0)
             .min()
             .unwrap_or(Duration::from_secs(2));
-        let polled = async {
-            let (nodes, t1) = client.computers().await?;
-            let (queue, t2) = client.queue().await?;
-            Ok::<_, JenkinsError>((nodes, queue, t1.max(t2)))
+        // Polled with the first pool's credentials that Jenkins accepts: one pool's revoked
+        // token degrades that pool, not the controller's other pools.
+        let polled_at = Instant::now();
+        let mut polled = None;
+        let mut auth_failed: HashMap<String, JenkinsError> = HashMap::new();
+        for (cfg, client, _) in pools {
+            let Some(client) = client else { continue };
+            let r = async {
+                let (nodes, t1) = client.computers().await?;
+                let (queue, t2) = client.queue().await?;
+                Ok::<_, JenkinsError>((nodes, queue, t1.max(t2)))
+            }
+            .await;
+            match r {
+                Err(e) if matches!(e.status, Some(401) | Some(403)) => {
+                    auth_failed.insert(cfg.key.clone(), e.clone());
+                    polled = Some(Err(e));
+                }
+                other => {
+                    polled = Some(other);
+                    break;
+                }
+            }
         }
-        .await;
+        let Some(polled) = polled else {
+            // No pool of this controller has credentials: their problems say so.
+            return;
+        };
         let (nodes, queue) = match polled {
             Ok((nodes, queue, took)) => {
                 if took > slow {
@@ -598,47 +671,63 @@ impl Connector {
                 self.backoff(ctl, pools, e.is_overload());
                 tracing::warn!(controller = %ctl.root, error = %e, "polling Jenkins failed");
                 for (cfg, _, st) in pools {
-                    st.lock().expect("lock").poll_problem =
-                        Some(Problem::from_error(&cfg.key, None, "polling Jenkins", &e));
+                    let e = auth_failed.get(&cfg.key).unwrap_or(&e);
+                    st.lock().expect("lock").problems.insert(
+                        PROBLEM_POLL,
+                        Problem::from_error(&cfg.key, None, "polling Jenkins", e),
+                    );
                 }
                 return;
             }
         };
-        // Demand: each waiting item counts for the first pool (by name) that serves it.
-        let mut demand: HashMap<String, u32> = HashMap::new();
-        for item in &queue {
-            let pool = match &item.wants {
-                Wants::Label(l) => match crate::labels::Expr::parse(l) {
-                    Ok(expr) => pools
-                        .iter()
-                        .find(|p| expr.matches(&p.0.jenkins.label_atoms())),
-                    Err(_) => None,
-                },
-                Wants::Node(n) => pools
-                    .iter()
-                    .filter(|p| n.starts_with(&p.0.jenkins.prefix(&p.0.key)))
-                    .max_by_key(|p| p.0.jenkins.prefix(&p.0.key).len()),
-            };
-            if let Some(p) = pool {
-                *demand.entry(p.0.key.clone()).or_default() += 1;
+        for (cfg, _, st) in pools {
+            if let Some(e) = auth_failed.get(&cfg.key) {
+                st.lock().expect("lock").problems.insert(
+                    PROBLEM_POLL,
+                    Problem::from_error(&cfg.key, None, "polling Jenkins", e),
+                );
             }
         }
-        // Longest prefix wins, so pools with nested prefixes do not take each other's nodes.
-        let mut prefixes: Vec<(String, String)> = pools
+        // Node names are prefix + 8 hex digits; two pools with one prefix cannot both work.
+        let prefixes: Vec<(String, String)> = pools
             .iter()
             .map(|p| (p.0.jenkins.prefix(&p.0.key), p.0.key.clone()))
             .collect();
-        prefixes.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
-        let owner = |node: &str| -> Option<&str> {
+        let mut clashing: BTreeSet<String> = BTreeSet::new();
+        for (i, (p, k)) in prefixes.iter().enumerate() {
+            for (q, l) in &prefixes[i + 1..] {
+                if p == q {
+                    clashing.insert(k.clone());
+                    clashing.insert(l.clone());
+                }
+            }
+        }
+        let by_prefix = |node: &str| -> Option<&str> {
             prefixes
                 .iter()
-                .find(|(p, _)| node.starts_with(p.as_str()))
+                .find(|(p, _)| {
+                    node.strip_prefix(p.as_str()).is_some_and(|rest| {
+                        rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+                })
                 .map(|(_, k)| k.as_str())
         };
-        let mut by_pool: HashMap<&str, Vec<NodeObs>> = HashMap::new();
+        // A node belongs to the pool whose agent runs it (even after a prefix change), else
+        // to the pool whose prefix it has.
+        let agent_pool: HashMap<&str, &str> = agents
+            .iter()
+            .map(|a| (a.node.as_str(), a.pool.as_str()))
+            .collect();
+        let configured: BTreeSet<&str> = pools.iter().map(|p| p.0.key.as_str()).collect();
+        let mut by_pool: HashMap<String, Vec<NodeObs>> = HashMap::new();
         for n in nodes {
-            if let Some(k) = owner(&n.name) {
-                by_pool.entry(k).or_default().push(n);
+            let owner = agent_pool
+                .get(n.name.as_str())
+                .copied()
+                .filter(|p| configured.contains(p))
+                .or_else(|| by_prefix(&n.name));
+            if let Some(k) = owner {
+                by_pool.entry(k.to_string()).or_default().push(n);
             }
         }
         let mut agents_by_pool: HashMap<&str, BTreeSet<String>> = HashMap::new();
@@ -648,10 +737,50 @@ impl Connector {
                 .or_default()
                 .insert(a.node.clone());
         }
+        // Demand: each waiting item counts for the first pool (by name) that serves it.
+        let mut demand: HashMap<String, u32> = HashMap::new();
+        for item in &queue {
+            let by_labels = |l: &str| match crate::labels::Expr::parse(l) {
+                Ok(expr) => pools
+                    .iter()
+                    .find(|p| expr.matches(&p.0.jenkins.label_atoms()))
+                    .map(|p| p.0.key.clone()),
+                Err(_) => None,
+            };
+            let pool = match &item.wants {
+                // A label with a single node is named by that node in older cores' texts.
+                Wants::Label(l) => by_labels(l).or_else(|| by_prefix(l).map(str::to_string)),
+                Wants::Node(n) => by_prefix(n).map(str::to_string),
+            };
+            if let Some(p) = pool {
+                *demand.entry(p).or_default() += 1;
+            }
+        }
         for (cfg, pclient, st) in pools {
+            if clashing.contains(&cfg.key) {
+                st.lock().expect("lock").problems.insert(
+                    PROBLEM_POLL,
+                    Problem {
+                        reason: "PrefixConflict".into(),
+                        message: format!(
+                            "pool {}: nodeNamePrefix {:?} is also another pool's on {}; neither pool is managed until one changes",
+                            cfg.key,
+                            cfg.jenkins.prefix(&cfg.key),
+                            ctl.root
+                        ),
+                    },
+                );
+                continue;
+            }
+            // Without credentials nothing could be done: nothing is planned.
+            let Some(pclient) = pclient.clone() else {
+                continue;
+            };
             let obs = Observation {
                 now: Instant::now(),
                 agents_listed_at: listed_at,
+                polled_at,
+                labels: cfg.jenkins.label_atoms(),
                 nodes: by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
                 agents: agents_by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
                 demand: demand.get(&cfg.key).copied().unwrap_or(0),
@@ -664,18 +793,29 @@ impl Connector {
                 .collect();
             let steps = {
                 let mut s = st.lock().expect("lock");
-                s.poll_problem = None;
+                if s.cancel.is_cancelled() {
+                    continue;
+                }
                 s.demand = obs.demand;
-                let PoolState { mem, pacer, .. } = &mut *s;
-                let (steps, counts) =
-                    plan::plan(&cfg.spec, mem, &obs, &mut || pacer.check().is_ok());
+                let now = obs.now;
+                let PoolState {
+                    mem,
+                    pacer,
+                    retry_at,
+                    ..
+                } = &mut *s;
+                // After failed provisions, creating waits (exponential backoff).
+                let backing_off = retry_at.is_some_and(|t| t > now);
+                let (steps, counts) = plan::plan(&cfg.spec, mem, &obs, &mut || {
+                    !backing_off && pacer.check().is_ok()
+                });
                 s.counts = counts;
                 // Online (or gone) nodes no longer hold a connecting slot.
                 let keep: BTreeSet<String> = s
                     .mem
                     .nodes
                     .iter()
-                    .filter(|(_, m)| m.inflight.is_none() || m.inflight == Some(Inflight::Creating))
+                    .filter(|(_, m)| m.inflight != Some(Inflight::Deleting))
                     .map(|(n, _)| n.clone())
                     .collect();
                 s.slots
@@ -683,10 +823,8 @@ impl Connector {
                 steps
             };
             self.export(cfg, st);
-            let Some(pclient) = pclient.clone() else {
-                continue;
-            };
             for step in steps {
+                let (me, cfg, c, st) = (self.clone(), cfg.clone(), pclient.clone(), st.clone());
                 match step {
                     Step::Create(n) => {
                         for _ in 0..n {
@@ -700,16 +838,15 @@ impl Connector {
                                 .mem
                                 .nodes
                                 .insert(name.clone(), NodeMem::creating(Instant::now()));
-                            let (me, ctl, cfg, c, st) = (
-                                self.clone(),
-                                ctl.clone(),
-                                cfg.clone(),
-                                pclient.clone(),
-                                st.clone(),
-                            );
+                            let (me, ctl, cfg, c, st) =
+                                (me.clone(), ctl.clone(), cfg.clone(), c.clone(), st.clone());
                             self.tasks
                                 .spawn(async move { me.provision(ctl, cfg, c, st, name).await });
                         }
+                    }
+                    Step::Drain(node) => {
+                        self.tasks
+                            .spawn(async move { me.drain(cfg, c, st, node).await });
                     }
                     Step::Delete {
                         node,
@@ -717,8 +854,6 @@ impl Connector {
                         node_exists,
                         ..
                     } => {
-                        let (me, cfg, c, st) =
-                            (self.clone(), cfg.clone(), pclient.clone(), st.clone());
                         self.tasks.spawn(async move {
                             me.delete(cfg, c, st, node, reason, node_exists).await
                         });
@@ -762,9 +897,14 @@ impl Connector {
         st: Arc<Mutex<PoolState>>,
         node: String,
     ) {
+        let cancel = st.lock().expect("lock").cancel.clone();
         let slot = tokio::select! {
             s = ctl.gate.acquire() => s,
             _ = ctl.stop.cancelled() => {
+                st.lock().expect("lock").mem.nodes.remove(&node);
+                return;
+            }
+            _ = cancel.cancelled() => {
                 st.lock().expect("lock").mem.nodes.remove(&node);
                 return;
             }
@@ -775,38 +915,46 @@ impl Connector {
             .set(ctl.gate.used() as i64);
         let workdir = self.runner.workdir(&cfg.jenkins, &node);
         let description = format!("warmpool pool {} (managed: do not edit)", cfg.key);
-        let fail = |what: &str, e: String, reason: &str| {
-            tracing::warn!(pool = %cfg.key, node = %node, controller = %ctl.root, error = %e, "{what} failed");
+        let fail = |p: Problem| {
+            tracing::warn!(pool = %cfg.key, node = %node, controller = %ctl.root, error = %p.message, "provisioning a Jenkins agent failed");
             self.metrics
                 .provisions
                 .with_label_values(&[&cfg.key, "failed"])
                 .inc();
             let mut s = st.lock().expect("lock");
-            s.action_problem = Some(Problem {
-                reason: reason.into(),
-                message: e,
-            });
+            s.failures += 1;
+            let wait = Duration::from_millis(500) * 2u32.pow(s.failures.min(7));
+            s.retry_at = Some(Instant::now() + wait.min(Duration::from_secs(60)));
+            s.problems.insert(PROBLEM_CREATE, p);
         };
         if let Err(e) = client
             .create_node(&node, &workdir, &cfg.jenkins.labels, &description)
             .await
         {
-            let p = Problem::from_error(&cfg.key, Some(&node), "creating the node", &e);
-            fail("creating a Jenkins node", p.message, &p.reason);
+            fail(Problem::from_error(
+                &cfg.key,
+                Some(&node),
+                "creating the node",
+                &e,
+            ));
             st.lock().expect("lock").mem.nodes.remove(&node);
             return;
         }
         let secret = match client.secret(&node).await {
             Ok(s) => s,
             Err(e) => {
-                let p = Problem::from_error(&cfg.key, Some(&node), "reading the agent secret", &e);
-                fail("reading a node's secret", p.message, &p.reason);
+                fail(Problem::from_error(
+                    &cfg.key,
+                    Some(&node),
+                    "reading the agent secret",
+                    &e,
+                ));
                 self.undo(&cfg, &client, &st, &node).await;
                 return;
             }
         };
-        if ctl.stop.is_cancelled() {
-            // Shutting down: no new agent; the node goes again.
+        if ctl.stop.is_cancelled() || cancel.is_cancelled() {
+            // Shutting down, or the pool is gone: no new agent; the node goes again.
             self.undo(&cfg, &client, &st, &node).await;
             return;
         }
@@ -820,15 +968,14 @@ impl Connector {
             agent_pool: cfg.agent_pool.clone(),
         };
         if let Err(e) = self.runner.start(launch).await {
-            fail(
-                "starting an agent",
-                format!(
+            fail(Problem {
+                reason: "AgentStartFailed".into(),
+                message: format!(
                     "pool {}: node {node}: starting its agent ({}) failed: {e}",
                     cfg.key,
                     self.runner.name()
                 ),
-                "AgentStartFailed",
-            );
+            });
             self.undo(&cfg, &client, &st, &node).await;
             return;
         }
@@ -844,7 +991,9 @@ impl Connector {
             m.agent_started = Some(now);
             m.offline_since = Some(now);
         }
-        s.action_problem = None;
+        s.failures = 0;
+        s.retry_at = None;
+        s.problems.remove(PROBLEM_CREATE);
         s.slots.insert(node, slot);
     }
 
@@ -862,6 +1011,33 @@ impl Connector {
             .inc();
     }
 
+    /// Takes the labels of a node running its last allowed build, so Jenkins gives it no other.
+    async fn drain(
+        self: Arc<Self>,
+        cfg: Arc<PoolCfg>,
+        client: Arc<Client>,
+        st: Arc<Mutex<PoolState>>,
+        node: String,
+    ) {
+        let workdir = self.runner.workdir(&cfg.jenkins, &node);
+        let description = format!("warmpool pool {} (managed: do not edit)", cfg.key);
+        match client.drain_node(&node, &workdir, &description).await {
+            Ok(()) => {
+                tracing::info!(pool = %cfg.key, node = %node, "Jenkins node drained: its last allowed build runs, then it is deleted");
+                st.lock().expect("lock").problems.remove(PROBLEM_DRAIN);
+            }
+            Err(e) => {
+                // Not fatal: the node is still deleted when the build ends, but Jenkins may give
+                // it one more build first.
+                tracing::warn!(pool = %cfg.key, node = %node, error = %e, "draining a Jenkins node failed");
+                st.lock().expect("lock").problems.insert(
+                    PROBLEM_DRAIN,
+                    Problem::from_error(&cfg.key, Some(&node), "draining the node", &e),
+                );
+            }
+        }
+    }
+
     async fn delete(
         self: Arc<Self>,
         cfg: Arc<PoolCfg>,
@@ -871,27 +1047,24 @@ impl Connector {
         reason: Reason,
         node_exists: bool,
     ) {
-        if node_exists {
-            match client.delete_node(&node).await {
-                Ok(_) => {}
-                Err(e) => {
-                    let p = Problem::from_error(&cfg.key, Some(&node), "deleting the node", &e);
-                    tracing::warn!(pool = %cfg.key, node = %node, error = %e, "deleting a Jenkins node failed; the next poll retries");
-                    let mut s = st.lock().expect("lock");
-                    s.action_problem = Some(p);
-                    if let Some(m) = s.mem.nodes.get_mut(&node) {
-                        m.inflight = None;
-                    }
-                    return;
-                }
+        if node_exists && let Err(e) = client.delete_node(&node).await {
+            let p = Problem::from_error(&cfg.key, Some(&node), "deleting the node", &e);
+            tracing::warn!(pool = %cfg.key, node = %node, error = %e, "deleting a Jenkins node failed; the next poll retries");
+            let mut s = st.lock().expect("lock");
+            s.problems.insert(PROBLEM_DELETE, p);
+            if let Some(m) = s.mem.nodes.get_mut(&node) {
+                m.inflight = None;
             }
+            return;
         }
         if let Err(e) = self.runner.stop(client.root(), &cfg.key, &node).await {
             tracing::warn!(pool = %cfg.key, node = %node, error = %e, "stopping an agent failed; the next poll retries");
         }
+        let mut s = st.lock().expect("lock");
         if reason == Reason::ConnectTimeout {
             tracing::warn!(pool = %cfg.key, node = %node, connect_timeout = %cfg.spec.connect_timeout, "node never came online: deleted with its agent (a leak)");
             self.metrics.leaks.with_label_values(&[&cfg.key]).inc();
+            s.mem.leaks_total += 1;
         } else {
             tracing::info!(pool = %cfg.key, node = %node, reason = reason.as_str(), "Jenkins node recycled");
         }
@@ -899,25 +1072,51 @@ impl Connector {
             .recycles
             .with_label_values(&[&cfg.key, reason.as_str()])
             .inc();
-        let mut s = st.lock().expect("lock");
+        s.problems.remove(PROBLEM_DELETE);
         s.mem.nodes.remove(&node);
         s.slots.remove(&node);
     }
 
-    /// Deletes every node and agent of a pool that is gone (or moved to another controller).
+    /// Deletes every node and agent of a pool that is gone (or moved to another controller),
+    /// once its in-flight provisions have seen the cancellation and undone themselves.
     fn spawn_cleanup(self: &Arc<Self>, e: PoolEntry, reason: Reason) {
         let me = self.clone();
         self.tasks.spawn(async move {
-            let nodes: Vec<String> = e.state.lock().expect("lock").mem.nodes.keys().cloned().collect();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline
+                && e.state
+                    .lock()
+                    .expect("lock")
+                    .mem
+                    .nodes
+                    .values()
+                    .any(|m| m.inflight == Some(Inflight::Creating))
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let nodes: Vec<String> = e
+                .state
+                .lock()
+                .expect("lock")
+                .mem
+                .nodes
+                .keys()
+                .cloned()
+                .collect();
             let mut all: BTreeSet<String> = nodes.into_iter().collect();
             if let Ok(agents) = me.runner.list(&e.root).await {
-                all.extend(agents.into_iter().filter(|a| a.pool == e.cfg.key).map(|a| a.node));
+                all.extend(
+                    agents
+                        .into_iter()
+                        .filter(|a| a.pool == e.cfg.key)
+                        .map(|a| a.node),
+                );
             }
             for node in all {
-                if let Some(c) = &e.client {
-                    if let Err(err) = c.delete_node(&node).await {
-                        tracing::warn!(pool = %e.cfg.key, node = %node, error = %err, "deleting a node of a removed pool failed");
-                    }
+                if let Some(c) = &e.client
+                    && let Err(err) = c.delete_node(&node).await
+                {
+                    tracing::warn!(pool = %e.cfg.key, node = %node, error = %err, "deleting a node of a removed pool failed");
                 }
                 let _ = me.runner.stop(&e.root, &e.cfg.key, &node).await;
                 me.metrics

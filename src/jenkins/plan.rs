@@ -82,6 +82,8 @@ pub struct NodeMem {
     pub idle_since: Option<Instant>,
     /// Seen online at least once.
     pub online_once: bool,
+    /// Its labels were taken away (drained) so Jenkins gives it no further build.
+    pub drained: bool,
 }
 
 impl NodeMem {
@@ -97,6 +99,7 @@ impl NodeMem {
             busy: false,
             idle_since: None,
             online_once: false,
+            drained: false,
         }
     }
 }
@@ -117,6 +120,11 @@ pub struct Observation {
     pub now: Instant,
     /// When the agent list was taken (before the node poll).
     pub agents_listed_at: Instant,
+    /// When the node poll was sent: work finished after it is not in `nodes` yet.
+    pub polled_at: Instant,
+    /// The pool's node labels: an adopted node without them was drained by an earlier
+    /// instance (its last allowed build is running or done).
+    pub labels: BTreeSet<String>,
     /// The pool's nodes (name has the pool's prefix).
     pub nodes: Vec<NodeObs>,
     /// Nodes with a live agent process or pod.
@@ -130,6 +138,9 @@ pub struct Observation {
 pub enum Step {
     /// Create this many nodes (names are chosen by the caller).
     Create(u32),
+    /// Take the node's labels away: it is running its last allowed build (`maxUses`), and
+    /// Jenkins must not give it another before it is deleted.
+    Drain(String),
     /// Delete the node (if it exists) and stop its agent (if any).
     Delete {
         /// Node name.
@@ -176,8 +187,13 @@ pub fn plan(
     let mut c = Counts::default();
     let seen: BTreeSet<&str> = obs.nodes.iter().map(|n| n.name.as_str()).collect();
     // Nodes that vanished without us: forget them (their agents are orphans below).
-    mem.nodes
-        .retain(|name, m| m.inflight.is_some() || seen.contains(name.as_str()));
+    // Work finished after the poll was sent is kept for the next poll to see.
+    mem.nodes.retain(|name, m| {
+        m.inflight.is_some()
+            || seen.contains(name.as_str())
+            || m.since >= obs.polled_at
+            || m.agent_started.is_some_and(|t| t >= obs.polled_at)
+    });
     let mut idle: Vec<(Instant, String)> = Vec::new();
     let connect_timeout = spec.connect_timeout.0;
     for n in &obs.nodes {
@@ -208,6 +224,12 @@ pub fn plan(
             }
         }
         m.busy = n.busy;
+        // A node that lost the pool's labels was drained (by this or an earlier instance).
+        let labelled = obs.labels.iter().all(|l| n.labels.contains(l));
+        if !labelled && !n.offline {
+            m.drained = true;
+            m.uses = m.uses.max(spec.max_uses);
+        }
         let mut delete = |m: &mut NodeMem, reason: Reason| {
             m.inflight = Some(Inflight::Deleting);
             steps.push(Step::Delete {
@@ -232,8 +254,7 @@ pub fn plan(
             let since = *m.offline_since.get_or_insert(now);
             let from = m.agent_started.map_or(since, |t| t.max(since));
             if now.saturating_duration_since(from) > connect_timeout {
-                mem.leaks_total += 1;
-                let m = mem.nodes.get_mut(&n.name).expect("present");
+                // Counted in `leaks_total` once the deletion is done.
                 delete(m, Reason::ConnectTimeout);
                 c.deleting += 1;
                 continue;
@@ -246,6 +267,10 @@ pub fn plan(
         if n.busy {
             m.idle_since = None;
             c.busy += 1;
+            if spec.max_uses > 0 && m.uses >= spec.max_uses && !m.drained {
+                m.drained = true;
+                steps.push(Step::Drain(n.name.clone()));
+            }
             continue;
         }
         if spec.max_uses > 0 && m.uses >= spec.max_uses {
@@ -276,7 +301,8 @@ pub fn plan(
         match m.inflight {
             Some(Inflight::Creating) => c.creating += 1,
             Some(Inflight::Deleting) => c.deleting += 1,
-            None => {}
+            // Provisioned after the poll was sent: connecting until a poll lists it.
+            None => c.connecting += 1,
         }
     }
     // Agents without a node.

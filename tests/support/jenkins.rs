@@ -148,6 +148,8 @@ pub enum Endpoint {
     JenkinsAgentJnlp,
     AgentSecret,
     DeleteNode,
+    /// `POST computer/NAME/config.xml` (`Computer.doConfigDotXml`, updateByXml).
+    ConfigXml,
     Queue,
     QueueItem,
     WsAgents,
@@ -167,6 +169,7 @@ impl Endpoint {
             ["computer", _, "jenkins-agent.jnlp"] => Endpoint::JenkinsAgentJnlp,
             ["computer", _, "agent-secret"] => Endpoint::AgentSecret,
             ["computer", _, "doDelete"] => Endpoint::DeleteNode,
+            ["computer", _, "config.xml"] => Endpoint::ConfigXml,
             ["queue", "api", _] => Endpoint::Queue,
             ["queue", "item", _, "api", _] => Endpoint::QueueItem,
             ["wsagents"] => Endpoint::WsAgents,
@@ -180,6 +183,7 @@ impl Endpoint {
         match self {
             Endpoint::CreateNode => "hudson.model.Computer.Create",
             Endpoint::DeleteNode => "hudson.model.Computer.Delete",
+            Endpoint::ConfigXml => "hudson.model.Computer.Configure",
             Endpoint::SlaveAgentJnlp | Endpoint::JenkinsAgentJnlp | Endpoint::AgentSecret => {
                 "hudson.model.Computer.Connect"
             }
@@ -850,6 +854,7 @@ impl JenkinsDouble {
             )
             .route("/computer/{name}/agent-secret", get(agent_secret))
             .route("/computer/{name}/doDelete", post(delete_node))
+            .route("/computer/{name}/config.xml", post(config_xml))
             .route("/queue/api/json", get(queue_api))
             .route("/queue/item/{id}/api/json", get(queue_item))
             .route("/wsagents", get(wsagents))
@@ -1536,6 +1541,36 @@ async fn delete_node(State(sh): State<Shared>, Path(name): Path<String>) -> Resp
     st.nodes.remove(&name);
     st.dispatch();
     redirect(format!("{}computer/", st.base))
+}
+
+/// `Computer.doConfigDotXml` (POST, Computer/Configure): `updateByXml` replaces the node's
+/// configuration; the double applies the `<label>` (what warmpool changes) and keeps the
+/// channel and running builds, as replacing a node of the same type does.
+async fn config_xml(State(sh): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
+    let text = String::from_utf8_lossy(&body).to_string();
+    let tag = |t: &str| -> Option<String> {
+        let open = format!("<{t}>");
+        let i = text.find(&open)? + open.len();
+        let j = text[i..].find(&format!("</{t}>"))? + i;
+        Some(text[i..j].to_string())
+    };
+    let mut st = sh.lock();
+    if !st.nodes.contains_key(&name) {
+        return not_found_page();
+    }
+    if tag("name").as_deref() != Some(name.as_str()) {
+        return (StatusCode::BAD_REQUEST, "the node name cannot change").into_response();
+    }
+    let labels = if text.contains("<label/>") {
+        String::new()
+    } else {
+        tag("label").unwrap_or_default()
+    };
+    if let Some(n) = st.nodes.get_mut(&name) {
+        n.labels = labels.split_whitespace().map(str::to_string).collect();
+    }
+    st.dispatch();
+    StatusCode::OK.into_response()
 }
 
 async fn computer_set(State(sh): State<Shared>) -> Response {

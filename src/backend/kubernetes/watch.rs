@@ -33,6 +33,10 @@ use crate::service::Service;
 pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::Error> {
     let pools: Api<AgentPool> = backend.scope();
     for ap in pools.list(&Default::default()).await?.items {
+        if ap.spec.pool.jenkins.is_some() {
+            // A Jenkins pool: the connector's, never the engine's (routed by the watcher).
+            continue;
+        }
         let key = backend.key_of(&ap);
         let problems = ap.spec.problems();
         if problems.is_empty() && key.len() <= MAX_POOL_KEY {
