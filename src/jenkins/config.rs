@@ -196,9 +196,12 @@ impl JenkinsSpec {
         if self.slow_response.0.is_zero() {
             p.push(format!("{prefix}slowResponse: must be longer than 0s"));
         }
-        if !(self.requests_per_second.is_finite() && self.requests_per_second > 0.0) {
+        if !(self.requests_per_second.is_finite()
+            && self.requests_per_second > 0.0
+            && self.requests_per_second <= 10_000.0)
+        {
             p.push(format!(
-                "{prefix}requestsPerSecond: must be a positive number, got {}",
+                "{prefix}requestsPerSecond: must be a number above 0 and at most 10000, got {}",
                 self.requests_per_second
             ));
         }
