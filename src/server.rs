@@ -257,6 +257,8 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let stop = CancellationToken::new();
     let watchers = CancellationToken::new();
     let mut leader_task = None;
+    // Set when this instance lost leadership: the new leader owns the Jenkins nodes now.
+    let lost_leadership = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if kube.is_some() {
         // Not ready until this instance leads (if elected) and has adopted existing pods.
         svc.set_ready(false);
@@ -305,6 +307,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                         lcfg,
                         watchers.clone(),
                         stop.clone(),
+                        lost_leadership.clone(),
                     )));
                 }
             }
@@ -314,12 +317,15 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let task = {
         let (svc, stop, grace) = (svc.clone(), stop.clone(), cfg.shutdown_grace);
         let delete_jenkins = cfg.jenkins_delete_on_shutdown;
+        let lost = lost_leadership.clone();
         tokio::spawn(async move {
             stop.cancelled().await;
             tracing::info!("shutting down: no new leases; waiting for running leases");
-            // Jenkins agents outlive the service unless asked otherwise (adopted on restart).
+            // Jenkins agents outlive the service unless asked otherwise (adopted on restart),
+            // and never go with an instance that lost leadership (the new leader has them).
+            let delete = delete_jenkins && !lost.load(std::sync::atomic::Ordering::SeqCst);
             jenkins
-                .shutdown(delete_jenkins, grace.max(Duration::from_secs(5)))
+                .shutdown(delete, grace.max(Duration::from_secs(5)))
                 .await;
             svc.shutdown(grace).await;
             watchers.cancel();
@@ -359,6 +365,7 @@ async fn lead(
     cfg: crate::k8s::leader::LeaderConfig,
     watchers: CancellationToken,
     stop: CancellationToken,
+    lost: Arc<std::sync::atomic::AtomicBool>,
 ) {
     use crate::k8s::leader;
     let api: kube::Api<k8s_openapi::api::coordination::v1::Lease> =
@@ -375,6 +382,7 @@ async fn lead(
     leader::hold(&api, &cfg, &watchers).await;
     if !watchers.is_cancelled() {
         tracing::error!(identity = %cfg.identity, "lost leadership; stopping");
+        lost.store(true, std::sync::atomic::Ordering::SeqCst);
         svc.set_ready(false);
         watchers.cancel();
         stop.cancel();

@@ -148,6 +148,9 @@ struct PoolState {
     /// Consecutive failed provisions, and when creating may be tried again.
     failures: u32,
     retry_at: Option<Instant>,
+    /// Nodes deleted recently, and when: a poll sent before a deletion still lists the node,
+    /// which must not be deleted (and counted) again.
+    deleted: HashMap<String, Instant>,
     pacer: DefaultDirectRateLimiter,
     pace_key: (u64, u32),
     generation: Option<i64>,
@@ -298,6 +301,7 @@ impl Connector {
                     cancel: CancellationToken::new(),
                     failures: 0,
                     retry_at: None,
+                    deleted: HashMap::new(),
                     pacer: limiter(p.per_second, p.burst),
                     pace_key,
                     generation: None,
@@ -452,6 +456,8 @@ impl Connector {
             tracing::warn!("Jenkins connector: requests still running at shutdown");
         }
         self.tasks.reopen();
+        // The cleanup gets its own budget, whatever the first wait took.
+        let deadline = tokio::time::Instant::now() + timeout;
         if delete {
             let entries: Vec<PoolEntry> = {
                 let mut pools = self.pools.lock().expect("lock");
@@ -776,7 +782,7 @@ impl Connector {
             let Some(pclient) = pclient.clone() else {
                 continue;
             };
-            let obs = Observation {
+            let mut obs = Observation {
                 now: Instant::now(),
                 agents_listed_at: listed_at,
                 polled_at,
@@ -785,6 +791,19 @@ impl Connector {
                 agents: agents_by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
                 demand: demand.get(&cfg.key).copied().unwrap_or(0),
             };
+            {
+                let mut s = st.lock().expect("lock");
+                s.deleted
+                    .retain(|_, t| t.elapsed() < Duration::from_secs(60));
+                let stale: BTreeSet<String> = s
+                    .deleted
+                    .iter()
+                    .filter(|(_, t)| **t >= listed_at)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                obs.nodes.retain(|n| !stale.contains(&n.name));
+                obs.agents.retain(|a| !stale.contains(a));
+            }
             let online: BTreeSet<String> = obs
                 .nodes
                 .iter()
@@ -1073,6 +1092,7 @@ impl Connector {
             .with_label_values(&[&cfg.key, reason.as_str()])
             .inc();
         s.problems.remove(PROBLEM_DELETE);
+        s.deleted.insert(node.clone(), Instant::now());
         s.mem.nodes.remove(&node);
         s.slots.remove(&node);
     }
