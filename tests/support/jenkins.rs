@@ -1,6 +1,6 @@
 //! A Jenkins *double* for integration tests: a fake Jenkins controller speaking the small part of
 //! the Jenkins HTTP and WebSocket surface that warmpool uses. Shapes, status codes and messages
-//! follow Jenkins core (see `notes/jenkins-shapes.md` for the sources); where the double is
+//! follow Jenkins core (docs/JENKINS.md lists the endpoints and their sources); where the double is
 //! stricter or simpler than Jenkins it says so below.
 //!
 //! Served (all paths relative to [`JenkinsDouble::url`], which ends with `/`):
