@@ -290,11 +290,10 @@ impl PoolSpec {
                 "{prefix}provisioning.maxConcurrent: must be at least 1"
             ));
         }
-        if let Some(cmd) = &self.agent_command
-            && (cmd.is_empty() || cmd[0].is_empty())
-        {
-            p.push(format!("{prefix}agentCommand: must name a program"));
-        }
+        p.extend(command_problem(
+            &format!("{prefix}agentCommand"),
+            &self.agent_command,
+        ));
         if self.external && self.agent_command.is_some() {
             p.push(format!(
                 "{prefix}agentCommand: an external pool starts no agents (its machines join with the pool's join token)"
@@ -314,6 +313,16 @@ impl PoolSpec {
             }
         }
         p
+    }
+}
+
+/// The problem with an optional command line (`agentCommand`): it must name a program.
+pub fn command_problem(field: &str, cmd: &Option<Vec<String>>) -> Option<String> {
+    match cmd {
+        Some(c) if c.first().is_none_or(|p| p.is_empty()) => {
+            Some(format!("{field}: must name a program"))
+        }
+        _ => None,
     }
 }
 

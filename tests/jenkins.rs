@@ -405,7 +405,6 @@ async fn a_restarted_service_adopts_nodes_and_agents_instead_of_duplicating_them
     let conn = h.server.svc.jenkins.get().unwrap().clone();
     h.server.shutdown().await;
     conn.shutdown(true, Duration::from_secs(5)).await;
-    let _ = conn;
 }
 
 #[tokio::test]

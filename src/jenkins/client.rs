@@ -204,13 +204,18 @@ impl Client {
         &self.root
     }
 
-    /// The user this client authenticates as.
-    pub fn user(&self) -> &str {
-        &self.creds.user
-    }
-
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.root)
+    }
+
+    /// A 200 whose body is not what Jenkins documents.
+    fn bad_answer(&self, path: &str, why: String) -> JenkinsError {
+        JenkinsError {
+            method: "GET".into(),
+            url: self.url(path),
+            status: Some(200),
+            excerpt: why,
+        }
     }
 
     fn err(&self, method: &Method, path: &str, a: &Answer) -> JenkinsError {
@@ -368,12 +373,8 @@ impl Client {
                     crumb: String,
                     crumb_request_field: String,
                 }
-                let i: Issued = serde_json::from_slice(&a.body).map_err(|e| JenkinsError {
-                    method: "GET".into(),
-                    url: self.url(path),
-                    status: Some(200),
-                    excerpt: format!("not a crumb: {e}"),
-                })?;
+                let i: Issued = serde_json::from_slice(&a.body)
+                    .map_err(|e| self.bad_answer(path, format!("not a crumb: {e}")))?;
                 Crumb::Issued {
                     field: i.crumb_request_field,
                     value: i.crumb,
@@ -426,12 +427,7 @@ impl Client {
     pub async fn computers(&self) -> Result<(Vec<NodeObs>, Duration), JenkinsError> {
         let path = format!("computer/api/json?tree={}", model::COMPUTER_TREE);
         let (body, took) = self.get_ok(Endpoint::Computers, &path).await?;
-        let nodes = model::parse_computers(&body).map_err(|e| JenkinsError {
-            method: "GET".into(),
-            url: self.url(&path),
-            status: Some(200),
-            excerpt: e,
-        })?;
+        let nodes = model::parse_computers(&body).map_err(|e| self.bad_answer(&path, e))?;
         Ok((nodes, took))
     }
 
@@ -439,12 +435,7 @@ impl Client {
     pub async fn queue(&self) -> Result<(Vec<QueuedObs>, Duration), JenkinsError> {
         let path = format!("queue/api/json?tree={}", model::QUEUE_TREE);
         let (body, took) = self.get_ok(Endpoint::Queue, &path).await?;
-        let q = model::parse_queue(&body).map_err(|e| JenkinsError {
-            method: "GET".into(),
-            url: self.url(&path),
-            status: Some(200),
-            excerpt: e,
-        })?;
+        let q = model::parse_queue(&body).map_err(|e| self.bad_answer(&path, e))?;
         Ok((q, took))
     }
 
@@ -493,14 +484,8 @@ impl Client {
             let path = format!("computer/{enc}/{file}");
             match self.get_ok(ep, &path).await {
                 Ok((body, _)) => {
-                    return model::jnlp_secret(&String::from_utf8_lossy(&body), name).map_err(
-                        |e| JenkinsError {
-                            method: "GET".into(),
-                            url: self.url(&path),
-                            status: Some(200),
-                            excerpt: e,
-                        },
-                    );
+                    return model::jnlp_secret(&String::from_utf8_lossy(&body), name)
+                        .map_err(|e| self.bad_answer(&path, e));
                 }
                 Err(e) if e.status == Some(404) => last = Some(e),
                 Err(e) => return Err(e),

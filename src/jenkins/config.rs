@@ -179,11 +179,10 @@ impl JenkinsSpec {
         if self.remote_fs.trim().is_empty() {
             p.push(format!("{prefix}remoteFS: must not be empty"));
         }
-        if let Some(cmd) = &self.agent_command
-            && (cmd.is_empty() || cmd[0].is_empty())
-        {
-            p.push(format!("{prefix}agentCommand: must name a program"));
-        }
+        p.extend(crate::spec::command_problem(
+            &format!("{prefix}agentCommand"),
+            &self.agent_command,
+        ));
         if self.poll_interval.0.is_zero() {
             p.push(format!("{prefix}pollInterval: must be longer than 0s"));
         }

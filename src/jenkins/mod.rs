@@ -59,8 +59,8 @@ pub struct Slot(Arc<Gate>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.cap.lock().expect("lock").1 -= 1;
+        // Reaches every waiter that created its `notified()` before checking the cap.
         self.0.freed.notify_waiters();
-        self.0.freed.notify_one();
     }
 }
 
@@ -245,11 +245,6 @@ impl Connector {
             stop: CancellationToken::new(),
             tasks: tokio_util::task::TaskTracker::new(),
         })
-    }
-
-    /// The runner's name.
-    pub fn runner_name(&self) -> &'static str {
-        self.runner.name()
     }
 
     /// True when `key` is a Jenkins pool of this connector.

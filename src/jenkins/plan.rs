@@ -10,7 +10,7 @@
 //! holder) -> idle again (a finished build, counted in `uses`) -> recycled at `maxUses`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::model::NodeObs;
 use crate::spec::PoolSpec;
@@ -80,8 +80,6 @@ pub struct NodeMem {
     pub busy: bool,
     /// Idle (online and free) since.
     pub idle_since: Option<Instant>,
-    /// Seen online at least once.
-    pub online_once: bool,
     /// Its labels were taken away (drained) so Jenkins gives it no further build.
     pub drained: bool,
 }
@@ -98,7 +96,6 @@ impl NodeMem {
             uses: 0,
             busy: false,
             idle_since: None,
-            online_once: false,
             drained: false,
         }
     }
@@ -262,7 +259,6 @@ pub fn plan(
             c.connecting += 1;
             continue;
         }
-        m.online_once = true;
         m.offline_since = None;
         if n.busy {
             m.idle_since = None;
@@ -376,12 +372,6 @@ pub fn plan(
         c.creating += granted;
     }
     (steps, c)
-}
-
-/// How long a node has been offline, for messages.
-pub fn offline_for(m: &NodeMem, now: Instant) -> Duration {
-    m.offline_since
-        .map_or(Duration::ZERO, |t| now.saturating_duration_since(t))
 }
 
 #[cfg(test)]

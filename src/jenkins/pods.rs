@@ -9,14 +9,13 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, Pod, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
 use super::config::{Credentials, JenkinsSpec};
 use super::runner::{AgentRef, BoxFuture, Launch, Runner};
-use crate::backend::kubernetes::{ANNOTATION_POOL_UID, LABEL_MANAGED_BY, LABEL_POOL};
+use crate::backend::kubernetes::{LABEL_MANAGED_BY, LABEL_POOL, pod_from_template};
 
 /// Label: the Jenkins node a pod is the agent of (also the pod's name).
 pub const LABEL_JENKINS_NODE: &str = "warmpool.dev/jenkins-node";
@@ -58,62 +57,17 @@ pub fn build_pod(launch: &Launch) -> Result<Pod, String> {
         .agent_pool
         .as_ref()
         .ok_or("no AgentPool to build the pod from")?;
-    let mut template = ap.spec.template.clone();
-    let mut spec = template.spec.take().ok_or("the pod template has no spec")?;
-    let idx = match &ap.spec.agent_container {
-        Some(name) => spec
-            .containers
-            .iter()
-            .position(|c| &c.name == name)
-            .ok_or_else(|| format!("no container named {name:?} in the pod template"))?,
-        None if spec.containers.is_empty() => {
-            return Err("the pod template has no container".into());
-        }
-        None => 0,
-    };
-    let c = &mut spec.containers[idx];
-    if let Some(cmd) = &launch.spec.agent_command {
-        c.command = Some(cmd.clone());
-        c.args = None;
-    }
-    let env = c.env.get_or_insert_with(Vec::new);
-    for (k, v) in launch.env() {
-        env.retain(|e| e.name != k);
-        env.push(EnvVar {
-            name: k,
-            value: Some(v),
-            value_from: None,
-        });
-    }
-    // Recycling is warmpool's job, not the kubelet's.
-    spec.restart_policy = Some("Never".into());
-    let meta = template.metadata.unwrap_or_default();
-    let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
-    labels.insert(LABEL_POOL.into(), ap.name_any());
-    labels.insert(LABEL_JENKINS_NODE.into(), launch.node.clone());
-    labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
-    let mut annotations = meta.annotations.unwrap_or_default();
-    annotations.insert(ANNOTATION_POOL_UID.into(), ap.uid().unwrap_or_default());
-    annotations.insert(ANNOTATION_JENKINS_URL.into(), launch.url.clone());
-    Ok(Pod {
-        metadata: ObjectMeta {
-            name: Some(launch.node.clone()),
-            namespace: ap.namespace(),
-            labels: Some(labels),
-            annotations: Some(annotations),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "warmpool.dev/v1alpha1".into(),
-                kind: "AgentPool".into(),
-                name: ap.name_any(),
-                uid: ap.uid().unwrap_or_default(),
-                controller: Some(true),
-                block_owner_deletion: None,
-            }]),
-            ..Default::default()
-        },
-        spec: Some(spec),
-        status: None,
-    })
+    pod_from_template(
+        ap,
+        &launch.node,
+        launch.spec.agent_command.as_deref(),
+        launch.env(),
+        [
+            (LABEL_JENKINS_NODE, launch.node.clone()),
+            (LABEL_MANAGED_BY, MANAGED_BY.to_string()),
+        ],
+        [(ANNOTATION_JENKINS_URL, launch.url.clone())],
+    )
 }
 
 impl Runner for KubeRunner {

@@ -14,7 +14,6 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::process::Command;
 
 use super::config::JenkinsSpec;
@@ -101,20 +100,15 @@ pub trait Runner: Send + Sync + 'static {
     fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, String>>;
 }
 
-/// Agents as local processes.
+/// Agents as local processes, found (whoever started them) by their environment markers.
 pub struct ProcessRunner {
     grace: Duration,
-    /// Children this instance started, by node.
-    children: DashMap<String, u32>,
 }
 
 impl ProcessRunner {
     /// A runner giving agents `grace` between SIGTERM and SIGKILL.
     pub fn new(grace: Duration) -> ProcessRunner {
-        ProcessRunner {
-            grace,
-            children: DashMap::new(),
-        }
+        ProcessRunner { grace }
     }
 }
 
@@ -176,7 +170,6 @@ impl Runner for ProcessRunner {
             let mut child = crate::backend::process::spawn_tracked(&mut cmd)
                 .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
             let pid = child.id().unwrap_or(0);
-            self.children.insert(launch.node.clone(), pid);
             // Reap it when it exits (it is our child until this service exits).
             tokio::spawn(async move {
                 let _ = child.wait().await;
@@ -195,13 +188,7 @@ impl Runner for ProcessRunner {
                     .await
                     .unwrap_or_default()
             };
-            let mut pids: Vec<i32> = found.iter().map(|(p, _)| *p).collect();
-            if let Some((_, pid)) = self.children.remove(&node)
-                && crate::procs::alive(pid as i32)
-                && !pids.contains(&(pid as i32))
-            {
-                pids.push(pid as i32);
-            }
+            let pids: Vec<i32> = found.iter().map(|(p, _)| *p).collect();
             for &pid in &pids {
                 // SAFETY: a signal to a process group this runner created (pgid == pid).
                 unsafe { libc::killpg(pid, libc::SIGTERM) };

@@ -162,6 +162,43 @@ pub fn template_hash(ap: &AgentPool) -> String {
 
 /// Builds the pod for one agent of `ap`.
 pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod, String> {
+    pod_from_template(
+        ap,
+        &req.agent,
+        None,
+        [
+            ("WARMPOOL_HUB", hub_url.to_string()),
+            ("WARMPOOL_AGENT_ID", req.agent.clone()),
+            ("WARMPOOL_TOKEN", req.token.clone()),
+            ("WARMPOOL_POOL", req.pool.clone()),
+            ("WARMPOOL_LABELS", req.spec.labels.join(",")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        [
+            (LABEL_AGENT, req.agent.clone()),
+            (LABEL_TEMPLATE_HASH, template_hash(ap)),
+            (LABEL_MANAGED_BY, "warmpool".into()),
+        ],
+        [(
+            ANNOTATION_CREATED_AT,
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        )],
+    )
+}
+
+/// A pod named `name` from `ap`'s template: `env` set (and `command`, when given) on the agent
+/// container, restart policy Never, the template's labels and annotations plus the pool's and
+/// `labels`/`annotations`, owned by `ap`. Shared by warmpool agents and Jenkins agents.
+pub fn pod_from_template<const L: usize, const A: usize>(
+    ap: &AgentPool,
+    name: &str,
+    command: Option<&[String]>,
+    env: Vec<(String, String)>,
+    labels: [(&str, String); L],
+    annotations: [(&str, String); A],
+) -> Result<Pod, String> {
     let mut template = ap.spec.template.clone();
     let mut spec = template.spec.take().ok_or("the pod template has no spec")?;
     let idx = match &ap.spec.agent_container {
@@ -175,17 +212,16 @@ pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Resul
         }
         None => 0,
     };
-    let env = spec.containers[idx].env.get_or_insert_with(Vec::new);
-    for (k, v) in [
-        ("WARMPOOL_HUB", hub_url.to_string()),
-        ("WARMPOOL_AGENT_ID", req.agent.clone()),
-        ("WARMPOOL_TOKEN", req.token.clone()),
-        ("WARMPOOL_POOL", req.pool.clone()),
-        ("WARMPOOL_LABELS", req.spec.labels.join(",")),
-    ] {
-        env.retain(|e| e.name != k);
-        env.push(EnvVar {
-            name: k.into(),
+    let container = &mut spec.containers[idx];
+    if let Some(cmd) = command {
+        container.command = Some(cmd.to_vec());
+        container.args = None;
+    }
+    let container_env = container.env.get_or_insert_with(Vec::new);
+    for (k, v) in env {
+        container_env.retain(|e| e.name != k);
+        container_env.push(EnvVar {
+            name: k,
             value: Some(v),
             value_from: None,
         });
@@ -193,23 +229,18 @@ pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Resul
     // An agent pod runs once: recycling is warmpool's job, not the kubelet's.
     spec.restart_policy = Some("Never".into());
     let meta = template.metadata.unwrap_or_default();
-    let mut labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
-    labels.insert(LABEL_POOL.into(), ap.name_any());
-    labels.insert(LABEL_AGENT.into(), req.agent.clone());
-    labels.insert(LABEL_TEMPLATE_HASH.into(), template_hash(ap));
-    labels.insert(LABEL_MANAGED_BY.into(), "warmpool".into());
-    let mut annotations = meta.annotations.unwrap_or_default();
-    annotations.insert(ANNOTATION_POOL_UID.into(), ap.uid().unwrap_or_default());
-    annotations.insert(
-        ANNOTATION_CREATED_AT.into(),
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
-    );
+    let mut all_labels: BTreeMap<String, String> = meta.labels.unwrap_or_default();
+    all_labels.insert(LABEL_POOL.into(), ap.name_any());
+    all_labels.extend(labels.map(|(k, v)| (k.to_string(), v)));
+    let mut all_annotations = meta.annotations.unwrap_or_default();
+    all_annotations.insert(ANNOTATION_POOL_UID.into(), ap.uid().unwrap_or_default());
+    all_annotations.extend(annotations.map(|(k, v)| (k.to_string(), v)));
     Ok(Pod {
         metadata: ObjectMeta {
-            name: Some(req.agent.clone()),
+            name: Some(name.to_string()),
             namespace: ap.namespace(),
-            labels: Some(labels),
-            annotations: Some(annotations),
+            labels: Some(all_labels),
+            annotations: Some(all_annotations),
             owner_references: Some(vec![OwnerReference {
                 api_version: "warmpool.dev/v1alpha1".into(),
                 kind: "AgentPool".into(),

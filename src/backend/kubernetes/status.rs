@@ -84,21 +84,7 @@ pub(super) async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>)
                 }],
                 ..Default::default()
             };
-            let cache_key = format!("{name}/{}", ap.uid().unwrap_or_default());
-            if last.get(&cache_key) != Some(&status) {
-                let patch = Patch::Merge(serde_json::json!({ "status": status }));
-                match api_for(ap)
-                    .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
-                    .await
-                {
-                    Ok(_) => {
-                        last.insert(cache_key, status);
-                    }
-                    Err(e) => {
-                        tracing::warn!(pool = %name, error = %e, "writing AgentPool status failed")
-                    }
-                }
-            }
+            write_if_changed(&api_for(ap), ap, name, status, &mut last).await;
         }
         for p in engine_pools {
             let Some(ap) = backend.pools.get(&p.name).map(|a| a.clone()) else {
@@ -177,22 +163,7 @@ pub(super) async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>)
                 ],
                 leaks_total: p.leaks_total,
             };
-            let cache_key = format!("{}/{}", p.name, ap.uid().unwrap_or_default());
-            if last.get(&cache_key) == Some(&status) {
-                continue;
-            }
-            let patch = Patch::Merge(serde_json::json!({ "status": status }));
-            match api_for(&ap)
-                .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
-                .await
-            {
-                Ok(_) => {
-                    last.insert(cache_key, status);
-                }
-                Err(e) => {
-                    tracing::warn!(pool = %p.name, error = %e, "writing AgentPool status failed")
-                }
-            }
+            write_if_changed(&api_for(&ap), &ap, &p.name, status, &mut last).await;
         }
         // Jenkins pools: counts of nodes by state, Ready/Degraded from the connector.
         for js in svc.jenkins.get().map(|c| c.statuses()).unwrap_or_default() {
@@ -232,22 +203,32 @@ pub(super) async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>)
                 conditions,
                 leaks_total: js.leaks_total,
             };
-            let cache_key = format!("{}/{}", js.name, ap.uid().unwrap_or_default());
-            if last.get(&cache_key) == Some(&status) {
-                continue;
-            }
-            let patch = Patch::Merge(serde_json::json!({ "status": status }));
-            match api_for(&ap)
-                .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
-                .await
-            {
-                Ok(_) => {
-                    last.insert(cache_key, status);
-                }
-                Err(e) => {
-                    tracing::warn!(pool = %js.name, error = %e, "writing AgentPool status failed")
-                }
-            }
+            write_if_changed(&api_for(&ap), &ap, &js.name, status, &mut last).await;
         }
+    }
+}
+
+/// Patches `ap`'s status subresource unless `last` says it already holds `status` (keyed by
+/// pool and uid, so a recreated AgentPool is written again).
+async fn write_if_changed(
+    api: &Api<AgentPool>,
+    ap: &AgentPool,
+    pool: &str,
+    status: AgentPoolStatus,
+    last: &mut BTreeMap<String, AgentPoolStatus>,
+) {
+    let cache_key = format!("{pool}/{}", ap.uid().unwrap_or_default());
+    if last.get(&cache_key) == Some(&status) {
+        return;
+    }
+    let patch = Patch::Merge(serde_json::json!({ "status": status }));
+    match api
+        .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
+        .await
+    {
+        Ok(_) => {
+            last.insert(cache_key, status);
+        }
+        Err(e) => tracing::warn!(pool = %pool, error = %e, "writing AgentPool status failed"),
     }
 }
