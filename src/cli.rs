@@ -158,12 +158,23 @@ pub struct ServeArgs {
     /// leave them online; the next instance adopts them).
     #[arg(long, env = "WARMPOOL_JENKINS_DELETE_ON_SHUTDOWN")]
     pub jenkins_delete_on_shutdown: bool,
+    /// Serve the API, /metrics and the agent hub over TLS with this PEM certificate chain
+    /// (leaf first; re-read when the file changes). Needs --tls-key.
+    #[arg(long, env = "WARMPOOL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (re-read when the file changes).
+    #[arg(long, env = "WARMPOOL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
+    /// Used by Jenkins clients (unless a pool sets `caFile`) and handed to local agents.
+    #[arg(long, env = "WARMPOOL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `warmpool agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Hub URL, e.g. ws://127.0.0.1:7420/v1/agents/connect.
+    /// Hub URL, e.g. ws://127.0.0.1:7420/v1/agents/connect (wss:// for a TLS hub).
     #[arg(long, env = "WARMPOOL_HUB")]
     pub hub: String,
     /// This agent's id (given by the service).
@@ -184,6 +195,9 @@ pub struct AgentArgs {
     /// Longest pause between reconnect attempts.
     #[arg(long, env = "WARMPOOL_MAX_BACKOFF", value_parser = dur, default_value = "10s")]
     pub max_backoff: Dur,
+    /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
+    #[arg(long, env = "WARMPOOL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How to reach the service.
@@ -195,6 +209,9 @@ pub struct ServerArgs {
     /// File holding the API bearer token.
     #[arg(long, env = "WARMPOOL_API_TOKEN_FILE")]
     pub api_token_file: Option<PathBuf>,
+    /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
+    #[arg(long, env = "WARMPOOL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `warmpool run`.
@@ -327,6 +344,9 @@ pub struct BenchLoadArgs {
     /// Write the latency CDFs as SVG to this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
+    #[arg(long, env = "WARMPOOL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `warmpool bench agents`.
@@ -371,6 +391,9 @@ pub struct BenchAgentsArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: OutputFormat,
+    /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
+    #[arg(long, env = "WARMPOOL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! lease while the command runs, cancels on Ctrl-C, releases the lease and returns the exit code.
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -50,19 +51,34 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    tls: Arc<rustls::ClientConfig>,
 }
 
 impl Client {
-    /// A client for `base` (`http://127.0.0.1:7420`), with an optional bearer token.
+    /// A client for `base` (`http://127.0.0.1:7420` or `https://...`), with an optional
+    /// bearer token, trusting the platform's root certificates.
     pub fn new(base: &str, token: Option<String>) -> Client {
+        Client::with_tls(base, token, crate::tls::default_client_config())
+    }
+
+    /// As [`Client::new`], with a TLS configuration (see [`crate::tls::client_config`]) for
+    /// `https://` and the `wss://` exec socket.
+    pub fn with_tls(base: &str, token: Option<String>, tls: Arc<rustls::ClientConfig>) -> Client {
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
             http: reqwest::Client::builder()
+                .use_preconfigured_tls(crate::tls::for_reqwest(&tls))
                 .pool_idle_timeout(Duration::from_secs(30))
                 .build()
                 .expect("HTTP client"),
+            tls,
         }
+    }
+
+    /// The TLS configuration of this client (for other connections to the same server).
+    pub fn tls(&self) -> &Arc<rustls::ClientConfig> {
+        &self.tls
     }
 
     fn transport(&self, message: impl std::fmt::Display) -> Error {
@@ -72,18 +88,10 @@ impl Client {
         }
     }
 
-    /// A transport error with its whole cause chain ("... : connection refused").
-    fn io(&self, e: impl std::error::Error) -> Error {
-        let mut message = e.to_string();
-        let mut source = e.source();
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !message.contains(&text) {
-                message = format!("{message}: {text}");
-            }
-            source = s.source();
-        }
-        self.transport(message)
+    /// A transport error with its whole cause chain ("... : connection refused"), or the TLS
+    /// failure under it ("TLS certificate verification failed: ...").
+    fn io(&self, e: impl std::error::Error + 'static) -> Error {
+        self.transport(crate::tls::describe(&e))
     }
 
     fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -211,8 +219,7 @@ impl Client {
                     .map_err(|e| self.transport(e))?,
             );
         }
-        let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(req, None, true).await
-        {
+        let (mut ws, _) = match crate::tls::connect_ws(req, None, &self.tls).await {
             Ok(x) => x,
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();

@@ -21,6 +21,7 @@
 //! - [`jenkins`]: the Jenkins connector: pools of warm Jenkins nodes, leased by Jenkins' queue.
 //! - [`agent`]: the `warmpool agent` side: dial the hub, run execs, clean up.
 //! - [`client`]: the lease API client behind `warmpool run` and `warmpool status`.
+//! - [`tls`]: rustls client configs (platform roots + a CA file) and the reloading server cert.
 //! - [`server`]: wiring: builds everything, serves a bound listener until shutdown.
 //! - [`cli`]: clap definitions for the binary.
 #![deny(missing_docs)]
@@ -44,3 +45,4 @@ pub mod protocol;
 pub mod server;
 pub mod service;
 pub mod spec;
+pub mod tls;

@@ -48,12 +48,15 @@ fn client_for(s: &ServerArgs) -> anyhow::Result<client::Client> {
         Some(p) => Some(auth::load_api_token(p)?),
         None => None,
     };
-    Ok(client::Client::new(&s.server, token))
+    let tls = warmpool::tls::client_config(s.ca_file.as_deref())?;
+    Ok(client::Client::with_tls(&s.server, token, tls))
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The process-wide rustls provider, for any client built without a warmpool config.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let default_log = match cli.command {
         Command::Serve(_) => "info",
         _ => "warn",
@@ -122,6 +125,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.service.engine.max_waiters = a.max_waiters;
             cfg.shutdown_grace = a.shutdown_grace.0;
             cfg.jenkins_delete_on_shutdown = a.jenkins_delete_on_shutdown;
+            if let (Some(cert), Some(key)) = (a.tls_cert, a.tls_key) {
+                cfg.tls = Some(warmpool::tls::CertFiles { cert, key });
+            }
+            if let Some(ca) = &a.ca_file {
+                // Fail at start, not at the first Jenkins poll.
+                warmpool::tls::client_config(Some(ca))?;
+            }
+            cfg.ca_file = a.ca_file;
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", a.listen))?;
@@ -142,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     labels: a.labels,
                     workspace: a.workspace,
                     max_backoff: a.max_backoff.0,
+                    tls: warmpool::tls::client_config(a.ca_file.as_deref())?,
                 },
                 stop,
             )

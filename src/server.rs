@@ -43,6 +43,9 @@ pub enum Error {
     /// The listener has no address.
     #[error("listener has no local address: {0}")]
     Listener(std::io::Error),
+    /// The TLS certificate, key or CA file does not load.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
 }
 
 /// Result alias for this module.
@@ -106,6 +109,11 @@ pub struct ServeConfig {
     /// At shutdown, delete every Jenkins node and stop its agent, instead of leaving them
     /// online for the next instance to adopt.
     pub jenkins_delete_on_shutdown: bool,
+    /// Serve over TLS with these files (re-read when they change); agents then dial `wss://`.
+    pub tls: Option<crate::tls::CertFiles>,
+    /// A CA file trusted besides the platform's roots by Jenkins clients (unless a pool sets
+    /// `caFile`) and by local agents (process backend).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -126,6 +134,8 @@ impl ServeConfig {
             shutdown_grace: Duration::from_secs(30),
             agent_grace: Duration::from_secs(3),
             jenkins_delete_on_shutdown: false,
+            tls: None,
+            ca_file: None,
         }
     }
 }
@@ -138,6 +148,7 @@ pub struct Running {
     pub svc: Arc<Service>,
     /// The process backend, when it is the one in use (for inspecting agent pids).
     pub process: Option<Arc<ProcessBackend>>,
+    tls: bool,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -150,9 +161,10 @@ impl Running {
             .expect("the process backend is in use")
     }
 
-    /// `http://addr`.
+    /// `http://addr`, or `https://addr` when serving TLS.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Begins shutdown and waits for it to finish.
@@ -167,6 +179,13 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let addr = listener.local_addr().map_err(Error::Listener)?;
     if !addr.ip().is_loopback() && cfg.api_token.is_none() {
         return Err(Error::NoTokenOnPublicAddress(addr));
+    }
+    let tls = match &cfg.tls {
+        Some(files) => Some(crate::tls::CertReloader::new(files.clone())?.server_config()?),
+        None => None,
+    };
+    if let Some(ca) = &cfg.ca_file {
+        crate::tls::client_config(Some(ca))?;
     }
     let (work_dir, owned_dir) = match &cfg.work_dir {
         Some(d) => (d.clone(), false),
@@ -186,7 +205,8 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         } else {
             addr
         };
-        format!("ws://{host}/v1/agents/connect")
+        let scheme = if tls.is_some() { "wss" } else { "ws" };
+        format!("{scheme}://{host}/v1/agents/connect")
     });
     let (backend, process, kube): (Arc<dyn Backend>, _, _) = match &cfg.backend {
         BackendChoice::Process => {
@@ -195,6 +215,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                 hub_url,
                 work_dir: work_dir.clone(),
                 grace: cfg.agent_grace,
+                ca_file: cfg.ca_file.clone(),
             }));
             (p.clone(), Some(p), None)
         }
@@ -230,7 +251,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             namespace.clone(),
         )),
     };
-    let jenkins = crate::jenkins::Connector::new(runner, svc.metrics.clone());
+    let jenkins = crate::jenkins::Connector::new(runner, svc.metrics.clone(), cfg.ca_file.clone());
     let _ = svc.jenkins.set(jenkins.clone());
     let app = router(ApiState {
         svc: svc.clone(),
@@ -239,18 +260,35 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let http_stop = CancellationToken::new();
     let http = {
         let http_stop = http_stop.clone();
+        let shutdown = async move { http_stop.cancelled().await };
+        let tls_on = tls.is_some();
         tokio::spawn(async move {
             // No Nagle: leases, exec frames and agent messages are small and latency-bound
             // (with Nagle and delayed ACKs a reply can sit 40 ms in a buffer).
             use axum::serve::ListenerExt;
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let r = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { http_stop.cancelled().await })
-                .await;
+            let r = match tls {
+                None => {
+                    let listener = listener.tap_io(|tcp| {
+                        let _ = tcp.set_nodelay(true);
+                    });
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+                Some(tls) => {
+                    match crate::tls::TlsListener::new(listener, tls, crate::tls::HANDSHAKE_TIMEOUT)
+                    {
+                        Ok(listener) => {
+                            axum::serve(listener, app)
+                                .with_graceful_shutdown(shutdown)
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
             if let Err(e) = r {
-                tracing::error!(error = %e, "HTTP server failed");
+                tracing::error!(error = %e, tls = tls_on, "HTTP server failed");
             }
         })
     };
@@ -313,7 +351,12 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             }
         }
     }
-    tracing::info!(%addr, backend = svc.backend_name(), "warmpool serving");
+    tracing::info!(
+        %addr,
+        backend = svc.backend_name(),
+        tls = cfg.tls.is_some(),
+        "warmpool serving"
+    );
     let task = {
         let (svc, stop, grace) = (svc.clone(), stop.clone(), cfg.shutdown_grace);
         let delete_jenkins = cfg.jenkins_delete_on_shutdown;
@@ -350,6 +393,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         addr,
         svc,
         process,
+        tls: cfg.tls.is_some(),
         stop,
         task,
     })

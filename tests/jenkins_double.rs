@@ -602,6 +602,7 @@ async fn fake_agent_delay_and_never_connect() {
         work_dir: None,
         connect_delay: Duration::ZERO,
         never_connect: true,
+        ca_file: None,
     };
 
     // Never connects: no handshake until stopped; then exit 0.

@@ -68,6 +68,8 @@ pub struct AgentConfig {
     pub workspace: PathBuf,
     /// Longest pause between reconnect attempts.
     pub max_backoff: Duration,
+    /// TLS for a `wss://` hub ([`crate::tls::client_config`]).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// How a session ended.
@@ -158,9 +160,9 @@ async fn session(
     let ws_cfg = WebSocketConfig::default()
         .max_message_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES))
         .max_frame_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES));
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(&cfg.hub, Some(ws_cfg), true)
+    let (ws, _) = crate::tls::connect_ws(&cfg.hub, Some(ws_cfg), &cfg.tls)
         .await
-        .map_err(|e| transport(e.to_string()))?;
+        .map_err(|e| transport(crate::tls::describe(&e)))?;
     let (mut sink, mut stream) = ws.split();
     let (lease, uses) = current_lease.lock().expect("lock").clone();
     let hello = AgentMessage::Hello {

@@ -33,6 +33,9 @@ pub struct ProcessConfig {
     pub work_dir: PathBuf,
     /// Time between SIGTERM and SIGKILL.
     pub grace: Duration,
+    /// A CA file agents trust besides the platform's roots (`WARMPOOL_CA_FILE`), for a
+    /// `wss://` hub whose certificate a private CA signed.
+    pub ca_file: Option<PathBuf>,
 }
 
 struct Child {
@@ -177,6 +180,9 @@ fn spawn_agent(
         .env("WARMPOOL_WORKSPACE", &workspace)
         .current_dir(&dir)
         .stdin(Stdio::null());
+    if let Some(ca) = &cfg.ca_file {
+        cmd.env("WARMPOOL_CA_FILE", ca);
+    }
     crate::procs::isolate(&mut cmd);
     let mut spawned = SPAWNED.lock().expect("lock");
     let mut child = match cmd.spawn() {

@@ -33,6 +33,8 @@ pub struct SimAgent {
     pub pool: String,
     /// The pool's join token.
     pub token: String,
+    /// TLS for a `wss://` hub.
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// Counters of the simulated fleet.
@@ -103,9 +105,9 @@ type Split = (
 );
 
 async fn connect(a: &SimAgent) -> Result<Split, String> {
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(&a.hub, Some(ws_config()), true)
+    let (ws, _) = crate::tls::connect_ws(&a.hub, Some(ws_config()), &a.tls)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::tls::describe(&e))?;
     let (mut tx, mut rx) = ws.split();
     tx.send(text(&AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
@@ -219,6 +221,8 @@ pub struct AgentsOptions {
     pub exe: PathBuf,
     /// Progress on stderr.
     pub progress: bool,
+    /// TLS for an `https://` server (platform roots plus `--ca-file`).
+    pub tls: Arc<rustls::ClientConfig>,
 }
 
 /// What the scale test measured.
@@ -302,7 +306,10 @@ async fn start_server(o: &AgentsOptions) -> Result<Server, String> {
         .spawn()
         .map_err(|e| format!("cannot start {} serve: {e}", o.exe.display()))?;
     let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(crate::tls::for_reqwest(&o.tls))
+        .build()
+        .map_err(|e| format!("HTTP client: {e}"))?;
     let t = Instant::now();
     while http.get(format!("{url}/healthz")).send().await.is_err() {
         if t.elapsed() > Duration::from_secs(20) {
@@ -337,7 +344,7 @@ pub async fn run(o: &AgentsOptions) -> Result<AgentsReport, String> {
         }
         None => start_server(o).await?,
     };
-    let client = Client::new(&server.url, o.api_token.clone());
+    let client = Client::with_tls(&server.url, o.api_token.clone(), o.tls.clone());
     let pools: Vec<crate::engine::PoolStatus> = client
         .pools()
         .await
@@ -396,6 +403,7 @@ pub async fn run(o: &AgentsOptions) -> Result<AgentsReport, String> {
             id: format!("sim-{n}"),
             pool: pools[i].name.clone(),
             token: tokens[i].clone(),
+            tls: o.tls.clone(),
         };
         let permit = dial.clone().acquire_owned().await.ok();
         tasks.spawn(run_sim_agent(a, fleet.clone(), stop.clone(), permit));

@@ -82,7 +82,8 @@ async fn run_load(a: BenchLoadArgs) -> anyhow::Result<i32> {
             .server
             .clone()
             .unwrap_or_else(|| "http://127.0.0.1:7420".into());
-        let client = Client::new(&url, token(&a.api_token_file)?);
+        let tls = crate::tls::client_config(a.ca_file.as_deref())?;
+        let client = Client::with_tls(&url, token(&a.api_token_file)?, tls);
         (url, client)
     };
     let opts = LoadOptions {
@@ -128,6 +129,7 @@ async fn run_agents(a: BenchAgentsArgs) -> anyhow::Result<i32> {
         concurrency: a.concurrency,
         exe: std::env::current_exe().context("cannot find the warmpool executable")?,
         progress: std::io::stderr().is_terminal(),
+        tls: crate::tls::client_config(a.ca_file.as_deref())?,
     };
     let report = agents::run(&opts).await.map_err(anyhow::Error::msg)?;
     match a.output {

@@ -253,11 +253,19 @@ pub fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
 }
 
 /// Measures the floor: `n` bare `sh -c <command>` spawns and `n` `GET /healthz` round trips.
-pub async fn baseline_samples(server: &str, command: &str, n: usize) -> (Vec<f64>, Vec<f64>) {
+pub async fn baseline_samples(
+    server: &str,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+    command: &str,
+    n: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let command = if command.is_empty() { "true" } else { command };
     let mut spawn = Vec::with_capacity(n);
     let mut http = Vec::with_capacity(n);
-    let http_client = reqwest::Client::new();
+    let http_client = reqwest::Client::builder()
+        .use_preconfigured_tls(crate::tls::for_reqwest(tls))
+        .build()
+        .expect("HTTP client");
     let url = format!("{}/healthz", server.trim_end_matches('/'));
     // One unmeasured round trip opens the kept-alive connection.
     let _ = http_client.get(&url).send().await;
@@ -286,9 +294,9 @@ pub async fn baseline_samples(server: &str, command: &str, n: usize) -> (Vec<f64
 
 /// Runs the whole benchmark: baseline, load, baseline again, then the report.
 pub async fn run(client: &Client, server: &str, opts: &LoadOptions) -> LoadReport {
-    let (mut spawn, mut http) = baseline_samples(server, &opts.command, 25).await;
+    let (mut spawn, mut http) = baseline_samples(server, client.tls(), &opts.command, 25).await;
     let (samples, seconds) = run_load(client, opts).await;
-    let (s2, h2) = baseline_samples(server, &opts.command, 25).await;
+    let (s2, h2) = baseline_samples(server, client.tls(), &opts.command, 25).await;
     spawn.extend(s2);
     http.extend(h2);
     let baseline = Baseline {

@@ -180,8 +180,10 @@ impl Client {
         creds: Credentials,
         limiter: super::SharedLimiter,
         metrics: Metrics,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
     ) -> Client {
         let http = reqwest::Client::builder()
+            .use_preconfigured_tls(crate::tls::for_reqwest(tls))
             .redirect(reqwest::redirect::Policy::none())
             .timeout(TIMEOUT)
             .tcp_nodelay(true)
@@ -320,6 +322,9 @@ impl Client {
                     .inc();
                 let detail = if e.is_timeout() {
                     format!("no answer within {}s", TIMEOUT.as_secs())
+                } else if let Some(t) = crate::tls::failure(&e) {
+                    // "TLS certificate verification failed: invalid peer certificate: ..."
+                    t
                 } else {
                     let mut s = e.to_string();
                     let mut src = std::error::Error::source(&e);

@@ -25,6 +25,11 @@ pub struct JenkinsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]
     pub credentials_file: Option<PathBuf>,
+    /// A PEM file of CA certificates trusted for this controller's https URL besides the
+    /// platform's roots (a private CA). A path where warmpool runs: on Kubernetes, in the
+    /// warmpool pod (mount a ConfigMap there). Default: `serve --ca-file`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     /// Node names are this prefix plus a random suffix; nodes with the prefix belong to the
     /// pool (default: the pool name and `-`). Lowercase letters, digits and `-`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -109,6 +114,7 @@ impl JenkinsSpec {
             url: url.into(),
             credentials_secret: None,
             credentials_file: None,
+            ca_file: None,
             node_name_prefix: None,
             remote_fs: default_remote_fs(),
             labels: String::new(),

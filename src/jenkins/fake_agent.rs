@@ -13,15 +13,17 @@
 //!    Other agent.jar flags are accepted and ignored.
 //! 2. The work directory and `<workDir>/remoting` are created (agent.jar's `-internalDir
 //!    remoting`).
-//! 3. It dials `ws://HOST/…/wsagents/` (`http` → `ws`, `https` → `wss`; this build has no TLS,
-//!    so `wss` fails) with the headers `Node-Name`, `Secret-Key` and `X-Remoting-Capability`,
-//!    as remoting's `WebSocketConnector` does. It does not poll `login` first.
+//! 3. It dials `ws://HOST/…/wsagents/` (`http` → `ws`, `https` → `wss`, verifying the
+//!    certificate against the platform's roots plus `WARMPOOL_CA_FILE`, where a real agent
+//!    uses its JVM's trust store) with the headers `Node-Name`, `Secret-Key` and
+//!    `X-Remoting-Capability`, as remoting's `WebSocketConnector` does. It does not poll
+//!    `login` first.
 //! 4. On `101` it prints `INFO: Connected` to stderr and stays connected, dropping whatever the
 //!    controller sends and answering pings. It exits 0 when the controller closes the socket or
 //!    the connection drops (real agent.jar would try to reconnect unless `-noReconnect`).
 //! 5. On SIGTERM or SIGINT it sends a close frame and exits 0.
 //! 6. A refused handshake prints `Failed to connect: HTTP <status>` and exits 1; any other dial
-//!    failure prints `Failed to connect: <error>` and exits 1. Bad configuration exits 2.
+//!    failure prints `Failed to connect to <url>: <error>` and exits 1. Bad configuration exits 2.
 //!
 //! Test knobs (not in the real image):
 //! - `FAKE_JENKINS_AGENT_CONNECT_DELAY_MS=N`: wait N ms before dialling (a slow JVM start).
@@ -45,6 +47,8 @@ pub const REMOTING_CAPABILITY: &str =
 pub const CONNECT_DELAY_ENV: &str = "FAKE_JENKINS_AGENT_CONNECT_DELAY_MS";
 /// Env var: `1` (or `true`) to never dial.
 pub const NEVER_CONNECT_ENV: &str = "FAKE_JENKINS_AGENT_NEVER_CONNECT";
+/// Env var: a PEM CA file trusted for a `wss://` controller besides the platform's roots.
+pub const CA_FILE_ENV: &str = "WARMPOOL_CA_FILE";
 
 /// Exit code for a bad configuration.
 pub const EXIT_CONFIG: i32 = 2;
@@ -66,6 +70,8 @@ pub struct Config {
     pub connect_delay: Duration,
     /// Never dial.
     pub never_connect: bool,
+    /// A CA file trusted besides the platform's roots ([`CA_FILE_ENV`]).
+    pub ca_file: Option<PathBuf>,
 }
 
 /// agent.jar flags that take a value and that the fake ignores.
@@ -175,6 +181,7 @@ pub fn config(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<C
         ),
     };
     let never_connect = env(NEVER_CONNECT_ENV).is_some_and(|v| v == "1" || v == "true");
+    let ca_file = env(CA_FILE_ENV).map(PathBuf::from);
     Ok(Config {
         url,
         name,
@@ -182,6 +189,7 @@ pub fn config(env: impl Fn(&str) -> Option<String>, args: &[String]) -> Result<C
         work_dir,
         connect_delay,
         never_connect,
+        ca_file,
     })
 }
 
@@ -257,7 +265,14 @@ pub async fn run_config(cfg: &Config, shutdown: impl Future<Output = ()>) -> i32
             }
         }
     }
-    let dial = tokio_tungstenite::connect_async_with_config(req, None, true);
+    let tls = match crate::tls::client_config(cfg.ca_file.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("SEVERE: {e}");
+            return EXIT_CONFIG;
+        }
+    };
+    let dial = crate::tls::connect_ws(req, None, &tls);
     let mut ws = tokio::select! {
         r = dial => match r {
             Ok((ws, _)) => ws,
@@ -266,7 +281,7 @@ pub async fn run_config(cfg: &Config, shutdown: impl Future<Output = ()>) -> i32
                 return EXIT_CONNECT;
             }
             Err(e) => {
-                eprintln!("Failed to connect: {e}");
+                eprintln!("Failed to connect to {ws_url}: {}", crate::tls::describe(&e));
                 return EXIT_CONNECT;
             }
         },

@@ -132,6 +132,7 @@ pub struct PoolCfg {
 
 /// Kinds of problem a pool can have at once; each clears on that kind's next success.
 const PROBLEM_CREDENTIALS: &str = "credentials";
+const PROBLEM_TLS: &str = "tls";
 const PROBLEM_POLL: &str = "poll";
 const PROBLEM_CREATE: &str = "create";
 const PROBLEM_DELETE: &str = "delete";
@@ -220,6 +221,8 @@ pub struct JenkinsPoolStatus {
 pub struct Connector {
     runner: Arc<dyn Runner>,
     metrics: Metrics,
+    /// `serve --ca-file`: trusted by pools without their own `caFile`.
+    ca_file: Option<std::path::PathBuf>,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     controllers: Mutex<HashMap<String, Arc<Controller>>>,
     stop: CancellationToken,
@@ -235,11 +238,17 @@ fn rate_key(rps: f64, burst: u32) -> (u64, u32) {
 }
 
 impl Connector {
-    /// A connector whose agents run on `runner`.
-    pub fn new(runner: Arc<dyn Runner>, metrics: Metrics) -> Arc<Connector> {
+    /// A connector whose agents run on `runner`; Jenkins clients trust the platform's roots
+    /// plus the pool's `caFile`, or else `ca_file`.
+    pub fn new(
+        runner: Arc<dyn Runner>,
+        metrics: Metrics,
+        ca_file: Option<std::path::PathBuf>,
+    ) -> Arc<Connector> {
         Arc::new(Connector {
             runner,
             metrics,
+            ca_file,
             pools: Mutex::new(BTreeMap::new()),
             controllers: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
@@ -276,8 +285,8 @@ impl Connector {
                     st.pace_key = pace_key;
                 }
                 drop(st);
-                let same_creds =
-                    matches!((&old.cfg.credentials, &cfg.credentials), (Ok(a), Ok(b)) if a == b);
+                let same_creds = matches!((&old.cfg.credentials, &cfg.credentials), (Ok(a), Ok(b)) if a == b)
+                    && old.cfg.jenkins.ca_file == cfg.jenkins.ca_file;
                 let client = if same_creds { old.client.clone() } else { None };
                 (old.state, client)
             }
@@ -304,18 +313,37 @@ impl Connector {
                 (st, None)
             }
         };
+        // The pool's caFile, or else `serve --ca-file`, besides the platform's roots.
+        let ca_file = cfg.jenkins.ca_file.as_ref().or(self.ca_file.as_ref());
+        let tls = crate::tls::client_config(ca_file.map(|p| p.as_path()));
         let client = client.or_else(|| {
+            let tls = tls.as_ref().ok()?;
             cfg.credentials.as_ref().ok().map(|c| {
                 Arc::new(Client::new(
                     &root,
                     c.clone(),
                     ctl.limiter.clone(),
                     self.metrics.clone(),
+                    tls,
                 ))
             })
         });
         {
             let mut st = state.lock().expect("lock");
+            match &tls {
+                Err(e) => {
+                    st.problems.insert(
+                        PROBLEM_TLS,
+                        Problem {
+                            reason: "CaFileInvalid".into(),
+                            message: format!("pool {}: {e}", cfg.key),
+                        },
+                    );
+                }
+                Ok(_) => {
+                    st.problems.remove(PROBLEM_TLS);
+                }
+            }
             st.generation = cfg.agent_pool.as_ref().and_then(|a| a.metadata.generation);
             match &cfg.credentials {
                 Err(e) => {
@@ -980,6 +1008,7 @@ impl Connector {
             workdir,
             spec: cfg.jenkins.clone(),
             agent_pool: cfg.agent_pool.clone(),
+            ca_file: cfg.jenkins.ca_file.clone().or_else(|| self.ca_file.clone()),
         };
         if let Err(e) = self.runner.start(launch).await {
             fail(Problem {

@@ -45,6 +45,10 @@ pub struct Launch {
     pub spec: JenkinsSpec,
     /// Kubernetes: the AgentPool the pod is built from.
     pub agent_pool: Option<Box<crate::k8s::crd::AgentPool>>,
+    /// The CA file warmpool trusts for this controller (the pool's `caFile`, or `serve
+    /// --ca-file`): a local agent gets it as `WARMPOOL_CA_FILE` (the simulated agent reads it;
+    /// a path in the warmpool pod means nothing to an agent pod, which gets none).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Launch {
@@ -157,9 +161,11 @@ impl Runner for ProcessRunner {
                 .try_clone()
                 .map_err(|e| format!("cannot open the agent log: {e}"))?;
             let mut cmd = Command::new(&argv[0]);
-            cmd.args(&argv[1..])
-                .envs(launch.env())
-                .current_dir(&dir)
+            cmd.args(&argv[1..]).envs(launch.env());
+            if let Some(ca) = &launch.ca_file {
+                cmd.env(super::fake_agent::CA_FILE_ENV, ca);
+            }
+            cmd.current_dir(&dir)
                 .stdin(Stdio::null())
                 .stdout(log)
                 .stderr(log2)

@@ -816,9 +816,20 @@ pub struct JenkinsDouble {
 impl JenkinsDouble {
     /// Binds 127.0.0.1:0 and serves until [`JenkinsDouble::shutdown`] (or the runtime ends).
     pub async fn start(cfg: JenkinsConfig) -> JenkinsDouble {
+        Self::start_on(cfg, None).await
+    }
+
+    /// As [`JenkinsDouble::start`], over TLS (`https://`, `wss://`) with `tls`, served by
+    /// warmpool's own [`warmpool::tls::TlsListener`].
+    pub async fn start_tls(cfg: JenkinsConfig, tls: Arc<rustls::ServerConfig>) -> JenkinsDouble {
+        Self::start_on(cfg, Some(tls)).await
+    }
+
+    async fn start_on(cfg: JenkinsConfig, tls: Option<Arc<rustls::ServerConfig>>) -> JenkinsDouble {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let url = format!("http://{addr}/");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{addr}/");
         let built_in = vec![None; cfg.built_in_executors as usize];
         let shared = Shared(Arc::new(Mutex::new(St {
             base: url.clone(),
@@ -866,14 +877,29 @@ impl JenkinsDouble {
         let stop = CancellationToken::new();
         let s = stop.clone();
         tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { s.cancelled().await })
-                .await;
+            let shutdown = async move { s.cancelled().await };
+            let _ = match tls {
+                None => {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(shutdown)
+                        .await
+                }
+                Some(tls) => {
+                    let l = warmpool::tls::TlsListener::new(
+                        listener,
+                        tls,
+                        warmpool::tls::HANDSHAKE_TIMEOUT,
+                    )
+                    .unwrap();
+                    axum::serve(l, app).with_graceful_shutdown(shutdown).await
+                }
+            };
         });
         JenkinsDouble { shared, url, stop }
     }
 
-    /// `http://127.0.0.1:PORT/` (with the trailing slash, as a Jenkins root URL).
+    /// `http://127.0.0.1:PORT/` or `https://...` (with the trailing slash, as a Jenkins root
+    /// URL).
     pub fn url(&self) -> &str {
         &self.url
     }
