@@ -128,10 +128,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let (Some(cert), Some(key)) = (a.tls_cert, a.tls_key) {
                 cfg.tls = Some(warmpool::tls::CertFiles { cert, key });
             }
-            if let Some(ca) = &a.ca_file {
-                // Fail at start, not at the first Jenkins poll.
-                warmpool::tls::client_config(Some(ca))?;
-            }
             cfg.ca_file = a.ca_file;
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await

@@ -181,6 +181,8 @@ fn spawn_agent(
         .current_dir(&dir)
         .stdin(Stdio::null());
     if let Some(ca) = &cfg.ca_file {
+        // The agent runs in its own directory: a relative path would miss.
+        let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
         cmd.env("WARMPOOL_CA_FILE", ca);
     }
     crate::procs::isolate(&mut cmd);

@@ -163,6 +163,8 @@ impl Runner for ProcessRunner {
             let mut cmd = Command::new(&argv[0]);
             cmd.args(&argv[1..]).envs(launch.env());
             if let Some(ca) = &launch.ca_file {
+                // The agent runs in its own directory: a relative path would miss.
+                let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
                 cmd.env(super::fake_agent::CA_FILE_ENV, ca);
             }
             cmd.current_dir(&dir)
