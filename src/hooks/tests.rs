@@ -127,6 +127,13 @@ pools:
         ]
     );
     assert!(serde_json::from_str::<PoolSpec>(r#"{"hooks":{"health":{"cmd":["x"]}}}"#).is_err());
+    // Jenkins agents are Jenkins nodes: warmpool runs nothing on them between builds.
+    let yaml = "pools:\n  - name: j\n    jenkins: {url: \"https://jenkins.example.com/\", labels: linux}\n    hooks: {health: {command: [\"true\"]}}\n";
+    let err = parse_pools(yaml, "f").unwrap_err().to_string();
+    assert!(
+        err.contains("pools[0].hooks: a Jenkins pool's agents are Jenkins nodes"),
+        "{err}"
+    );
     let yaml = "pools:\n  - name: p\n    hooks: [cleanup]\n";
     let err = parse_pools(yaml, "f").unwrap_err().to_string();
     assert!(err.contains("pools[0].hooks: must be a mapping"), "{err}");
