@@ -168,9 +168,10 @@ async fn run_one(
     // Whatever the hook started in its group goes with it (and closes the pipes it held).
     killpg(pid);
     pids.lock().expect("lock").remove(&pid);
+    let drained_by = tokio::time::Instant::now() + DRAIN;
     for r in readers {
         let abort = r.abort_handle();
-        if tokio::time::timeout(DRAIN, r).await.is_err() {
+        if tokio::time::timeout_at(drained_by, r).await.is_err() {
             // An escaped descendant (setsid) keeps the pipe open; it is a leftover process
             // the health report counts.
             abort.abort();
@@ -278,6 +279,32 @@ mod tests {
             assert!(Instant::now() < deadline, "background child {bg} survived");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test]
+    async fn an_escaped_descendant_holding_the_pipes_does_not_hold_the_hook() {
+        let ws = tempfile::tempdir().unwrap();
+        // setsid leaves the hook's process group (the hook ends only once it has, so the group
+        // kill cannot catch it first); the sleep keeps stdout open after the hook.
+        let h = hooks(
+            Some(
+                "setsid sh -c 'echo $$ > escaped; exec sleep 9873' & \
+                 while [ ! -s escaped ]; do sleep 0.01; done; echo done",
+            ),
+            None,
+            Duration::from_secs(60),
+        );
+        let r = run(&h, ws.path(), "l", &Arc::default()).await;
+        let escaped: i32 = std::fs::read_to_string(ws.path().join("escaped"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // SAFETY: the test's own stray process.
+        unsafe { libc::kill(escaped, libc::SIGKILL) };
+        assert!(r[0].exited_zero(), "{:?}", r[0]);
+        assert_eq!(r[0].stdout, "done\n");
+        assert!(!r[0].timed_out);
     }
 
     #[tokio::test]
