@@ -522,8 +522,8 @@ async fn handle(
                     // A full queue already means a slow agent; the next heartbeat answers.
                     let _ = conn.tx.try_send(Outbound::Msg(HubMessage::Heartbeat {}));
                 }
-                AgentMessage::Ready { health, .. } => {
-                    svc.apply(|e, now| e.agent_ready(agent, health, now));
+                AgentMessage::Ready { health, hooks, .. } => {
+                    svc.apply(|e, now| e.agent_ready_after_hooks(agent, health, &hooks, now));
                 }
                 AgentMessage::Exit { exec_id, status } => {
                     if let Some(tx) = svc.hub.route(agent, exec_id, true) {

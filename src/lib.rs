@@ -8,6 +8,7 @@
 //! - [`k8s`]: the `AgentPool` custom resource and leader election.
 //! - [`labels`]: Jenkins label-expression parser and matcher (pure).
 //! - [`spec`]: the pool spec, its defaults, duration syntax and validation (pure).
+//! - [`hooks`]: the per-pool cleanup and health hooks: spec, reported results, the verdict (pure).
 //! - [`engine`]: the pool engine, a synchronous state machine with time passed in (pure).
 //! - [`protocol`]: the WebSocket remoting protocol between hub and agents (pure encoding).
 //! - [`auth`]: per-agent HMAC tokens and the API bearer token.
@@ -34,6 +35,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod engine;
+pub mod hooks;
 pub mod hub;
 pub mod jenkins;
 pub mod k8s;

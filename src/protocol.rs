@@ -103,6 +103,10 @@ pub enum AgentMessage {
         /// Health after cleanup.
         #[serde(default)]
         health: Health,
+        /// How the pool's hooks ran, in order (absent when the pool has none); the service
+        /// recycles the agent when one failed.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        hooks: Vec<crate::hooks::HookResult>,
     },
 }
 
@@ -146,10 +150,14 @@ pub enum HubMessage {
         /// The lease.
         lease: String,
     },
-    /// The lease ended: clean the workspace, kill leftover processes, then send `ready`.
+    /// The lease ended: kill leftover processes, clean the workspace, run the pool's hooks,
+    /// then send `ready`.
     Release {
         /// The lease.
         lease: String,
+        /// The pool's current hooks (absent when it has none).
+        #[serde(default, skip_serializing_if = "crate::hooks::Hooks::is_empty")]
+        hooks: crate::hooks::Hooks,
     },
     /// Finish current work, then disconnect and exit.
     Drain {

@@ -315,6 +315,20 @@ impl Service {
                             },
                         );
                     }
+                    if let Reason::CleanupFailed(detail) | Reason::HealthCheckFailed(detail) =
+                        &reason
+                    {
+                        tracing::warn!(pool = %pool, agent = %agent, reason = reason.as_str(),
+                            detail = %detail, "hook failed after a lease; recycling the agent");
+                        self.backend.record(
+                            &pool,
+                            PoolEvent::HookFailed {
+                                agent: agent.clone(),
+                                reason: reason.as_str(),
+                                detail: detail.clone(),
+                            },
+                        );
+                    }
                     if let Reason::ProvisionFailed(error) = &reason {
                         self.backend.record(
                             &pool,
@@ -360,11 +374,18 @@ impl Service {
                     }
                 }
                 Action::Release { agent, lease } => {
+                    // The pool's current hooks travel with every release, so a spec change
+                    // reaches agents without a reconnect.
+                    let hooks = self
+                        .read(|e| e.agent(&agent).map(|a| a.pool.clone()))
+                        .and_then(|pool| self.specs.get(&pool).map(|s| s.hooks.clone()))
+                        .unwrap_or_default();
                     self.hub.send(
                         self,
                         &agent,
                         HubMessage::Release {
                             lease: lease.clone(),
+                            hooks,
                         },
                     );
                 }

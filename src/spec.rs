@@ -182,6 +182,9 @@ pub struct PoolSpec {
     pub provisioning: Provisioning,
     /// Health limits checked on heartbeats and after each cleanup.
     pub health: HealthLimits,
+    /// Commands agents run between leases (cleanup, then a health check that can recycle).
+    #[serde(skip_serializing_if = "crate::hooks::Hooks::is_empty")]
+    pub hooks: crate::hooks::Hooks,
     /// External pool: warmpool starts no agents; machines join with the pool's join token
     /// (static hosts, GPU machines, VMs). Leasing, heartbeats and recycling-by-release apply;
     /// `maxTotal` caps how many may join; sizing, `maxUses`, `maxAge` and `idleTtl` do not.
@@ -211,6 +214,7 @@ impl Default for PoolSpec {
             connect_timeout: Dur::secs(120),
             provisioning: Provisioning::default(),
             health: HealthLimits::default(),
+            hooks: crate::hooks::Hooks::default(),
             external: false,
             agent_command: None,
             jenkins: None,
@@ -299,8 +303,14 @@ impl PoolSpec {
                 "{prefix}agentCommand: an external pool starts no agents (its machines join with the pool's join token)"
             ));
         }
+        p.extend(self.hooks.validate(prefix));
         if let Some(j) = &self.jenkins {
             p.extend(j.validate(&format!("{prefix}jenkins.")));
+            if !self.hooks.is_empty() {
+                p.push(format!(
+                    "{prefix}hooks: a Jenkins pool's agents are Jenkins nodes; warmpool runs no hooks on them"
+                ));
+            }
             if self.external {
                 p.push(format!(
                     "{prefix}jenkins: a Jenkins pool cannot be external (warmpool starts its agents)"
@@ -529,6 +539,9 @@ pub fn spec_from_mapping(
         &mut problems,
         &mut spec.health,
     );
+    if let Some(v) = take("hooks") {
+        spec.hooks = crate::hooks::Hooks::from_yaml(v, prefix, &mut problems);
+    }
     field(
         take("external"),
         "external",

@@ -141,7 +141,7 @@ async fn agent_reconnects_runs_exec_and_drains() {
         .unwrap();
     loop {
         match next_json(&mut ws).await {
-            AgentMessage::Ready { lease, health } => {
+            AgentMessage::Ready { lease, health, .. } => {
                 assert_eq!(lease.as_deref(), Some("l-1"));
                 assert_eq!(health.workspace_bytes, 0);
                 assert_eq!(health.leftover_processes, 0);

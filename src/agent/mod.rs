@@ -7,6 +7,7 @@
 //! cannot escape cleanup by daemonising.
 
 pub mod exec;
+pub mod hooks;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -334,7 +335,10 @@ async fn session(
                     c.cancel.cancel();
                 }
             }
-            HubMessage::Release { lease } => {
+            HubMessage::Release {
+                lease,
+                hooks: pool_hooks,
+            } => {
                 current_lease.lock().expect("lock").0.take();
                 let running = current.lock().expect("lock").take();
                 let (tx2, cfg2, pids2) = (tx.clone(), cfg.clone(), pids.clone());
@@ -356,11 +360,14 @@ async fn session(
                     if let Ok(Err(e)) = wiped {
                         tracing::warn!(error = %e, "workspace not fully wiped");
                     }
+                    // The pool's cleanup and health hooks; their results decide reuse.
+                    let hooks = hooks::run(&pool_hooks, &cfg2.workspace, &lease, &pids2).await;
                     let health = health_async(&cfg2, &pids2).await;
                     let _ = tx2
                         .send(json(&AgentMessage::Ready {
                             lease: Some(lease),
                             health,
+                            hooks,
                         }))
                         .await;
                 }));

@@ -72,6 +72,15 @@ pub enum PoolEvent {
     },
     /// The provisioning rate limit held agents back.
     Throttled,
+    /// A cleanup or health hook failed after a lease; the agent is being recycled.
+    HookFailed {
+        /// Agent (pod) id.
+        agent: AgentId,
+        /// The recycle reason (`cleanup-failed`, `health-check-failed`).
+        reason: &'static str,
+        /// How the hook ended, with its output excerpt.
+        detail: String,
+    },
 }
 
 /// Where backend events go.

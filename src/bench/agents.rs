@@ -175,9 +175,10 @@ where
                     },
                 })
             }
-            Ok(HubMessage::Release { lease }) => Some(AgentMessage::Ready {
+            Ok(HubMessage::Release { lease, .. }) => Some(AgentMessage::Ready {
                 lease: Some(lease),
                 health: Default::default(),
+                hooks: Vec::new(),
             }),
             Ok(HubMessage::Drain { .. }) => return Ok(()),
             _ => None,

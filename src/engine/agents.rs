@@ -245,6 +245,19 @@ impl Engine {
 
     /// The agent finished cleaning after a release (Cleaning -> Idle, or recycled if unhealthy).
     pub fn agent_ready(&mut self, id: &str, health: Health, now: Instant) {
+        self.agent_ready_after_hooks(id, health, &[], now);
+    }
+
+    /// Like [`Engine::agent_ready`], with the results of the pool's hooks: an agent whose
+    /// cleanup or health hook failed (see [`crate::hooks::verdict`]) is recycled instead of
+    /// returning to idle; its replacement is provisioned under the pool's rate limit.
+    pub fn agent_ready_after_hooks(
+        &mut self,
+        id: &str,
+        health: Health,
+        hooks: &[crate::hooks::HookResult],
+        now: Instant,
+    ) {
         let Some(a) = self.agents.get_mut(id) else {
             return;
         };
@@ -252,6 +265,23 @@ impl Engine {
         a.health = health;
         if a.state != AgentState::Cleaning {
             return;
+        }
+        let Some(pool) = self.pools.get_mut(&a.pool) else {
+            return;
+        };
+        if let Some((kind, why)) = crate::hooks::verdict(&pool.spec.hooks, hooks) {
+            pool.hook_failures_total += 1;
+            pool.last_hook_failure = Some(format!("agent {id}: {why}"));
+            let reason = match kind {
+                crate::hooks::HookKind::Cleanup => Reason::CleanupFailed(why),
+                crate::hooks::HookKind::Health => Reason::HealthCheckFailed(why),
+            };
+            self.terminate(id, reason, now);
+            self.reconcile(now);
+            return;
+        }
+        if !pool.spec.hooks.is_empty() {
+            pool.last_hook_failure = None;
         }
         self.set_state(id, AgentState::Idle, now);
         self.check_health(id, now);

@@ -94,6 +94,10 @@ struct Pool {
     leaks_total: u64,
     provision_failures_total: u64,
     last_error: Option<String>,
+    /// Agents recycled for a failed hook.
+    hook_failures_total: u64,
+    /// The last hook failure, cleared when an agent passes its hooks.
+    last_hook_failure: Option<String>,
     /// Provisioning failures in a row (reset when an agent of the pool starts).
     failures_in_a_row: u32,
     /// No provisioning before this (exponential backoff after failures).
@@ -215,6 +219,8 @@ impl Engine {
                         leaks_total: 0,
                         provision_failures_total: 0,
                         last_error: None,
+                        hook_failures_total: 0,
+                        last_hook_failure: None,
                         failures_in_a_row: 0,
                         backoff_until: None,
                         members: HashSet::new(),

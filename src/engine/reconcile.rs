@@ -85,7 +85,11 @@ impl Engine {
                 {
                     doomed.push((a.id.clone(), Reason::HeartbeatLost));
                 }
-                AgentState::Cleaning if now.duration_since(a.since) >= self.cfg.cleanup_timeout => {
+                // The pool's hooks run while Cleaning: their timeouts extend the deadline.
+                AgentState::Cleaning
+                    if now.duration_since(a.since)
+                        >= self.cfg.cleanup_timeout + spec.hooks.budget() =>
+                {
                     doomed.push((a.id.clone(), Reason::CleanupTimeout));
                 }
                 _ => {}

@@ -74,6 +74,8 @@ impl Engine {
                     leaks_total: p.leaks_total,
                     provision_failures_total: p.provision_failures_total,
                     last_error: p.last_error.clone(),
+                    hook_failures_total: p.hook_failures_total,
+                    last_hook_failure: p.last_hook_failure.clone(),
                     spec: p.spec.clone(),
                 };
                 for a in p.members.iter().map(|id| &self.agents[id]) {

@@ -94,6 +94,11 @@ pub enum Reason {
     ProvisionTimeout,
     /// Did not finish cleanup in time.
     CleanupTimeout,
+    /// The pool's cleanup hook failed after a lease (exit code or timeout, stderr excerpt).
+    CleanupFailed(String),
+    /// The pool's health hook failed after a lease (exit code, timeout or output over its
+    /// limit, with an excerpt).
+    HealthCheckFailed(String),
     /// Its pool was removed.
     PoolRemoved,
     /// The service is shutting down.
@@ -117,6 +122,8 @@ impl Reason {
             Reason::ProvisionFailed(_) => "provision-failed",
             Reason::ProvisionTimeout => "provision-timeout",
             Reason::CleanupTimeout => "cleanup-timeout",
+            Reason::CleanupFailed(_) => "cleanup-failed",
+            Reason::HealthCheckFailed(_) => "health-check-failed",
             Reason::PoolRemoved => "pool-removed",
             Reason::Shutdown => "shutdown",
         }
@@ -129,7 +136,9 @@ impl std::fmt::Display for Reason {
             Reason::Unhealthy(d)
             | Reason::Disconnected(d)
             | Reason::Exited(d)
-            | Reason::ProvisionFailed(d) => write!(f, "{}: {d}", self.as_str()),
+            | Reason::ProvisionFailed(d)
+            | Reason::CleanupFailed(d)
+            | Reason::HealthCheckFailed(d) => write!(f, "{}: {d}", self.as_str()),
             other => f.write_str(other.as_str()),
         }
     }
@@ -481,6 +490,13 @@ pub struct PoolStatus {
     pub provision_failures_total: u64,
     /// The last provisioning error, if any.
     pub last_error: Option<String>,
+    /// Agents recycled because a cleanup or health hook failed, since start.
+    #[serde(default)]
+    pub hook_failures_total: u64,
+    /// The last hook failure (agent, hook, how it ended, output excerpt), until an agent of the
+    /// pool passes its hooks again.
+    #[serde(default)]
+    pub last_hook_failure: Option<String>,
     /// The pool's spec.
     pub spec: crate::spec::PoolSpec,
 }

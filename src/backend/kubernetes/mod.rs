@@ -360,6 +360,21 @@ impl Backend for KubeBackend {
                 "CreatePod",
                 "the provisioning rate limit is holding pod creation back".to_string(),
             ),
+            PoolEvent::HookFailed {
+                agent,
+                reason,
+                detail,
+            } => (
+                if reason == "cleanup-failed" {
+                    "CleanupHookFailed"
+                } else {
+                    "HealthCheckFailed"
+                },
+                "DeletePod",
+                // An Event's note holds at most 1 KiB: keep the start (which hook, how it
+                // ended) and the end of the excerpt.
+                event_note(&format!("pod {agent} recycled: {detail}")),
+            ),
         };
         let key = (pool.to_string(), reason);
         let now = std::time::Instant::now();
@@ -389,6 +404,23 @@ impl Backend for KubeBackend {
             }
         });
     }
+}
+
+/// `note` cut to fit an Event (at most 1024 bytes): its first and last bytes, on char boundaries.
+fn event_note(note: &str) -> String {
+    const MAX: usize = 1000;
+    if note.len() <= MAX {
+        return note.to_string();
+    }
+    let mut head = 300;
+    while !note.is_char_boundary(head) {
+        head -= 1;
+    }
+    let mut tail = note.len() - (MAX - head - 5);
+    while !note.is_char_boundary(tail) {
+        tail += 1;
+    }
+    format!("{} ... {}", &note[..head], &note[tail..])
 }
 
 /// Why a Pending pod cannot start: unschedulable or scheduling-gated (None otherwise).

@@ -146,6 +146,16 @@ pub(super) async fn write_statuses(svc: Arc<Service>, backend: Arc<KubeBackend>)
                             "Unschedulable",
                             format!("pods pending, not deleted: {}", stuck.join("; ")),
                         ),
+                        None if p.last_error.is_none() && p.last_hook_failure.is_some() => cond(
+                            "Degraded",
+                            true,
+                            "HooksFailing",
+                            format!(
+                                "{} agents recycled for a failed hook; last: {}",
+                                p.hook_failures_total,
+                                p.last_hook_failure.clone().unwrap_or_default()
+                            ),
+                        ),
                         None => cond(
                             "Degraded",
                             p.last_error.is_some(),
