@@ -201,7 +201,7 @@ async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_an
     futures_util::future::join_all(clients).await;
     stop.cancel();
     sampler.await.unwrap();
-    let s = samples.lock().unwrap();
+    let s = std::mem::take(&mut *samples.lock().unwrap());
     assert!(
         s.violations.is_empty(),
         "maxTotal 4 exceeded in {} of {} samples: {:?}",
@@ -214,7 +214,6 @@ async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_an
     assert!(s.unknown > 0, "no Unknown pod sampled");
     assert!(s.deleting_running > 0, "no pod sampled while being deleted");
     assert!(s.max >= 3, "the churn reached the cap ({} at most)", s.max);
-    drop(s);
     // A node lost for a moment ends no lease: its pod's agent is still connected.
     let failed = failed.into_inner().unwrap();
     assert!(failed.is_empty(), "leases failed: {failed:?}");
@@ -415,6 +414,18 @@ async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
     };
     let before = names(pods_of(&client, "crash").await);
     assert_eq!(before.len(), 3);
+    // The standby tells an agent to try again soon (1013), not that it is unknown (4404).
+    {
+        use futures_util::SinkExt;
+        let key = warmpool::auth::AgentKey::from_bytes(KEY);
+        let mut ws = raw_agent(&standby.hub_url()).await;
+        ws.send(hello(&before[0], &key.token(&before[0])))
+            .await
+            .unwrap();
+        let (code, reason, _) = read_until_close(&mut ws).await;
+        assert_eq!(code, warmpool::protocol::close::TRY_AGAIN_LATER, "{reason}");
+        assert!(reason.contains(&before[0]), "{reason}");
+    }
 
     // SIGKILL: no shutdown, the Lease is not released, connections just break. The standby
     // takes over once the Lease expires (12 s here, 15 s by default): meanwhile the agents retry.
