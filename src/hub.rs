@@ -247,7 +247,12 @@ async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, r
         .rejected_connections
         .with_label_values(&[metric])
         .inc();
-    tracing::warn!(reason = %reason, "refused agent connection");
+    if code == close::TRY_AGAIN_LATER {
+        // Routine on a standby: every agent that reaches it retries soon.
+        tracing::debug!(reason = %reason, "agent asked to retry soon");
+    } else {
+        tracing::warn!(reason = %reason, "refused agent connection");
+    }
     let _ = socket.send(close_msg(code, &reason)).await;
 }
 
@@ -302,6 +307,14 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             return refuse(&svc, socket, close::INVALID_TOKEN, "invalid-token", r).await;
         }
     };
+    if !svc.is_ready() {
+        // A standby, or an instance still adopting what its predecessor left: it cannot know
+        // the agent yet. The agent retries soon (the leader, or this instance once it leads).
+        let r = format!(
+            "agent {agent}: this warmpool instance is not leading yet (standby or adopting); retry soon"
+        );
+        return refuse(&svc, socket, close::TRY_AGAIN_LATER, "not-ready", r).await;
+    }
     if join.is_some() {
         if let Some(r) = invalid_join_id(&agent) {
             return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;

@@ -44,6 +44,9 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// Standard code: going away (service shutting down, agent drained).
     pub const GOING_AWAY: u16 = 1001;
+    /// Standard code: try again later. This instance is a standby or is still adopting the
+    /// pods a previous one left (a takeover is under way): reconnect soon, without backing off.
+    pub const TRY_AGAIN_LATER: u16 = 1013;
 }
 
 /// Messages an agent sends to the hub.

@@ -218,6 +218,6 @@ async fn manifests_are_accepted_by_the_apiserver() {
         }
     }
     // Namespace, ServiceAccount, Role, RoleBinding, ClusterRole, ClusterRoleBinding, Deployment,
-    // Service, three AgentPools (one a Jenkins pool) and its Secret.
-    assert_eq!(created, 12);
+    // two Services (the API and the hub), three AgentPools (one a Jenkins pool) and its Secret.
+    assert_eq!(created, 13);
 }

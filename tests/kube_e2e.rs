@@ -672,7 +672,8 @@ async fn api_faults_never_push_pods_above_max_total() {
         )
         .await
         .unwrap();
-    // Sample every pod of the pool, terminating ones included, straight from the apiserver.
+    // Sample the pods of the pool that may still run (docs/KUBERNETES.md, Sizing: any phase but
+    // Succeeded and Failed, terminating ones included), straight from the apiserver.
     let max_seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let sampler = {
         let (admin, max_seen) = (admin.clone(), max_seen.clone());
@@ -681,7 +682,15 @@ async fn api_faults_never_push_pods_above_max_total() {
             let lp = ListParams::default().labels("warmpool.dev/pool=churn");
             loop {
                 if let Ok(list) = pods.list(&lp).await {
-                    max_seen.fetch_max(list.items.len(), std::sync::atomic::Ordering::Relaxed);
+                    let may_run = list
+                        .items
+                        .iter()
+                        .filter(|p| {
+                            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+                            !matches!(phase, Some("Succeeded" | "Failed"))
+                        })
+                        .count();
+                    max_seen.fetch_max(may_run, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }

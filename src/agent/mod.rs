@@ -99,10 +99,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // The lease this agent serves and how many it served, kept across reconnects and
     // reported in `hello`.
     let lease: Arc<Mutex<(Option<String>, u32)>> = Arc::default();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = BACKOFF_BASE;
     loop {
         let started = Instant::now();
         let end = session(&cfg, &shutdown, pids.clone(), lease.clone()).await;
+        let retry_soon =
+            matches!(&end, Err(Error::Refused { code, .. }) if *code == close::TRY_AGAIN_LATER);
         match &end {
             Ok(End::Exit(why)) => {
                 tracing::info!(agent = %cfg.agent_id, why = %why, "agent exiting");
@@ -111,21 +113,47 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             Ok(End::Lost(why)) => {
                 tracing::warn!(agent = %cfg.agent_id, why = %why, "connection lost")
             }
+            Err(e) if retry_soon => {
+                tracing::info!(agent = %cfg.agent_id, reason = %e, "hub not leading yet; retrying soon")
+            }
             Err(e) => tracing::warn!(agent = %cfg.agent_id, error = %e, "cannot register"),
         }
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = Duration::from_millis(100);
+            backoff = BACKOFF_BASE;
         }
-        // Full jitter: a fleet reconnecting after a hub restart spreads out.
-        let pause = backoff.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        let pause;
+        (pause, backoff) = next_pause(backoff, cfg.max_backoff, retry_soon, rand::random());
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.cancelled() => break,
         }
-        backoff = (backoff * 2).min(cfg.max_backoff);
     }
     procs::kill_leftovers(&HashSet::new(), Duration::from_secs(2)).await;
     Ok(())
+}
+
+/// First reconnect pause; it doubles per failure in a row up to `--max-backoff`.
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest pause after a hub answered "try again later" (close code 1013: a standby, or an
+/// instance still adopting). A takeover is under way: the agent must be back soon after it,
+/// well within the new leader's adopt grace, so its pause does not grow.
+pub const RETRY_SOON: Duration = Duration::from_millis(500);
+
+/// The pause before the next reconnect attempt, and the backoff to use after it. Full jitter
+/// (`jitter` in [0, 1) picks a pause in [d/2, d]) so a fleet reconnecting after a hub restart
+/// spreads out. After "try again later" the pause is at most [`RETRY_SOON`] and the backoff
+/// starts over; otherwise it doubles up to `max`.
+fn next_pause(
+    backoff: Duration,
+    max: Duration,
+    retry_soon: bool,
+    jitter: f64,
+) -> (Duration, Duration) {
+    let spread = |d: Duration| d.mul_f64(0.5 + jitter.clamp(0.0, 1.0) * 0.5);
+    if retry_soon {
+        return (spread(RETRY_SOON), BACKOFF_BASE);
+    }
+    (spread(backoff), (backoff * 2).min(max))
 }
 
 fn health(cfg: &AgentConfig, pids: &Arc<Mutex<HashSet<i32>>>) -> Health {
@@ -403,4 +431,37 @@ async fn session(
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
     Ok(end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_maximum() {
+        let max = Duration::from_secs(10);
+        let mut b = BACKOFF_BASE;
+        let mut pauses = Vec::new();
+        for _ in 0..10 {
+            let (p, next) = next_pause(b, max, false, 1.0);
+            pauses.push(p);
+            b = next;
+        }
+        assert_eq!(pauses[0], Duration::from_millis(100));
+        assert_eq!(pauses[3], Duration::from_millis(800));
+        assert_eq!(pauses[9], max);
+        let (low, _) = next_pause(Duration::from_secs(4), max, false, 0.0);
+        assert_eq!(low, Duration::from_secs(2), "jitter keeps at least half");
+    }
+
+    #[test]
+    fn try_again_later_retries_soon_and_starts_the_backoff_over() {
+        let max = Duration::from_secs(10);
+        for jitter in [0.0, 0.5, 0.999] {
+            let (p, next) = next_pause(max, max, true, jitter);
+            assert!(p <= RETRY_SOON, "{p:?}");
+            assert!(p >= RETRY_SOON / 2, "{p:?}");
+            assert_eq!(next, BACKOFF_BASE);
+        }
+    }
 }

@@ -152,6 +152,7 @@ impl Engine {
         let a = self.agents.get_mut(id).expect("checked");
         // An adopted agent keeps counting toward maxUses from what it reports.
         a.uses = a.uses.max(uses);
+        a.adopted = false;
         a.health = health;
         a.last_seen = now;
         let pool_name = a.pool.clone();

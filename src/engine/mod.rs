@@ -23,6 +23,8 @@ mod types;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod takeover_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
@@ -70,7 +72,15 @@ pub struct EngineConfig {
     /// (zero: every tick). Waiters and leases are checked on every tick. The scan visits every
     /// agent, so with thousands of agents a 50 ms tick would spend most of its time here.
     pub agent_scan_interval: Duration,
+    /// How long an adopted agent (a pod left by a previous instance) may take to reconnect
+    /// before it is treated as a leak, when this is longer than its pool's `connectTimeout`.
+    /// Its agent is reconnecting after a restart or a crash takeover, not starting.
+    pub adopt_grace: Duration,
 }
+
+/// Default [`EngineConfig::adopt_grace`]: well above the agent's longest reconnect pause (10 s
+/// by default, `warmpool agent --max-backoff`) plus a leader takeover (15 s lease by default).
+pub const ADOPT_GRACE: Duration = Duration::from_secs(60);
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -80,6 +90,7 @@ impl Default for EngineConfig {
             max_waiters: 1024,
             lease_history: 4096,
             agent_scan_interval: Duration::ZERO,
+            adopt_grace: ADOPT_GRACE,
         }
     }
 }
@@ -267,7 +278,8 @@ impl Engine {
 
     /// Adopts an agent that already exists (a pod left by a previous instance), `age` old. It
     /// counts toward `maxTotal` at once; `state` is Provisioning (not running yet), Connecting
-    /// (running: it must register within `connectTimeout`) or Terminating (being deleted: gone
+    /// (running: it must register within the longer of `connectTimeout` and
+    /// [`EngineConfig::adopt_grace`], counted from adoption) or Terminating (being deleted: gone
     /// when the backend reports it). False when the pool is unknown or the id is taken.
     pub fn adopt(
         &mut self,
@@ -283,6 +295,7 @@ impl Engine {
         let mut a = Agent::new(id, pool, state, now);
         // maxAge keeps counting across restarts.
         a.created = now.checked_sub(age).unwrap_or(now);
+        a.adopted = true;
         if state == AgentState::Terminating {
             a.terminate_reason = Some(Reason::Shutdown);
         }

@@ -71,13 +71,21 @@ impl Engine {
             .flat_map(|p| p.members.iter().map(move |id| (id, &p.spec)))
             .map(|(id, spec)| (&self.agents[id], spec))
         {
+            // An adopted agent is reconnecting after a restart or a takeover, not starting: it
+            // gets its own grace. An agent known to serve a lease is never a leak: its lease's
+            // TTL bounds how long it is waited for.
+            let connect_limit = if a.adopted {
+                spec.connect_timeout.0.max(self.cfg.adopt_grace)
+            } else {
+                spec.connect_timeout.0
+            };
             match a.state {
-                AgentState::Provisioning
-                    if now.duration_since(a.since) >= spec.connect_timeout.0 =>
-                {
+                _ if a.lease.is_some()
+                    && matches!(a.state, AgentState::Provisioning | AgentState::Connecting) => {}
+                AgentState::Provisioning if now.duration_since(a.since) >= connect_limit => {
                     doomed.push((a.id.clone(), Reason::ProvisionTimeout));
                 }
-                AgentState::Connecting if now.duration_since(a.since) >= spec.connect_timeout.0 => {
+                AgentState::Connecting if now.duration_since(a.since) >= connect_limit => {
                     doomed.push((a.id.clone(), Reason::ConnectTimeout));
                 }
                 AgentState::Idle | AgentState::Leased | AgentState::Cleaning

@@ -171,6 +171,9 @@ pub struct Agent {
     pub terminate_reason: Option<Reason>,
     /// Marked for replacement (outdated template): rotated like an agent past `maxAge`.
     pub retire: bool,
+    /// Adopted from a previous instance and not registered since: it gets
+    /// [`super::EngineConfig::adopt_grace`] to reconnect instead of `connectTimeout`.
+    pub adopted: bool,
 }
 
 impl Agent {
@@ -189,6 +192,7 @@ impl Agent {
             unhealthy: None,
             terminate_reason: None,
             retire: false,
+            adopted: false,
         }
     }
 }

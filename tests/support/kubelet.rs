@@ -8,6 +8,15 @@
 //!   4. when the pod gets a deletionTimestamp, kills the process and removes the pod (grace 0),
 //!      as a kubelet confirms a deletion.
 //!
+//! With [`KubeletOptions`] it behaves more like a real v1.20 kubelet under churn:
+//! - `graceful`: a deletion sends SIGTERM and the container keeps running until it exits (SIGKILL
+//!   after the pod's grace period); the phase is left as it was (a v1.20 kubelet writes no
+//!   terminal phase for a deleted pod) and the object is removed `reclaim` after the container
+//!   stopped (volume teardown: 3-15 s on a real node);
+//! - `lose_every`: every nth pod's node is lost for `lost_for` shortly after it runs: the pod is
+//!   marked `Unknown` (the node controller's part) while its process keeps running, and the
+//!   kubelet writes nothing and confirms no deletion for it until the node is back.
+//!
 //! Everything else (the apiserver, etcd, watches) is real.
 #![allow(dead_code)]
 
@@ -35,13 +44,60 @@ pub struct ProcessKubelet {
     procs: Arc<Mutex<HashMap<String, u32>>>,
 }
 
+/// How the simulated kubelet behaves (see the module docs).
+#[derive(Debug, Clone, Default)]
+pub struct KubeletOptions {
+    /// Delay between binding a pod and starting its process.
+    pub start_delay: Duration,
+    /// Graceful deletion: `Some(reclaim)`, the time between the container stopping and the
+    /// object's removal. None: kill at once and remove (grace 0).
+    pub graceful: Option<Duration>,
+    /// Every nth started pod loses its node (0: never).
+    pub lose_every: u32,
+    /// How long a lost node stays lost.
+    pub lost_for: Duration,
+}
+
+/// Per-pod state shared by the kubelet's tasks.
+#[derive(Default)]
+struct Shared {
+    /// Pods being deleted gracefully: their process exit writes no phase.
+    deleting: std::collections::HashSet<String>,
+    /// Pods whose node is lost, until when.
+    lost_until: HashMap<String, tokio::time::Instant>,
+}
+
+type SharedState = Arc<Mutex<Shared>>;
+
+/// Waits until the pod's node is back (at once when it was never lost).
+async fn node_back(shared: &SharedState, name: &str) {
+    let until = shared.lock().unwrap().lost_until.get(name).copied();
+    if let Some(t) = until {
+        tokio::time::sleep_until(t).await;
+    }
+}
+
 impl ProcessKubelet {
     pub fn start(client: Client, namespace: &str, start_delay: Duration) -> ProcessKubelet {
+        ProcessKubelet::start_with(
+            client,
+            namespace,
+            KubeletOptions {
+                start_delay,
+                ..Default::default()
+            },
+        )
+    }
+
+    pub fn start_with(client: Client, namespace: &str, opts: KubeletOptions) -> ProcessKubelet {
+        let start_delay = opts.start_delay;
         let stop = CancellationToken::new();
         let procs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let shared: SharedState = Arc::default();
         let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let (s, p, ns) = (stop.clone(), procs.clone(), namespace.to_string());
         tokio::spawn(async move {
+            let mut n_started = 0u32;
             let mut stream = watcher::watcher(api.clone(), watcher::Config::default())
                 .default_backoff()
                 .boxed();
@@ -56,10 +112,25 @@ impl ProcessKubelet {
                     Event::Apply(pod) | Event::InitApply(pod) => {
                         let name = pod.name_any();
                         if pod.metadata.deletion_timestamp.is_some() {
-                            kill(&p, &name);
-                            let _ = api
-                                .delete(&name, &DeleteParams::default().grace_period(0))
-                                .await;
+                            match opts.graceful {
+                                Some(reclaim) => {
+                                    if shared.lock().unwrap().deleting.insert(name.clone()) {
+                                        tokio::spawn(delete_gracefully(
+                                            api.clone(),
+                                            pod,
+                                            p.clone(),
+                                            shared.clone(),
+                                            reclaim,
+                                        ));
+                                    }
+                                }
+                                None => {
+                                    kill(&p, &name);
+                                    let _ = api
+                                        .delete(&name, &DeleteParams::default().grace_period(0))
+                                        .await;
+                                }
+                            }
                             continue;
                         }
                         let bound = pod
@@ -86,7 +157,17 @@ impl ProcessKubelet {
                             continue;
                         }
                         if started.insert(name.clone()) {
-                            tokio::spawn(run_pod(api.clone(), pod, p.clone(), start_delay));
+                            n_started += 1;
+                            let lose = opts.lose_every > 0 && n_started % opts.lose_every == 0;
+                            let lose = lose.then_some(opts.lost_for);
+                            tokio::spawn(run_pod(
+                                api.clone(),
+                                pod,
+                                p.clone(),
+                                shared.clone(),
+                                start_delay,
+                                lose,
+                            ));
                         }
                     }
                     Event::Delete(pod) => kill(&p, &pod.name_any()),
@@ -152,11 +233,81 @@ async fn set_phase(api: &Api<Pod>, name: &str, phase: &str) {
         .await;
 }
 
+/// A real kubelet's graceful deletion: SIGTERM, wait for the container (SIGKILL after the
+/// pod's grace period), no phase written, the object removed `reclaim` later. A lost node
+/// acts only once it is back.
+async fn delete_gracefully(
+    api: Api<Pod>,
+    pod: Pod,
+    procs: Arc<Mutex<HashMap<String, u32>>>,
+    shared: SharedState,
+    reclaim: Duration,
+) {
+    let name = pod.name_any();
+    node_back(&shared, &name).await;
+    let grace = Duration::from_secs(
+        pod.metadata
+            .deletion_grace_period_seconds
+            .unwrap_or(30)
+            .max(0) as u64,
+    );
+    let pid = procs.lock().unwrap().get(&name).copied();
+    if let Some(pid) = pid {
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = tokio::time::Instant::now() + grace;
+        while procs.lock().unwrap().contains_key(&name) {
+            if tokio::time::Instant::now() >= deadline {
+                kill(&procs, &name);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokio::time::sleep(reclaim).await;
+    let _ = api
+        .delete(&name, &DeleteParams::default().grace_period(0))
+        .await;
+}
+
+/// Marks the pod Unknown (its node lost) for `lost_for`, then, the node back, reports the
+/// truth again: Running if its process still runs.
+async fn lose_node(
+    api: Api<Pod>,
+    name: String,
+    procs: Arc<Mutex<HashMap<String, u32>>>,
+    shared: SharedState,
+    lost_for: Duration,
+) {
+    // Lost a moment after the pod runs (its agent has connected by then).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let until = tokio::time::Instant::now() + lost_for;
+    shared
+        .lock()
+        .unwrap()
+        .lost_until
+        .insert(name.clone(), until);
+    // Only a pod still running is lost with its node (a finished one keeps its terminal phase).
+    if !procs.lock().unwrap().contains_key(&name) {
+        shared.lock().unwrap().lost_until.remove(&name);
+        return;
+    }
+    // The node controller's write, not the kubelet's.
+    set_phase(&api, &name, "Unknown").await;
+    tokio::time::sleep_until(until).await;
+    let running = procs.lock().unwrap().contains_key(&name);
+    let deleting = shared.lock().unwrap().deleting.contains(&name);
+    if running && !deleting {
+        set_phase(&api, &name, "Running").await;
+    }
+}
+
 async fn run_pod(
     api: Api<Pod>,
     pod: Pod,
     procs: Arc<Mutex<HashMap<String, u32>>>,
+    shared: SharedState,
     delay: Duration,
+    lose: Option<Duration>,
 ) {
     tokio::time::sleep(delay).await;
     let name = pod.name_any();
@@ -203,10 +354,23 @@ async fn run_pod(
         .unwrap()
         .insert(name.clone(), child.id().unwrap_or(0));
     set_phase(&api, &name, "Running").await;
+    if let Some(lost_for) = lose {
+        tokio::spawn(lose_node(
+            api.clone(),
+            name.clone(),
+            procs.clone(),
+            shared.clone(),
+            lost_for,
+        ));
+    }
     let status = child.wait().await;
     let _ = std::fs::remove_dir_all(&ws);
+    let ours = procs.lock().unwrap().remove(&name).is_some();
+    // A lost node reports the exit once it is back.
+    node_back(&shared, &name).await;
     // Killed for a deletion: the pod is going away, nothing to report.
-    if procs.lock().unwrap().remove(&name).is_some() {
+    let deleting = shared.lock().unwrap().deleting.contains(&name);
+    if ours && !deleting {
         let ok = status.map(|s| s.success()).unwrap_or(false);
         set_phase(&api, &name, if ok { "Succeeded" } else { "Failed" }).await;
     }

@@ -7,6 +7,11 @@
 //! become agent events (Running -> started, gone/Failed/Succeeded -> exited). It also writes each
 //! pool's status through the status subresource.
 //!
+//! What `maxTotal` caps (the ResourceQuota rule): every pod whose containers may still run, that
+//! is every pod of the pool in a non-terminal phase (Pending, Running, Unknown), being deleted or
+//! not, plus pods asked for and not yet seen. A pod counts until it is Succeeded, Failed or gone;
+//! so an agent is reported exited only then.
+//!
 //! Layout: this file builds pods and implements [`Backend`]; `watch.rs` adopts and watches;
 //! `status.rs` writes AgentPool statuses.
 //!

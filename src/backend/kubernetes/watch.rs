@@ -310,11 +310,15 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                     .as_ref()
                     .and_then(|s| s.phase.clone())
                     .unwrap_or_default();
+                // Only a terminal phase (or the pod gone) ends an agent's count toward
+                // maxTotal: a pod being deleted, or Unknown (its node lost: its containers may
+                // still run), counts until it is gone. An Unknown pod's agent is judged by its
+                // own connection: heartbeats or the connect deadline end it if it is lost.
                 match phase.as_str() {
                     "Running" if pod.metadata.deletion_timestamp.is_none() => {
                         let _ = events.send(BackendEvent::Started { agent });
                     }
-                    "Failed" | "Succeeded" | "Unknown" => {
+                    "Failed" | "Succeeded" => {
                         let _ = events.send(BackendEvent::Exited {
                             agent: agent.clone(),
                             detail: format!("pod {phase}"),
