@@ -218,6 +218,10 @@ pub struct RunArgs {
     /// Working directory on the agent, relative to its workspace.
     #[arg(long, env = "WARMPOOL_CWD")]
     pub cwd: Option<String>,
+    /// When the connection to the service breaks (a restart, a takeover), keep re-attaching to
+    /// the running command for this long; the command keeps running meanwhile.
+    #[arg(long, env = "WARMPOOL_REATTACH_TIMEOUT", value_parser = dur, default_value = "2m")]
+    pub reattach_timeout: Dur,
     /// Extra environment for the command, KEY=VALUE (repeatable; no env twin: a value may
     /// contain any character, so no delimiter is safe).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]

@@ -55,6 +55,9 @@ pub struct Client {
 impl Client {
     /// A client for `base` (`http://127.0.0.1:7420`), with an optional bearer token.
     pub fn new(base: &str, token: Option<String>) -> Client {
+        // reqwest is built without a default TLS provider (stop-gap until the TLS work lands:
+        // whichever installs it first wins; the call is idempotent).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Client {
             base: base.trim_end_matches('/').to_string(),
             token,
@@ -186,7 +189,9 @@ impl Client {
     }
 
     /// Runs a command on a leased agent over the exec socket. Output is handed to `sink` as it
-    /// arrives; `cancel` resolving sends a cancel (the agent still answers with an exit).
+    /// arrives; `cancel` resolving sends a cancel (the agent still answers with an exit). A
+    /// broken socket is re-attached within [`DEFAULT_REATTACH`] (see [`Client::exec_with`]);
+    /// lost output is only logged.
     pub async fn exec<F, C>(
         &self,
         lease: &str,
@@ -198,6 +203,26 @@ impl Client {
         F: FnMut(Stream, &[u8]),
         C: std::future::Future<Output = ()>,
     {
+        let opts = ExecOptions {
+            reattach: DEFAULT_REATTACH,
+        };
+        self.exec_with(
+            lease,
+            spec,
+            &opts,
+            |o| match o {
+                ExecOutput::Data(stream, data) => sink(stream, data),
+                ExecOutput::Dropped(n) => {
+                    tracing::warn!(lease, bytes = n, "output lost while the agent was away")
+                }
+            },
+            cancel,
+        )
+        .await
+    }
+
+    /// Opens the exec socket of a lease.
+    async fn exec_socket(&self, lease: &str) -> Result<ExecSocket> {
         let url = format!(
             "{}/v1/leases/{lease}/exec",
             self.base.replacen("http", "ws", 1)
@@ -211,13 +236,12 @@ impl Client {
                     .map_err(|e| self.transport(e))?,
             );
         }
-        let (mut ws, _) = match tokio_tungstenite::connect_async_with_config(req, None, true).await
-        {
-            Ok(x) => x,
+        match tokio_tungstenite::connect_async_with_config(req, None, true).await {
+            Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();
                 let body = resp.body().clone().unwrap_or_default();
-                return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Err(match serde_json::from_slice::<ErrorBody>(&body) {
                     Ok(b) => Error::Api {
                         server: self.base.clone(),
                         status,
@@ -225,53 +249,176 @@ impl Client {
                         message: b.error.message,
                     },
                     Err(_) => self.transport(format!("exec socket refused with HTTP {status}")),
-                });
+                })
             }
-            Err(e) => return Err(self.io(e)),
-        };
-        let text = serde_json::to_string(&ClientMessage::Exec(spec)).expect("serialisable");
-        ws.send(Message::Text(text.into()))
-            .await
-            .map_err(|e| self.io(e))?;
-        tokio::pin!(cancel);
-        let mut cancelled = false;
-        loop {
-            let m = tokio::select! {
-                _ = &mut cancel, if !cancelled => {
-                    cancelled = true;
-                    let text = serde_json::to_string(&ClientMessage::Cancel).expect("serialisable");
-                    let _ = ws.send(Message::Text(text.into())).await;
-                    continue;
-                }
-                m = ws.next() => m,
-            };
-            match m {
-                None => return Err(self.transport("exec socket closed before the exit")),
-                Some(Err(e)) => return Err(self.transport(e)),
-                Some(Ok(Message::Binary(b))) => {
-                    let (stream, _, data) = decode_output(&b).map_err(|e| self.transport(e))?;
-                    sink(stream, data);
-                }
-                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMessage>(&t) {
-                    Ok(ServerMessage::Started { .. }) => {}
-                    Ok(ServerMessage::Exit(st)) => return Ok(st),
-                    Ok(ServerMessage::Error { code, message }) => {
-                        return Err(Error::Api {
-                            server: self.base.clone(),
-                            status: StatusCode::OK.as_u16(),
-                            code,
-                            message,
-                        });
-                    }
-                    Err(e) => return Err(self.transport(format!("bad exec message: {e}"))),
-                },
-                Some(Ok(Message::Close(_))) => {
-                    return Err(self.transport("exec socket closed before the exit"));
-                }
-                Some(Ok(_)) => {}
-            }
+            Err(e) => Err(self.io(e)),
         }
     }
+
+    /// Like [`Client::exec`], with options and every output event. When the socket breaks
+    /// after the command started (the service restarts, a proxy drops the connection, a
+    /// standby takes over), it re-attaches with the exec id and the count of bytes received,
+    /// retrying with backoff for up to `opts.reattach`, so `sink` sees one uninterrupted
+    /// stream (or an [`ExecOutput::Dropped`] where the agent's buffer overflowed).
+    pub async fn exec_with<F, C>(
+        &self,
+        lease: &str,
+        spec: ExecSpec,
+        opts: &ExecOptions,
+        mut sink: F,
+        cancel: C,
+    ) -> Result<ExitStatus>
+    where
+        F: FnMut(ExecOutput<'_>),
+        C: std::future::Future<Output = ()>,
+    {
+        tokio::pin!(cancel);
+        let mut cancel_wanted = false;
+        let mut exec_id: Option<u64> = None;
+        let mut offset: u64 = 0;
+        let mut lost: Option<(tokio::time::Instant, String)> = None;
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if let Some((since, why)) = &lost {
+                if since.elapsed() >= opts.reattach {
+                    return Err(self.transport(format!(
+                        "lost the exec socket of lease {lease} and could not re-attach within {:?}: {why}",
+                        opts.reattach
+                    )));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = &mut cancel, if !cancel_wanted => cancel_wanted = true,
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            let mut ws = match self.exec_socket(lease).await {
+                Ok(ws) => ws,
+                Err(e) if exec_id.is_some() && retryable(&e) => {
+                    tracing::debug!(lease, error = %e, "re-attach failed; retrying");
+                    let why = e.to_string();
+                    lost.get_or_insert((tokio::time::Instant::now(), why)).1 = e.to_string();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let first = match exec_id {
+                None => ClientMessage::Exec(spec.clone()),
+                Some(exec_id) => ClientMessage::Attach { exec_id, offset },
+            };
+            let mut sent = ws.send(json_msg(&first)).await.map(|_| ());
+            if sent.is_ok() && cancel_wanted && exec_id.is_some() {
+                sent = ws.send(json_msg(&ClientMessage::Cancel)).await;
+            }
+            if let Err(e) = sent {
+                if exec_id.is_none() {
+                    return Err(self.io(e));
+                }
+                lost.get_or_insert((tokio::time::Instant::now(), e.to_string()));
+                continue;
+            }
+            // Why this socket ended without an exit, when it may be re-attached.
+            let why: String = loop {
+                let m = tokio::select! {
+                    _ = &mut cancel, if !cancel_wanted => {
+                        cancel_wanted = true;
+                        let _ = ws.send(json_msg(&ClientMessage::Cancel)).await;
+                        continue;
+                    }
+                    m = ws.next() => m,
+                };
+                match m {
+                    None => break "exec socket closed before the exit".into(),
+                    Some(Err(e)) => break e.to_string(),
+                    Some(Ok(Message::Binary(b))) => {
+                        let (stream, _, data) = decode_output(&b).map_err(|e| self.transport(e))?;
+                        offset += data.len() as u64;
+                        sink(ExecOutput::Data(stream, data));
+                    }
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMessage>(&t) {
+                        Ok(ServerMessage::Started { exec_id: id, .. }) => exec_id = Some(id),
+                        Ok(ServerMessage::Attached {
+                            offset: at,
+                            dropped,
+                            ..
+                        }) => {
+                            lost = None;
+                            pause = Duration::from_millis(100);
+                            let gap = at.saturating_sub(offset).max(dropped);
+                            if gap > 0 {
+                                sink(ExecOutput::Dropped(gap));
+                            }
+                            offset = at;
+                        }
+                        Ok(ServerMessage::Dropped { bytes, .. }) => {
+                            sink(ExecOutput::Dropped(bytes));
+                            offset += bytes;
+                        }
+                        Ok(ServerMessage::Exit(st)) => return Ok(st),
+                        Ok(ServerMessage::Error { code, message })
+                            if code == "service_restarting" && exec_id.is_some() =>
+                        {
+                            break message;
+                        }
+                        Ok(ServerMessage::Error { code, message }) => {
+                            return Err(Error::Api {
+                                server: self.base.clone(),
+                                status: StatusCode::OK.as_u16(),
+                                code,
+                                message,
+                            });
+                        }
+                        Err(e) => return Err(self.transport(format!("bad exec message: {e}"))),
+                    },
+                    Some(Ok(Message::Close(_))) => {
+                        break "exec socket closed before the exit".into();
+                    }
+                    Some(Ok(_)) => {}
+                }
+            };
+            if exec_id.is_none() {
+                return Err(self.transport(why));
+            }
+            tracing::debug!(lease, why = %why, offset, "exec socket lost; re-attaching");
+            lost.get_or_insert((tokio::time::Instant::now(), why));
+        }
+    }
+}
+
+type ExecSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn json_msg(m: &ClientMessage) -> Message {
+    Message::Text(serde_json::to_string(m).expect("serialisable").into())
+}
+
+/// True for errors a restarting service or a takeover answers for a while: no connection,
+/// 503 (a standby, or an instance still adopting), 404 (a new instance that has not yet
+/// restored the lease from its agent), 502/504 (a proxy with no backend).
+fn retryable(e: &Error) -> bool {
+    match e {
+        Error::Transport { .. } => true,
+        Error::Api { status, .. } => matches!(status, 404 | 502 | 503 | 504),
+    }
+}
+
+/// How long [`Client::exec`] tries to re-attach a broken exec socket.
+pub const DEFAULT_REATTACH: Duration = Duration::from_secs(120);
+
+/// Options of [`Client::exec_with`].
+#[derive(Debug, Clone)]
+pub struct ExecOptions {
+    /// How long to keep trying to re-attach after the socket broke.
+    pub reattach: Duration,
+}
+
+/// What [`Client::exec_with`] hands to its sink.
+#[derive(Debug)]
+pub enum ExecOutput<'a> {
+    /// Bytes the command wrote.
+    Data(Stream, &'a [u8]),
+    /// This many bytes are lost here (the agent's buffer overflowed while nobody read it).
+    Dropped(u64),
 }
 
 /// What `warmpool run` does.
@@ -287,6 +434,8 @@ pub struct RunOptions {
     pub holder: String,
     /// The command.
     pub spec: ExecSpec,
+    /// How long to keep re-attaching when the exec socket breaks (service restart).
+    pub reattach: Duration,
 }
 
 /// Leases, runs, streams, releases; returns the job's exit code (128+signal when killed).
@@ -307,22 +456,39 @@ pub async fn run_job(client: &Client, opts: RunOptions) -> Result<i32> {
             let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 iv.tick().await;
-                if let Err(e) = c.renew(&id).await {
-                    tracing::warn!(lease = %id, error = %e, "renewal failed");
+                match c.renew(&id).await {
+                    Ok(_) => {}
+                    // A restart or takeover in progress: the next renewal gets through.
+                    Err(e) if retryable(&e) => {
+                        tracing::debug!(lease = %id, error = %e, "renewal failed; retrying")
+                    }
+                    Err(e) => tracing::warn!(lease = %id, error = %e, "renewal failed"),
                 }
             }
         })
     };
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
+    let exec_opts = ExecOptions {
+        reattach: opts.reattach,
+    };
     let result = client
-        .exec(
+        .exec_with(
             &lease.id,
             opts.spec,
-            |stream, data| {
-                let _ = match stream {
-                    Stream::Stdout => stdout.write_all(data).and_then(|_| stdout.flush()),
-                    Stream::Stderr => stderr.write_all(data).and_then(|_| stderr.flush()),
+            &exec_opts,
+            |o| {
+                let _ = match o {
+                    ExecOutput::Data(Stream::Stdout, data) => {
+                        stdout.write_all(data).and_then(|_| stdout.flush())
+                    }
+                    ExecOutput::Data(Stream::Stderr, data) => {
+                        stderr.write_all(data).and_then(|_| stderr.flush())
+                    }
+                    ExecOutput::Dropped(n) => writeln!(
+                        stderr,
+                        "warmpool: {n} bytes of output were lost (the agent's buffer overflowed while the service was unreachable)"
+                    ),
                 };
             },
             async {

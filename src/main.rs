@@ -167,6 +167,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     cwd: a.cwd,
                     timeout_ms: a.timeout.map(|t| t.0.as_millis() as u64),
                 },
+                reattach: a.reattach_timeout.0,
             };
             let code = client::run_job(&c, opts).await?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))

@@ -80,6 +80,12 @@ pub enum AgentMessage {
         /// Health at connect time.
         #[serde(default)]
         health: Health,
+        /// The execs this agent still holds (running, or finished with output or an exit the
+        /// hub may not have received). Present, even empty, when the agent keeps execs across
+        /// connections and answers `attach`; absent from agents that do not (they stop their
+        /// execs when the connection drops): the hub tells the two apart by this field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        execs: Option<Vec<ExecReport>>,
     },
     /// Periodic liveness with health.
     Heartbeat {
@@ -94,6 +100,21 @@ pub enum AgentMessage {
         /// How it ended.
         #[serde(flatten)]
         status: ExitStatus,
+    },
+    /// The answer to `attach`: the exec's output follows from `offset` (then its `exit`).
+    /// Sent only to a hub that sent `attach`.
+    Attached {
+        /// The exec.
+        exec_id: u64,
+        /// Where the output resumes: the offset asked for, or the oldest byte still buffered.
+        #[serde(default)]
+        offset: u64,
+        /// Bytes between the offset asked for and `offset` that the buffer no longer holds.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
+        /// Set when the agent has no such exec; nothing follows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// Cleanup after a release finished; the agent is ready for the next lease.
     Ready {
@@ -134,6 +155,15 @@ pub enum HubMessage {
         /// What to run.
         #[serde(flatten)]
         spec: ExecSpec,
+    },
+    /// Send an exec's output again from byte `offset` of its output (stdout and stderr counted
+    /// together, in the order written), then its exit. Sent to agents whose `hello` had
+    /// `execs`, after a reconnect or when an exec client re-attaches.
+    Attach {
+        /// The exec.
+        exec_id: u64,
+        /// Bytes of output the hub already has.
+        offset: u64,
     },
     /// Stop a running exec (its whole process group).
     Cancel {
@@ -225,12 +255,48 @@ impl ExitStatus {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One exec an agent holds, as reported in `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecReport {
+    /// The exec.
+    pub exec_id: u64,
+    /// The lease it runs for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Still running (otherwise its exit is kept until the next exec or the release).
+    #[serde(default)]
+    pub running: bool,
+    /// Offset of the oldest output byte still buffered.
+    #[serde(default)]
+    pub first: u64,
+    /// Offset of the next output byte (bytes written so far).
+    #[serde(default)]
+    pub next: u64,
+}
+
 /// Messages `warmpool run` sends on the exec socket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum ClientMessage {
     /// Start the command.
     Exec(ExecSpec),
+    /// Re-attach to a command started earlier on this lease (after the service restarted or
+    /// the socket broke): its output follows from byte `offset`, then its exit.
+    Attach {
+        /// The exec id from `started`.
+        exec_id: u64,
+        /// Bytes of output already received (stdout and stderr together).
+        offset: u64,
+    },
     /// Stop it.
     Cancel,
 }
@@ -249,6 +315,25 @@ pub enum ServerMessage {
         exec_id: u64,
         /// The agent running it.
         agent: String,
+    },
+    /// The answer to `attach`: output follows from `offset`.
+    Attached {
+        /// The exec.
+        exec_id: u64,
+        /// The agent running it.
+        agent: String,
+        /// Where the output resumes.
+        offset: u64,
+        /// Bytes between the client's offset and `offset` that are lost (the agent's buffer
+        /// overflowed while nobody read it).
+        dropped: u64,
+    },
+    /// Output was lost here: the agent's buffer overflowed while its connection was down.
+    Dropped {
+        /// The exec.
+        exec_id: u64,
+        /// How many bytes.
+        bytes: u64,
     },
     /// The command finished.
     Exit(ExitStatus),

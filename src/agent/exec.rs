@@ -1,7 +1,8 @@
-//! Runs one exec on the agent: its own process group in the workspace, output streamed as binary
-//! frames, timeout and cancel enforced on the whole group.
+//! Runs one exec on the agent: its own process group in the workspace, output written into its
+//! [`Job`] buffer (the session streams it from there), timeout and cancel enforced on the whole
+//! group.
 //!
-//! Owns nothing beyond the one child process; the session decides when to run and cancel.
+//! Owns nothing beyond the one child process; the agent decides when to run and cancel.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -11,11 +12,10 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
-use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::watch;
 
-use crate::protocol::{ExecSpec, ExitStatus, OUTPUT_CHUNK_BYTES, Stream, encode_output};
+use super::job::Job;
+use crate::protocol::{ExecSpec, ExitStatus, OUTPUT_CHUNK_BYTES, Stream};
 
 /// Time a cancelled job gets between SIGTERM and SIGKILL.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -28,8 +28,7 @@ pub const DRAIN_IDLE: Duration = Duration::from_millis(500);
 async fn pump<R: AsyncRead + Unpin>(
     mut r: R,
     stream: Stream,
-    exec_id: u64,
-    out: mpsc::Sender<Message>,
+    job: Arc<Job>,
     mut exited: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; OUTPUT_CHUNK_BYTES];
@@ -43,13 +42,8 @@ async fn pump<R: AsyncRead + Unpin>(
         };
         match n {
             Ok(0) | Err(_) => return,
-            Ok(n) => {
-                let frame = encode_output(stream, exec_id, &buf[..n]);
-                // Backpressure: wait for the writer however long it takes.
-                if out.send(Message::Binary(frame.into())).await.is_err() {
-                    return;
-                }
-            }
+            // Backpressure: waits for an attached reader however long it takes.
+            Ok(n) => job.write(stream, &buf[..n]).await,
         }
     }
 }
@@ -61,16 +55,15 @@ fn killpg(pgid: i32, sig: i32) {
     }
 }
 
-/// Runs `spec`; output frames go to `out`, the returned status is the exit to report.
+/// Runs `spec`; its output goes into `job`, the returned status is the exit to report.
 /// `pids` holds the job's leader pid while it runs (so housekeeping leaves it alone).
 pub async fn run(
-    exec_id: u64,
+    job: Arc<Job>,
     spec: ExecSpec,
     workspace: &Path,
-    out: mpsc::Sender<Message>,
-    cancel: CancellationToken,
     pids: Arc<Mutex<HashSet<i32>>>,
 ) -> ExitStatus {
+    let cancel = job.cancel.clone();
     let mut cmd = match (&spec.argv, &spec.script) {
         (Some(argv), _) if !argv.is_empty() => {
             let mut c = Command::new(&argv[0]);
@@ -121,15 +114,13 @@ pub async fn run(
         tokio::spawn(pump(
             child.stdout.take().expect("piped"),
             Stream::Stdout,
-            exec_id,
-            out.clone(),
+            job.clone(),
             exited.clone(),
         )),
         tokio::spawn(pump(
             child.stderr.take().expect("piped"),
             Stream::Stderr,
-            exec_id,
-            out,
+            job.clone(),
             exited,
         )),
     ];

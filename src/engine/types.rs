@@ -162,6 +162,9 @@ pub struct Agent {
     pub terminate_reason: Option<Reason>,
     /// Marked for replacement (outdated template): rotated like an agent past `maxAge`.
     pub retire: bool,
+    /// Its connection dropped while leased, and it keeps its job across connections: it keeps
+    /// its state and may register again until the heartbeat timeout.
+    pub away: bool,
 }
 
 impl Agent {
@@ -180,6 +183,7 @@ impl Agent {
             unhealthy: None,
             terminate_reason: None,
             retire: false,
+            away: false,
         }
     }
 }
