@@ -647,6 +647,14 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                 }
             }
             m = socket.recv() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    // Stdin for the command: passed on as it is, for this exec only.
+                    if let Ok((crate::protocol::Stream::Stdin, id, _)) = crate::protocol::decode_output(&b)
+                        && id == exec_id
+                    {
+                        svc.hub.send_stdin(&lease.agent, b).await;
+                    }
+                }
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(ClientMessage::Cancel) = serde_json::from_str::<ClientMessage>(&t) {
                         // Keep the route: the agent answers with an exit (cancelled).

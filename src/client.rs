@@ -14,7 +14,9 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::api::{CreateLease, ErrorBody, LeaseView};
 use crate::engine::PoolStatus;
-use crate::protocol::{ClientMessage, ExecSpec, ExitStatus, ServerMessage, Stream, decode_output};
+use crate::protocol::{
+    ClientMessage, ExecSpec, ExitStatus, ServerMessage, Stream, decode_output, encode_output,
+};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -205,11 +207,12 @@ impl Client {
     {
         let opts = ExecOptions {
             reattach: DEFAULT_REATTACH,
+            stdin: None,
         };
         self.exec_with(
             lease,
             spec,
-            &opts,
+            opts,
             |o| match o {
                 ExecOutput::Data(stream, data) => sink(stream, data),
                 ExecOutput::Dropped(n) => {
@@ -263,8 +266,8 @@ impl Client {
     pub async fn exec_with<F, C>(
         &self,
         lease: &str,
-        spec: ExecSpec,
-        opts: &ExecOptions,
+        mut spec: ExecSpec,
+        mut opts: ExecOptions,
         mut sink: F,
         cancel: C,
     ) -> Result<ExitStatus>
@@ -273,6 +276,8 @@ impl Client {
         C: std::future::Future<Output = ()>,
     {
         tokio::pin!(cancel);
+        spec.stdin = opts.stdin.is_some();
+        let mut stdin = opts.stdin.take();
         let mut cancel_wanted = false;
         let mut exec_id: Option<u64> = None;
         let mut offset: u64 = 0;
@@ -325,6 +330,20 @@ impl Client {
                         let _ = ws.send(json_msg(&ClientMessage::Cancel)).await;
                         continue;
                     }
+                    // Stdin once the exec id is known; the end is an empty frame. (Bytes in
+                    // flight when a socket breaks are not sent again.)
+                    chunk = async { stdin.as_mut().expect("guarded").recv().await },
+                        if stdin.is_some() && exec_id.is_some() =>
+                    {
+                        let data = chunk.unwrap_or_default();
+                        if data.is_empty() {
+                            stdin = None;
+                        }
+                        let id = exec_id.expect("guarded");
+                        let frame = encode_output(Stream::Stdin, id, &data);
+                        let _ = ws.send(Message::Binary(frame.into())).await;
+                        continue;
+                    }
                     m = ws.next() => m,
                 };
                 match m {
@@ -332,6 +351,9 @@ impl Client {
                     Some(Err(e)) => break e.to_string(),
                     Some(Ok(Message::Binary(b))) => {
                         let (stream, _, data) = decode_output(&b).map_err(|e| self.transport(e))?;
+                        if stream == Stream::Stdin {
+                            continue;
+                        }
                         offset += data.len() as u64;
                         sink(ExecOutput::Data(stream, data));
                     }
@@ -406,10 +428,35 @@ fn retryable(e: &Error) -> bool {
 pub const DEFAULT_REATTACH: Duration = Duration::from_secs(120);
 
 /// Options of [`Client::exec_with`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ExecOptions {
     /// How long to keep trying to re-attach after the socket broke.
     pub reattach: Duration,
+    /// Input for the command, chunk by chunk; an empty chunk or the sender's end closes it.
+    /// Without it the command's stdin is empty.
+    pub stdin: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+}
+
+/// Reads this process's stdin on a thread of its own (a blocked read never holds up exit)
+/// into chunks for [`ExecOptions::stdin`]; the end of input is an empty chunk.
+pub fn forward_stdin() -> tokio::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut input = std::io::stdin().lock();
+        let mut buf = vec![0u8; crate::protocol::OUTPUT_CHUNK_BYTES];
+        loop {
+            let n = match input.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => 0,
+            };
+            if tx.blocking_send(buf[..n].to_vec()).is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// What [`Client::exec_with`] hands to its sink.
@@ -436,6 +483,8 @@ pub struct RunOptions {
     pub spec: ExecSpec,
     /// How long to keep re-attaching when the exec socket breaks (service restart).
     pub reattach: Duration,
+    /// Forward this process's stdin to the command (EOF included).
+    pub stdin: bool,
 }
 
 /// Leases, runs, streams, releases; returns the job's exit code (128+signal when killed).
@@ -467,36 +516,51 @@ pub async fn run_job(client: &Client, opts: RunOptions) -> Result<i32> {
             }
         })
     };
+    // Set when this process is told to stop (a signal, or its stdout closed): the command is
+    // cancelled, the lease released at once, and the exit code is what a shell reports for
+    // the signal (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP, 141 closed pipe).
+    let stdout_closed = tokio_util::sync::CancellationToken::new();
+    let stopped_by = std::sync::Mutex::new(None::<i32>);
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
     let exec_opts = ExecOptions {
         reattach: opts.reattach,
+        stdin: opts.stdin.then(forward_stdin),
     };
     let result = client
         .exec_with(
             &lease.id,
             opts.spec,
-            &exec_opts,
-            |o| {
-                let _ = match o {
-                    ExecOutput::Data(Stream::Stdout, data) => {
-                        stdout.write_all(data).and_then(|_| stdout.flush())
+            exec_opts,
+            |o| match o {
+                ExecOutput::Data(Stream::Stdout, data) => {
+                    if !stdout_closed.is_cancelled()
+                        && let Err(e) = stdout.write_all(data).and_then(|_| stdout.flush())
+                        && e.kind() == std::io::ErrorKind::BrokenPipe
+                    {
+                        stdout_closed.cancel();
                     }
-                    ExecOutput::Data(Stream::Stderr, data) => {
-                        stderr.write_all(data).and_then(|_| stderr.flush())
-                    }
-                    ExecOutput::Dropped(n) => writeln!(
+                }
+                ExecOutput::Data(_, data) => {
+                    let _ = stderr.write_all(data).and_then(|_| stderr.flush());
+                }
+                ExecOutput::Dropped(n) => {
+                    let _ = writeln!(
                         stderr,
                         "warmpool: {n} bytes of output were lost (the agent's buffer overflowed while the service was unreachable)"
-                    ),
-                };
+                    );
+                }
             },
             async {
-                let _ = tokio::signal::ctrl_c().await;
-                eprintln!(
-                    "warmpool: interrupted; cancelling the command on {}",
-                    lease.agent
-                );
+                let (code, what) = stop_signal(&stdout_closed).await;
+                *stopped_by.lock().expect("lock") = Some(code);
+                // A closed stdout is a normal end of a pipeline (`| head`): nothing to say.
+                if code != 128 + libc::SIGPIPE {
+                    eprintln!(
+                        "warmpool: {what}; cancelling the command on {}",
+                        lease.agent
+                    );
+                }
             },
         )
         .await;
@@ -508,13 +572,36 @@ pub async fn run_job(client: &Client, opts: RunOptions) -> Result<i32> {
         }
     }
     let status = result?;
+    if let Some(code) = *stopped_by.lock().expect("lock") {
+        return Ok(code);
+    }
     if let Some(err) = &status.error {
-        eprintln!("warmpool: {err}");
+        eprintln!("warmpool: {err} (agent {})", lease.agent);
     }
     if status.timed_out {
         eprintln!("warmpool: command timed out on {}", lease.agent);
     }
     Ok(status.shell_code())
+}
+
+/// Waits for a reason to stop: SIGINT, SIGTERM (how CI runners cancel), SIGHUP (the terminal
+/// went away), or stdout closed. Returns the shell's exit code for it and a description.
+async fn stop_signal(stdout_closed: &tokio_util::sync::CancellationToken) -> (i32, &'static str) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        std::future::pending::<()>().await;
+        unreachable!("pending never resolves");
+    };
+    tokio::select! {
+        _ = int.recv() => (128 + libc::SIGINT, "interrupted"),
+        _ = term.recv() => (128 + libc::SIGTERM, "terminated"),
+        _ = hup.recv() => (128 + libc::SIGHUP, "hung up"),
+        _ = stdout_closed.cancelled() => (128 + libc::SIGPIPE, "stdout closed"),
+    }
 }
 
 /// Renders pools as the `status` table.

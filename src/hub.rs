@@ -51,6 +51,7 @@ pub enum ExecEvent {
 
 enum Outbound {
     Msg(HubMessage),
+    Binary(bytes::Bytes),
 }
 
 /// Where one agent's exec output goes. Kept by agent id, across the agent's connections.
@@ -262,6 +263,19 @@ impl Hub {
             return Err(ExecStartError::Slow(agent.to_string()));
         }
         Ok(rx)
+    }
+
+    /// Hands a stdin frame of an exec client to its agent, waiting for room in the agent's
+    /// queue (the agent reads its socket at once, so this only paces a fast client). Dropped
+    /// when the agent is not connected.
+    pub async fn send_stdin(&self, agent: &str, frame: bytes::Bytes) {
+        let Some(conn) = self.conns.get(agent).map(|c| c.clone()) else {
+            return;
+        };
+        tokio::select! {
+            _ = conn.tx.send(Outbound::Binary(frame)) => {}
+            _ = conn.kill.cancelled() => {}
+        }
     }
 
     /// Asks the agent to stop an exec and forgets its route.
@@ -500,9 +514,14 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             tokio::select! {
                 _ = writer_conn.kill.cancelled() => break,
                 m = rx.recv() => {
-                    let Some(Outbound::Msg(m)) = m else { break };
-                    let text = serde_json::to_string(&m).expect("serialisable");
-                    if sink.send(Message::Text(text.into())).await.is_err() { break; }
+                    let m = match m {
+                        Some(Outbound::Msg(m)) => {
+                            Message::Text(serde_json::to_string(&m).expect("serialisable").into())
+                        }
+                        Some(Outbound::Binary(b)) => Message::Binary(b),
+                        None => break,
+                    };
+                    if sink.send(m).await.is_err() { break; }
                 }
             }
         }
@@ -700,8 +719,11 @@ async fn handle(
             }
         }
         Message::Binary(b) => {
-            let (_, exec_id, data) = protocol::decode_output(&b)
+            let (stream, exec_id, data) = protocol::decode_output(&b)
                 .map_err(|e| ("malformed", format!("bad output frame: {e}")))?;
+            if stream == protocol::Stream::Stdin {
+                return Err(("malformed", "an agent sent a stdin frame".into()));
+            }
             // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads
             // it (the agent still holds it for a client that re-attaches).
             if let Some(tx) = svc.hub.route(agent, exec_id, data.len(), false) {

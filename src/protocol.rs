@@ -201,12 +201,16 @@ pub struct ExecSpec {
     /// Extra environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Working directory, relative to the workspace (absolute paths are used as given).
+    /// Working directory, relative to the workspace and inside it (see [`check_cwd`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     /// Kill the process group after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// The client sends stdin (binary frames of stream 0; an empty one is the end): the command
+    /// reads it from a pipe. Otherwise its stdin is empty (`/dev/null`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
 }
 
 impl ExecSpec {
@@ -218,9 +222,39 @@ impl ExecSpec {
             (Some(a), None) if a.is_empty() || a[0].is_empty() => {
                 Err("argv must name a program".into())
             }
-            _ => Ok(()),
+            _ => match &self.cwd {
+                Some(c) => check_cwd(c),
+                None => Ok(()),
+            },
         }
     }
+}
+
+/// Checks a working directory stays inside the workspace as written: relative, and no `..`
+/// climbing above it. (The agent also resolves symlinks before running.)
+pub fn check_cwd(cwd: &str) -> Result<(), String> {
+    use std::path::Component;
+    let mut depth: i32 = 0;
+    for c in std::path::Path::new(cwd).components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "cwd {cwd} is absolute; give a directory relative to the agent's workspace"
+                ));
+            }
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!(
+                        "cwd {cwd} leads outside the agent's workspace; give a directory inside it"
+                    ));
+                }
+            }
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+        }
+    }
+    Ok(())
 }
 
 /// How an exec ended.
@@ -346,9 +380,11 @@ pub enum ServerMessage {
     },
 }
 
-/// Output stream of a binary frame.
+/// Stream of a binary frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
+    /// Standard input, from the exec client to the command (an empty frame ends it).
+    Stdin = 0,
     /// Standard output.
     Stdout = 1,
     /// Standard error.
@@ -366,7 +402,7 @@ pub enum FrameError {
     UnknownStream(u8),
 }
 
-/// Encodes one output frame.
+/// Encodes one frame (output, or stdin from a client).
 pub fn encode_output(stream: Stream, exec_id: u64, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(OUTPUT_HEADER_BYTES + data.len());
     out.push(stream as u8);
@@ -381,6 +417,7 @@ pub fn decode_output(frame: &[u8]) -> Result<(Stream, u64, &[u8]), FrameError> {
         return Err(FrameError::Short(frame.len()));
     }
     let stream = match frame[0] {
+        0 => Stream::Stdin,
         1 => Stream::Stdout,
         2 => Stream::Stderr,
         other => return Err(FrameError::UnknownStream(other)),
@@ -457,6 +494,19 @@ mod tests {
             ..Default::default()
         };
         assert!(empty.validate().is_err());
+        let cwd = |c: &str| {
+            ExecSpec {
+                script: Some("true".into()),
+                cwd: Some(c.into()),
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert!(cwd("src/a/../b").is_ok());
+        assert!(cwd("./src").is_ok());
+        assert!(cwd("/etc").unwrap_err().contains("absolute"));
+        assert!(cwd("../../..").unwrap_err().contains("outside"));
+        assert!(cwd("src/../../x").unwrap_err().contains("outside"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! Owns nothing beyond the one child process; the agent decides when to run and cancel.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +55,37 @@ fn killpg(pgid: i32, sig: i32) {
     }
 }
 
+/// The directory an exec runs in: `cwd` inside the workspace (relative, and still inside once
+/// `..` and symlinks are resolved), which must exist. The error says which rule it broke.
+pub fn working_dir(workspace: &Path, cwd: Option<&str>) -> Result<PathBuf, String> {
+    let Some(c) = cwd.filter(|c| !c.is_empty()) else {
+        return Ok(workspace.to_path_buf());
+    };
+    crate::protocol::check_cwd(c)?;
+    let dir = workspace.join(c);
+    let real = match dir.canonicalize() {
+        Ok(r) => r,
+        Err(_) => {
+            return Err(format!(
+                "working directory {c} does not exist in the workspace"
+            ));
+        }
+    };
+    let root = workspace
+        .canonicalize()
+        .unwrap_or_else(|_| workspace.to_path_buf());
+    if !real.starts_with(&root) {
+        return Err(format!(
+            "working directory {c} leads outside the workspace (to {})",
+            real.display()
+        ));
+    }
+    if !real.is_dir() {
+        return Err(format!("working directory {c} is not a directory"));
+    }
+    Ok(real)
+}
+
 /// Runs `spec`; its output goes into `job`, the returned status is the exit to report.
 /// `pids` holds the job's leader pid while it runs (so housekeeping leaves it alone).
 pub async fn run(
@@ -82,14 +113,24 @@ pub async fn run(
             };
         }
     };
-    let cwd = match &spec.cwd {
-        Some(c) if Path::new(c).is_absolute() => Path::new(c).to_path_buf(),
-        Some(c) => workspace.join(c),
-        None => workspace.to_path_buf(),
+    let cwd = match working_dir(workspace, spec.cwd.as_deref()) {
+        Ok(c) => c,
+        Err(error) => {
+            return ExitStatus {
+                // What a shell's failed `cd` exits with: not a missing command.
+                code: Some(1),
+                error: Some(error),
+                ..Default::default()
+            };
+        }
     };
     cmd.current_dir(&cwd)
         .envs(&spec.env)
-        .stdin(Stdio::null())
+        .stdin(if spec.stdin {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     cmd.process_group(0).kill_on_drop(true);
@@ -101,13 +142,30 @@ pub async fn run(
                 .as_ref()
                 .map(|a| a[0].clone())
                 .unwrap_or_else(|| "sh".into());
+            // As a shell reports it: 126 found but not executable, 127 not found.
+            let code = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => 126,
+                _ => 127,
+            };
             return ExitStatus {
+                code: Some(code),
                 error: Some(format!("cannot start {what} in {}: {e}", cwd.display())),
                 ..Default::default()
             };
         }
     };
     let pid = child.id().unwrap_or(0) as i32;
+    if let (Some(mut pipe), Some(mut input)) = (child.stdin.take(), job.take_stdin()) {
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // Ends at the end of stdin (an empty chunk), or when the command stops reading.
+            while let Some(chunk) = input.recv().await {
+                if chunk.is_empty() || pipe.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
     pids.lock().expect("lock").insert(pid);
     let (exited_tx, exited) = watch::channel(false);
     let readers = [
@@ -168,4 +226,31 @@ pub async fn run(
         Err(e) => st.error = Some(format!("wait failed: {e}")),
     }
     st
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn working_dirs_stay_inside_the_workspace() {
+        let ws = tempfile::tempdir().unwrap();
+        std::fs::create_dir(ws.path().join("src")).unwrap();
+        std::fs::write(ws.path().join("file"), "").unwrap();
+        std::os::unix::fs::symlink("/", ws.path().join("up")).unwrap();
+        let wd = |c: Option<&str>| working_dir(ws.path(), c);
+        let root = ws.path().canonicalize().unwrap();
+        assert_eq!(wd(None).unwrap(), ws.path());
+        assert_eq!(wd(Some("src")).unwrap(), root.join("src"));
+        assert_eq!(wd(Some("src/..")).unwrap(), root);
+        assert!(wd(Some("/etc")).unwrap_err().contains("absolute"));
+        assert!(wd(Some("..")).unwrap_err().contains("outside"));
+        assert!(
+            wd(Some("up"))
+                .unwrap_err()
+                .contains("outside the workspace")
+        );
+        assert!(wd(Some("nope")).unwrap_err().contains("does not exist"));
+        assert!(wd(Some("file")).unwrap_err().contains("not a directory"));
+    }
 }

@@ -122,11 +122,16 @@ pub struct Job {
     state: Mutex<State>,
     changed: watch::Sender<()>,
     generation: AtomicU64,
+    /// Where stdin frames go (an empty chunk ends it), queued from the start: input may
+    /// arrive before the command is spawned.
+    stdin: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
+    stdin_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
 }
 
 impl Job {
     /// A job with an empty buffer of `cap` bytes.
     pub fn new(id: u64, lease: Option<String>, cap: usize) -> Job {
+        let (stdin_tx, stdin_rx) = mpsc::unbounded_channel();
         Job {
             id,
             lease,
@@ -138,6 +143,24 @@ impl Job {
             }),
             changed: watch::Sender::new(()),
             generation: AtomicU64::new(0),
+            stdin: Mutex::new(Some(stdin_tx)),
+            stdin_rx: Mutex::new(Some(stdin_rx)),
+        }
+    }
+
+    /// The input queued for the command's stdin pipe (once).
+    pub fn take_stdin(&self) -> Option<mpsc::UnboundedReceiver<Vec<u8>>> {
+        self.stdin_rx.lock().expect("lock").take()
+    }
+
+    /// Input for the command; an empty chunk closes its stdin. Ignored once it is closed.
+    pub fn stdin(&self, data: &[u8]) {
+        let mut s = self.stdin.lock().expect("lock");
+        if let Some(tx) = s.as_ref() {
+            let _ = tx.send(data.to_vec());
+        }
+        if data.is_empty() {
+            s.take();
         }
     }
 

@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use self::job::Job;
 use crate::engine::Health;
 use crate::procs;
-use crate::protocol::{AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, close};
+use crate::protocol::{
+    AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, Stream, close, decode_output,
+};
 
 /// Errors of one agent session.
 #[derive(Debug, thiserror::Error)]
@@ -289,6 +291,15 @@ async fn session(
         };
         let text = match msg {
             Message::Text(t) => t,
+            Message::Binary(b) => {
+                if let Ok((Stream::Stdin, exec_id, data)) = decode_output(&b)
+                    && let Some(c) = current.lock().expect("lock").as_ref()
+                    && c.job.id == exec_id
+                {
+                    c.job.stdin(data);
+                }
+                continue;
+            }
             Message::Close(f) => {
                 let (code, reason) = f
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
