@@ -23,46 +23,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{ConnectError, Lease};
+pub use crate::exec_routes::ExecEvent;
+use crate::exec_routes::{ExecRoute, ExecRoutes};
 use crate::protocol::{
-    self, AgentMessage, ExecReport, ExecSpec, ExitStatus, HubMessage, PROTOCOL_VERSION, close,
+    self, AgentMessage, ExecReport, ExecSpec, HubMessage, PROTOCOL_VERSION, close,
 };
 use crate::service::Service;
-
-/// What an exec socket receives from the agent running its command.
-#[derive(Debug)]
-pub enum ExecEvent {
-    /// The agent (re)attached: output follows from `offset`; `dropped` bytes before it are
-    /// lost (its buffer overflowed while nobody read).
-    Attached {
-        /// Where the output resumes.
-        offset: u64,
-        /// Bytes lost.
-        dropped: u64,
-    },
-    /// A binary output frame, as the agent sent it.
-    Output(bytes::Bytes),
-    /// The command finished.
-    Exit(ExitStatus),
-    /// The agent does not hold the exec a client re-attached to.
-    NotFound(String),
-    /// The agent went away or the lease ended; the message says which.
-    Lost(String),
-}
 
 enum Outbound {
     Msg(HubMessage),
     Binary(bytes::Bytes),
-}
-
-/// Where one agent's exec output goes. Kept by agent id, across the agent's connections.
-struct ExecRoute {
-    exec_id: u64,
-    lease: String,
-    tx: mpsc::Sender<ExecEvent>,
-    /// Bytes of output handed to `tx` so far (the offset to resume from).
-    offset: u64,
-    /// An `attach` was sent; frames and exits are ignored until the agent's `attached`.
-    pending: bool,
 }
 
 struct Conn {
@@ -108,7 +78,7 @@ pub enum ExecStartError {
 /// The connection registry.
 pub struct Hub {
     conns: DashMap<String, Arc<Conn>>,
-    routes: DashMap<String, ExecRoute>,
+    routes: ExecRoutes,
     next_conn: AtomicU64,
     next_exec: AtomicU64,
     handshakes: DefaultDirectRateLimiter,
@@ -121,7 +91,7 @@ impl Hub {
         let n = handshakes_per_second.max(1);
         Hub {
             conns: DashMap::new(),
-            routes: DashMap::new(),
+            routes: ExecRoutes::default(),
             next_conn: AtomicU64::new(1),
             // Exec ids stay unique across service instances (an agent may still hold an exec
             // of the previous instance) and below 2^53 (exact in JSON numbers).
@@ -205,7 +175,7 @@ impl Hub {
         }
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(64);
-        match self.routes.entry(agent.to_string()) {
+        match self.routes.map.entry(agent.to_string()) {
             Entry::Occupied(_) => return Err(ExecStartError::Busy(agent.to_string())),
             Entry::Vacant(v) => {
                 v.insert(ExecRoute {
@@ -218,7 +188,9 @@ impl Hub {
             }
         }
         if !self.send(svc, agent, HubMessage::Exec { exec_id, spec }) {
-            self.routes.remove_if(agent, |_, r| r.exec_id == exec_id);
+            self.routes
+                .map
+                .remove_if(agent, |_, r| r.exec_id == exec_id);
             return Err(ExecStartError::Slow(agent.to_string()));
         }
         Ok((exec_id, rx))
@@ -248,7 +220,7 @@ impl Hub {
             offset,
             pending: true,
         };
-        match self.routes.entry(agent.to_string()) {
+        match self.routes.map.entry(agent.to_string()) {
             Entry::Occupied(mut o) if o.get().exec_id == exec_id => {
                 // The previous client of this exec is gone (or about to be): it hears nothing more.
                 o.insert(route);
@@ -259,7 +231,9 @@ impl Hub {
             }
         }
         if conn.is_some() && !self.send(svc, agent, HubMessage::Attach { exec_id, offset }) {
-            self.routes.remove_if(agent, |_, r| r.exec_id == exec_id);
+            self.routes
+                .map
+                .remove_if(agent, |_, r| r.exec_id == exec_id);
             return Err(ExecStartError::Slow(agent.to_string()));
         }
         Ok(rx)
@@ -286,13 +260,16 @@ impl Hub {
 
     /// Forgets an exec's route; the command keeps running (a client may re-attach).
     pub fn detach_exec(&self, agent: &str, exec_id: u64) {
-        self.routes.remove_if(agent, |_, r| r.exec_id == exec_id);
+        self.routes
+            .map
+            .remove_if(agent, |_, r| r.exec_id == exec_id);
     }
 
     /// A lease ended: stop a command still running for it.
     pub fn lease_ended(&self, svc: &Service, lease: &Lease) {
         let Some((_, r)) = self
             .routes
+            .map
             .remove_if(&lease.agent, |_, r| r.lease == lease.id)
         else {
             return;
@@ -307,80 +284,16 @@ impl Hub {
         self.send(svc, &lease.agent, HubMessage::Cancel { exec_id: r.exec_id });
     }
 
-    /// The route for an output frame of `len` payload bytes (counted in its offset), or for
-    /// the exit (`finished`: the route is removed). Nothing while an `attach` is pending.
-    fn route(
-        &self,
-        agent: &str,
-        exec_id: u64,
-        len: usize,
-        finished: bool,
-    ) -> Option<mpsc::Sender<ExecEvent>> {
-        if finished {
-            return self
-                .routes
-                .remove_if(agent, |_, r| r.exec_id == exec_id && !r.pending)
-                .map(|(_, r)| r.tx);
-        }
-        let mut r = self.routes.get_mut(agent)?;
-        if r.exec_id != exec_id || r.pending {
-            return None;
-        }
-        r.offset += len as u64;
-        Some(r.tx.clone())
-    }
-
-    /// The agent answered an `attach`.
-    fn attached(
-        &self,
-        agent: &str,
-        exec_id: u64,
-        offset: u64,
-        dropped: u64,
-        error: Option<String>,
-    ) -> Option<(mpsc::Sender<ExecEvent>, ExecEvent)> {
-        if let Some(error) = error {
-            let (_, r) = self
-                .routes
-                .remove_if(agent, |_, r| r.exec_id == exec_id && r.pending)?;
-            return Some((r.tx, ExecEvent::NotFound(error)));
-        }
-        let mut r = self.routes.get_mut(agent)?;
-        if r.exec_id != exec_id || !r.pending {
-            return None;
-        }
-        r.pending = false;
-        r.offset = offset;
-        Some((r.tx.clone(), ExecEvent::Attached { offset, dropped }))
+    /// Bytes of output routed so far for the agent's exec (for tests and diagnostics).
+    pub fn routed_offset(&self, agent: &str) -> Option<u64> {
+        self.routes.map.get(agent).map(|r| r.offset)
     }
 
     /// An agent registered: re-attach its route to the exec it reports, or tell the route's
     /// client the exec is gone.
     fn resume_route(&self, svc: &Service, agent: &str, execs: Option<&[ExecReport]>) {
-        let attach = {
-            let Some(mut r) = self.routes.get_mut(agent) else {
-                return;
-            };
-            let held = execs.is_some_and(|e| e.iter().any(|x| x.exec_id == r.exec_id));
-            if held {
-                r.pending = true;
-                Some((r.exec_id, r.offset))
-            } else {
-                None
-            }
-        };
-        match attach {
-            Some((exec_id, offset)) => {
-                self.send(svc, agent, HubMessage::Attach { exec_id, offset });
-            }
-            None => {
-                if let Some((_, r)) = self.routes.remove(agent) {
-                    let _ = r.tx.try_send(ExecEvent::Lost(format!(
-                        "agent {agent} reconnected without exec {}: it was stopped",
-                        r.exec_id
-                    )));
-                }
-            }
+        if let Some((exec_id, offset)) = self.routes.resume(agent, execs) {
+            self.send(svc, agent, HubMessage::Attach { exec_id, offset });
         }
     }
 }
@@ -586,7 +499,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
     svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
     if !conn.reattach {
         // Such an agent stops its exec when its connection drops.
-        if let Some((_, route)) = svc.hub.routes.remove(&agent) {
+        if let Some((_, route)) = svc.hub.routes.map.remove(&agent) {
             let _ = route.tx.try_send(ExecEvent::Lost(format!(
                 "agent {agent} disconnected: {why}"
             )));
@@ -698,7 +611,7 @@ async fn handle(
                     svc.apply(|e, now| e.agent_ready(agent, health, now));
                 }
                 AgentMessage::Exit { exec_id, status } => {
-                    if let Some(tx) = svc.hub.route(agent, exec_id, 0, true) {
+                    if let Some(tx) = svc.hub.routes.exit(agent, exec_id) {
                         forward(svc, agent, conn, &tx, ExecEvent::Exit(status)).await;
                     }
                 }
@@ -708,7 +621,10 @@ async fn handle(
                     dropped,
                     error,
                 } => {
-                    if let Some((tx, ev)) = svc.hub.attached(agent, exec_id, offset, dropped, error)
+                    if let Some((tx, ev)) = svc
+                        .hub
+                        .routes
+                        .attached(agent, exec_id, offset, dropped, error)
                     {
                         forward(svc, agent, conn, &tx, ev).await;
                     }
@@ -726,7 +642,7 @@ async fn handle(
             }
             // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads
             // it (the agent still holds it for a client that re-attaches).
-            if let Some(tx) = svc.hub.route(agent, exec_id, data.len(), false) {
+            if let Some(tx) = svc.hub.routes.output(agent, exec_id, data.len()) {
                 forward(svc, agent, conn, &tx, ExecEvent::Output(b)).await;
             }
         }

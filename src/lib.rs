@@ -33,6 +33,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod engine;
+pub mod exec_routes;
 pub mod hub;
 pub mod jenkins;
 pub mod k8s;

@@ -165,3 +165,147 @@ async fn output_beyond_the_agents_buffer_is_reported_as_lost() {
     assert!(rest[..rest.len() - 6].iter().all(|b| *b == b'x'));
     h.server.shutdown().await;
 }
+
+const MANUAL: &str = "pools:\n  - name: manual\n    labels: [manual]\n    minIdle: 2\n    maxTotal: 2\n    maxUses: 0\n    connectTimeout: 60s\n    agentCommand: [sleep, \"600\"]\n";
+
+/// Plays an agent by hand: hello (with `execs` when `execs` is Some), then the welcome.
+async fn hand_agent(h: &Harness, id: &str, execs: Option<serde_json::Value>) -> Ws {
+    use futures_util::SinkExt;
+    let mut hello = serde_json::json!({
+        "type": "hello", "protocol": 1, "agentId": id,
+        "token": h.server.svc.key.token(id), "labels": []
+    });
+    if let Some(e) = execs {
+        hello["execs"] = e;
+    }
+    let mut ws = raw_agent(&h.hub_url()).await;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        hello.to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let welcome = next_text(&mut ws).await;
+    assert!(welcome.contains("welcome"), "{welcome}");
+    ws
+}
+
+async fn next_text(ws: &mut Ws) -> String {
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message within 10s")
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) => {
+                let t = t.to_string();
+                if !t.contains("\"heartbeat\"") && !t.contains("\"leased\"") {
+                    return t;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn agents_are_told_apart_by_execs_in_hello() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let h = start_pools(MANUAL).await;
+    wait_until("two agents to play", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 2
+    })
+    .await;
+    let ids = h.agents_in(AgentState::Connecting);
+
+    // An agent of an earlier build (no `execs`): its connection drops mid-exec, the exec
+    // client hears at once that the agent is lost, and the agent is replaced, as before.
+    let mut old = hand_agent(&h, &ids[0], None).await;
+    let l = h.lease("manual", 5.0, 60.0).await;
+    assert_eq!(l.agent, ids[0]);
+    let c = h.client.clone();
+    let id = l.id.clone();
+    let job = tokio::spawn(async move {
+        c.exec(&id, script("sleep 1"), |_, _| {}, std::future::pending())
+            .await
+    });
+    assert!(next_text(&mut old).await.contains("\"exec\""));
+    drop(old);
+    match job.await.unwrap() {
+        Err(warmpool::client::Error::Api { code, .. }) => assert_eq!(code, "agent_lost"),
+        other => panic!("{other:?}"),
+    }
+    wait_until("old agent replaced", Duration::from_secs(5), || {
+        h.recycles("disconnected") == 1
+    })
+    .await;
+
+    // An agent that reports `execs`: it keeps its lease while away, and when it comes back
+    // reporting the exec, the hub asks it to resume from the bytes already routed.
+    let mut new = hand_agent(&h, &ids[1], Some(serde_json::json!([]))).await;
+    let l = h.lease("manual", 5.0, 60.0).await;
+    assert_eq!(l.agent, ids[1]);
+    let c = h.client.clone();
+    let id = l.id.clone();
+    let job = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let st = c
+            .exec(
+                &id,
+                script("echo one; echo two"),
+                |_, d| out.extend_from_slice(d),
+                std::future::pending(),
+            )
+            .await;
+        (st, out)
+    });
+    let exec: serde_json::Value = serde_json::from_str(&next_text(&mut new).await).unwrap();
+    assert_eq!(exec["type"], "exec");
+    let exec_id = exec["execId"].as_u64().unwrap();
+    new.send(Message::Binary(
+        warmpool::protocol::encode_output(warmpool::protocol::Stream::Stdout, exec_id, b"one\n")
+            .into(),
+    ))
+    .await
+    .unwrap();
+    // Wait until the hub routed those 4 bytes, then the connection drops.
+    wait_until("first bytes routed", Duration::from_secs(5), || {
+        h.server.svc.hub.routed_offset(&ids[1]) == Some(4)
+    })
+    .await;
+    drop(new);
+    wait_until("agent away, still leased", Duration::from_secs(5), || {
+        h.server
+            .svc
+            .read(|e| e.agent(&ids[1]).is_some_and(|a| a.away))
+    })
+    .await;
+    assert_eq!(h.agents_in(AgentState::Leased), vec![ids[1].clone()]);
+    let report = serde_json::json!([{"execId": exec_id, "running": true, "first": 0, "next": 8}]);
+    let mut back = hand_agent(&h, &ids[1], Some(report)).await;
+    let attach: serde_json::Value = serde_json::from_str(&next_text(&mut back).await).unwrap();
+    assert_eq!(
+        attach,
+        serde_json::json!({"type": "attach", "execId": exec_id, "offset": 4})
+    );
+    let attached = serde_json::json!({"type": "attached", "execId": exec_id, "offset": 4});
+    back.send(Message::Text(attached.to_string().into()))
+        .await
+        .unwrap();
+    back.send(Message::Binary(
+        warmpool::protocol::encode_output(warmpool::protocol::Stream::Stdout, exec_id, b"two\n")
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let exit = serde_json::json!({"type": "exit", "execId": exec_id, "code": 0});
+    back.send(Message::Text(exit.to_string().into()))
+        .await
+        .unwrap();
+    let (st, out) = job.await.unwrap();
+    assert_eq!(st.unwrap().code, Some(0));
+    assert_eq!(out, b"one\ntwo\n");
+    assert_eq!(h.recycles("disconnected"), 1, "only the old-build agent");
+    h.server.shutdown().await;
+}
