@@ -506,8 +506,13 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
     let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
     let request = match first {
         Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ClientMessage>(&t) {
-            Ok(ClientMessage::Cancel) => {
-                return fail(&mut socket, "invalid_request", "cancel before exec".into()).await;
+            Ok(ClientMessage::Cancel | ClientMessage::Resize(_)) => {
+                return fail(
+                    &mut socket,
+                    "invalid_request",
+                    "expected exec or attach first".into(),
+                )
+                .await;
             }
             Ok(m) => m,
             Err(e) => {
@@ -573,7 +578,7 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                 }
             }
         }
-        ClientMessage::Cancel => unreachable!("refused above"),
+        ClientMessage::Cancel | ClientMessage::Resize(_) => unreachable!("refused above"),
     };
     // The lease may have ended between the check above and the route's registration; a lease
     // that ends from now on finds the route and stops it.
@@ -656,6 +661,9 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                     }
                 }
                 Some(Ok(Message::Text(t))) => {
+                    if let Ok(ClientMessage::Resize(size)) = serde_json::from_str::<ClientMessage>(&t) {
+                        svc.hub.send(&svc, &lease.agent, crate::protocol::HubMessage::Resize { exec_id, size });
+                    }
                     if let Ok(ClientMessage::Cancel) = serde_json::from_str::<ClientMessage>(&t) {
                         // Keep the route: the agent answers with an exit (cancelled).
                         svc.hub.send(

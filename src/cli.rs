@@ -227,6 +227,10 @@ pub struct RunArgs {
     /// not a terminal, EOF included, as ssh does).
     #[arg(long, short = 'i', env = "WARMPOOL_INTERACTIVE")]
     pub interactive: bool,
+    /// Run the command on a pseudo-terminal (its size follows this terminal's; this terminal
+    /// is put in raw mode meanwhile, so Ctrl-C goes to the command). Implies `-i`.
+    #[arg(long, short = 't', env = "WARMPOOL_TTY")]
+    pub tty: bool,
     /// Extra environment for the command, KEY=VALUE (repeatable; no env twin: a value may
     /// contain any character, so no delimiter is safe).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]

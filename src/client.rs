@@ -15,7 +15,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use crate::api::{CreateLease, ErrorBody, LeaseView};
 use crate::engine::PoolStatus;
 use crate::protocol::{
-    ClientMessage, ExecSpec, ExitStatus, ServerMessage, Stream, decode_output, encode_output,
+    ClientMessage, ExecSpec, ExitStatus, ServerMessage, Stream, TtySize, decode_output,
+    encode_output,
 };
 
 /// Client errors.
@@ -208,6 +209,7 @@ impl Client {
         let opts = ExecOptions {
             reattach: DEFAULT_REATTACH,
             stdin: None,
+            resize: None,
         };
         self.exec_with(
             lease,
@@ -278,6 +280,7 @@ impl Client {
         tokio::pin!(cancel);
         spec.stdin = opts.stdin.is_some();
         let mut stdin = opts.stdin.take();
+        let mut resize = opts.resize.take();
         let mut cancel_wanted = false;
         let mut exec_id: Option<u64> = None;
         let mut offset: u64 = 0;
@@ -328,6 +331,17 @@ impl Client {
                     _ = &mut cancel, if !cancel_wanted => {
                         cancel_wanted = true;
                         let _ = ws.send(json_msg(&ClientMessage::Cancel)).await;
+                        continue;
+                    }
+                    size = async { resize.as_mut().expect("guarded").recv().await },
+                        if resize.is_some() && exec_id.is_some() =>
+                    {
+                        match size {
+                            Some(size) => {
+                                let _ = ws.send(json_msg(&ClientMessage::Resize(size))).await;
+                            }
+                            None => resize = None,
+                        }
                         continue;
                     }
                     // Stdin once the exec id is known; the end is an empty frame. (Bytes in
@@ -435,6 +449,70 @@ pub struct ExecOptions {
     /// Input for the command, chunk by chunk; an empty chunk or the sender's end closes it.
     /// Without it the command's stdin is empty.
     pub stdin: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    /// New terminal sizes to pass on (with `tty` in the spec).
+    pub resize: Option<tokio::sync::mpsc::Receiver<TtySize>>,
+}
+
+/// This process's terminal in raw mode until dropped (then restored as it was).
+struct RawMode {
+    saved: libc::termios,
+}
+
+impl RawMode {
+    fn enter() -> Option<RawMode> {
+        // SAFETY: tcgetattr/cfmakeraw/tcsetattr on fd 0 with a termios we own.
+        unsafe {
+            let mut saved: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut saved) < 0 {
+                return None;
+            }
+            let mut raw = saved;
+            libc::cfmakeraw(&mut raw);
+            if libc::tcsetattr(0, libc::TCSANOW, &raw) < 0 {
+                return None;
+            }
+            Some(RawMode { saved })
+        }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read in `enter`.
+        unsafe { libc::tcsetattr(0, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// The size of this process's terminal (fd 0), or 24x80.
+fn terminal_size() -> TtySize {
+    // SAFETY: TIOCGWINSZ writes a winsize.
+    unsafe {
+        let mut ws: libc::winsize = std::mem::zeroed();
+        if libc::ioctl(0, libc::TIOCGWINSZ, &mut ws) == 0 && ws.ws_row > 0 && ws.ws_col > 0 {
+            return TtySize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            };
+        }
+    }
+    TtySize { rows: 24, cols: 80 }
+}
+
+/// Sizes of this terminal each time it changes (SIGWINCH).
+fn follow_terminal_size() -> tokio::sync::mpsc::Receiver<TtySize> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut winch) = signal(SignalKind::window_change()) else {
+            return;
+        };
+        while winch.recv().await.is_some() {
+            if tx.send(terminal_size()).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 /// Reads this process's stdin on a thread of its own (a blocked read never holds up exit)
@@ -485,6 +563,8 @@ pub struct RunOptions {
     pub reattach: Duration,
     /// Forward this process's stdin to the command (EOF included).
     pub stdin: bool,
+    /// Run the command on a pseudo-terminal sized as this terminal, in raw mode meanwhile.
+    pub tty: bool,
 }
 
 /// Leases, runs, streams, releases; returns the job's exit code (128+signal when killed).
@@ -523,14 +603,25 @@ pub async fn run_job(client: &Client, opts: RunOptions) -> Result<i32> {
     let stopped_by = std::sync::Mutex::new(None::<i32>);
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
+    let mut spec = opts.spec;
+    let mut raw = None;
+    let mut resize = None;
+    if opts.tty {
+        spec.tty = Some(terminal_size());
+        if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+            raw = RawMode::enter();
+            resize = Some(follow_terminal_size());
+        }
+    }
     let exec_opts = ExecOptions {
         reattach: opts.reattach,
         stdin: opts.stdin.then(forward_stdin),
+        resize,
     };
     let result = client
         .exec_with(
             &lease.id,
-            opts.spec,
+            spec,
             exec_opts,
             |o| match o {
                 ExecOutput::Data(Stream::Stdout, data) => {
@@ -564,6 +655,7 @@ pub async fn run_job(client: &Client, opts: RunOptions) -> Result<i32> {
             },
         )
         .await;
+    drop(raw);
     renewer.abort();
     if let Err(e) = client.release(&lease.id).await {
         // An already-ended lease (agent lost, expired) is not worth a second error.

@@ -165,6 +165,14 @@ pub enum HubMessage {
         /// Bytes of output the hub already has.
         offset: u64,
     },
+    /// The client's terminal changed size: resize the exec's pseudo-terminal.
+    Resize {
+        /// The exec.
+        exec_id: u64,
+        /// New size.
+        #[serde(flatten)]
+        size: TtySize,
+    },
     /// Stop a running exec (its whole process group).
     Cancel {
         /// The exec.
@@ -211,6 +219,19 @@ pub struct ExecSpec {
     /// reads it from a pipe. Otherwise its stdin is empty (`/dev/null`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (stdout and stderr are then one stream, stdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 impl ExecSpec {
@@ -331,6 +352,8 @@ pub enum ClientMessage {
         /// Bytes of output already received (stdout and stderr together).
         offset: u64,
     },
+    /// The terminal changed size (with `tty`).
+    Resize(TtySize),
     /// Stop it.
     Cancel,
 }

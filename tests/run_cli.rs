@@ -212,3 +212,88 @@ async fn stdin_is_forwarded_with_its_end() {
     assert!(out.stdout.is_empty());
     h.server.shutdown().await;
 }
+
+#[tokio::test]
+async fn tty_runs_on_a_pseudo_terminal_sized_as_ours_in_raw_mode_then_restored() {
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let h = start_pools(POOL).await;
+    h.wait_idle("linux", 1).await;
+    // Our terminal: a pseudo-terminal of 33 rows and 101 columns.
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: 33,
+        ws_col: 101,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    assert_eq!(
+        unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) },
+        0
+    );
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+    let lflag = |fd: i32| unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        libc::tcgetattr(fd, &mut t);
+        t.c_lflag
+    };
+    let before = lflag(slave.as_raw_fd());
+    assert_ne!(before & libc::ECHO, 0);
+    let mut child = Command::new(EXE)
+        .args([
+            "run",
+            "-t",
+            "--",
+            "sh",
+            "-c",
+            "tty; stty size; read x; echo got-$x",
+        ])
+        .env("WARMPOOL_SERVER", h.server.base_url())
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave.try_clone().unwrap()))
+        .spawn()
+        .unwrap();
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    let o = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                return;
+            }
+            o.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let text = || String::from_utf8_lossy(&out.lock().unwrap()).to_string();
+    wait_until("remote size printed", Duration::from_secs(10), || {
+        text().contains("33 101")
+    })
+    .await;
+    assert!(text().contains("/dev/pts/"), "{}", text());
+    assert_eq!(
+        lflag(slave.as_raw_fd()) & libc::ECHO,
+        0,
+        "our terminal is raw meanwhile"
+    );
+    // Input goes to the remote terminal (a raw Enter is \r; the remote terminal maps it).
+    std::fs::File::from(master.try_clone().unwrap())
+        .write_all(b"hello\r")
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "run -t never ended: {}", text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", text());
+    wait_until("remote echo", Duration::from_secs(5), || {
+        text().contains("got-hello")
+    })
+    .await;
+    assert_eq!(lflag(slave.as_raw_fd()), before, "our terminal restored");
+    h.server.shutdown().await;
+}

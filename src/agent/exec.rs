@@ -15,7 +15,9 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use super::job::Job;
-use crate::protocol::{ExecSpec, ExitStatus, OUTPUT_CHUNK_BYTES, Stream};
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use crate::protocol::{ExecSpec, ExitStatus, OUTPUT_CHUNK_BYTES, Stream, TtySize};
 
 /// Time a cancelled job gets between SIGTERM and SIGKILL.
 pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
@@ -86,6 +88,36 @@ pub fn working_dir(workspace: &Path, cwd: Option<&str>) -> Result<PathBuf, Strin
     Ok(real)
 }
 
+/// Opens a pseudo-terminal of `size`: (master, slave).
+fn open_pty(size: TtySize) -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let (mut m, mut s) = (-1, -1);
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty writes two fds we then own.
+    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), &ws) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: both fds were just opened and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(m), OwnedFd::from_raw_fd(s)) })
+}
+
+/// Sets a terminal's size (the kernel signals SIGWINCH to its foreground group).
+pub fn set_size(fd: i32, size: TtySize) {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads a winsize.
+    unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
+}
+
 /// Runs `spec`; its output goes into `job`, the returned status is the exit to report.
 /// `pids` holds the job's leader pid while it runs (so housekeeping leaves it alone).
 pub async fn run(
@@ -124,16 +156,58 @@ pub async fn run(
             };
         }
     };
-    cmd.current_dir(&cwd)
-        .envs(&spec.env)
-        .stdin(if spec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    cmd.process_group(0).kill_on_drop(true);
+    cmd.current_dir(&cwd).envs(&spec.env).kill_on_drop(true);
+    let mut master = None;
+    match spec.tty {
+        Some(size) => {
+            let (m, slave) = match open_pty(size) {
+                Ok(p) => p,
+                Err(e) => {
+                    return ExitStatus {
+                        error: Some(format!("cannot open a pseudo-terminal: {e}")),
+                        ..Default::default()
+                    };
+                }
+            };
+            let (a, b) = match (slave.try_clone(), slave.try_clone()) {
+                (Ok(a), Ok(b)) => (a, b),
+                (Err(e), _) | (_, Err(e)) => {
+                    return ExitStatus {
+                        error: Some(format!("cannot open a pseudo-terminal: {e}")),
+                        ..Default::default()
+                    };
+                }
+            };
+            cmd.stdin(Stdio::from(a))
+                .stdout(Stdio::from(b))
+                .stderr(Stdio::from(slave));
+            if !spec.env.contains_key("TERM") {
+                cmd.env("TERM", "xterm-256color");
+            }
+            // Its own session (so its own process group, pgid = pid, as without a terminal)
+            // with the terminal as its controlling one: job control and Ctrl-C work.
+            // SAFETY: only async-signal-safe calls between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            master = Some(m);
+        }
+        None => {
+            cmd.stdin(if spec.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        }
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -155,7 +229,9 @@ pub async fn run(
         }
     };
     let pid = child.id().unwrap_or(0) as i32;
-    if let (Some(mut pipe), Some(mut input)) = (child.stdin.take(), job.take_stdin()) {
+    if let Some(mut pipe) = child.stdin.take()
+        && let Some(mut input) = job.take_stdin()
+    {
         tokio::spawn(async move {
             use tokio::io::AsyncWriteExt;
             // Ends at the end of stdin (an empty chunk), or when the command stops reading.
@@ -168,20 +244,47 @@ pub async fn run(
     }
     pids.lock().expect("lock").insert(pid);
     let (exited_tx, exited) = watch::channel(false);
-    let readers = [
-        tokio::spawn(pump(
+    let mut readers = Vec::new();
+    if let Some(m) = master {
+        // Output from the master side (it fails with EIO once the terminal is gone); input
+        // written to it; the master kept for resizes.
+        if let (Ok(r), Ok(w)) = (m.try_clone(), m.try_clone()) {
+            readers.push(tokio::spawn(pump(
+                tokio::fs::File::from_std(std::fs::File::from(r)),
+                Stream::Stdout,
+                job.clone(),
+                exited.clone(),
+            )));
+            if let Some(mut input) = job.take_stdin() {
+                let mut w = tokio::fs::File::from_std(std::fs::File::from(w));
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    while let Some(chunk) = input.recv().await {
+                        if chunk.is_empty()
+                            || w.write_all(&chunk).await.is_err()
+                            || w.flush().await.is_err()
+                        {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+        *job.pty.lock().expect("lock") = Some(m);
+    } else {
+        readers.push(tokio::spawn(pump(
             child.stdout.take().expect("piped"),
             Stream::Stdout,
             job.clone(),
             exited.clone(),
-        )),
-        tokio::spawn(pump(
+        )));
+        readers.push(tokio::spawn(pump(
             child.stderr.take().expect("piped"),
             Stream::Stderr,
             job.clone(),
             exited,
-        )),
-    ];
+        )));
+    }
     let timeout = async {
         match spec.timeout_ms {
             Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
@@ -217,6 +320,7 @@ pub async fn run(
         killpg(pid, libc::SIGKILL);
     }
     pids.lock().expect("lock").remove(&pid);
+    job.pty.lock().expect("lock").take();
     match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;

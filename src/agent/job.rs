@@ -126,6 +126,8 @@ pub struct Job {
     /// arrive before the command is spawned.
     stdin: Mutex<Option<mpsc::UnboundedSender<Vec<u8>>>>,
     stdin_rx: Mutex<Option<mpsc::UnboundedReceiver<Vec<u8>>>>,
+    /// The pseudo-terminal's master side, when the exec runs on one.
+    pub pty: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl Job {
@@ -145,6 +147,15 @@ impl Job {
             generation: AtomicU64::new(0),
             stdin: Mutex::new(Some(stdin_tx)),
             stdin_rx: Mutex::new(Some(stdin_rx)),
+            pty: Mutex::new(None),
+        }
+    }
+
+    /// Resizes the exec's pseudo-terminal (nothing without one).
+    pub fn resize(&self, size: crate::protocol::TtySize) {
+        use std::os::fd::AsRawFd;
+        if let Some(fd) = self.pty.lock().expect("lock").as_ref() {
+            super::exec::set_size(fd.as_raw_fd(), size);
         }
     }
 

@@ -389,6 +389,13 @@ async fn session(
                     async move { job.stream(offset, tx2, true).await },
                 ));
             }
+            HubMessage::Resize { exec_id, size } => {
+                if let Some(c) = current.lock().expect("lock").as_ref()
+                    && c.job.id == exec_id
+                {
+                    c.job.resize(size);
+                }
+            }
             HubMessage::Cancel { exec_id } => {
                 if let Some(c) = current.lock().expect("lock").as_ref()
                     && c.job.id == exec_id
