@@ -42,6 +42,7 @@ pub mod metrics;
 pub mod pacer;
 pub mod procs;
 pub mod protocol;
+pub mod run;
 pub mod server;
 pub mod service;
 pub mod spec;
