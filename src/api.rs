@@ -500,15 +500,21 @@ async fn fail(socket: &mut WebSocket, code: &str, message: String) {
     let _ = socket.send(Message::Close(None)).await;
 }
 
-/// One exec: read the request, start it on the lease's agent, stream output, send the exit.
+/// One exec: read the request (`exec`, or `attach` to one started earlier), start or re-attach
+/// it on the lease's agent, stream output, send the exit.
 async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
     let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
-    let spec = match first {
+    let request = match first {
         Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<ClientMessage>(&t) {
-            Ok(ClientMessage::Exec(spec)) => spec,
-            Ok(ClientMessage::Cancel) => {
-                return fail(&mut socket, "invalid_request", "cancel before exec".into()).await;
+            Ok(ClientMessage::Cancel | ClientMessage::Resize(_)) => {
+                return fail(
+                    &mut socket,
+                    "invalid_request",
+                    "expected exec or attach first".into(),
+                )
+                .await;
             }
+            Ok(m) => m,
             Err(e) => {
                 return fail(
                     &mut socket,
@@ -535,7 +541,9 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
             .await;
         }
     };
-    if let Err(e) = spec.validate() {
+    if let ClientMessage::Exec(spec) = &request
+        && let Err(e) = spec.validate()
+    {
         return fail(
             &mut socket,
             "invalid_request",
@@ -548,16 +556,29 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
         return fail(&mut socket, e.code(), e.to_string()).await;
     }
     let started = std::time::Instant::now();
-    let (exec_id, mut rx) = match svc.hub.start_exec(&svc, &lease.agent, &lease.id, spec) {
-        Ok(x) => x,
-        Err(e) => {
-            return fail(
-                &mut socket,
-                "agent_unavailable",
-                format!("lease {}: {e}", lease.id),
-            )
-            .await;
+    let (exec_id, attach, mut rx) = match request {
+        ClientMessage::Exec(spec) => {
+            match svc.hub.start_exec(&svc, &lease.agent, &lease.id, spec) {
+                Ok((id, rx)) => (id, None, rx),
+                Err(e) => {
+                    let m = format!("lease {}: {e}", lease.id);
+                    return fail(&mut socket, "agent_unavailable", m).await;
+                }
+            }
         }
+        ClientMessage::Attach { exec_id, offset } => {
+            match svc
+                .hub
+                .attach_exec(&svc, &lease.agent, &lease.id, exec_id, offset)
+            {
+                Ok(rx) => (exec_id, Some(offset), rx),
+                Err(e) => {
+                    let m = format!("lease {}: {e}", lease.id);
+                    return fail(&mut socket, "agent_unavailable", m).await;
+                }
+            }
+        }
+        ClientMessage::Cancel | ClientMessage::Resize(_) => unreachable!("refused above"),
     };
     // The lease may have ended between the check above and the route's registration; a lease
     // that ends from now on finds the route and stops it.
@@ -565,20 +586,23 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
         svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
         return fail(&mut socket, e.code(), e.to_string()).await;
     }
-    tracing::debug!(lease = %lease.id, agent = %lease.agent, exec_id, "exec started");
-    if !send_json(
-        &mut socket,
-        &ServerMessage::Started {
-            exec_id,
-            agent: lease.agent.clone(),
-        },
-    )
-    .await
+    tracing::debug!(lease = %lease.id, agent = %lease.agent, exec_id, attach, "exec started");
+    if attach.is_none()
+        && !send_json(
+            &mut socket,
+            &ServerMessage::Started {
+                exec_id,
+                agent: lease.agent.clone(),
+            },
+        )
+        .await
     {
         svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
         return;
     }
-    let mut first_byte = true;
+    // An attach is answered once the agent says where the output resumes.
+    let mut announced = attach.is_none();
+    let mut first_byte = attach.is_none();
     loop {
         tokio::select! {
             ev = rx.recv() => {
@@ -587,12 +611,34 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                     svc.metrics.exec_ttfb.with_label_values(&[&lease.pool]).observe(started.elapsed().as_secs_f64());
                 }
                 match ev {
-                    Some(ExecEvent::Output(frame)) => {
-                        let sent = tokio::time::timeout(CLIENT_SEND_TIMEOUT, socket.send(Message::Binary(frame))).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            tracing::warn!(lease = %lease.id, exec_id, "exec client gone or not reading; cancelling");
-                            svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+                    Some(ExecEvent::Attached { offset, dropped }) => {
+                        let m = if !announced {
+                            announced = true;
+                            let dropped = offset.saturating_sub(attach.unwrap_or(0)).max(dropped);
+                            ServerMessage::Attached { exec_id, agent: lease.agent.clone(), offset, dropped }
+                        } else if dropped > 0 {
+                            ServerMessage::Dropped { exec_id, bytes: dropped }
+                        } else {
+                            continue;
+                        };
+                        if !send_json(&mut socket, &m).await {
+                            svc.hub.detach_exec(&lease.agent, exec_id);
                             return;
+                        }
+                    }
+                    Some(ExecEvent::Output(frame)) => {
+                        match tokio::time::timeout(CLIENT_SEND_TIMEOUT, socket.send(Message::Binary(frame))).await {
+                            Ok(Ok(())) => {}
+                            Ok(Err(_)) => {
+                                tracing::info!(lease = %lease.id, exec_id, "exec client connection lost; command kept for a re-attach");
+                                svc.hub.detach_exec(&lease.agent, exec_id);
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::warn!(lease = %lease.id, exec_id, "exec client not reading; cancelling");
+                                svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+                                return;
+                            }
                         }
                     }
                     Some(ExecEvent::Exit(status)) => {
@@ -600,12 +646,24 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                         let _ = socket.send(Message::Close(None)).await;
                         return;
                     }
+                    Some(ExecEvent::NotFound(why)) => return fail(&mut socket, "exec_not_found", why).await,
                     Some(ExecEvent::Lost(why)) => return fail(&mut socket, "agent_lost", why).await,
                     None => return fail(&mut socket, "agent_lost", format!("agent {} went away", lease.agent)).await,
                 }
             }
             m = socket.recv() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    // Stdin for the command: passed on as it is, for this exec only.
+                    if let Ok((crate::protocol::Stream::Stdin, id, _)) = crate::protocol::decode_output(&b)
+                        && id == exec_id
+                    {
+                        svc.hub.send_stdin(&lease.agent, b).await;
+                    }
+                }
                 Some(Ok(Message::Text(t))) => {
+                    if let Ok(ClientMessage::Resize(size)) = serde_json::from_str::<ClientMessage>(&t) {
+                        svc.hub.send(&svc, &lease.agent, crate::protocol::HubMessage::Resize { exec_id, size });
+                    }
                     if let Ok(ClientMessage::Cancel) = serde_json::from_str::<ClientMessage>(&t) {
                         // Keep the route: the agent answers with an exit (cancelled).
                         svc.hub.send(
@@ -615,12 +673,27 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                         );
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => {
-                    tracing::info!(lease = %lease.id, exec_id, "exec client left; cancelling");
+                Some(Ok(Message::Close(_))) => {
+                    tracing::info!(lease = %lease.id, exec_id, "exec client closed the socket; cancelling");
                     svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
                     return;
                 }
+                None | Some(Err(_)) => {
+                    // A broken connection is not a decision: the command keeps running for a
+                    // client that re-attaches (the lease's TTL bounds it).
+                    tracing::info!(lease = %lease.id, exec_id, "exec client connection lost; command kept for a re-attach");
+                    svc.hub.detach_exec(&lease.agent, exec_id);
+                    return;
+                }
                 Some(Ok(_)) => {}
+            },
+            _ = svc.hub.restarting().cancelled() => {
+                svc.hub.detach_exec(&lease.agent, exec_id);
+                let m = format!(
+                    "warmpool is restarting; the command keeps running on agent {}: re-attach to exec {exec_id} of lease {}",
+                    lease.agent, lease.id
+                );
+                return fail(&mut socket, "service_restarting", m).await;
             }
         }
     }

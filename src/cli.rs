@@ -232,9 +232,22 @@ pub struct RunArgs {
     /// Kill the command after this long.
     #[arg(long, env = "WARMPOOL_TIMEOUT", value_parser = dur)]
     pub timeout: Option<Dur>,
-    /// Working directory on the agent, relative to its workspace.
-    #[arg(long, env = "WARMPOOL_CWD")]
+    /// Working directory on the agent, relative to its workspace and inside it (no absolute
+    /// path, no `..` above it).
+    #[arg(long, env = "WARMPOOL_CWD", value_parser = parse_cwd)]
     pub cwd: Option<String>,
+    /// When the connection to the service breaks (a restart, a takeover), keep re-attaching to
+    /// the running command for this long; the command keeps running meanwhile.
+    #[arg(long, env = "WARMPOOL_REATTACH_TIMEOUT", value_parser = dur, default_value = "2m")]
+    pub reattach_timeout: Dur,
+    /// Forward stdin to the command even when it is a terminal (it is forwarded whenever it is
+    /// not a terminal, EOF included, as ssh does).
+    #[arg(long, short = 'i', env = "WARMPOOL_INTERACTIVE")]
+    pub interactive: bool,
+    /// Run the command on a pseudo-terminal (its size follows this terminal's; this terminal
+    /// is put in raw mode meanwhile, so Ctrl-C goes to the command). Implies `-i`.
+    #[arg(long, short = 't', env = "WARMPOOL_TTY")]
+    pub tty: bool,
     /// Extra environment for the command, KEY=VALUE (repeatable; no env twin: a value may
     /// contain any character, so no delimiter is safe).
     #[arg(long = "env", short = 'e', value_parser = parse_env)]
@@ -242,6 +255,10 @@ pub struct RunArgs {
     /// The command and its arguments.
     #[arg(trailing_var_arg = true, required = true, num_args = 1..)]
     pub command: Vec<String>,
+}
+
+fn parse_cwd(s: &str) -> Result<String, String> {
+    crate::protocol::check_cwd(s).map(|_| s.to_string())
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {

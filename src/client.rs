@@ -1,10 +1,9 @@
 //! The lease API client behind `warmpool run` and `warmpool status`.
 //!
-//! Speaks only the public HTTP API and the exec WebSocket, as any CI system would. `run_job`
-//! leases an agent, streams the command's output to this process's stdout/stderr, renews the
-//! lease while the command runs, cancels on Ctrl-C, releases the lease and returns the exit code.
+//! Speaks only the public HTTP API and the exec WebSocket, as any CI system would, and
+//! re-attaches a broken exec socket. What `warmpool run` does with this process's terminal,
+//! stdin and signals is in [`crate::run`] (`run_job`, re-exported here).
 
-use std::io::Write;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +14,10 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::api::{CreateLease, ErrorBody, LeaseView};
 use crate::engine::PoolStatus;
-use crate::protocol::{ClientMessage, ExecSpec, ExitStatus, ServerMessage, Stream, decode_output};
+use crate::protocol::{
+    ClientMessage, ExecSpec, ExitStatus, ServerMessage, Stream, TtySize, decode_output,
+    encode_output,
+};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +43,8 @@ pub enum Error {
         message: String,
     },
 }
+
+pub use crate::run::{RunOptions, run_job};
 
 /// Result alias for this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -194,7 +198,9 @@ impl Client {
     }
 
     /// Runs a command on a leased agent over the exec socket. Output is handed to `sink` as it
-    /// arrives; `cancel` resolving sends a cancel (the agent still answers with an exit).
+    /// arrives; `cancel` resolving sends a cancel (the agent still answers with an exit). A
+    /// broken socket is re-attached within [`DEFAULT_REATTACH`] (see [`Client::exec_with`]);
+    /// lost output is only logged.
     pub async fn exec<F, C>(
         &self,
         lease: &str,
@@ -206,6 +212,28 @@ impl Client {
         F: FnMut(Stream, &[u8]),
         C: std::future::Future<Output = ()>,
     {
+        let opts = ExecOptions {
+            reattach: DEFAULT_REATTACH,
+            stdin: None,
+            resize: None,
+        };
+        self.exec_with(
+            lease,
+            spec,
+            opts,
+            |o| match o {
+                ExecOutput::Data(stream, data) => sink(stream, data),
+                ExecOutput::Dropped(n) => {
+                    tracing::warn!(lease, bytes = n, "output lost while the agent was away")
+                }
+            },
+            cancel,
+        )
+        .await
+    }
+
+    /// Opens the exec socket of a lease.
+    async fn exec_socket(&self, lease: &str) -> Result<ExecSocket> {
         let url = format!(
             "{}/v1/leases/{lease}/exec",
             self.base.replacen("http", "ws", 1)
@@ -219,12 +247,12 @@ impl Client {
                     .map_err(|e| self.transport(e))?,
             );
         }
-        let (mut ws, _) = match crate::tls::connect_ws(req, None, &self.tls).await {
-            Ok(x) => x,
+        match crate::tls::connect_ws(req, None, &self.tls).await {
+            Ok((ws, _)) => Ok(ws),
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
                 let status = resp.status().as_u16();
                 let body = resp.body().clone().unwrap_or_default();
-                return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Err(match serde_json::from_slice::<ErrorBody>(&body) {
                     Ok(b) => Error::Api {
                         server: self.base.clone(),
                         status,
@@ -232,130 +260,212 @@ impl Client {
                         message: b.error.message,
                     },
                     Err(_) => self.transport(format!("exec socket refused with HTTP {status}")),
-                });
+                })
             }
-            Err(e) => return Err(self.io(e)),
-        };
-        let text = serde_json::to_string(&ClientMessage::Exec(spec)).expect("serialisable");
-        ws.send(Message::Text(text.into()))
-            .await
-            .map_err(|e| self.io(e))?;
+            Err(e) => Err(self.io(e)),
+        }
+    }
+
+    /// Like [`Client::exec`], with options and every output event. When the socket breaks
+    /// after the command started (the service restarts, a proxy drops the connection, a
+    /// standby takes over), it re-attaches with the exec id and the count of bytes received,
+    /// retrying with backoff for up to `opts.reattach`, so `sink` sees one uninterrupted
+    /// stream (or an [`ExecOutput::Dropped`] where the agent's buffer overflowed).
+    pub async fn exec_with<F, C>(
+        &self,
+        lease: &str,
+        mut spec: ExecSpec,
+        mut opts: ExecOptions,
+        mut sink: F,
+        cancel: C,
+    ) -> Result<ExitStatus>
+    where
+        F: FnMut(ExecOutput<'_>),
+        C: std::future::Future<Output = ()>,
+    {
         tokio::pin!(cancel);
-        let mut cancelled = false;
+        spec.stdin = opts.stdin.is_some();
+        let mut stdin = opts.stdin.take();
+        let mut resize = opts.resize.take();
+        let mut cancel_wanted = false;
+        let mut exec_id: Option<u64> = None;
+        let mut offset: u64 = 0;
+        let mut lost: Option<(tokio::time::Instant, String)> = None;
+        let mut pause = Duration::from_millis(100);
         loop {
-            let m = tokio::select! {
-                _ = &mut cancel, if !cancelled => {
-                    cancelled = true;
-                    let text = serde_json::to_string(&ClientMessage::Cancel).expect("serialisable");
-                    let _ = ws.send(Message::Text(text.into())).await;
+            if let Some((since, why)) = &lost {
+                if since.elapsed() >= opts.reattach {
+                    return Err(self.transport(format!(
+                        "lost the exec socket of lease {lease} and could not re-attach within {:?}: {why}",
+                        opts.reattach
+                    )));
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = &mut cancel, if !cancel_wanted => cancel_wanted = true,
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+            let mut ws = match self.exec_socket(lease).await {
+                Ok(ws) => ws,
+                Err(e) if exec_id.is_some() && retryable(&e) => {
+                    tracing::debug!(lease, error = %e, "re-attach failed; retrying");
+                    let why = e.to_string();
+                    lost.get_or_insert((tokio::time::Instant::now(), why)).1 = e.to_string();
                     continue;
                 }
-                m = ws.next() => m,
+                Err(e) => return Err(e),
             };
-            match m {
-                None => return Err(self.transport("exec socket closed before the exit")),
-                Some(Err(e)) => return Err(self.transport(e)),
-                Some(Ok(Message::Binary(b))) => {
-                    let (stream, _, data) = decode_output(&b).map_err(|e| self.transport(e))?;
-                    sink(stream, data);
+            let first = match exec_id {
+                None => ClientMessage::Exec(spec.clone()),
+                Some(exec_id) => ClientMessage::Attach { exec_id, offset },
+            };
+            let mut sent = ws.send(json_msg(&first)).await.map(|_| ());
+            if sent.is_ok() && cancel_wanted && exec_id.is_some() {
+                sent = ws.send(json_msg(&ClientMessage::Cancel)).await;
+            }
+            if let Err(e) = sent {
+                if exec_id.is_none() {
+                    return Err(self.io(e));
                 }
-                Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMessage>(&t) {
-                    Ok(ServerMessage::Started { .. }) => {}
-                    Ok(ServerMessage::Exit(st)) => return Ok(st),
-                    Ok(ServerMessage::Error { code, message }) => {
-                        return Err(Error::Api {
-                            server: self.base.clone(),
-                            status: StatusCode::OK.as_u16(),
-                            code,
-                            message,
-                        });
+                lost.get_or_insert((tokio::time::Instant::now(), e.to_string()));
+                continue;
+            }
+            // Why this socket ended without an exit, when it may be re-attached.
+            let why: String = loop {
+                let m = tokio::select! {
+                    _ = &mut cancel, if !cancel_wanted => {
+                        cancel_wanted = true;
+                        let _ = ws.send(json_msg(&ClientMessage::Cancel)).await;
+                        continue;
                     }
-                    Err(e) => return Err(self.transport(format!("bad exec message: {e}"))),
-                },
-                Some(Ok(Message::Close(_))) => {
-                    return Err(self.transport("exec socket closed before the exit"));
-                }
-                Some(Ok(_)) => {}
-            }
-        }
-    }
-}
-
-/// What `warmpool run` does.
-#[derive(Debug, Clone)]
-pub struct RunOptions {
-    /// Selector.
-    pub selector: String,
-    /// Wait for an agent up to this long.
-    pub wait: Duration,
-    /// Lease TTL (renewed every third of it while the command runs).
-    pub ttl: Duration,
-    /// Holder text.
-    pub holder: String,
-    /// The command.
-    pub spec: ExecSpec,
-}
-
-/// Leases, runs, streams, releases; returns the job's exit code (128+signal when killed).
-pub async fn run_job(client: &Client, opts: RunOptions) -> Result<i32> {
-    let lease = client
-        .lease(&CreateLease {
-            selector: opts.selector.clone(),
-            wait_seconds: Some(opts.wait.as_secs_f64()),
-            ttl_seconds: Some(opts.ttl.as_secs_f64()),
-            holder: Some(opts.holder.clone()),
-            idempotency_key: None,
-        })
-        .await?;
-    tracing::debug!(lease = %lease.id, agent = %lease.agent, "leased");
-    let renewer = {
-        let (c, id, every) = (client.clone(), lease.id.clone(), opts.ttl / 3);
-        tokio::spawn(async move {
-            let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-            loop {
-                iv.tick().await;
-                if let Err(e) = c.renew(&id).await {
-                    tracing::warn!(lease = %id, error = %e, "renewal failed");
-                }
-            }
-        })
-    };
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    let result = client
-        .exec(
-            &lease.id,
-            opts.spec,
-            |stream, data| {
-                let _ = match stream {
-                    Stream::Stdout => stdout.write_all(data).and_then(|_| stdout.flush()),
-                    Stream::Stderr => stderr.write_all(data).and_then(|_| stderr.flush()),
+                    size = async { resize.as_mut().expect("guarded").recv().await },
+                        if resize.is_some() && exec_id.is_some() =>
+                    {
+                        match size {
+                            Some(size) => {
+                                let _ = ws.send(json_msg(&ClientMessage::Resize(size))).await;
+                            }
+                            None => resize = None,
+                        }
+                        continue;
+                    }
+                    // Stdin once the exec id is known; the end is an empty frame. (Bytes in
+                    // flight when a socket breaks are not sent again.)
+                    chunk = async { stdin.as_mut().expect("guarded").recv().await },
+                        if stdin.is_some() && exec_id.is_some() =>
+                    {
+                        let data = chunk.unwrap_or_default();
+                        if data.is_empty() {
+                            stdin = None;
+                        }
+                        let id = exec_id.expect("guarded");
+                        let frame = encode_output(Stream::Stdin, id, &data);
+                        let _ = ws.send(Message::Binary(frame.into())).await;
+                        continue;
+                    }
+                    m = ws.next() => m,
                 };
-            },
-            async {
-                let _ = tokio::signal::ctrl_c().await;
-                eprintln!(
-                    "warmpool: interrupted; cancelling the command on {}",
-                    lease.agent
-                );
-            },
-        )
-        .await;
-    renewer.abort();
-    if let Err(e) = client.release(&lease.id).await {
-        // An already-ended lease (agent lost, expired) is not worth a second error.
-        if !matches!(&e, Error::Api { code, .. } if code == "lease_ended") {
-            tracing::warn!(lease = %lease.id, error = %e, "release failed");
+                match m {
+                    None => break "exec socket closed before the exit".into(),
+                    Some(Err(e)) => break e.to_string(),
+                    Some(Ok(Message::Binary(b))) => {
+                        let (stream, _, data) = decode_output(&b).map_err(|e| self.transport(e))?;
+                        if stream == Stream::Stdin {
+                            continue;
+                        }
+                        offset += data.len() as u64;
+                        sink(ExecOutput::Data(stream, data));
+                    }
+                    Some(Ok(Message::Text(t))) => match serde_json::from_str::<ServerMessage>(&t) {
+                        Ok(ServerMessage::Started { exec_id: id, .. }) => exec_id = Some(id),
+                        Ok(ServerMessage::Attached {
+                            offset: at,
+                            dropped,
+                            ..
+                        }) => {
+                            lost = None;
+                            pause = Duration::from_millis(100);
+                            let gap = at.saturating_sub(offset).max(dropped);
+                            if gap > 0 {
+                                sink(ExecOutput::Dropped(gap));
+                            }
+                            offset = at;
+                        }
+                        Ok(ServerMessage::Dropped { bytes, .. }) => {
+                            sink(ExecOutput::Dropped(bytes));
+                            offset += bytes;
+                        }
+                        Ok(ServerMessage::Exit(st)) => return Ok(st),
+                        Ok(ServerMessage::Error { code, message })
+                            if code == "service_restarting" && exec_id.is_some() =>
+                        {
+                            break message;
+                        }
+                        Ok(ServerMessage::Error { code, message }) => {
+                            return Err(Error::Api {
+                                server: self.base.clone(),
+                                status: StatusCode::OK.as_u16(),
+                                code,
+                                message,
+                            });
+                        }
+                        Err(e) => return Err(self.transport(format!("bad exec message: {e}"))),
+                    },
+                    Some(Ok(Message::Close(_))) => {
+                        break "exec socket closed before the exit".into();
+                    }
+                    Some(Ok(_)) => {}
+                }
+            };
+            if exec_id.is_none() {
+                return Err(self.transport(why));
+            }
+            tracing::debug!(lease, why = %why, offset, "exec socket lost; re-attaching");
+            lost.get_or_insert((tokio::time::Instant::now(), why));
         }
     }
-    let status = result?;
-    if let Some(err) = &status.error {
-        eprintln!("warmpool: {err}");
+}
+
+type ExecSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn json_msg(m: &ClientMessage) -> Message {
+    Message::Text(serde_json::to_string(m).expect("serialisable").into())
+}
+
+/// True for errors a restarting service or a takeover answers for a while: no connection,
+/// 503 (a standby, or an instance still adopting), 404 (a new instance that has not yet
+/// restored the lease from its agent), 502/504 (a proxy with no backend).
+pub(crate) fn retryable(e: &Error) -> bool {
+    match e {
+        Error::Transport { .. } => true,
+        Error::Api { status, .. } => matches!(status, 404 | 502 | 503 | 504),
     }
-    if status.timed_out {
-        eprintln!("warmpool: command timed out on {}", lease.agent);
-    }
-    Ok(status.shell_code())
+}
+
+/// How long [`Client::exec`] tries to re-attach a broken exec socket.
+pub const DEFAULT_REATTACH: Duration = Duration::from_secs(120);
+
+/// Options of [`Client::exec_with`].
+#[derive(Debug)]
+pub struct ExecOptions {
+    /// How long to keep trying to re-attach after the socket broke.
+    pub reattach: Duration,
+    /// Input for the command, chunk by chunk; an empty chunk or the sender's end closes it.
+    /// Without it the command's stdin is empty.
+    pub stdin: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
+    /// New terminal sizes to pass on (with `tty` in the spec).
+    pub resize: Option<tokio::sync::mpsc::Receiver<TtySize>>,
+}
+
+/// What [`Client::exec_with`] hands to its sink.
+#[derive(Debug)]
+pub enum ExecOutput<'a> {
+    /// Bytes the command wrote.
+    Data(Stream, &'a [u8]),
+    /// This many bytes are lost here (the agent's buffer overflowed while nobody read it).
+    Dropped(u64),
 }
 
 /// Renders pools as the `status` table.

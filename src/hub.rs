@@ -2,7 +2,10 @@
 //!
 //! Owns the connection registry (agent id -> bounded outbound queue), the handshake
 //! (`hello` -> token check -> engine registration -> `welcome`), the per-connection reader and
-//! writer tasks, and routing of exec output from an agent to the exec socket that started it.
+//! writer tasks, and routing of exec output from an agent to the exec socket that started or
+//! re-attached to it. Routes are kept by agent id across the agent's connections: when an agent
+//! that keeps its execs reconnects, the hub asks it (`attach`) to resume from the last byte
+//! routed.
 //! A slow agent can only stall its own tasks: messages to it are `try_send` into its bounded
 //! queue, and a full queue closes that connection (close code 4429). Protocol errors close the
 //! connection with a reason and bump `warmpool_protocol_errors_total{reason}`.
@@ -20,30 +23,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{ConnectError, Lease};
+pub use crate::exec_routes::ExecEvent;
+use crate::exec_routes::{ExecRoute, ExecRoutes};
 use crate::protocol::{
-    self, AgentMessage, ExecSpec, ExitStatus, HubMessage, PROTOCOL_VERSION, close,
+    self, AgentMessage, ExecReport, ExecSpec, HubMessage, PROTOCOL_VERSION, close,
 };
 use crate::service::Service;
 
-/// What an exec socket receives from the agent running its command.
-#[derive(Debug)]
-pub enum ExecEvent {
-    /// A binary output frame, as the agent sent it.
-    Output(bytes::Bytes),
-    /// The command finished.
-    Exit(ExitStatus),
-    /// The agent went away or the lease ended; the message says which.
-    Lost(String),
-}
-
 enum Outbound {
     Msg(HubMessage),
-}
-
-struct ExecRoute {
-    exec_id: u64,
-    lease: String,
-    tx: mpsc::Sender<ExecEvent>,
+    Binary(bytes::Bytes),
 }
 
 struct Conn {
@@ -51,7 +40,9 @@ struct Conn {
     tx: mpsc::Sender<Outbound>,
     kill: CancellationToken,
     close_reason: Mutex<Option<(u16, String)>>,
-    exec: Mutex<Option<ExecRoute>>,
+    /// The agent keeps its execs across connections and answers `attach` (its `hello` had
+    /// `execs`).
+    reattach: bool,
 }
 
 impl Conn {
@@ -77,14 +68,21 @@ pub enum ExecStartError {
     /// The agent's queue is full; it was disconnected.
     #[error("agent {0} is not reading its messages; disconnected")]
     Slow(String),
+    /// The agent's build cannot re-attach to an exec.
+    #[error(
+        "agent {0} cannot re-attach to a command (it stops its commands when its connection drops)"
+    )]
+    NoReattach(String),
 }
 
 /// The connection registry.
 pub struct Hub {
     conns: DashMap<String, Arc<Conn>>,
+    routes: ExecRoutes,
     next_conn: AtomicU64,
     next_exec: AtomicU64,
     handshakes: DefaultDirectRateLimiter,
+    restarting: CancellationToken,
 }
 
 impl Hub {
@@ -93,10 +91,25 @@ impl Hub {
         let n = handshakes_per_second.max(1);
         Hub {
             conns: DashMap::new(),
+            routes: ExecRoutes::default(),
             next_conn: AtomicU64::new(1),
-            next_exec: AtomicU64::new(1),
+            // Exec ids stay unique across service instances (an agent may still hold an exec
+            // of the previous instance) and below 2^53 (exact in JSON numbers).
+            next_exec: AtomicU64::new(rand::random::<u64>() % (1 << 52) + 1),
             handshakes: governor::RateLimiter::direct(crate::pacer::quota(n as f64, n)),
+            restarting: CancellationToken::new(),
         }
+    }
+
+    /// The service restarts and leaves its agents to the next instance: exec sockets tell
+    /// their clients to re-attach there.
+    pub fn detach_exec_clients(&self) {
+        self.restarting.cancel();
+    }
+
+    /// Fires when exec sockets should send their clients to the next instance.
+    pub fn restarting(&self) -> &CancellationToken {
+        &self.restarting
     }
 
     /// Takes a handshake token; false when agents connect faster than allowed.
@@ -157,76 +170,131 @@ impl Hub {
         lease: &str,
         spec: ExecSpec,
     ) -> Result<(u64, mpsc::Receiver<ExecEvent>), ExecStartError> {
-        let conn = self
-            .conns
-            .get(agent)
-            .map(|c| c.clone())
-            .ok_or_else(|| ExecStartError::NotConnected(agent.to_string()))?;
+        if !self.conns.contains_key(agent) {
+            return Err(ExecStartError::NotConnected(agent.to_string()));
+        }
         let exec_id = self.next_exec.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(64);
-        {
-            let mut slot = conn.exec.lock().expect("lock");
-            if slot.is_some() {
-                return Err(ExecStartError::Busy(agent.to_string()));
+        match self.routes.map.entry(agent.to_string()) {
+            Entry::Occupied(_) => return Err(ExecStartError::Busy(agent.to_string())),
+            Entry::Vacant(v) => {
+                v.insert(ExecRoute {
+                    exec_id,
+                    lease: lease.to_string(),
+                    tx,
+                    offset: 0,
+                    pending: false,
+                });
             }
-            *slot = Some(ExecRoute {
-                exec_id,
-                lease: lease.to_string(),
-                tx,
-            });
         }
         if !self.send(svc, agent, HubMessage::Exec { exec_id, spec }) {
-            conn.exec.lock().expect("lock").take();
+            self.routes
+                .map
+                .remove_if(agent, |_, r| r.exec_id == exec_id);
             return Err(ExecStartError::Slow(agent.to_string()));
         }
         Ok((exec_id, rx))
     }
 
-    /// Asks the agent to stop an exec and forgets its route.
-    pub fn cancel_exec(&self, svc: &Service, agent: &str, exec_id: u64) {
-        if let Some(conn) = self.conns.get(agent).map(|c| c.clone()) {
-            let mut slot = conn.exec.lock().expect("lock");
-            if slot.as_ref().is_some_and(|r| r.exec_id == exec_id) {
-                slot.take();
+    /// Re-attaches to an exec started earlier on this lease: its output from `offset`, then its
+    /// exit, arrive on the returned receiver (first an [`ExecEvent::Attached`]). A client that
+    /// re-attaches replaces the route of one that left. When the agent is not connected, the
+    /// `attach` goes out when it registers again.
+    pub fn attach_exec(
+        &self,
+        svc: &Service,
+        agent: &str,
+        lease: &str,
+        exec_id: u64,
+        offset: u64,
+    ) -> Result<mpsc::Receiver<ExecEvent>, ExecStartError> {
+        let conn = self.conns.get(agent).map(|c| c.clone());
+        if conn.as_ref().is_some_and(|c| !c.reattach) {
+            return Err(ExecStartError::NoReattach(agent.to_string()));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let route = ExecRoute {
+            exec_id,
+            lease: lease.to_string(),
+            tx,
+            offset,
+            pending: true,
+        };
+        match self.routes.map.entry(agent.to_string()) {
+            Entry::Occupied(mut o) if o.get().exec_id == exec_id => {
+                // The previous client of this exec is gone (or about to be): it hears nothing more.
+                o.insert(route);
+            }
+            Entry::Occupied(_) => return Err(ExecStartError::Busy(agent.to_string())),
+            Entry::Vacant(v) => {
+                v.insert(route);
             }
         }
+        if conn.is_some() && !self.send(svc, agent, HubMessage::Attach { exec_id, offset }) {
+            self.routes
+                .map
+                .remove_if(agent, |_, r| r.exec_id == exec_id);
+            return Err(ExecStartError::Slow(agent.to_string()));
+        }
+        Ok(rx)
+    }
+
+    /// Hands a stdin frame of an exec client to its agent, waiting for room in the agent's
+    /// queue (the agent reads its socket at once, so this only paces a fast client). Dropped
+    /// when the agent is not connected.
+    pub async fn send_stdin(&self, agent: &str, frame: bytes::Bytes) {
+        let Some(conn) = self.conns.get(agent).map(|c| c.clone()) else {
+            return;
+        };
+        tokio::select! {
+            _ = conn.tx.send(Outbound::Binary(frame)) => {}
+            _ = conn.kill.cancelled() => {}
+        }
+    }
+
+    /// Asks the agent to stop an exec and forgets its route.
+    pub fn cancel_exec(&self, svc: &Service, agent: &str, exec_id: u64) {
+        self.detach_exec(agent, exec_id);
         self.send(svc, agent, HubMessage::Cancel { exec_id });
+    }
+
+    /// Forgets an exec's route; the command keeps running (a client may re-attach).
+    pub fn detach_exec(&self, agent: &str, exec_id: u64) {
+        self.routes
+            .map
+            .remove_if(agent, |_, r| r.exec_id == exec_id);
     }
 
     /// A lease ended: stop a command still running for it.
     pub fn lease_ended(&self, svc: &Service, lease: &Lease) {
-        let Some(conn) = self.conns.get(&lease.agent).map(|c| c.clone()) else {
+        let Some((_, r)) = self
+            .routes
+            .map
+            .remove_if(&lease.agent, |_, r| r.lease == lease.id)
+        else {
             return;
         };
-        let route = {
-            let mut slot = conn.exec.lock().expect("lock");
-            if slot.as_ref().is_some_and(|r| r.lease == lease.id) {
-                slot.take()
-            } else {
-                None
-            }
-        };
-        if let Some(r) = route {
-            let _ = r.tx.try_send(ExecEvent::Lost(format!(
-                "lease {} {}: {}",
-                lease.id,
-                lease.state.as_str(),
-                lease.end_reason.as_deref().unwrap_or("")
-            )));
-            self.send(svc, &lease.agent, HubMessage::Cancel { exec_id: r.exec_id });
-        }
+        let _ = r.tx.try_send(ExecEvent::Lost(format!(
+            "lease {} {} (agent {}): {}",
+            lease.id,
+            lease.state.as_str(),
+            lease.agent,
+            lease.end_reason.as_deref().unwrap_or("")
+        )));
+        self.send(svc, &lease.agent, HubMessage::Cancel { exec_id: r.exec_id });
     }
 
-    fn route(&self, agent: &str, exec_id: u64, finished: bool) -> Option<mpsc::Sender<ExecEvent>> {
-        let conn = self.conns.get(agent)?.clone();
-        let mut slot = conn.exec.lock().expect("lock");
-        if slot.as_ref().is_some_and(|r| r.exec_id == exec_id) {
-            if finished {
-                return slot.take().map(|r| r.tx);
-            }
-            return slot.as_ref().map(|r| r.tx.clone());
+    /// Bytes of output routed so far for the agent's exec (for tests and diagnostics).
+    pub fn routed_offset(&self, agent: &str) -> Option<u64> {
+        self.routes.map.get(agent).map(|r| r.offset)
+    }
+
+    /// An agent registered: re-attach its route to the exec it reports, or tell the route's
+    /// client the exec is gone.
+    fn resume_route(&self, svc: &Service, agent: &str, execs: Option<&[ExecReport]>) {
+        if let Some((exec_id, offset)) = self.routes.resume(agent, execs) {
+            self.send(svc, agent, HubMessage::Attach { exec_id, offset });
         }
-        None
     }
 }
 
@@ -275,8 +343,9 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
                 health,
                 lease,
                 uses,
+                execs,
                 ..
-            }) => (protocol, agent_id, pool, token, health, lease, uses),
+            }) => (protocol, agent_id, pool, token, health, lease, uses, execs),
             Ok(other) => {
                 let r = format!("expected hello, got {}", msg_type(&other));
                 return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
@@ -291,7 +360,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
         }
     };
-    let (version, agent, pool, token, health, lease, uses) = hello;
+    let (version, agent, pool, token, health, lease, uses, execs) = hello;
     if version != PROTOCOL_VERSION {
         let r =
             format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
@@ -329,7 +398,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
         tx,
         kill: CancellationToken::new(),
         close_reason: Mutex::new(None),
-        exec: Mutex::new(None),
+        reattach: execs.is_some(),
     });
     match svc.hub.conns.entry(agent.clone()) {
         Entry::Occupied(_) => {
@@ -359,6 +428,7 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
         return;
     }
     tracing::info!(agent = %agent, "agent connected");
+    svc.hub.resume_route(&svc, &agent, execs.as_deref());
 
     // 3. writer: the queue; the only task that writes to the socket. The hub's heartbeat is
     // the answer to the agent's (queued by the reader): no timer per connection, and one
@@ -370,9 +440,14 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             tokio::select! {
                 _ = writer_conn.kill.cancelled() => break,
                 m = rx.recv() => {
-                    let Some(Outbound::Msg(m)) = m else { break };
-                    let text = serde_json::to_string(&m).expect("serialisable");
-                    if sink.send(Message::Text(text.into())).await.is_err() { break; }
+                    let m = match m {
+                        Some(Outbound::Msg(m)) => {
+                            Message::Text(serde_json::to_string(&m).expect("serialisable").into())
+                        }
+                        Some(Outbound::Binary(b)) => Message::Binary(b),
+                        None => break,
+                    };
+                    if sink.send(m).await.is_err() { break; }
                 }
             }
         }
@@ -430,17 +505,26 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             .expect("lock")
             .as_ref()
             .is_some_and(|(c, _)| *c == close::TERMINATED || *c == close::GOING_AWAY);
+    // A connection that dropped on its own (not closed by the hub for a reason) may come back.
+    let dropped = conn.close_reason.lock().expect("lock").is_none();
     conn.kill.cancel();
     let _ = writer.await;
     svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
-    if let Some(route) = conn.exec.lock().expect("lock").take() {
-        let _ = route.tx.try_send(ExecEvent::Lost(format!(
-            "agent {agent} disconnected: {why}"
-        )));
+    if !conn.reattach {
+        // Such an agent stops its exec when its connection drops.
+        if let Some((_, route)) = svc.hub.routes.map.remove(&agent) {
+            let _ = route.tx.try_send(ExecEvent::Lost(format!(
+                "agent {agent} disconnected: {why}"
+            )));
+        }
     }
     if !closed_by_hub {
         tracing::info!(agent = %agent, why = %why, "agent disconnected");
-        svc.apply(|e, now| e.agent_disconnected(&agent, &why, now));
+        if conn.reattach && dropped {
+            svc.apply(|e, now| e.agent_away(&agent, &why, now));
+        } else {
+            svc.apply(|e, now| e.agent_disconnected(&agent, &why, now));
+        }
     }
 }
 
@@ -479,6 +563,7 @@ fn msg_type(m: &AgentMessage) -> &'static str {
         AgentMessage::Hello { .. } => "hello",
         AgentMessage::Heartbeat { .. } => "heartbeat",
         AgentMessage::Exit { .. } => "exit",
+        AgentMessage::Attached { .. } => "attached",
         AgentMessage::Ready { .. } => "ready",
     }
 }
@@ -539,8 +624,22 @@ async fn handle(
                     svc.apply(|e, now| e.agent_ready_after_hooks(agent, health, &hooks, now));
                 }
                 AgentMessage::Exit { exec_id, status } => {
-                    if let Some(tx) = svc.hub.route(agent, exec_id, true) {
+                    if let Some(tx) = svc.hub.routes.exit(agent, exec_id) {
                         forward(svc, agent, conn, &tx, ExecEvent::Exit(status)).await;
+                    }
+                }
+                AgentMessage::Attached {
+                    exec_id,
+                    offset,
+                    dropped,
+                    error,
+                } => {
+                    if let Some((tx, ev)) = svc
+                        .hub
+                        .routes
+                        .attached(agent, exec_id, offset, dropped, error)
+                    {
+                        forward(svc, agent, conn, &tx, ev).await;
                     }
                 }
                 AgentMessage::Hello { .. } => {
@@ -549,10 +648,14 @@ async fn handle(
             }
         }
         Message::Binary(b) => {
-            let (_, exec_id, _) = protocol::decode_output(&b)
+            let (stream, exec_id, data) = protocol::decode_output(&b)
                 .map_err(|e| ("malformed", format!("bad output frame: {e}")))?;
-            // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads it.
-            if let Some(tx) = svc.hub.route(agent, exec_id, false) {
+            if stream == protocol::Stream::Stdin {
+                return Err(("malformed", "an agent sent a stdin frame".into()));
+            }
+            // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads
+            // it (the agent still holds it for a client that re-attaches).
+            if let Some(tx) = svc.hub.routes.output(agent, exec_id, data.len()) {
                 forward(svc, agent, conn, &tx, ExecEvent::Output(b)).await;
             }
         }

@@ -174,7 +174,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     env: a.env.into_iter().collect(),
                     cwd: a.cwd,
                     timeout_ms: a.timeout.map(|t| t.0.as_millis() as u64),
+                    stdin: false,
+                    tty: None,
                 },
+                reattach: a.reattach_timeout.0,
+                stdin: a.interactive
+                    || a.tty
+                    || !std::io::IsTerminal::is_terminal(&std::io::stdin()),
+                tty: a.tty,
             };
             let code = client::run_job(&c, opts).await?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))

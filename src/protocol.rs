@@ -83,6 +83,12 @@ pub enum AgentMessage {
         /// Health at connect time.
         #[serde(default)]
         health: Health,
+        /// The execs this agent still holds (running, or finished with output or an exit the
+        /// hub may not have received). Present, even empty, when the agent keeps execs across
+        /// connections and answers `attach`; absent from agents that do not (they stop their
+        /// execs when the connection drops): the hub tells the two apart by this field.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        execs: Option<Vec<ExecReport>>,
     },
     /// Periodic liveness with health.
     Heartbeat {
@@ -97,6 +103,21 @@ pub enum AgentMessage {
         /// How it ended.
         #[serde(flatten)]
         status: ExitStatus,
+    },
+    /// The answer to `attach`: the exec's output follows from `offset` (then its `exit`).
+    /// Sent only to a hub that sent `attach`.
+    Attached {
+        /// The exec.
+        exec_id: u64,
+        /// Where the output resumes: the offset asked for, or the oldest byte still buffered.
+        #[serde(default)]
+        offset: u64,
+        /// Bytes between the offset asked for and `offset` that the buffer no longer holds.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
+        /// Set when the agent has no such exec; nothing follows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// Cleanup after a release finished; the agent is ready for the next lease.
     Ready {
@@ -142,6 +163,23 @@ pub enum HubMessage {
         #[serde(flatten)]
         spec: ExecSpec,
     },
+    /// Send an exec's output again from byte `offset` of its output (stdout and stderr counted
+    /// together, in the order written), then its exit. Sent to agents whose `hello` had
+    /// `execs`, after a reconnect or when an exec client re-attaches.
+    Attach {
+        /// The exec.
+        exec_id: u64,
+        /// Bytes of output the hub already has.
+        offset: u64,
+    },
+    /// The client's terminal changed size: resize the exec's pseudo-terminal.
+    Resize {
+        /// The exec.
+        exec_id: u64,
+        /// New size.
+        #[serde(flatten)]
+        size: TtySize,
+    },
     /// Stop a running exec (its whole process group).
     Cancel {
         /// The exec.
@@ -182,12 +220,29 @@ pub struct ExecSpec {
     /// Extra environment.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
-    /// Working directory, relative to the workspace (absolute paths are used as given).
+    /// Working directory, relative to the workspace and inside it (see [`check_cwd`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
     /// Kill the process group after this many milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// The client sends stdin (binary frames of stream 0; an empty one is the end): the command
+    /// reads it from a pipe. Otherwise its stdin is empty (`/dev/null`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stdin: bool,
+    /// Run on a pseudo-terminal of this size (stdout and stderr are then one stream, stdout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// A terminal's size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TtySize {
+    /// Rows.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 impl ExecSpec {
@@ -199,9 +254,39 @@ impl ExecSpec {
             (Some(a), None) if a.is_empty() || a[0].is_empty() => {
                 Err("argv must name a program".into())
             }
-            _ => Ok(()),
+            _ => match &self.cwd {
+                Some(c) => check_cwd(c),
+                None => Ok(()),
+            },
         }
     }
+}
+
+/// Checks a working directory stays inside the workspace as written: relative, and no `..`
+/// climbing above it. (The agent also resolves symlinks before running.)
+pub fn check_cwd(cwd: &str) -> Result<(), String> {
+    use std::path::Component;
+    let mut depth: i32 = 0;
+    for c in std::path::Path::new(cwd).components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!(
+                    "cwd {cwd} is absolute; give a directory relative to the agent's workspace"
+                ));
+            }
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err(format!(
+                        "cwd {cwd} leads outside the agent's workspace; give a directory inside it"
+                    ));
+                }
+            }
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+        }
+    }
+    Ok(())
 }
 
 /// How an exec ended.
@@ -236,12 +321,50 @@ impl ExitStatus {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// One exec an agent holds, as reported in `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecReport {
+    /// The exec.
+    pub exec_id: u64,
+    /// The lease it runs for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+    /// Still running (otherwise its exit is kept until the next exec or the release).
+    #[serde(default)]
+    pub running: bool,
+    /// Offset of the oldest output byte still buffered.
+    #[serde(default)]
+    pub first: u64,
+    /// Offset of the next output byte (bytes written so far).
+    #[serde(default)]
+    pub next: u64,
+}
+
 /// Messages `warmpool run` sends on the exec socket.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
+#[serde(
+    tag = "type",
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase"
+)]
 pub enum ClientMessage {
     /// Start the command.
     Exec(ExecSpec),
+    /// Re-attach to a command started earlier on this lease (after the service restarted or
+    /// the socket broke): its output follows from byte `offset`, then its exit.
+    Attach {
+        /// The exec id from `started`.
+        exec_id: u64,
+        /// Bytes of output already received (stdout and stderr together).
+        offset: u64,
+    },
+    /// The terminal changed size (with `tty`).
+    Resize(TtySize),
     /// Stop it.
     Cancel,
 }
@@ -261,6 +384,25 @@ pub enum ServerMessage {
         /// The agent running it.
         agent: String,
     },
+    /// The answer to `attach`: output follows from `offset`.
+    Attached {
+        /// The exec.
+        exec_id: u64,
+        /// The agent running it.
+        agent: String,
+        /// Where the output resumes.
+        offset: u64,
+        /// Bytes between the client's offset and `offset` that are lost (the agent's buffer
+        /// overflowed while nobody read it).
+        dropped: u64,
+    },
+    /// Output was lost here: the agent's buffer overflowed while its connection was down.
+    Dropped {
+        /// The exec.
+        exec_id: u64,
+        /// How many bytes.
+        bytes: u64,
+    },
     /// The command finished.
     Exit(ExitStatus),
     /// Something went wrong; the socket closes after this.
@@ -272,9 +414,11 @@ pub enum ServerMessage {
     },
 }
 
-/// Output stream of a binary frame.
+/// Stream of a binary frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stream {
+    /// Standard input, from the exec client to the command (an empty frame ends it).
+    Stdin = 0,
     /// Standard output.
     Stdout = 1,
     /// Standard error.
@@ -292,7 +436,7 @@ pub enum FrameError {
     UnknownStream(u8),
 }
 
-/// Encodes one output frame.
+/// Encodes one frame (output, or stdin from a client).
 pub fn encode_output(stream: Stream, exec_id: u64, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(OUTPUT_HEADER_BYTES + data.len());
     out.push(stream as u8);
@@ -307,6 +451,7 @@ pub fn decode_output(frame: &[u8]) -> Result<(Stream, u64, &[u8]), FrameError> {
         return Err(FrameError::Short(frame.len()));
     }
     let stream = match frame[0] {
+        0 => Stream::Stdin,
         1 => Stream::Stdout,
         2 => Stream::Stderr,
         other => return Err(FrameError::UnknownStream(other)),
@@ -383,6 +528,19 @@ mod tests {
             ..Default::default()
         };
         assert!(empty.validate().is_err());
+        let cwd = |c: &str| {
+            ExecSpec {
+                script: Some("true".into()),
+                cwd: Some(c.into()),
+                ..Default::default()
+            }
+            .validate()
+        };
+        assert!(cwd("src/a/../b").is_ok());
+        assert!(cwd("./src").is_ok());
+        assert!(cwd("/etc").unwrap_err().contains("absolute"));
+        assert!(cwd("../../..").unwrap_err().contains("outside"));
+        assert!(cwd("src/../../x").unwrap_err().contains("outside"));
     }
 
     #[test]

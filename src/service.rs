@@ -446,6 +446,8 @@ impl Service {
                 "leaving agents and leases to the next instance"
             );
             self.backend.shutdown().await;
+            // Running commands too: their clients re-attach to the next instance.
+            self.hub.detach_exec_clients();
             self.hub
                 .close_all(close::GOING_AWAY, "warmpool is restarting; reconnect");
             return;

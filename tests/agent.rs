@@ -113,7 +113,7 @@ async fn agent_reconnects_runs_exec_and_drains() {
                 assert_eq!(id, 5);
                 match s {
                     Stream::Stdout => out.extend_from_slice(d),
-                    Stream::Stderr => err.extend_from_slice(d),
+                    _ => err.extend_from_slice(d),
                 }
             }
             Message::Text(t) => match serde_json::from_str::<AgentMessage>(&t).unwrap() {

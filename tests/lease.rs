@@ -352,7 +352,7 @@ async fn a_client_that_stops_reading_loses_no_output_and_keeps_its_agent() {
                 let (s, _, d) = warmpool::protocol::decode_output(&b).unwrap();
                 match s {
                     Stream::Stdout => stdout += d.len(),
-                    Stream::Stderr => stderr.extend_from_slice(d),
+                    _ => stderr.extend_from_slice(d),
                 }
             }
             Message::Text(t) => {

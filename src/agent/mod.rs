@@ -2,12 +2,15 @@
 //!
 //! Owns the agent's side of the remoting protocol and its reconnect policy (jittered
 //! exponential backoff). Each exec runs in its own process group in the workspace
-//! ([`exec`]); on `release` the agent kills every leftover descendant and wipes the workspace
+//! ([`exec`]) and writes into a [`job::Job`] that outlives the connection: a lost connection
+//! stops nothing; the next one reports the job in `hello` and the hub re-attaches to its output
+//! (`attach`). On `release` the agent kills every leftover descendant and wipes the workspace
 //! ([`crate::procs`]) before reporting `ready` with its health. The agent is a child subreaper so jobs
 //! cannot escape cleanup by daemonising.
 
 pub mod exec;
 pub mod hooks;
+pub mod job;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -22,9 +25,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
+use self::job::Job;
 use crate::engine::Health;
 use crate::procs;
-use crate::protocol::{AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, close};
+use crate::protocol::{
+    AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, Stream, close, decode_output,
+};
 
 /// Errors of one agent session.
 #[derive(Debug, thiserror::Error)]
@@ -82,10 +88,21 @@ enum End {
     Lost(String),
 }
 
+/// The exec this agent runs, or ran last for its lease (its output and exit are kept for a
+/// re-attach until the next exec or the release). Outlives hub connections.
 struct Current {
-    exec_id: u64,
-    cancel: CancellationToken,
-    task: JoinHandle<()>,
+    job: Arc<Job>,
+    runner: JoinHandle<()>,
+}
+
+type Slot = Arc<Mutex<Option<Current>>>;
+
+fn running(current: &Slot) -> bool {
+    current
+        .lock()
+        .expect("lock")
+        .as_ref()
+        .is_some_and(|c| c.job.running())
 }
 
 /// Runs the agent until it is drained, terminated by the hub, or `shutdown` fires.
@@ -99,10 +116,18 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // The lease this agent serves and how many it served, kept across reconnects and
     // reported in `hello`.
     let lease: Arc<Mutex<(Option<String>, u32)>> = Arc::default();
+    let current: Slot = Arc::default();
     let mut backoff = BACKOFF_BASE;
     loop {
         let started = Instant::now();
-        let end = session(&cfg, &shutdown, pids.clone(), lease.clone()).await;
+        let end = session(
+            &cfg,
+            &shutdown,
+            pids.clone(),
+            lease.clone(),
+            current.clone(),
+        )
+        .await;
         let retry_soon =
             matches!(&end, Err(Error::Refused { code, .. }) if *code == close::TRY_AGAIN_LATER);
         match &end {
@@ -181,6 +206,7 @@ async fn session(
     shutdown: &CancellationToken,
     pids: Arc<Mutex<HashSet<i32>>>,
     current_lease: Arc<Mutex<(Option<String>, u32)>>,
+    current: Slot,
 ) -> Result<End> {
     let transport = |message: String| Error::Transport {
         hub: cfg.hub.clone(),
@@ -203,6 +229,15 @@ async fn session(
         lease,
         uses,
         health: health_async(cfg, &pids).await,
+        execs: Some(
+            current
+                .lock()
+                .expect("lock")
+                .as_ref()
+                .map(|c| c.job.report())
+                .into_iter()
+                .collect(),
+        ),
     };
     sink.send(json(&hello))
         .await
@@ -265,12 +300,13 @@ async fn session(
             }
         })
     };
-    let current: Arc<Mutex<Option<Current>>> = Arc::new(Mutex::new(None));
+    // The task streaming the current job's output over this connection.
+    let mut sender: Option<JoinHandle<()>> = None;
     let mut cleanup: Option<JoinHandle<()>> = None;
     let mut draining = false;
     let hub_silence = interval * 3;
     let end = loop {
-        if draining && current.lock().expect("lock").is_none() {
+        if draining && !running(&current) {
             break End::Exit("drained".into());
         }
         let msg = tokio::select! {
@@ -286,6 +322,15 @@ async fn session(
         };
         let text = match msg {
             Message::Text(t) => t,
+            Message::Binary(b) => {
+                if let Ok((Stream::Stdin, exec_id, data)) = decode_output(&b)
+                    && let Some(c) = current.lock().expect("lock").as_ref()
+                    && c.job.id == exec_id
+                {
+                    c.job.stdin(data);
+                }
+                continue;
+            }
             Message::Close(f) => {
                 let (code, reason) = f
                     .map(|f| (u16::from(f.code), f.reason.to_string()))
@@ -312,9 +357,8 @@ async fn session(
                 l.1 += 1;
             }
             HubMessage::Exec { exec_id, spec } => {
-                let mut cur = current.lock().expect("lock");
                 let cleaning = cleanup.as_ref().is_some_and(|c| !c.is_finished());
-                if cur.is_some() || draining || cleaning {
+                if running(&current) || draining || cleaning {
                     let why = if cleaning {
                         "is cleaning up after a released lease"
                     } else if draining {
@@ -329,38 +373,65 @@ async fn session(
                     let _ = tx.try_send(json(&AgentMessage::Exit { exec_id, status }));
                     continue;
                 }
-                let cancel = CancellationToken::new();
-                let (tx2, ws, pids2, cur2, c2) = (
-                    tx.clone(),
-                    cfg.workspace.clone(),
-                    pids.clone(),
-                    current.clone(),
-                    cancel.clone(),
-                );
-                let task = tokio::spawn(async move {
-                    let status = exec::run(exec_id, spec, &ws, tx2.clone(), c2, pids2).await;
-                    // Free before reporting, so the next exec the client sends is accepted.
-                    {
-                        let mut cur = cur2.lock().expect("lock");
-                        if cur.as_ref().is_some_and(|c| c.exec_id == exec_id) {
-                            *cur = None;
-                        }
-                    }
-                    let _ = tx2
-                        .send(json(&AgentMessage::Exit { exec_id, status }))
-                        .await;
+                let lease = current_lease.lock().expect("lock").0.clone();
+                let job = Arc::new(Job::new(exec_id, lease, job::BUFFER_BYTES));
+                let (ws, pids2, j) = (cfg.workspace.clone(), pids.clone(), job.clone());
+                let runner = tokio::spawn(async move {
+                    let status = exec::run(j.clone(), spec, &ws, pids2).await;
+                    j.finish(status);
                 });
-                *cur = Some(Current {
-                    exec_id,
-                    cancel,
-                    task,
+                *current.lock().expect("lock") = Some(Current {
+                    job: job.clone(),
+                    runner,
                 });
+                if let Some(s) = sender.take() {
+                    s.abort();
+                }
+                let tx2 = tx.clone();
+                sender = Some(tokio::spawn(async move { job.stream(0, tx2, false).await }));
+            }
+            HubMessage::Attach { exec_id, offset } => {
+                let job = current
+                    .lock()
+                    .expect("lock")
+                    .as_ref()
+                    .filter(|c| c.job.id == exec_id)
+                    .map(|c| c.job.clone());
+                let Some(job) = job else {
+                    let error = format!(
+                        "agent {} has no exec {exec_id} (a later exec or a release replaced it)",
+                        cfg.agent_id
+                    );
+                    let _ = tx.try_send(json(&AgentMessage::Attached {
+                        exec_id,
+                        offset: 0,
+                        dropped: 0,
+                        error: Some(error),
+                    }));
+                    continue;
+                };
+                // One sender per job: the previous one stops before the new one announces.
+                if let Some(s) = sender.take() {
+                    s.abort();
+                    let _ = s.await;
+                }
+                let tx2 = tx.clone();
+                sender = Some(tokio::spawn(
+                    async move { job.stream(offset, tx2, true).await },
+                ));
+            }
+            HubMessage::Resize { exec_id, size } => {
+                if let Some(c) = current.lock().expect("lock").as_ref()
+                    && c.job.id == exec_id
+                {
+                    c.job.resize(size);
+                }
             }
             HubMessage::Cancel { exec_id } => {
                 if let Some(c) = current.lock().expect("lock").as_ref()
-                    && c.exec_id == exec_id
+                    && c.job.id == exec_id
                 {
-                    c.cancel.cancel();
+                    c.job.cancel.cancel();
                 }
             }
             HubMessage::Release {
@@ -369,6 +440,9 @@ async fn session(
             } => {
                 current_lease.lock().expect("lock").0.take();
                 let running = current.lock().expect("lock").take();
+                if let Some(s) = sender.take() {
+                    s.abort();
+                }
                 let (tx2, cfg2, pids2) = (tx.clone(), cfg.clone(), pids.clone());
                 let previous = cleanup.take();
                 cleanup = Some(tokio::spawn(async move {
@@ -376,8 +450,8 @@ async fn session(
                         let _ = p.await;
                     }
                     if let Some(c) = running {
-                        c.cancel.cancel();
-                        let _ = c.task.await;
+                        c.job.cancel.cancel();
+                        let _ = c.runner.await;
                     }
                     let left = procs::kill_leftovers(&HashSet::new(), Duration::from_secs(5)).await;
                     if left > 0 {
@@ -406,16 +480,22 @@ async fn session(
             }
         }
     };
-    // Stop whatever runs (the whole process group, at once: the hub has already given up on
-    // this lease), say goodbye, and let the writer flush.
-    let running = current.lock().expect("lock").take();
-    if let Some(c) = running {
-        for pgid in pids.lock().expect("lock").iter() {
-            // SAFETY: signalling a job's own process group.
-            unsafe { libc::killpg(*pgid, libc::SIGKILL) };
+    if let Some(s) = sender.take() {
+        s.abort();
+    }
+    // A lost connection stops nothing: the job keeps running and writing into its buffer, and
+    // the next connection reports it. An agent that exits stops its job (the whole process
+    // group, at once).
+    if let End::Exit(_) = &end {
+        let running = current.lock().expect("lock").take();
+        if let Some(c) = running {
+            for pgid in pids.lock().expect("lock").iter() {
+                // SAFETY: signalling a job's own process group.
+                unsafe { libc::killpg(*pgid, libc::SIGKILL) };
+            }
+            c.job.cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(3), c.runner).await;
         }
-        c.cancel.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(3), c.task).await;
     }
     heartbeat.abort();
     if let End::Exit(why) = &end {

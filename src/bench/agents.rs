@@ -118,6 +118,7 @@ async fn connect(a: &SimAgent) -> Result<Split, String> {
         lease: None,
         uses: 0,
         health: Default::default(),
+        execs: None,
     }))
     .await
     .map_err(|e| e.to_string())?;

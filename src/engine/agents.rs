@@ -83,6 +83,7 @@ impl Engine {
         match a.state {
             AgentState::Provisioning | AgentState::Connecting => Ok(()),
             AgentState::Terminating => Err(ConnectError::Terminating(id.to_string())),
+            _ if a.away => Ok(()),
             _ => Err(ConnectError::AlreadyConnected(id.to_string())),
         }
     }
@@ -103,6 +104,9 @@ impl Engine {
             _ => return Err(ConnectError::NotJoinable(pool.to_string())),
         };
         if let Some(a) = self.agents.get(id) {
+            if a.away && a.pool == pool {
+                return self.agent_registered(id, Some(pool), health, lease, uses, now);
+            }
             return Err(if a.state == AgentState::Terminating {
                 ConnectError::Terminating(id.to_string())
             } else if a.pool != pool {
@@ -150,6 +154,21 @@ impl Engine {
     ) -> Result<(), ConnectError> {
         self.check_connect(id, pool)?;
         let a = self.agents.get_mut(id).expect("checked");
+        if a.away {
+            // Back within the heartbeat timeout: it keeps its state and its lease.
+            a.away = false;
+            a.last_seen = now;
+            a.health = health;
+            tracing::info!(agent = id, state = a.state.as_str(), "agent reconnected");
+            if a.state == AgentState::Cleaning {
+                // Its lease ended while it was away: the release never reached it.
+                self.actions.push(Action::Release {
+                    agent: id.to_string(),
+                    lease: lease.unwrap_or_default().to_string(),
+                });
+            }
+            return Ok(());
+        }
         // An adopted agent keeps counting toward maxUses from what it reports.
         a.uses = a.uses.max(uses);
         a.adopted = false;
@@ -287,6 +306,19 @@ impl Engine {
         self.set_state(id, AgentState::Idle, now);
         self.check_health(id, now);
         self.reconcile(now);
+    }
+
+    /// The connection of an agent that keeps its job across connections dropped. A leased one
+    /// keeps its lease and state until the heartbeat timeout, within which it may register
+    /// again; any other is handled as [`Engine::agent_disconnected`].
+    pub fn agent_away(&mut self, id: &str, why: &str, now: Instant) {
+        match self.agents.get_mut(id) {
+            Some(a) if a.state == AgentState::Leased => {
+                tracing::info!(agent = id, why, "leased agent disconnected; waiting for it");
+                a.away = true;
+            }
+            _ => self.agent_disconnected(id, why, now),
+        }
     }
 
     /// The agent's connection closed.

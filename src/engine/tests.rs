@@ -752,3 +752,75 @@ fn find_agent_uses_the_idle_index_across_many_pools() {
     assert_eq!(e.find_agent(&req("linux && !linux", 0, 1), t0), None);
     e.check_invariants().unwrap();
 }
+
+#[test]
+fn a_leased_agent_that_keeps_its_job_may_come_back_within_the_heartbeat_timeout() {
+    let mut e = engine();
+    let t0 = Instant::now();
+    let mut s = spec(&["linux"], 2, 4, 0);
+    s.max_age = Dur(ms(600_000));
+    s.idle_ttl = Dur(ms(600_000));
+    e.upsert_pool("p", s, t0);
+    settle(&mut e, t0);
+    let LeaseDecision::Granted(l) = e.request_lease(req("linux", 0, 60_000), t0).unwrap() else {
+        panic!("granted")
+    };
+    settle(&mut e, t0);
+    // Its connection drops: it keeps state and lease, and may register again.
+    let t1 = t0 + ms(10);
+    e.agent_away(&l.agent, "reset", t1);
+    assert!(terminations(&settle(&mut e, t1)).is_empty());
+    assert_eq!(e.agent(&l.agent).unwrap().state, AgentState::Leased);
+    assert_eq!(e.active_lease(&l.id).unwrap().agent, l.agent);
+    e.agent_registered(&l.agent, Some("p"), Health::default(), Some(&l.id), 1, t1)
+        .unwrap();
+    assert_eq!(e.agent(&l.agent).unwrap().state, AgentState::Leased);
+    assert!(!e.agent(&l.agent).unwrap().away);
+    // Once back, a second registration is a duplicate.
+    assert!(matches!(
+        e.check_connect(&l.agent, None),
+        Err(ConnectError::AlreadyConnected(_))
+    ));
+    // Released while away: the release goes out again when it comes back.
+    e.agent_away(&l.agent, "reset", t1);
+    e.release(&l.id, t1).unwrap();
+    e.take_actions();
+    e.agent_registered(&l.agent, Some("p"), Health::default(), Some(&l.id), 1, t1)
+        .unwrap();
+    let acts = e.take_actions();
+    assert!(
+        acts.iter().any(
+            |a| matches!(a, Action::Release { agent, lease } if *agent == l.agent && *lease == l.id)
+        ),
+        "{acts:?}"
+    );
+    e.agent_ready(&l.agent, Health::default(), t1);
+    // Away past the heartbeat timeout: lost, and its lease fails.
+    let LeaseDecision::Granted(l2) = e.request_lease(req("linux", 0, 60_000), t1).unwrap() else {
+        panic!("granted")
+    };
+    settle(&mut e, t1);
+    e.agent_away(&l2.agent, "reset", t1);
+    let t2 = t1 + EngineConfig::default().heartbeat_timeout;
+    let others: Vec<String> = e
+        .agents()
+        .filter(|a| a.id != l2.agent)
+        .map(|a| a.id.clone())
+        .collect();
+    for a in &others {
+        e.agent_heartbeat(a, Health::default(), t2);
+    }
+    e.tick(t2);
+    assert_eq!(terminations(&settle(&mut e, t2)), ["heartbeat-lost"]);
+    assert_eq!(e.lease(&l2.id).unwrap().state, LeaseState::Failed);
+    // An idle agent is not kept: it is replaced as before.
+    let idle = e
+        .agents()
+        .find(|a| a.state == AgentState::Idle)
+        .unwrap()
+        .id
+        .clone();
+    e.agent_away(&idle, "reset", t2);
+    assert_eq!(terminations(&settle(&mut e, t2)), ["disconnected"]);
+    e.check_invariants().unwrap();
+}

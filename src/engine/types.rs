@@ -174,6 +174,9 @@ pub struct Agent {
     /// Adopted from a previous instance and not registered since: it gets
     /// [`super::EngineConfig::adopt_grace`] to reconnect instead of `connectTimeout`.
     pub adopted: bool,
+    /// Its connection dropped while leased, and it keeps its job across connections: it keeps
+    /// its state and may register again until the heartbeat timeout.
+    pub away: bool,
 }
 
 impl Agent {
@@ -193,6 +196,7 @@ impl Agent {
             terminate_reason: None,
             retire: false,
             adopted: false,
+            away: false,
         }
     }
 }

@@ -266,7 +266,7 @@ pub async fn exec_cancel(
             spec,
             |s, d| match s {
                 Stream::Stdout => stdout.extend_from_slice(d),
-                Stream::Stderr => stderr.extend_from_slice(d),
+                _ => stderr.extend_from_slice(d),
             },
             cancel,
         )
