@@ -31,17 +31,29 @@ fn crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A directory outside every agent's workspace, and its path.
+fn scratch() -> (tempfile::TempDir, String) {
+    let owned = tempfile::tempdir().unwrap();
+    let dir = owned.path().display().to_string();
+    (owned, dir)
+}
+
+/// Starts pool `p` with one agent at most and `hooks`, and waits for it to be idle.
+async fn start_one(hooks: &str) -> Harness {
+    crypto();
+    let h = start_pools(&pool(hooks, 1, "")).await;
+    h.wait_idle("p", 1).await;
+    h
+}
+
 fn state_of(h: &Harness, agent: &str) -> Option<warmpool::engine::AgentState> {
     h.server.svc.read(|e| e.agent(agent).map(|a| a.state))
 }
 
 #[tokio::test]
 async fn health_hook_that_finds_files_left_outside_the_workspace_recycles_the_agent() {
-    crypto();
-    let owned = tempfile::tempdir().unwrap();
-    let dir = owned.path().display().to_string();
-    let h = start_pools(&pool(&empty_dir_check(&dir), 1, "")).await;
-    h.wait_idle("p", 1).await;
+    let (_owned, dir) = scratch();
+    let h = start_one(&empty_dir_check(&dir)).await;
 
     // A clean job: the health hook passes and the agent is reused.
     let l1 = h.lease("linux", 10.0, 60.0).await;
@@ -99,15 +111,12 @@ async fn health_hook_that_finds_files_left_outside_the_workspace_recycles_the_ag
 
 #[tokio::test]
 async fn cleanup_hook_that_removes_the_leftovers_keeps_the_agent_reused() {
-    crypto();
-    let owned = tempfile::tempdir().unwrap();
-    let dir = owned.path().display().to_string();
+    let (owned, dir) = scratch();
     let hooks = format!(
         "      cleanup:\n        command: [find, {dir}, -mindepth, '1', -delete]\n        timeout: 10s\n{}",
         empty_dir_check(&dir)
     );
-    let h = start_pools(&pool(&hooks, 1, "")).await;
-    h.wait_idle("p", 1).await;
+    let h = start_one(&hooks).await;
     let mut agents = Vec::new();
     for n in 0..3 {
         let l = h.lease("linux", 10.0, 60.0).await;
@@ -136,15 +145,12 @@ async fn cleanup_hook_that_removes_the_leftovers_keeps_the_agent_reused() {
 
 #[tokio::test]
 async fn hanging_cleanup_hook_is_killed_at_its_timeout_and_the_agent_recycled() {
-    crypto();
-    let owned = tempfile::tempdir().unwrap();
-    let dir = owned.path().display().to_string();
+    let (owned, dir) = scratch();
     // The hook never ends, and starts a child that would outlive it.
     let hooks = format!(
         "      cleanup:\n        command: [sh, -c, 'sleep 9361 & sleep 9362']\n        timeout: 500ms\n      health:\n        command: [touch, {dir}/health-ran]\n"
     );
-    let h = start_pools(&pool(&hooks, 1, "")).await;
-    h.wait_idle("p", 1).await;
+    let h = start_one(&hooks).await;
     let l = h.lease("linux", 10.0, 60.0).await;
     assert_eq!(exec(&h, &l.id, script("true")).await.status.code, Some(0));
     let released = Instant::now();

@@ -2,6 +2,8 @@
 //! pods for `AgentPool`s; the process kubelet (tests/support/kubelet.rs, the only simulated
 //! part) runs each pod's agent as a local process that dials the hub for real.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/kube.rs"]
 mod kube_api;
 #[path = "support/kubelet.rs"]
@@ -10,131 +12,14 @@ mod support;
 
 use std::time::Duration;
 
+use cluster::*;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube_api::{KubeApi, install_crd};
 use kubelet::ProcessKubelet;
 use serde_json::json;
 use support::*;
 use warmpool::k8s::crd::AgentPool;
 use warmpool::server::BackendChoice;
-
-struct Cluster {
-    api: KubeApi,
-    client: kube::Client,
-    _kubelet: ProcessKubelet,
-    h: Harness,
-}
-
-/// A fixed agent key: agent tokens stay valid across service instances, as with
-/// `--agent-key-file` in production.
-fn kube_config(client: &kube::Client) -> warmpool::server::ServeConfig {
-    let mut cfg = test_config("pools:\n  - name: unused\n");
-    cfg.agent_key = warmpool::auth::AgentKey::from_bytes(b"test-agent-key-0123456789");
-    cfg.backend = BackendChoice::Kubernetes {
-        client: client.clone(),
-        namespace: Some("default".into()),
-        leader: None,
-    };
-    cfg
-}
-
-async fn cluster() -> Cluster {
-    // Warnings from warmpool show in a failing test's output.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,warmpool=info")
-        .with_test_writer()
-        .try_init();
-    let api = KubeApi::start().await;
-    let client = api.client().await;
-    install_crd(&client).await;
-    let kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
-    let h = start_with(kube_config(&client)).await;
-    Cluster {
-        api,
-        client,
-        _kubelet: kubelet,
-        h,
-    }
-}
-
-fn agent_pool(name: &str, command: serde_json::Value, extra: serde_json::Value) -> AgentPool {
-    let mut spec = json!({
-        "labels": ["linux", name],
-        "template": {"spec": {"containers": [{"name": "agent", "image": "warmpool:dev", "command": command}]}}
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "warmpool.dev/v1alpha1", "kind": "AgentPool",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec
-    }))
-    .unwrap()
-}
-
-impl Cluster {
-    fn pools(&self) -> Api<AgentPool> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-    fn pods(&self) -> Api<Pod> {
-        Api::namespaced(self.client.clone(), "default")
-    }
-    async fn pod_names(&self, pool: &str) -> Vec<String> {
-        let lp = ListParams::default().labels(&format!("warmpool.dev/pool={pool}"));
-        let mut v: Vec<String> = self
-            .pods()
-            .list(&lp)
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter_map(|p| p.metadata.name)
-            .collect();
-        v.sort();
-        v
-    }
-    async fn status(&self, pool: &str) -> warmpool::k8s::crd::AgentPoolStatus {
-        self.pools()
-            .get(pool)
-            .await
-            .unwrap()
-            .status
-            .unwrap_or_default()
-    }
-    /// True when the pool's status has condition `type_` = `status` with `reason` (when not
-    /// empty) and a message containing `text`.
-    async fn has_condition(
-        &self,
-        pool: &str,
-        type_: &str,
-        status: &str,
-        reason: &str,
-        text: &str,
-    ) -> bool {
-        self.status(pool).await.conditions.iter().any(|x| {
-            x.type_ == type_
-                && x.status == status
-                && (reason.is_empty() || x.reason == reason)
-                && x.message.contains(text)
-        })
-    }
-    async fn until(&self, what: &str, mut f: impl AsyncFnMut(&Cluster) -> bool) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while !f(self).await {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for: {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-fn agent_cmd() -> serde_json::Value {
-    json!([EXE, "agent"])
-}
 
 #[tokio::test]
 async fn pool_reaches_min_idle_runs_a_job_and_replaces_the_pod_per_max_uses() {
@@ -237,23 +122,12 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
     let m = c.h.server.svc.render_metrics();
     assert!(metric(&m, "warmpool_leaks_total{pool=\"stuck\"}").unwrap() >= 1.0);
     // A Warning Event on the AgentPool names the leaked pod; repeats are folded, not spammed.
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(c.client.clone(), "default");
-    c.until("AgentLeaked event on the AgentPool", async |_: &Cluster| {
-        events
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some("AgentLeaked")
-                    && e.type_.as_deref() == Some("Warning")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("stuck")
-                    && e.note.as_deref().is_some_and(|n| n.contains("stuck-"))
-            })
+    c.until("AgentLeaked event on the AgentPool", async |c: &Cluster| {
+        warning_event(&c.client, "AgentLeaked", "stuck", &["stuck-"]).await
     })
     .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(c.client.clone(), "default");
     let leaked = events
         .list(&ListParams::default())
         .await
@@ -426,35 +300,6 @@ async fn service_proxy(replicas: Replicas) -> std::net::SocketAddr {
     addr
 }
 
-async fn pod_names_of(client: &kube::Client, pool: &str) -> Vec<String> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let lp = ListParams::default().labels(&format!("warmpool.dev/pool={pool}"));
-    let mut v: Vec<String> = pods
-        .list(&lp)
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter_map(|p| p.metadata.name)
-        .collect();
-    v.sort();
-    v
-}
-
-fn replica(client: &kube::Client, identity: &str) -> warmpool::server::ServeConfig {
-    let mut l = warmpool::k8s::leader::LeaderConfig::new("default", identity);
-    l.lease_duration = Duration::from_secs(3);
-    l.renew_deadline = Duration::from_secs(2);
-    l.retry_period = Duration::from_millis(200);
-    let mut cfg = kube_config(client);
-    cfg.backend = BackendChoice::Kubernetes {
-        client: client.clone(),
-        namespace: Some("default".into()),
-        leader: Some(Box::new(l)),
-    };
-    cfg
-}
-
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let c = cluster().await;
@@ -469,7 +314,20 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let replicas: Replicas = Default::default();
     let service = service_proxy(replicas.clone()).await;
     let hub = format!("ws://{service}/v1/agents/connect");
-    let (mut ca, mut cb) = (replica(&client, "replica-a"), replica(&client, "replica-b"));
+    let (mut ca, mut cb) = (
+        replica(
+            &client,
+            "replica-a",
+            Duration::from_secs(3),
+            Duration::from_secs(2),
+        ),
+        replica(
+            &client,
+            "replica-b",
+            Duration::from_secs(3),
+            Duration::from_secs(2),
+        ),
+    );
     ca.hub_url = Some(hub.clone());
     cb.hub_url = Some(hub);
     let a = start_with(ca).await;
@@ -518,7 +376,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     assert_eq!((status, code.as_str()), (503, "not_ready"));
     // The leader stops (releasing its lease): the standby takes over, adopts the pod (its agent
     // reconnects through the Service) and serves the pool without creating another.
-    let pods_before = pod_names_of(&client, "ha").await;
+    let pods_before = names(&pods_of(&client, "ha").await);
     leader.server.shutdown().await;
     wait_until("standby leads", Duration::from_secs(10), || {
         standby.server.svc.is_ready()
@@ -526,7 +384,7 @@ async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     .await;
     standby.wait_idle("ha", 1).await;
     assert_eq!(
-        pod_names_of(&client, "ha").await,
+        names(&pods_of(&client, "ha").await),
         pods_before,
         "the pod was adopted, not replaced"
     );
@@ -635,9 +493,7 @@ mod faults;
 
 #[tokio::test]
 async fn api_faults_never_push_pods_above_max_total() {
-    let api = KubeApi::start().await;
-    let admin = api.client().await;
-    install_crd(&admin).await;
+    let (api, admin) = apiserver().await;
     let _kubelet = ProcessKubelet::start(admin.clone(), "default", Duration::from_millis(50));
     let plan = faults::FaultPlan {
         create_429_every: 4,
@@ -682,14 +538,7 @@ async fn api_faults_never_push_pods_above_max_total() {
             let lp = ListParams::default().labels("warmpool.dev/pool=churn");
             loop {
                 if let Ok(list) = pods.list(&lp).await {
-                    let may_run = list
-                        .items
-                        .iter()
-                        .filter(|p| {
-                            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-                            !matches!(phase, Some("Succeeded" | "Failed"))
-                        })
-                        .count();
+                    let may_run = list.items.iter().filter(|p| may_run(p)).count();
                     max_seen.fetch_max(may_run, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -724,9 +573,7 @@ async fn api_faults_never_push_pods_above_max_total() {
 
 #[tokio::test]
 async fn all_namespaces_serves_same_named_pools_apart() {
-    let api = KubeApi::start().await;
-    let admin = api.client().await;
-    install_crd(&admin).await;
+    let (_api, admin) = apiserver().await;
     let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(admin.clone());
     for ns in ["team-a", "team-b"] {
         let obj = serde_json::from_value(

@@ -6,6 +6,8 @@
 //! - a crash takeover: the leader, a real `warmpool serve` process, is SIGKILLed; the standby
 //!   takes over and deletes no live agent, and the running lease survives.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/kube.rs"]
 mod kube_api;
 #[path = "support/kubelet.rs"]
@@ -15,73 +17,12 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, ListParams, PostParams};
-use kube_api::{KubeApi, install_crd};
+use cluster::*;
+use kube::api::PostParams;
 use kubelet::{KubeletOptions, ProcessKubelet};
 use serde_json::json;
 use support::*;
 use warmpool::api::CreateLease;
-use warmpool::k8s::crd::AgentPool;
-use warmpool::server::BackendChoice;
-
-const KEY: &[u8] = b"test-agent-key-0123456789";
-
-fn kube_config(client: &kube::Client) -> warmpool::server::ServeConfig {
-    let mut cfg = test_config("pools:\n  - name: unused\n");
-    cfg.agent_key = warmpool::auth::AgentKey::from_bytes(KEY);
-    cfg.backend = BackendChoice::Kubernetes {
-        client: client.clone(),
-        namespace: Some("default".into()),
-        leader: None,
-    };
-    cfg
-}
-
-fn agent_pool(name: &str, extra: serde_json::Value) -> AgentPool {
-    let mut spec = json!({
-        "labels": ["linux", name],
-        "template": {"spec": {"containers": [{"name": "agent", "image": "warmpool:dev", "command": [EXE, "agent"]}]}}
-    });
-    for (k, v) in extra.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "warmpool.dev/v1alpha1", "kind": "AgentPool",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec
-    }))
-    .unwrap()
-}
-
-fn phase(p: &Pod) -> &str {
-    p.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("")
-}
-
-/// The documented rule (docs/KUBERNETES.md): a pod counts toward `maxTotal` while its
-/// containers may still run, that is until its phase is Succeeded or Failed or it is gone.
-fn may_run(p: &Pod) -> bool {
-    !matches!(phase(p), "Succeeded" | "Failed")
-}
-
-async fn pods_of(client: &kube::Client, pool: &str) -> Vec<Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let lp = ListParams::default().labels(&format!("warmpool.dev/pool={pool}"));
-    pods.list(&lp).await.unwrap().items
-}
-
-async fn setup() -> (KubeApi, kube::Client) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,warmpool=info")
-        .with_test_writer()
-        .try_init();
-    let api = KubeApi::start().await;
-    let client = api.client().await;
-    install_crd(&client).await;
-    (api, client)
-}
 
 #[derive(Default)]
 struct Samples {
@@ -94,7 +35,7 @@ struct Samples {
 
 #[tokio::test]
 async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_and_lost_nodes() {
-    let (api, client) = setup().await;
+    let (api, client) = apiserver().await;
     let _kubelet = ProcessKubelet::start_with(
         client.clone(),
         "default",
@@ -106,10 +47,14 @@ async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_an
         },
     );
     let h = start_with(kube_config(&client)).await;
-    Api::<AgentPool>::namespaced(client.clone(), "default")
+    pools(&client)
         .create(
             &PostParams::default(),
-            &agent_pool("churn", json!({"minIdle": 2, "maxTotal": 4, "maxUses": 1})),
+            &agent_pool(
+                "churn",
+                agent_cmd(),
+                json!({"minIdle": 2, "maxTotal": 4, "maxUses": 1}),
+            ),
         )
         .await
         .unwrap();
@@ -220,12 +165,11 @@ async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_an
 
     // Once the churn settles, the AgentPool status, the metrics and the engine count the
     // same pods as the rule does.
-    let pools: Api<AgentPool> = Api::namespaced(client.clone(), "default");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let pods = pods_of(&client, "churn").await;
         let rule = pods.iter().filter(|p| may_run(p)).count() as u32;
-        let st = pools.get("churn").await.unwrap().status.unwrap_or_default();
+        let st = status(&client, "churn").await;
         let status_total = st.provisioning + st.connecting + st.idle + st.leased + st.terminating;
         let engine_total = h.pool("churn").total;
         let m = h.server.svc.render_metrics();
@@ -274,14 +218,6 @@ async fn hub_proxy(replicas: Arc<Mutex<Vec<std::net::SocketAddr>>>) -> std::net:
     addr
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child process (SIGKILL) when dropped.
 struct Proc(std::process::Child);
 
@@ -294,7 +230,7 @@ impl Drop for Proc {
 
 #[tokio::test]
 async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
-    let (api, client) = setup().await;
+    let (api, client) = apiserver().await;
     let _kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
     let replicas: Arc<Mutex<Vec<std::net::SocketAddr>>> = Arc::default();
     let proxy = hub_proxy(replicas.clone()).await;
@@ -303,8 +239,10 @@ async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
     // The leader: a real `warmpool serve` process, so that it can be SIGKILLed.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("kubeconfig"), api.kubeconfig()).unwrap();
-    std::fs::write(dir.path().join("agent-key"), KEY).unwrap();
-    let leader_addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    std::fs::write(dir.path().join("agent-key"), AGENT_KEY).unwrap();
+    let leader_addr: std::net::SocketAddr = format!("127.0.0.1:{}", kube_api::free_port())
+        .parse()
+        .unwrap();
     let log = std::fs::File::create(dir.path().join("leader.log")).unwrap();
     let mut leader = Proc(
         std::process::Command::new(EXE)
@@ -344,16 +282,12 @@ async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The standby, in this process.
-    let mut l = warmpool::k8s::leader::LeaderConfig::new("default", "standby");
-    l.lease_duration = Duration::from_secs(12);
-    l.renew_deadline = Duration::from_secs(8);
-    l.retry_period = Duration::from_millis(200);
-    let mut cfg = kube_config(&client);
-    cfg.backend = BackendChoice::Kubernetes {
-        client: client.clone(),
-        namespace: Some("default".into()),
-        leader: Some(Box::new(l)),
-    };
+    let mut cfg = replica(
+        &client,
+        "standby",
+        Duration::from_secs(12),
+        Duration::from_secs(8),
+    );
     cfg.hub_url = Some(hub.clone());
     let standby = start_with(cfg).await;
     replicas
@@ -363,12 +297,12 @@ async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
     assert!(!standby.server.svc.is_ready());
 
     // connectTimeout is short: an adopted agent must not be held to it.
-    let pools: Api<AgentPool> = Api::namespaced(client.clone(), "default");
-    pools
+    pools(&client)
         .create(
             &PostParams::default(),
             &agent_pool(
                 "crash",
+                agent_cmd(),
                 json!({"minIdle": 2, "maxTotal": 3, "maxUses": 0, "connectTimeout": "2s"}),
             ),
         )
@@ -396,28 +330,19 @@ async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
     // Two idle agents besides the leased one (minIdle 2), all registered with the leader.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let st = pools.get("crash").await.unwrap().status.unwrap_or_default();
+        let st = status(&client, "crash").await;
         if st.idle == 2 && st.leased == 1 {
             break;
         }
         assert!(Instant::now() < deadline, "pool never settled: {st:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let names = |pods: Vec<Pod>| -> Vec<String> {
-        let mut v: Vec<String> = pods
-            .into_iter()
-            .filter(|p| p.metadata.deletion_timestamp.is_none())
-            .filter_map(|p| p.metadata.name)
-            .collect();
-        v.sort();
-        v
-    };
-    let before = names(pods_of(&client, "crash").await);
+    let before = pod_names(&client, "crash").await;
     assert_eq!(before.len(), 3);
     // The standby tells an agent to try again soon (1013), not that it is unknown (4404).
     {
         use futures_util::SinkExt;
-        let key = warmpool::auth::AgentKey::from_bytes(KEY);
+        let key = warmpool::auth::AgentKey::from_bytes(AGENT_KEY);
         let mut ws = raw_agent(&standby.hub_url()).await;
         ws.send(hello(&before[0], &key.token(&before[0])))
             .await
@@ -442,7 +367,7 @@ async fn a_crash_takeover_deletes_no_live_agent_and_keeps_the_running_lease() {
     let restored = Instant::now();
     let mut settled_at: Option<Instant> = None;
     loop {
-        let now = names(pods_of(&client, "crash").await);
+        let now = pod_names(&client, "crash").await;
         assert_eq!(now, before, "a crash takeover deleted or added pods");
         let p = standby.pool("crash");
         assert_eq!(p.leaks_total, 0, "an adopted agent was treated as a leak");

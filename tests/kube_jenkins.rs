@@ -3,6 +3,8 @@
 //! of the cluster) running each pod's command as a local process, and the Jenkins double
 //! (tests/support/jenkins.rs) that the simulated inbound agent in those pods dials.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/jenkins.rs"]
 mod jenkins;
 #[path = "support/kube.rs"]
@@ -11,27 +13,16 @@ mod kube_api;
 mod kubelet;
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use cluster::*;
 use jenkins::{CrumbMode, Endpoint, JenkinsConfig, JenkinsDouble};
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::{Api, ListParams, PostParams};
-use kube_api::{KubeApi, install_crd};
+use kube::api::{Api, PostParams};
 use kubelet::ProcessKubelet;
 use serde_json::json;
 use support::*;
-use warmpool::k8s::crd::{AgentPool, AgentPoolStatus};
-use warmpool::server::BackendChoice;
-
-fn kube_config(client: &kube::Client) -> warmpool::server::ServeConfig {
-    let mut cfg = test_config("pools:\n  - name: unused\n");
-    cfg.backend = BackendChoice::Kubernetes {
-        client: client.clone(),
-        namespace: Some("default".into()),
-        leader: None,
-    };
-    cfg
-}
+use warmpool::k8s::crd::AgentPool;
 
 fn jenkins_pool(
     name: &str,
@@ -40,7 +31,7 @@ fn jenkins_pool(
     cmd: serde_json::Value,
     extra: serde_json::Value,
 ) -> AgentPool {
-    let mut spec = json!({
+    let spec = json!({
         "minIdle": 2,
         "maxTotal": 4,
         "connectTimeout": "20s",
@@ -54,57 +45,12 @@ fn jenkins_pool(
         },
         "template": {"spec": {"containers": [{"name": "jnlp", "image": "jenkins/inbound-agent:latest"}]}}
     });
-    for (k, v) in extra.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    serde_json::from_value(json!({
-        "apiVersion": "warmpool.dev/v1alpha1", "kind": "AgentPool",
-        "metadata": {"name": name, "namespace": "default"}, "spec": spec
-    }))
-    .unwrap()
-}
-
-async fn until<F: AsyncFnMut() -> bool>(what: &str, mut f: F) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn pods_of(pods: &Api<Pod>, pool: &str) -> Vec<Pod> {
-    let lp = ListParams::default().labels(&format!("warmpool.dev/pool={pool}"));
-    pods.list(&lp)
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .collect()
-}
-
-fn names(pods: &[Pod]) -> Vec<String> {
-    let mut v: Vec<String> = pods
-        .iter()
-        .filter_map(|p| p.metadata.name.clone())
-        .collect();
-    v.sort();
-    v
-}
-
-async fn status(pools: &Api<AgentPool>, name: &str) -> AgentPoolStatus {
-    pools.get(name).await.unwrap().status.unwrap_or_default()
+    agent_pool_with(name, spec, extra)
 }
 
 #[tokio::test]
 async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,warmpool=info")
-        .with_test_writer()
-        .try_init();
-    let api = KubeApi::start().await;
-    let client = api.client().await;
-    install_crd(&client).await;
+    let (api, client) = apiserver().await;
     let _kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
     let j = JenkinsDouble::start(JenkinsConfig {
         crumb: CrumbMode::Enforced,
@@ -144,7 +90,7 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
             == 2)
             .await
     );
-    let ps = pods_of(&pods, "ci").await;
+    let ps = live_pods(&client, "ci").await;
     assert_eq!(ps.len(), 2);
     let nodes: Vec<String> = {
         let mut v: Vec<String> = j
@@ -189,11 +135,8 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
     );
     // The AgentPool status counts Jenkins nodes.
     until("status idle 2 and Ready", async || {
-        let s = status(&pools, "ci").await;
-        s.idle == 2
-            && s.conditions
-                .iter()
-                .any(|c| c.type_ == "Ready" && c.status == "True")
+        let s = status(&client, "ci").await;
+        s.idle == 2 && condition(&s, "Ready", "True", "", &[])
     })
     .await;
 
@@ -205,12 +148,12 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
     );
     let b = j.build_of(id).unwrap();
     until("busy in status", async || {
-        status(&pools, "ci").await.leased == 1
+        status(&client, "ci").await.leased == 1
     })
     .await;
     j.finish(&b.url);
     until("used pod deleted and replaced", async || {
-        let now = names(&pods_of(&pods, "ci").await);
+        let now = pod_names(&client, "ci").await;
         !now.contains(&b.node) && now.len() == 2
     })
     .await;
@@ -243,10 +186,7 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
     orphan.status = None;
     pods.create(&PostParams::default(), &orphan).await.unwrap();
     until("orphan pod deleted", async || {
-        pods.get_opt("ci-0rphan00")
-            .await
-            .unwrap()
-            .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
+        pod_gone(&client, "ci-0rphan00").await
     })
     .await;
 
@@ -271,13 +211,13 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
         .await
         .unwrap();
     until("a stuck pod", async || {
-        !pods_of(&pods, "stuck").await.is_empty()
+        !live_pods(&client, "stuck").await.is_empty()
     })
     .await;
-    let first = names(&pods_of(&pods, "stuck").await)[0].clone();
+    let first = pod_names(&client, "stuck").await[0].clone();
     until("stuck pod deleted, leak in status", async || {
-        !names(&pods_of(&pods, "stuck").await).contains(&first)
-            && status(&pools, "stuck").await.leaks_total >= 1
+        !pod_names(&client, "stuck").await.contains(&first)
+            && status(&client, "stuck").await.leaks_total >= 1
     })
     .await;
     assert!(j.node(&first).is_none());
@@ -291,24 +231,28 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
         .await
         .unwrap();
     until("nocreds degraded", async || {
-        status(&pools, "nocreds").await.conditions.iter().any(|c| {
-            c.type_ == "Degraded"
-                && c.status == "True"
-                && c.reason == "CredentialsMissing"
-                && c.message.contains("no-such-secret")
-        })
+        let reason = "CredentialsMissing";
+        has_condition(
+            &client,
+            "nocreds",
+            "Degraded",
+            "True",
+            reason,
+            &["no-such-secret"],
+        )
+        .await
     })
     .await;
-    assert!(pods_of(&pods, "nocreds").await.is_empty());
+    assert!(live_pods(&client, "nocreds").await.is_empty());
     pools.delete("stuck", &Default::default()).await.unwrap();
     pools.delete("nocreds", &Default::default()).await.unwrap();
 
     // Restart: the new instance adopts nodes and pods; nothing created, nothing deleted.
     until("ci back at 2 idle", async || {
-        status(&pools, "ci").await.idle == 2
+        status(&client, "ci").await.idle == 2
     })
     .await;
-    let before = names(&pods_of(&pods, "ci").await);
+    let before = pod_names(&client, "ci").await;
     let addr = h.server.addr;
     h.server.shutdown().await;
     let created = j.request_count(Endpoint::CreateNode);
@@ -328,7 +272,7 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(j.request_count(Endpoint::CreateNode), created);
     assert_eq!(j.request_count(Endpoint::DeleteNode), deleted);
-    assert_eq!(names(&pods_of(&pods, "ci").await), before);
+    assert_eq!(pod_names(&client, "ci").await, before);
     // Deleting the AgentPool deletes its nodes.
     pools.delete("ci", &Default::default()).await.unwrap();
     assert!(

@@ -9,6 +9,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use jenkins::{JenkinsConfig, JenkinsDouble};
@@ -18,7 +19,7 @@ use rcgen::{
 use support::{EXE, Harness, test_config, wait_until};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt};
 use warmpool::client::Client;
-use warmpool::server::{ServeConfig, start};
+use warmpool::server::start;
 use warmpool::tls::{CertFiles, CertReloader};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -75,6 +76,15 @@ fn files(dir: &Path) -> CertFiles {
     }
 }
 
+/// A scratch directory, CA `name` in it, and a leaf from that CA in its tls.crt/tls.key.
+fn pki(name: &str) -> (tempfile::TempDir, Ca, CertFiles) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), name);
+    let f = files(dir.path());
+    ca.issue(&f);
+    (dir, ca, f)
+}
+
 fn tls_client(base: &str, ca: &Path) -> Client {
     Client::with_tls(
         base,
@@ -83,9 +93,10 @@ fn tls_client(base: &str, ca: &Path) -> Client {
     )
 }
 
-/// `serve` in-process over TLS with `files`, its outgoing clients and local agents trusting
-/// `ca` (`--ca-file`).
-async fn serve_tls(mut cfg: ServeConfig, files: &CertFiles, ca: &Path) -> Harness {
+/// `serve` in-process for `pools_yaml` over TLS with `files`, its outgoing clients and local
+/// agents trusting `ca` (`--ca-file`).
+async fn serve_tls(pools_yaml: &str, files: &CertFiles, ca: &Path) -> Harness {
+    let mut cfg = test_config(pools_yaml);
     cfg.tls = Some(files.clone());
     cfg.ca_file = Some(ca.to_path_buf());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -95,13 +106,50 @@ async fn serve_tls(mut cfg: ServeConfig, files: &CertFiles, ca: &Path) -> Harnes
     Harness { server, client }
 }
 
+/// Starts `warmpool agent --hub wss://… --ca-file ca` as `mac-1` of the external pool `macs`,
+/// with a fresh join token; returns it and the hub URL it dials.
+async fn mac_agent(
+    h: &Harness,
+    ca: &Path,
+    dir: &Path,
+    stderr: Stdio,
+) -> (tokio::process::Child, String) {
+    let token = h.client.join_token("macs").await.unwrap();
+    let hub = format!("wss://{}/v1/agents/connect", h.server.addr);
+    let agent = tokio::process::Command::new(EXE)
+        .args(["agent", "--hub", &hub, "--ca-file"])
+        .arg(ca)
+        .args(["--agent-id", "mac-1", "--pool", "macs", "--token", &token])
+        .arg("--workspace")
+        .arg(dir.join("mac-1"))
+        .env_remove("WARMPOOL_CA_FILE")
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (agent, hub)
+}
+
+/// GETs `url` with a fresh reqwest client trusting what `tls` trusts; returns the body.
+async fn get_text(tls: &Arc<rustls::ClientConfig>, url: &str) -> String {
+    reqwest::Client::builder()
+        .use_preconfigured_tls(warmpool::tls::for_reqwest(tls))
+        .build()
+        .unwrap()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn jenkins_over_https_with_ca_file_reaches_min_idle_and_a_wrong_ca_is_a_clear_degraded() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "jenkins");
+    let (dir, ca, f) = pki("jenkins");
     let other = Ca::new(dir.path(), "other");
-    let f = files(dir.path());
-    ca.issue(&f);
     let reloader = CertReloader::new(f.clone()).unwrap();
     let j =
         JenkinsDouble::start_tls(JenkinsConfig::default(), reloader.server_config().unwrap()).await;
@@ -190,12 +238,8 @@ async fn jenkins_over_https_with_ca_file_reaches_min_idle_and_a_wrong_ca_is_a_cl
 
 #[tokio::test]
 async fn agents_join_over_wss_local_ones_and_a_real_agent_with_ca_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "hub");
-    let f = files(dir.path());
-    ca.issue(&f);
-    let cfg = test_config(
-        "
+    let (dir, ca, f) = pki("hub");
+    let pools = "
 pools:
   - name: local
     labels: [linux]
@@ -206,26 +250,12 @@ pools:
     external: true
     minIdle: 0
     maxTotal: 1
-",
-    );
-    let h = serve_tls(cfg, &f, &ca.pem).await;
+";
+    let h = serve_tls(pools, &f, &ca.pem).await;
     // Local agents dial the wss:// hub URL, trusting serve's --ca-file.
     h.wait_idle("local", 1).await;
     // An external machine: `warmpool agent --hub wss://... --ca-file`.
-    let token = h.client.join_token("macs").await.unwrap();
-    let hub = format!("wss://{}/v1/agents/connect", h.server.addr);
-    let mut agent = tokio::process::Command::new(EXE)
-        .args(["agent", "--hub", &hub, "--ca-file"])
-        .arg(&ca.pem)
-        .args(["--agent-id", "mac-1", "--pool", "macs", "--token", &token])
-        .arg("--workspace")
-        .arg(dir.path().join("mac-1"))
-        .env_remove("WARMPOOL_CA_FILE")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut agent, _) = mac_agent(&h, &ca.pem, dir.path(), Stdio::null()).await;
     h.wait_idle("macs", 1).await;
     // Leased and run through the TLS API and the wss exec socket.
     let lease = h.lease("macos", 10.0, 30.0).await;
@@ -249,30 +279,11 @@ pools:
 
 #[tokio::test]
 async fn an_agent_with_the_wrong_ca_logs_the_hub_and_the_verification_failure() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "hub");
+    let (dir, ca, f) = pki("hub");
     let other = Ca::new(dir.path(), "other");
-    let f = files(dir.path());
-    ca.issue(&f);
-    let h = serve_tls(
-        test_config("pools:\n  - name: macs\n    labels: [macos]\n    external: true\n    minIdle: 0\n    maxTotal: 1\n"),
-        &f,
-        &ca.pem,
-    )
+    let h = serve_tls("pools:\n  - name: macs\n    labels: [macos]\n    external: true\n    minIdle: 0\n    maxTotal: 1\n", &f, &ca.pem)
     .await;
-    let token = h.client.join_token("macs").await.unwrap();
-    let hub = format!("wss://{}/v1/agents/connect", h.server.addr);
-    let mut agent = tokio::process::Command::new(EXE)
-        .args(["agent", "--hub", &hub, "--ca-file"])
-        .arg(&other.pem)
-        .args(["--agent-id", "mac-1", "--pool", "macs", "--token", &token])
-        .arg("--workspace")
-        .arg(dir.path().join("mac-1"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut agent, hub) = mac_agent(&h, &other.pem, dir.path(), Stdio::piped()).await;
     let mut lines = tokio::io::BufReader::new(agent.stderr.take().unwrap()).lines();
     let found = tokio::time::timeout(WAIT, async {
         while let Ok(Some(l)) = lines.next_line().await {
@@ -311,13 +322,10 @@ async fn run_cli(base: &str, ca: &Path, cmd: &[&str]) -> (Option<i32>, String, S
 
 #[tokio::test]
 async fn run_over_https_prints_output_and_exit_code_and_a_wrong_ca_names_the_host() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "api");
+    let (dir, ca, f) = pki("api");
     let other = Ca::new(dir.path(), "other");
-    let f = files(dir.path());
-    ca.issue(&f);
     let h = serve_tls(
-        test_config("pools:\n  - name: p\n    labels: [linux]\n    minIdle: 1\n    maxTotal: 2\n"),
+        "pools:\n  - name: p\n    labels: [linux]\n    minIdle: 1\n    maxTotal: 2\n",
         &f,
         &ca.pem,
     )
@@ -338,18 +346,7 @@ async fn run_over_https_prints_output_and_exit_code_and_a_wrong_ca_names_the_hos
         String::from_utf8_lossy(&st.stderr)
     );
     assert!(String::from_utf8_lossy(&st.stdout).contains("linux"));
-    let http = reqwest::Client::builder()
-        .use_preconfigured_tls(warmpool::tls::for_reqwest(h.client.tls()))
-        .build()
-        .unwrap();
-    let metrics = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(h.client.tls(), &format!("{base}/metrics")).await;
     assert!(metrics.contains("warmpool_"));
     // A CA that did not sign the server's certificate: a clear error naming the server.
     let (code, _, err) = run_cli(&base, &other.pem, &["true"]).await;
@@ -372,13 +369,10 @@ async fn run_over_https_prints_output_and_exit_code_and_a_wrong_ca_names_the_hos
 
 #[tokio::test]
 async fn a_rotated_certificate_is_served_to_new_connections_and_a_bad_one_is_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let first = Ca::new(dir.path(), "first");
+    let (dir, first, f) = pki("first");
     let second = Ca::new(dir.path(), "second");
-    let f = files(dir.path());
-    first.issue(&f);
     let h = serve_tls(
-        test_config("pools:\n  - name: p\n    labels: [linux]\n    minIdle: 0\n"),
+        "pools:\n  - name: p\n    labels: [linux]\n    minIdle: 0\n",
         &f,
         &first.pem,
     )
@@ -419,10 +413,7 @@ async fn serve_refuses_to_start_with_unreadable_tls_files_naming_them() {
 
 #[tokio::test]
 async fn a_client_that_never_finishes_the_handshake_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::new(dir.path(), "hs");
-    let f = files(dir.path());
-    ca.issue(&f);
+    let (_dir, ca, f) = pki("hs");
     let cfg = CertReloader::new(f).unwrap().server_config().unwrap();
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
@@ -438,20 +429,8 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
         .unwrap_or(0);
     assert_eq!(n, 0);
     // Meanwhile and after, real clients are served.
-    let c = reqwest::Client::builder()
-        .use_preconfigured_tls(warmpool::tls::for_reqwest(
-            &warmpool::tls::client_config(Some(&ca.pem)).unwrap(),
-        ))
-        .build()
-        .unwrap();
-    let body = c
-        .get(format!("https://{addr}/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let trust = warmpool::tls::client_config(Some(&ca.pem)).unwrap();
+    let body = get_text(&trust, &format!("https://{addr}/")).await;
     assert_eq!(body, "ok");
     server.abort();
 }
