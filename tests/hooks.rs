@@ -24,13 +24,6 @@ fn empty_dir_check(dir: &str) -> String {
     )
 }
 
-/// reqwest is built with `rustls-tls-native-roots-no-provider` and nothing in this base installs
-/// a rustls crypto provider yet (the TLS work will): install ring for this test's clients.
-/// Harmless once the library installs one itself.
-fn crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
 /// A directory outside every agent's workspace, and its path.
 fn scratch() -> (tempfile::TempDir, String) {
     let owned = tempfile::tempdir().unwrap();
@@ -40,7 +33,6 @@ fn scratch() -> (tempfile::TempDir, String) {
 
 /// Starts pool `p` with one agent at most and `hooks`, and waits for it to be idle.
 async fn start_one(hooks: &str) -> Harness {
-    crypto();
     let h = start_pools(&pool(hooks, 1, "")).await;
     h.wait_idle("p", 1).await;
     h
@@ -196,7 +188,6 @@ async fn hanging_cleanup_hook_is_killed_at_its_timeout_and_the_agent_recycled() 
 
 #[tokio::test]
 async fn pool_whose_health_hook_always_fails_keeps_serving_within_its_rate_limit() {
-    crypto();
     // Exit 0, but more output than allowed: the check fails on every agent.
     let hooks = "      health:\n        command: [sh, -c, 'echo \"41 stopped containers\"; echo \"over the limit\" >&2']\n        maxOutputBytes: 4\n";
     let rate = "    provisioning: {perSecond: 4, burst: 1, maxConcurrent: 2}\n";

@@ -21,8 +21,6 @@ use support::*;
 
 #[tokio::test]
 async fn failed_health_hook_recycles_the_pod_with_a_condition_and_an_event() {
-    // reqwest has no rustls crypto provider chosen on this base (see tests/hooks.rs).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let Cluster {
         api: _api,
         client,
