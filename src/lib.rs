@@ -29,6 +29,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_error;
 pub mod auth;
 pub mod backend;
 pub mod bench;
