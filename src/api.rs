@@ -19,6 +19,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+pub use crate::api_error::{ApiError, ErrorBody, ErrorDetail};
 use crate::engine::{Lease, LeaseError, LeaseRequest, PoolStatus};
 use crate::hub::{self, ExecEvent};
 use crate::labels::Expr;
@@ -39,92 +40,6 @@ pub struct ApiState {
     pub svc: Arc<Service>,
     /// Bearer token required on `/v1/leases` and `/v1/pools`, when set.
     pub api_token: Option<Arc<String>>,
-}
-
-/// An API error: status, machine code, human message.
-#[derive(Debug)]
-pub struct ApiError {
-    /// HTTP status.
-    pub status: StatusCode,
-    /// Machine code.
-    pub code: String,
-    /// Human message naming the lease, pool or agent concerned.
-    pub message: String,
-}
-
-impl ApiError {
-    /// Builds an error.
-    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code: code.to_string(),
-            message: message.into(),
-        }
-    }
-}
-
-/// The JSON error body.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// The error.
-    pub error: ErrorDetail,
-}
-
-/// Inside the error body.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ErrorDetail {
-    /// Machine code.
-    pub code: String,
-    /// Human message.
-    pub message: String,
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code,
-                message: self.message,
-            },
-        };
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl From<LeaseError> for ApiError {
-    fn from(e: LeaseError) -> ApiError {
-        let status = match &e {
-            LeaseError::Unsatisfiable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            LeaseError::WaitExpired { .. } => StatusCode::REQUEST_TIMEOUT,
-            LeaseError::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
-            LeaseError::NotFound(_) => StatusCode::NOT_FOUND,
-            LeaseError::Ended { .. } | LeaseError::DuplicateRequest(_) => StatusCode::CONFLICT,
-            LeaseError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiError::new(status, e.code(), e.to_string())
-    }
-}
-
-impl From<WebSocketUpgradeRejection> for ApiError {
-    fn from(r: WebSocketUpgradeRejection) -> ApiError {
-        ApiError::new(
-            r.status(),
-            "websocket_required",
-            format!("this endpoint is a WebSocket: {}", r.body_text()),
-        )
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(r: JsonRejection) -> ApiError {
-        // 422 is this API's "unsatisfiable selector"; a malformed body is a 400 (415 when the
-        // content type is missing).
-        let status = match r.status() {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            _ => StatusCode::BAD_REQUEST,
-        };
-        ApiError::new(status, "invalid_request", r.body_text())
-    }
 }
 
 /// `POST /v1/leases` body.
@@ -218,6 +133,22 @@ fn seconds(v: Option<f64>, default: f64, max: f64, field: &str) -> Result<Durati
     Ok(Duration::from_secs_f64(s))
 }
 
+/// Shortest `ttlSeconds` accepted (by create and renew alike): a shorter lease would expire
+/// before its holder could use it, and recycle its agent for nothing.
+pub const MIN_TTL_SECONDS: f64 = 0.001;
+
+/// A lease TTL as create and renew both validate it.
+fn lease_ttl(s: f64) -> Result<Duration, ApiError> {
+    if !(MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&s) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("ttlSeconds must be between {MIN_TTL_SECONDS} and {MAX_TTL_SECONDS}, got {s}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
 /// Read and write buffer size of one agent connection.
 const AGENT_BUFFER_BYTES: usize = 8 * 1024;
 
@@ -233,20 +164,18 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/pools/{name}/join-token", post(join_token))
         .route("/v1/jenkins/pools", get(jenkins_pools))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
+    let app = Router::new()
         .merge(protected)
         .route("/v1/agents/connect", get(agent_connect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint; see docs/API.md",
-            )
-        })
-        .with_state(state)
+        .fallback(crate::api_error::not_found)
+        .with_state(state);
+    // Around the whole router, so the 405s reach it with their `Allow` header set.
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::from_fn(crate::api_error::method_not_allowed))
 }
 
 /// The hub endpoint: handshake rate limit, then the WebSocket upgrade.
@@ -289,7 +218,7 @@ async fn require_token(
         let got = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer)
             .unwrap_or("");
         if !crate::auth::secrets_equal(got.trim().as_bytes(), want.as_bytes()) {
             return ApiError::new(
@@ -301,6 +230,13 @@ async fn require_token(
         }
     }
     next.run(req).await
+}
+
+/// The credentials of an `Authorization: Bearer <token>` value; the scheme is case-insensitive
+/// (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 async fn create_lease(
@@ -320,14 +256,7 @@ async fn create_lease(
     let selector = Expr::parse(&body.selector)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_selector", e.to_string()))?;
     let wait = seconds(body.wait_seconds, 60.0, MAX_WAIT_SECONDS, "waitSeconds")?;
-    let ttl = seconds(body.ttl_seconds, 300.0, MAX_TTL_SECONDS, "ttlSeconds")?;
-    if ttl.is_zero() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "ttlSeconds must be above 0",
-        ));
-    }
+    let ttl = lease_ttl(body.ttl_seconds.unwrap_or(300.0))?;
     let req = LeaseRequest {
         selector,
         selector_text: body.selector.clone(),
@@ -364,17 +293,31 @@ async fn get_lease(
 async fn renew_lease(
     State(st): State<ApiState>,
     Path(id): Path<String>,
-    body: Option<Json<RenewLease>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> Result<Json<LeaseView>, ApiError> {
-    let ttl = match body.and_then(|b| b.0.ttl_seconds) {
-        Some(s) if s <= 0.0 => {
+    // No body, or `{}`: the lease keeps its TTL. A body that is there must be a valid one, with
+    // the JSON content type (as create's).
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        RenewLease::default()
+    } else {
+        let json = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|m| m.trim().to_ascii_lowercase())
+            .is_some_and(|m| m == "application/json" || m.ends_with("+json"));
+        if !json {
             return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request",
-                "ttlSeconds must be above 0",
+                "a renew body must be JSON (Content-Type: application/json)",
             ));
         }
-        Some(s) => Some(seconds(Some(s), 0.0, MAX_TTL_SECONDS, "ttlSeconds")?),
+        Json::<RenewLease>::from_bytes(&body)?.0
+    };
+    let ttl = match body.ttl_seconds {
+        Some(s) => Some(lease_ttl(s)?),
         None => None,
     };
     let l = st.svc.apply(|e, now| e.renew(&id, ttl, now))?;
@@ -676,6 +619,8 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                 Some(Ok(Message::Close(_))) => {
                     tracing::info!(lease = %lease.id, exec_id, "exec client closed the socket; cancelling");
                     svc.hub.cancel_exec(&svc, &lease.agent, exec_id);
+                    // Completes the closing handshake: sends the Close reply queued on receipt.
+                    let _ = futures_util::SinkExt::flush(&mut socket).await;
                     return;
                 }
                 None | Some(Err(_)) => {

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use reqwest::StatusCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -29,6 +28,17 @@ pub enum Error {
         server: String,
         /// HTTP status.
         status: u16,
+        /// Error code.
+        code: String,
+        /// Message.
+        message: String,
+    },
+    /// The server refused or ended a command on its exec WebSocket (after the upgrade, so
+    /// there is no HTTP status to report).
+    #[error("{server}: {message} ({code})")]
+    Exec {
+        /// Server URL.
+        server: String,
         /// Error code.
         code: String,
         /// Message.
@@ -403,9 +413,8 @@ impl Client {
                             break message;
                         }
                         Ok(ServerMessage::Error { code, message }) => {
-                            return Err(Error::Api {
+                            return Err(Error::Exec {
                                 server: self.base.clone(),
-                                status: StatusCode::OK.as_u16(),
                                 code,
                                 message,
                             });
@@ -441,6 +450,7 @@ pub(crate) fn retryable(e: &Error) -> bool {
     match e {
         Error::Transport { .. } => true,
         Error::Api { status, .. } => matches!(status, 404 | 502 | 503 | 504),
+        Error::Exec { .. } => false,
     }
 }
 

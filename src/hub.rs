@@ -453,10 +453,13 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
         }
         let reason = writer_conn.close_reason.lock().expect("lock").clone();
         let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
-        let _ = tokio::time::timeout(
-            std::time::Duration::from_secs(1),
-            sink.send(close_msg(code, &reason)),
-        )
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+            // After the agent's own Close no other may be sent; flushing sends the reply
+            // queued when it arrived (the closing handshake, RFC 6455 5.5.1).
+            if sink.send(close_msg(code, &reason)).await.is_err() {
+                let _ = sink.flush().await;
+            }
+        })
         .await;
     });
 

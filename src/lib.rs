@@ -18,6 +18,7 @@
 //! - [`service`]: the async shell: runs the engine, executes its actions, ticks time.
 //! - [`hub`]: agent WebSocket connections, bounded per-connection queues, exec routing.
 //! - [`api`]: the HTTP lease API (axum), including the exec WebSocket.
+//! - [`api_error`]: the API's JSON errors, and the router's own 404 and 405 answers.
 //! - [`backend`]: where agents come from (`process`: local child processes; `kubernetes`: pods).
 //! - [`jenkins`]: the Jenkins connector: pools of warm Jenkins nodes, leased by Jenkins' queue.
 //! - [`agent`]: the `warmpool agent` side: dial the hub, run execs, clean up.
@@ -29,6 +30,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod api_error;
 pub mod auth;
 pub mod backend;
 pub mod bench;

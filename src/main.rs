@@ -1,6 +1,7 @@
 //! The `warmpool` binary: parses the CLI, sets up logging and signals, and hands over to the
 //! library (`server::serve`, `agent::run`, `client::run_job`).
 
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -10,12 +11,32 @@ use tokio_util::sync::CancellationToken;
 use warmpool::cli::{Cli, Command, LogArgs, LogFormat, OutputFormat, ServerArgs};
 use warmpool::{agent, auth, client, protocol, server, spec};
 
+/// Standard error for logs. A write that fails (a reader that went away, a full disk) loses
+/// that line and nothing else: logging never stops the service.
+struct LogOut;
+
+impl std::io::Write for LogOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn init_logging(args: &LogArgs, default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(args.log.as_deref().unwrap_or(default))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // No colours in a file or a pipe; no `eprintln!` from the subscriber about a failed write
+    // (it would panic on the same broken stderr).
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .log_internal_errors(false)
+        .with_writer(|| LogOut);
     match args.log_format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -36,7 +57,7 @@ fn on_signals(token: CancellationToken) {
             if n == 0 {
                 token.cancel();
             } else {
-                eprintln!("warmpool: second signal; exiting now");
+                let _ = writeln!(std::io::stderr(), "warmpool: second signal; exiting now");
                 std::process::exit(130);
             }
         }
@@ -65,7 +86,7 @@ async fn main() -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("warmpool: {e:#}");
+            let _ = writeln!(std::io::stderr(), "warmpool: {e:#}");
             ExitCode::from(255)
         }
     }
@@ -129,6 +150,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 cfg.tls = Some(warmpool::tls::CertFiles { cert, key });
             }
             cfg.ca_file = a.ca_file;
+            // Refused before binding: the address is never open, not even for a moment.
+            if !a.listen.ip().is_loopback() && cfg.api_token.is_none() {
+                return Err(server::Error::NoTokenOnPublicAddress(a.listen).into());
+            }
             let listener = tokio::net::TcpListener::bind(a.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", a.listen))?;

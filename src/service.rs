@@ -338,8 +338,12 @@ impl Service {
                             },
                         );
                     }
+                    // The agents warmpool started exit (4410): the backend is stopping them.
+                    // An external machine is not ours to stop: at shutdown it hears "going
+                    // away" (1001) and reconnects to the next instance.
+                    let external = self.specs.get(&pool).is_some_and(|s| s.external);
                     let code = match reason {
-                        Reason::Shutdown => close::GOING_AWAY,
+                        Reason::Shutdown if external => close::GOING_AWAY,
                         _ => close::TERMINATED,
                     };
                     self.hub

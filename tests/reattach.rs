@@ -233,7 +233,7 @@ async fn agents_are_told_apart_by_execs_in_hello() {
     assert!(next_text(&mut old).await.contains("\"exec\""));
     drop(old);
     match job.await.unwrap() {
-        Err(warmpool::client::Error::Api { code, .. }) => assert_eq!(code, "agent_lost"),
+        Err(warmpool::client::Error::Exec { code, .. }) => assert_eq!(code, "agent_lost"),
         other => panic!("{other:?}"),
     }
     wait_until("old agent replaced", Duration::from_secs(5), || {

@@ -266,7 +266,7 @@ async fn agent_killed_mid_job_fails_the_lease_and_leaves_no_orphan() {
     let pid = h.server.process().pid_of(&l.agent).expect("agent pid");
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     match job.await.unwrap() {
-        Err(ClientError::Api { code, message, .. }) => {
+        Err(ClientError::Exec { code, message, .. }) => {
             assert_eq!(code, "agent_lost");
             assert!(message.contains(&l.agent), "{message}");
         }

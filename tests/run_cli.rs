@@ -160,7 +160,7 @@ async fn exit_codes_as_a_shell_reports_them_and_cwd_stays_in_the_workspace() {
         .exec(&l.id, spec, |_, _| {}, std::future::pending())
         .await;
     match r {
-        Err(warmpool::client::Error::Api { code, message, .. }) => {
+        Err(warmpool::client::Error::Exec { code, message, .. }) => {
             assert_eq!(code, "invalid_request");
             assert!(message.contains("outside"), "{message}");
         }
