@@ -554,3 +554,53 @@ pub async fn serve(
     running.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pid_file(tmp: &std::path::Path, name: &str, text: Option<String>) -> PathBuf {
+        let d = tmp.join(name);
+        std::fs::create_dir_all(d.join("agents/a/workspace")).unwrap();
+        if let Some(t) = text {
+            std::fs::write(d.join(PID_FILE), t).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn only_work_dirs_of_dead_instances_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let start = crate::procs::start_time(me).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let live = with_pid_file(tmp.path(), "warmpool-live", Some(format!("{me} {start}\n")));
+        let dead = with_pid_file(tmp.path(), "warmpool-dead", Some(format!("{gone_pid} 1\n")));
+        // Our pid, another start time: the pid was reused, the owner is gone.
+        let reused = with_pid_file(
+            tmp.path(),
+            "warmpool-reused",
+            Some(format!("{me} {}\n", start + 1)),
+        );
+        let starting = with_pid_file(tmp.path(), "warmpool-starting", None);
+        let garbled = with_pid_file(tmp.path(), "warmpool-garbled", Some("12".into()));
+        let other = with_pid_file(tmp.path(), "other-dead", Some(format!("{gone_pid} 1\n")));
+        let mut removed = remove_stale_work_dirs(tmp.path());
+        removed.sort();
+        assert_eq!(removed, vec![dead.clone(), reused.clone()]);
+        assert!(!dead.exists() && !reused.exists());
+        for keep in [live, starting, garbled, other] {
+            assert!(keep.exists(), "{} kept", keep.display());
+        }
+    }
+
+    #[test]
+    fn the_pid_file_names_this_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_pid_file(tmp.path()).unwrap();
+        assert!(!owner_is_dead(tmp.path()));
+        assert!(!tmp.path().join(format!("{PID_FILE}.tmp")).exists());
+    }
+}

@@ -129,6 +129,7 @@ impl Setup {
             stderr: None,
         };
         s.serve = Some(s.serve());
+        s.wait_log("warmpool serving");
         let script = format!("echo started; sleep {}; echo never", s.marker);
         s.run = Some(
             Command::new(EXE)
@@ -136,13 +137,14 @@ impl Setup {
                 .env("WARMPOOL_SERVER", format!("http://{}", s.listen))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(s.tmp.path().join("run.stderr")).unwrap())
                 .spawn()
                 .unwrap(),
         );
         assert!(
             poll(Duration::from_secs(30), || sleeps(&s.marker).len() == 1),
-            "the job's sleep never started"
+            "the job's sleep never started; warmpool run said: {}",
+            std::fs::read_to_string(s.tmp.path().join("run.stderr")).unwrap_or_default()
         );
         s
     }
@@ -182,11 +184,11 @@ fn work_dirs(tmp: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn rand_digits() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap();
-    (t.subsec_nanos() ^ std::process::id()) % 1_000_000
+/// Unique per test and per test process.
+fn rand_digits() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}{n}", std::process::id())
 }
 
 impl Drop for Setup {
@@ -216,11 +218,13 @@ fn killing_an_agent_kills_its_jobs_grandchildren_at_once() {
     assert_eq!(ppid(agent), s.serve_pid(), "the agent is serve's child");
     // SAFETY: killing the agent this test's serve started.
     unsafe { libc::kill(agent, libc::SIGKILL) };
+    let t = Instant::now();
     assert!(
         poll(Duration::from_secs(5), || !alive(sleep) && !alive(sh)),
         "the job's sleep (pid {sleep}, parent {}) outlived its agent",
         ppid(sleep)
     );
+    eprintln!("job tree gone {:?} after the agent's SIGKILL", t.elapsed());
 }
 
 #[test]
@@ -233,12 +237,14 @@ fn sigkill_of_serve_leaves_no_process_and_the_next_start_removes_its_work_dir() 
     let mut serve = s.serve.take().unwrap();
     serve.kill().unwrap();
     serve.wait().unwrap();
+    let t = Instant::now();
     assert!(
         poll(Duration::from_secs(10), || !alive(sleep) && !alive(agent)),
         "after SIGKILL of serve: job sleep {sleep} alive {}, agent {agent} alive {}",
         alive(sleep),
         alive(agent)
     );
+    eprintln!("agent and job gone {:?} after serve's SIGKILL", t.elapsed());
     assert!(
         dirs[0].exists(),
         "a SIGKILL leaves the work dir (for the next start)"
@@ -268,6 +274,7 @@ fn a_second_sigint_kills_agents_and_jobs_and_removes_the_work_dir() {
     // The lease keeps running through the 30 s grace; the second signal cuts it short.
     s.wait_log("shutting down");
     unsafe { libc::kill(pid, libc::SIGINT) };
+    let t = Instant::now();
     let mut serve = s.serve.take().unwrap();
     let mut status = None;
     assert!(
@@ -277,6 +284,7 @@ fn a_second_sigint_kills_agents_and_jobs_and_removes_the_work_dir() {
         }),
         "serve did not exit at once on a second SIGINT"
     );
+    eprintln!("serve exited {:?} after the second SIGINT", t.elapsed());
     assert_eq!(status.unwrap().code(), Some(130));
     assert!(
         poll(Duration::from_secs(2), || !alive(sleep) && !alive(agent)),
