@@ -43,7 +43,9 @@ fn init_logging(args: &LogArgs, default: &str) {
     }
 }
 
-/// First SIGINT/SIGTERM cancels `token`; a second one exits at once.
+/// First SIGINT/SIGTERM cancels `token`; a second one exits at once, killing every agent, job
+/// and leftover process this process started (whole process groups) and removing its default
+/// work dir first.
 fn on_signals(token: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
@@ -57,7 +59,12 @@ fn on_signals(token: CancellationToken) {
             if n == 0 {
                 token.cancel();
             } else {
-                let _ = writeln!(std::io::stderr(), "warmpool: second signal; exiting now");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "warmpool: second signal; killing agents and jobs and exiting now"
+                );
+                // Blocking and bounded (about a second): nothing else should run meanwhile.
+                server::force_exit();
                 std::process::exit(130);
             }
         }

@@ -12,13 +12,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 /// Puts a command in its own process group (so its whole tree can be signalled at once) and
-/// has it killed when the thread that spawned it dies (`PR_SET_PDEATHSIG`).
-pub fn isolate(cmd: &mut tokio::process::Command) {
+/// has it sent `death_signal` when the thread that spawned it dies (`PR_SET_PDEATHSIG`).
+pub fn isolate(cmd: &mut tokio::process::Command, death_signal: i32) {
     cmd.process_group(0).kill_on_drop(true);
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, death_signal);
             Ok(())
         });
     }
@@ -93,6 +93,15 @@ pub fn group_leaders_with_env(marker: &str) -> Vec<(i32, HashMap<String, String>
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     stat_of(pid).is_some_and(|(_, _, st, _)| st != 'Z' && st != 'X')
+}
+
+/// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22): with the pid, it
+/// names one process for good (a pid alone may be reused).
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields after the command name start at field 3 (the state).
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// (pid, parent pid, state char, process group) of one process.
@@ -183,29 +192,121 @@ pub fn reap_orphans(keep: &HashSet<i32>) {
     }
 }
 
-/// Kills and reaps children re-parented to this process: direct children in another process
-/// group than ours whose group leader is not one of `spawned` (the children we started
-/// ourselves, each leading its own group). Returns how many were signalled.
+/// Kills and reaps what dead agents left behind: every child re-parented to this process (a
+/// child in another process group than ours that is not one of `spawned`, the children we
+/// started ourselves, each leading its own group), with its whole subtree and every process
+/// group in it. Level-triggered: call it again until it returns 0 (a forking tree may add
+/// members between the walk and the signals). Returns how many processes were signalled.
 pub fn kill_orphans(spawned: &std::collections::BTreeSet<i32>) -> usize {
     let me = std::process::id() as i32;
     // SAFETY: getpgrp has no preconditions.
     let my_group = unsafe { libc::getpgrp() };
+    // Direct children only (cheap: one read per thread of ours); the subtrees below the
+    // orphans are walked only when there are orphans.
+    let direct: Vec<i32> = match children_of(me) {
+        Some(c) => c,
+        None => table()
+            .into_iter()
+            .filter(|(_, ppid, _, _)| *ppid == me)
+            .map(|(pid, ..)| pid)
+            .collect(),
+    };
     let mut n = 0;
-    for (pid, ppid, st, pgid) in table_below_me() {
-        if ppid != me || pgid == my_group || spawned.contains(&pid) || spawned.contains(&pgid) {
+    for pid in direct {
+        if spawned.contains(&pid) {
             continue;
         }
-        // SAFETY: signalling / reaping a specific child of ours.
-        unsafe {
-            if st == 'Z' {
-                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
-            } else {
-                libc::kill(pid, libc::SIGKILL);
-                n += 1;
+        let Some((_, _, st, pgid)) = stat_of(pid) else {
+            continue;
+        };
+        if pgid == my_group || spawned.contains(&pgid) {
+            continue;
+        }
+        if st == 'Z' {
+            // SAFETY: reaping a specific zombie child of ours, non-blocking.
+            unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+            continue;
+        }
+        n += kill_tree(pid, &|g| g != my_group && !spawned.contains(&g));
+    }
+    n
+}
+
+/// SIGKILLs `root`, everything below it, and every process group among them for which
+/// `group_ok` holds. Returns how many processes were signalled.
+fn kill_tree(root: i32, group_ok: &dyn Fn(i32) -> bool) -> usize {
+    let mut stack = vec![root];
+    let mut seen = HashSet::new();
+    let mut groups = HashSet::new();
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p) {
+            continue;
+        }
+        if let Some((_, _, st, pgid)) = stat_of(p) {
+            if pgid > 1 && group_ok(pgid) {
+                groups.insert(pgid);
             }
+            if st != 'Z' {
+                // SAFETY: stopping a descendant of ours (children first would let it fork on).
+                unsafe { libc::kill(p, libc::SIGSTOP) };
+            }
+        }
+        stack.extend(children_of(p).unwrap_or_default());
+    }
+    for g in &groups {
+        // SAFETY: a process group found below us, not ours and not a live agent's.
+        unsafe { libc::killpg(*g, libc::SIGKILL) };
+    }
+    let mut n = 0;
+    for p in &seen {
+        // SAFETY: a descendant of ours.
+        if unsafe { libc::kill(*p, libc::SIGKILL) } == 0 {
+            n += 1;
         }
     }
     n
+}
+
+/// Kills every descendant of this process but those in `keep` (with their own descendants),
+/// and every process group among them, at once, then waits up to `wait` for them to be gone
+/// (reaping our own children). For an exit that cannot wait for a graceful stop. Returns how
+/// many were still alive afterwards.
+pub fn kill_all_descendants(keep: &std::collections::BTreeSet<i32>, wait: Duration) -> usize {
+    let me = std::process::id() as i32;
+    // SAFETY: getpgrp has no preconditions.
+    let my_group = unsafe { libc::getpgrp() };
+    let deadline = Instant::now() + wait;
+    loop {
+        let direct: Vec<i32> = match children_of(me) {
+            Some(c) => c,
+            None => table()
+                .into_iter()
+                .filter(|(_, ppid, _, _)| *ppid == me)
+                .map(|(pid, ..)| pid)
+                .collect(),
+        };
+        let mut left = 0;
+        for pid in direct {
+            if keep.contains(&pid) {
+                continue;
+            }
+            match stat_of(pid) {
+                Some((_, _, 'Z', _)) => {
+                    // SAFETY: reaping a specific zombie child of ours, non-blocking.
+                    unsafe { libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG) };
+                }
+                Some(_) => {
+                    left += 1;
+                    kill_tree(pid, &|g| g != my_group && !keep.contains(&g));
+                }
+                None => {}
+            }
+        }
+        if left == 0 || Instant::now() >= deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// Kills every descendant except `keep`, waiting up to `timeout` for them to go.

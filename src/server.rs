@@ -1,6 +1,7 @@
 //! Wiring: builds the service, the backend and the HTTP router, serves an already-bound
 //! listener, and runs the shutdown sequence (stop leasing, let leases finish up to the grace
-//! period, terminate and reap every agent, close connections, remove the work dir).
+//! period, terminate and reap every agent, close connections, remove the work dir), the forced
+//! exit ([`force_exit`]), and the removal of work dirs that killed instances left behind.
 //!
 //! Tests and benches call [`start`] with a listener on `127.0.0.1:0`; `main` calls [`serve`].
 
@@ -23,6 +24,92 @@ use crate::metrics::Metrics;
 use crate::pacer::GovernorPacer;
 use crate::service::{Service, ServiceConfig};
 use crate::spec::{PoolDef, PoolSpec};
+
+/// The file in a default work dir naming the instance that owns it: `<pid> <start time>`.
+pub const PID_FILE: &str = "warmpool.pid";
+
+/// Prefix of default work dirs (`$TMPDIR/warmpool-<pid>-<random>`).
+const WORK_DIR_PREFIX: &str = "warmpool-";
+
+/// Default work dirs of the instances running in this process, removed by [`force_exit`].
+static OWNED_DIRS: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+
+/// Records this process as the owner of `dir` (atomically: a reader sees the whole file or
+/// none).
+fn write_pid_file(dir: &std::path::Path) -> std::io::Result<()> {
+    let pid = std::process::id() as i32;
+    let start = crate::procs::start_time(pid).unwrap_or(0);
+    let tmp = dir.join(format!("{PID_FILE}.tmp"));
+    std::fs::write(&tmp, format!("{pid} {start}\n"))?;
+    std::fs::rename(&tmp, dir.join(PID_FILE))
+}
+
+/// True when the pid file in `dir` names a process that is gone (or whose pid now belongs to
+/// another process). A dir without a readable pid file is never stale: it may be another
+/// program's, or an instance's that is still starting.
+fn owner_is_dead(dir: &std::path::Path) -> bool {
+    let Ok(text) = std::fs::read_to_string(dir.join(PID_FILE)) else {
+        return false;
+    };
+    let mut f = text.split_whitespace();
+    let (Some(Ok(pid)), Some(Ok(start))) = (
+        f.next().map(str::parse::<i32>),
+        f.next().map(str::parse::<u64>),
+    ) else {
+        return false;
+    };
+    crate::procs::start_time(pid) != Some(start)
+}
+
+/// Removes the default work dirs under `tmp` that instances killed before their shutdown (a
+/// SIGKILL, a crash) left behind: ours (same user), with a pid file naming a dead process.
+/// Returns the dirs removed.
+pub fn remove_stale_work_dirs(tmp: &std::path::Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(tmp) else {
+        return removed;
+    };
+    for ent in rd.flatten() {
+        let path = ent.path();
+        let ours = ent
+            .file_name()
+            .to_string_lossy()
+            .starts_with(WORK_DIR_PREFIX)
+            && path
+                .symlink_metadata()
+                .is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if !ours || !owner_is_dead(&path) {
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => {
+                tracing::info!(dir = %path.display(), "removed the work dir of an instance that did not shut down");
+                removed.push(path);
+            }
+            Err(e) => {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove a stale work dir")
+            }
+        }
+    }
+    removed
+}
+
+/// The forced exit (a second SIGINT/SIGTERM): kills every agent this process started, their
+/// jobs and anything those left (whole process groups, bounded to about a second), then removes
+/// the default work dirs. The caller exits right after.
+pub fn force_exit() {
+    let left = crate::backend::process::kill_all_for_exit(Duration::from_secs(1));
+    if left > 0 {
+        eprintln!("warmpool: {left} processes still alive at the forced exit");
+    }
+    let dirs = std::mem::take(&mut *OWNED_DIRS.lock().unwrap_or_else(|e| e.into_inner()));
+    for d in dirs {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
 
 /// Start-up errors.
 #[derive(Debug, thiserror::Error)]
@@ -190,15 +277,28 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let (work_dir, owned_dir) = match &cfg.work_dir {
         Some(d) => (d.clone(), false),
         None => {
+            let tmp = std::env::temp_dir();
+            remove_stale_work_dirs(&tmp);
             let n: u32 = rand::random();
-            let d = std::env::temp_dir().join(format!("warmpool-{}-{n:08x}", std::process::id()));
+            let d = tmp.join(format!("{WORK_DIR_PREFIX}{}-{n:08x}", std::process::id()));
             (d, true)
         }
     };
-    std::fs::create_dir_all(&work_dir).map_err(|source| Error::WorkDir {
-        path: work_dir.display().to_string(),
-        source,
-    })?;
+    std::fs::create_dir_all(&work_dir)
+        .and_then(|()| {
+            if owned_dir {
+                OWNED_DIRS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(work_dir.clone());
+                write_pid_file(&work_dir)?;
+            }
+            Ok(())
+        })
+        .map_err(|source| Error::WorkDir {
+            path: work_dir.display().to_string(),
+            source,
+        })?;
     let hub_url = cfg.hub_url.clone().unwrap_or_else(|| {
         let host = if addr.ip().is_unspecified() {
             SocketAddr::new([127, 0, 0, 1].into(), addr.port())
@@ -385,6 +485,10 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             }
             if owned_dir {
                 let _ = std::fs::remove_dir_all(&work_dir);
+                OWNED_DIRS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|d| d != &work_dir);
             }
             tracing::info!("shutdown complete");
         })
@@ -449,4 +553,54 @@ pub async fn serve(
     }
     running.shutdown().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_pid_file(tmp: &std::path::Path, name: &str, text: Option<String>) -> PathBuf {
+        let d = tmp.join(name);
+        std::fs::create_dir_all(d.join("agents/a/workspace")).unwrap();
+        if let Some(t) = text {
+            std::fs::write(d.join(PID_FILE), t).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn only_work_dirs_of_dead_instances_are_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let start = crate::procs::start_time(me).unwrap();
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let gone_pid = gone.id();
+        gone.wait().unwrap();
+        let live = with_pid_file(tmp.path(), "warmpool-live", Some(format!("{me} {start}\n")));
+        let dead = with_pid_file(tmp.path(), "warmpool-dead", Some(format!("{gone_pid} 1\n")));
+        // Our pid, another start time: the pid was reused, the owner is gone.
+        let reused = with_pid_file(
+            tmp.path(),
+            "warmpool-reused",
+            Some(format!("{me} {}\n", start + 1)),
+        );
+        let starting = with_pid_file(tmp.path(), "warmpool-starting", None);
+        let garbled = with_pid_file(tmp.path(), "warmpool-garbled", Some("12".into()));
+        let other = with_pid_file(tmp.path(), "other-dead", Some(format!("{gone_pid} 1\n")));
+        let mut removed = remove_stale_work_dirs(tmp.path());
+        removed.sort();
+        assert_eq!(removed, vec![dead.clone(), reused.clone()]);
+        assert!(!dead.exists() && !reused.exists());
+        for keep in [live, starting, garbled, other] {
+            assert!(keep.exists(), "{} kept", keep.display());
+        }
+    }
+
+    #[test]
+    fn the_pid_file_names_this_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_pid_file(tmp.path()).unwrap();
+        assert!(!owner_is_dead(tmp.path()));
+        assert!(!tmp.path().join(format!("{PID_FILE}.tmp")).exists());
+    }
 }

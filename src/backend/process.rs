@@ -4,11 +4,15 @@
 //!
 //! Termination is SIGTERM, then SIGKILL to the agent's process group after a grace period; the
 //! child is always reaped and its directory removed before `Exited` is reported. Agents also get
-//! `PR_SET_PDEATHSIG` so they die with the service even if it is killed with SIGKILL.
+//! `PR_SET_PDEATHSIG` so they hear of the service's death even when it is killed with SIGKILL:
+//! `warmpool agent` gets SIGTERM (it then kills its jobs' trees, it is their subreaper, and
+//! exits), a pool's own `agentCommand` gets SIGKILL.
 //!
 //! Creating this backend makes the service process a child subreaper: when an agent dies hard,
 //! the jobs it ran (each in its own process group) are re-parented to the service instead of
-//! init, and are killed and reaped by a sweep after every agent exit and at shutdown.
+//! init. A level-triggered sweep kills them with their whole subtrees and process groups, and
+//! reaps them: after every agent exit, on every SIGCHLD, every [`SWEEP_INTERVAL`], and at
+//! shutdown.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -51,6 +55,8 @@ pub struct ProcessBackend {
     spawner: Mutex<std::sync::mpsc::Sender<SpawnJob>>,
     /// Agents terminated before their queued spawn ran: the spawn is skipped.
     doomed: Arc<DashMap<String, ()>>,
+    /// The sweep task runs while this lives.
+    _sweeping: Arc<()>,
 }
 
 type SpawnJob = Box<dyn FnOnce() + Send>;
@@ -60,13 +66,22 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// backend or another one in the same process, for an orphan.
 static SPAWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 
-/// Spawns a process the orphan sweep must leave alone (a Jenkins agent): recorded under the
-/// same lock the sweep holds. Call [`forget_spawned`] once it has been reaped.
+/// Pids of processes meant to outlive the service (Jenkins agents, adopted by the next
+/// instance): a forced exit leaves them alone.
+static OUTLIVE: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Longest time between two sweeps for orphans (SIGCHLD usually triggers one sooner).
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Spawns a process the orphan sweep must leave alone and that outlives the service (a Jenkins
+/// agent): recorded under the same lock the sweep holds. Call [`forget_spawned`] once it has
+/// been reaped.
 pub fn spawn_tracked(cmd: &mut Command) -> std::io::Result<tokio::process::Child> {
     let mut spawned = SPAWNED.lock().expect("lock");
     let child = cmd.spawn()?;
     if let Some(pid) = child.id() {
         spawned.insert(pid as i32);
+        OUTLIVE.lock().expect("lock").insert(pid as i32);
     }
     Ok(child)
 }
@@ -74,6 +89,7 @@ pub fn spawn_tracked(cmd: &mut Command) -> std::io::Result<tokio::process::Child
 /// Forgets a pid recorded by [`spawn_tracked`].
 pub fn forget_spawned(pid: u32) {
     SPAWNED.lock().expect("lock").remove(&(pid as i32));
+    OUTLIVE.lock().expect("lock").remove(&(pid as i32));
 }
 
 fn sweep_orphans() -> usize {
@@ -83,6 +99,40 @@ fn sweep_orphans() -> usize {
         tracing::warn!(killed = n, "killed processes left behind by dead agents");
     }
     n
+}
+
+/// For an exit that cannot wait (a second SIGINT): SIGKILLs every agent this process started,
+/// their jobs and whatever those left, with all their process groups, and reaps them (waiting
+/// up to `wait`). Processes meant to outlive the service ([`spawn_tracked`]) stay. Returns
+/// how many were still alive afterwards.
+pub fn kill_all_for_exit(wait: Duration) -> usize {
+    let keep = OUTLIVE.lock().map(|k| k.clone()).unwrap_or_default();
+    crate::procs::kill_all_descendants(&keep, wait)
+}
+
+/// The level-triggered sweep: on SIGCHLD (a child of ours died: an agent, or an orphan killed
+/// before) and every [`SWEEP_INTERVAL`], until the backend is dropped.
+async fn sweep_loop(alive: std::sync::Weak<()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigchld = signal(SignalKind::child()).ok();
+    loop {
+        let chld = async {
+            match sigchld.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = chld => {}
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+        }
+        if alive.upgrade().is_none() {
+            return;
+        }
+        let _ = tokio::task::spawn_blocking(sweep_orphans).await;
+    }
 }
 
 impl ProcessBackend {
@@ -104,12 +154,15 @@ impl ProcessBackend {
                 }
             })
             .expect("spawner thread starts");
+        let sweeping = Arc::new(());
+        tokio::spawn(sweep_loop(Arc::downgrade(&sweeping)));
         ProcessBackend {
             cfg,
             children: Arc::new(DashMap::new()),
             gone: Arc::new(Notify::new()),
             spawner: Mutex::new(tx),
             doomed: Arc::new(DashMap::new()),
+            _sweeping: sweeping,
         }
     }
 
@@ -185,7 +238,12 @@ fn spawn_agent(
         let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
         cmd.env("WARMPOOL_CA_FILE", ca);
     }
-    crate::procs::isolate(&mut cmd);
+    // `warmpool agent` handles SIGTERM by killing its jobs' trees; an unknown program may not.
+    let death_signal = match req.spec.agent_command {
+        None => libc::SIGTERM,
+        Some(_) => libc::SIGKILL,
+    };
+    crate::procs::isolate(&mut cmd, death_signal);
     let mut spawned = SPAWNED.lock().expect("lock");
     let mut child = match cmd.spawn() {
         Ok(c) => c,
