@@ -122,6 +122,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.service.engine.heartbeat_timeout = a.heartbeat_interval.0 * 3;
             cfg.service.handshakes_per_second = a.handshakes_per_second;
             cfg.service.max_frame_bytes = a.max_frame_bytes;
+            cfg.service.agent_send_timeout = a.agent_send_timeout.0;
             cfg.service.engine.max_waiters = a.max_waiters;
             cfg.shutdown_grace = a.shutdown_grace.0;
             cfg.jenkins_delete_on_shutdown = a.jenkins_delete_on_shutdown;

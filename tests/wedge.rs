@@ -1,0 +1,161 @@
+//! Clients that try to wedge the service, over real sockets: an agent that stops reading what
+//! the hub sends is cut off within a bound, and its lease and exec client are told at once,
+//! while honest agents keep serving.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use support::*;
+use tokio_tungstenite::tungstenite::Message;
+use warmpool::client::ExecOptions;
+use warmpool::engine::AgentState;
+use warmpool::protocol::ExecSpec;
+
+const POOLS: &str = "
+pools:
+  - name: manual
+    labels: [manual]
+    minIdle: 1
+    maxTotal: 1
+    connectTimeout: 60s
+    agentCommand: [sleep, \"600\"]
+  - name: real
+    labels: [linux]
+    minIdle: 1
+    maxTotal: 2
+";
+
+fn metric_of(h: &Harness, name: &str, label: &str) -> f64 {
+    let text = h.server.svc.render_metrics();
+    metric(&text, &format!("{name}{{reason=\"{label}\"}}")).unwrap_or(0.0)
+}
+
+/// A raw agent whose socket has a small receive buffer, so that a few hundred KiB the hub
+/// sends fill its window once it stops reading.
+async fn small_window_agent(hub: &str) -> Ws {
+    let addr: std::net::SocketAddr = hub
+        .trim_start_matches("ws://")
+        .split('/')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(hub, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .expect("hub handshake");
+    ws
+}
+
+async fn manual_agent(h: &Harness) -> (String, Ws) {
+    wait_until("manual agent started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 1
+    })
+    .await;
+    let id = h.agents_in(AgentState::Connecting)[0].clone();
+    let mut ws = small_window_agent(&h.hub_url()).await;
+    register(&mut ws, &id, &h.server.svc.key.token(&id)).await;
+    wait_until("manual agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    (id, ws)
+}
+
+async fn honest_agents_serve(h: &Harness) {
+    let l = h.lease("linux", 10.0, 60.0).await;
+    let out = exec(h, &l.id, script("echo fine")).await;
+    assert_eq!(out.status.code, Some(0));
+    assert_eq!(out.stdout, b"fine\n");
+}
+
+/// The agent takes an exec with stdin and then stops reading: the hub's write to it blocks.
+/// Within the send deadline the hub drops the connection, the lease ends with a reason and the
+/// exec client gets an error naming the agent.
+#[tokio::test]
+async fn agent_that_stops_reading_is_cut_off_within_the_send_deadline() {
+    let mut cfg = test_config(POOLS);
+    cfg.service.agent_send_timeout = Duration::from_secs(1);
+    // The raw agent sends no heartbeats: only the send deadline may end its connection here.
+    cfg.service.engine.heartbeat_timeout = Duration::from_secs(120);
+    let h = start_with(cfg).await;
+    let (id, _ws) = manual_agent(&h).await; // held open, never read again
+    let lease = h.lease("manual", 5.0, 600.0).await;
+    assert_eq!(lease.agent, id);
+
+    let (stdin_tx, stdin_rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let feeder = tokio::spawn(async move {
+        // Ends when the exec socket is gone (the receiver dropped).
+        while stdin_tx.send(vec![b'x'; 64 * 1024]).await.is_ok() {}
+    });
+    let client = h.client.clone();
+    let lease_id = lease.id.clone();
+    let exec = tokio::spawn(async move {
+        let opts = ExecOptions {
+            reattach: Duration::ZERO,
+            stdin: Some(stdin_rx),
+            resize: None,
+        };
+        let spec = ExecSpec {
+            script: Some("cat".into()),
+            ..Default::default()
+        };
+        client
+            .exec_with(&lease_id, spec, opts, |_| {}, std::future::pending())
+            .await
+    });
+    let err = tokio::time::timeout(Duration::from_secs(20), exec)
+        .await
+        .expect("the exec client hears within the bound")
+        .unwrap()
+        .expect_err("the exec fails");
+    let msg = err.to_string();
+    assert!(msg.contains(&id), "{msg}");
+    feeder.abort();
+
+    assert!(!h.server.svc.hub.is_connected(&id));
+    let view = h.client.get_lease(&lease.id).await.unwrap();
+    assert_ne!(view.state, "active", "{view:?}");
+    let reason = view.end_reason.clone().unwrap_or_default();
+    assert!(reason.contains("did not read"), "{view:?}");
+    assert!(metric_of(&h, "warmpool_protocol_errors_total", "slow-consumer") >= 1.0);
+    honest_agents_serve(&h).await;
+    h.server.shutdown().await;
+}
+
+/// The agent keeps sending heartbeats and never reads the answers: once its queue is full it
+/// is disconnected (4429), even with a send deadline far away.
+#[tokio::test]
+async fn agent_that_never_reads_heartbeat_answers_is_disconnected() {
+    let mut cfg = test_config(POOLS);
+    cfg.service.agent_send_timeout = Duration::from_secs(600);
+    cfg.service.agent_queue = 16;
+    cfg.service.engine.heartbeat_timeout = Duration::from_secs(120);
+    let h = start_with(cfg).await;
+    let (id, mut ws) = manual_agent(&h).await;
+    let beat = Message::Text(
+        r#"{"type":"heartbeat","health":{"workspaceBytes":0,"leftoverProcesses":0}}"#.into(),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while h.server.svc.hub.is_connected(&id) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent {id} still connected after 30 s of unread heartbeat answers"
+        );
+        if ws.send(beat.clone()).await.is_err() {
+            break;
+        }
+    }
+    wait_until("agent disconnected", Duration::from_secs(10), || {
+        !h.server.svc.hub.is_connected(&id)
+    })
+    .await;
+    assert!(metric_of(&h, "warmpool_protocol_errors_total", "slow-consumer") >= 1.0);
+    honest_agents_serve(&h).await;
+    h.server.shutdown().await;
+}
