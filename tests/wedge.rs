@@ -159,3 +159,102 @@ async fn agent_that_never_reads_heartbeat_answers_is_disconnected() {
     honest_agents_serve(&h).await;
     h.server.shutdown().await;
 }
+
+/// Opens a connection that reads until the server closes it and then counts it in `closed`.
+async fn watched_conn(
+    addr: std::net::SocketAddr,
+    first_bytes: &'static [u8],
+    closed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tokio::spawn(async move {
+        let _ = s.write_all(first_bytes).await;
+        let mut buf = [0u8; 512];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        closed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    })
+}
+
+async fn healthz_answers(h: &Harness) -> bool {
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        h.http().await.get(h.url("/healthz")).send(),
+    )
+    .await;
+    matches!(r, Ok(Ok(resp)) if resp.status() == 200)
+}
+
+/// 300 clients send `GET /healthz HTTP/1.1\r\nHost: x\r\n` and never the blank line. The
+/// service keeps answering meanwhile, and closes each of them after the header timeout.
+#[tokio::test]
+async fn half_sent_requests_are_closed_after_the_header_timeout() {
+    let _ = warmpool::http_server::raise_fd_limit();
+    let mut cfg = test_config(POOLS);
+    cfg.http.header_timeout = Duration::from_secs(2);
+    let h = start_with(cfg).await;
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        conns.push(
+            watched_conn(
+                h.server.addr,
+                b"GET /healthz HTTP/1.1\r\nHost: x\r\n",
+                closed.clone(),
+            )
+            .await,
+        );
+    }
+    assert!(
+        healthz_answers(&h).await,
+        "/healthz with 300 half-sent requests open"
+    );
+    honest_agents_serve(&h).await;
+    wait_until("half-sent requests closed", Duration::from_secs(20), || {
+        closed.load(std::sync::atomic::Ordering::SeqCst) == 300
+    })
+    .await;
+    assert!(healthz_answers(&h).await);
+    h.server.shutdown().await;
+}
+
+/// Over the connection cap, new connections are closed as they arrive; once clients leave,
+/// the service answers again.
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_at_once() {
+    let _ = warmpool::http_server::raise_fd_limit();
+    let mut cfg = test_config(POOLS);
+    cfg.http.header_timeout = Duration::from_secs(600);
+    cfg.http.max_connections = 40;
+    let h = start_with(cfg).await;
+    h.wait_idle("real", 1).await;
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        conns.push(watched_conn(h.server.addr, b"", closed.clone()).await);
+    }
+    // The real pool's agent holds one slot: 21 or more of the 60 are over the cap.
+    wait_until(
+        "connections over the cap closed",
+        Duration::from_secs(10),
+        || closed.load(std::sync::atomic::Ordering::SeqCst) >= 21,
+    )
+    .await;
+    for c in &conns {
+        c.abort();
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !healthz_answers(&h).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no answer after the idle clients left"
+        );
+    }
+    honest_agents_serve(&h).await;
+    h.server.shutdown().await;
+}
