@@ -340,6 +340,13 @@ async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, r
     let _ = socket.send(close_msg(code, &reason)).await;
 }
 
+/// Largest `hello` accepted: it carries an id, a token, labels and a few numbers.
+pub const MAX_HELLO_BYTES: usize = 64 * 1024;
+/// Labels a `hello` may report, and the length of each.
+pub const MAX_HELLO_LABELS: usize = 256;
+/// Longest label in a `hello`, in bytes.
+pub const MAX_LABEL_BYTES: usize = 256;
+
 /// Serves one agent connection from handshake to close.
 pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
     // 1. hello
@@ -349,8 +356,56 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
             let r = format!("no hello within {:?}", svc.cfg.hello_timeout);
             return refuse(&svc, socket, close::HELLO_TIMEOUT, "hello-timeout", r).await;
         }
-        Ok(None) | Ok(Some(Err(_))) => return,
+        Ok(None) => {
+            svc.metrics
+                .rejected_connections
+                .with_label_values(&["closed-before-hello"])
+                .inc();
+            tracing::debug!("agent connection closed before its hello");
+            return;
+        }
+        Ok(Some(Err(e))) => {
+            // Invalid UTF-8, an oversized frame or message (even one only claimed in a frame
+            // header), bytes that are not WebSocket frames: closed with the documented code.
+            let text = e.to_string();
+            let (code, metric, r) = if is_too_big(&text) {
+                let r = format!(
+                    "frame before hello exceeds {} bytes",
+                    svc.cfg.max_frame_bytes
+                );
+                (close::TOO_BIG, "frame-too-large", r)
+            } else {
+                (
+                    close::PROTOCOL_VIOLATION,
+                    "bad-frame",
+                    format!("bad frame before hello: {text}"),
+                )
+            };
+            svc.metrics
+                .protocol_errors
+                .with_label_values(&[metric])
+                .inc();
+            return refuse(&svc, socket, code, metric, r).await;
+        }
+        Ok(Some(Ok(Message::Text(t)))) if t.len() > MAX_HELLO_BYTES => {
+            svc.metrics
+                .protocol_errors
+                .with_label_values(&["hello-too-large"])
+                .inc();
+            let r = format!("hello of {} bytes exceeds {MAX_HELLO_BYTES} bytes", t.len());
+            return refuse(&svc, socket, close::TOO_BIG, "hello-too-large", r).await;
+        }
         Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
+            Ok(AgentMessage::Hello { labels, .. })
+                if labels.len() > MAX_HELLO_LABELS
+                    || labels.iter().any(|l| l.len() > MAX_LABEL_BYTES) =>
+            {
+                let r = format!(
+                    "hello reports {} labels; at most {MAX_HELLO_LABELS} of at most {MAX_LABEL_BYTES} bytes each",
+                    labels.len()
+                );
+                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
+            }
             Ok(AgentMessage::Hello {
                 protocol,
                 agent_id,

@@ -11,7 +11,7 @@ use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use warmpool::client::ExecOptions;
 use warmpool::engine::AgentState;
-use warmpool::protocol::ExecSpec;
+use warmpool::protocol::{ExecSpec, close};
 
 const POOLS: &str = "
 pools:
@@ -255,6 +255,121 @@ async fn connections_over_the_cap_are_closed_at_once() {
             "no answer after the idle clients left"
         );
     }
+    honest_agents_serve(&h).await;
+    h.server.shutdown().await;
+}
+
+/// A masked client frame with the given first byte, claimed length and payload (mask key 0,
+/// so the payload goes as is).
+fn raw_frame(first: u8, claimed: u64, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![first];
+    if claimed < 126 {
+        f.push(0x80 | claimed as u8);
+    } else if claimed <= u16::MAX as u64 {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(claimed as u16).to_be_bytes());
+    } else {
+        f.push(0x80 | 127);
+        f.extend_from_slice(&claimed.to_be_bytes());
+    }
+    f.extend_from_slice(&[0, 0, 0, 0]);
+    f.extend_from_slice(payload);
+    f
+}
+
+async fn refused_before_hello(h: &Harness, send: impl AsyncFnOnce(&mut Ws)) -> (u16, String) {
+    let mut ws = raw_agent(&h.hub_url()).await;
+    send(&mut ws).await;
+    let (code, reason, _) = read_until_close(&mut ws).await;
+    (code, reason)
+}
+
+async fn write_raw(ws: &mut Ws, bytes: &[u8]) {
+    use tokio::io::AsyncWriteExt;
+    match ws.get_mut() {
+        tokio_tungstenite::MaybeTlsStream::Plain(s) => s.write_all(bytes).await.unwrap(),
+        _ => unreachable!("plain test hub"),
+    }
+}
+
+/// Frames before `hello` that are not a hello close the connection with the documented code
+/// and reason, and are counted.
+#[tokio::test]
+async fn bad_frames_before_hello_are_closed_with_a_code_and_counted() {
+    let h = start_with(test_config(POOLS)).await;
+    let limit = warmpool::protocol::DEFAULT_MAX_FRAME_BYTES;
+
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        write_raw(ws, &raw_frame(0x81, 2, &[0xff, 0xfe])).await
+    })
+    .await;
+    assert_eq!(code, close::PROTOCOL_VIOLATION, "invalid UTF-8: {reason}");
+    assert!(reason.contains("before hello"), "{reason}");
+
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        let _ = ws.send(Message::Binary(vec![0u8; 2 << 20].into())).await;
+    })
+    .await;
+    assert_eq!(code, close::TOO_BIG, "2 MiB frame: {reason}");
+    assert!(reason.contains(&limit.to_string()), "{reason}");
+
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        let big = format!(
+            r#"{{"type":"hello","protocol":1,"agentId":"x","token":"{}","labels":[]}}"#,
+            "a".repeat(5_000_000)
+        );
+        let _ = ws.send(Message::Text(big.into())).await;
+    })
+    .await;
+    assert_eq!(code, close::TOO_BIG, "5 MB hello: {reason}");
+
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        write_raw(ws, &raw_frame(0x82, 1 << 62, b"")).await
+    })
+    .await;
+    assert_eq!(code, close::TOO_BIG, "2^62-byte header: {reason}");
+
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        write_raw(ws, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await
+    })
+    .await;
+    assert_eq!(code, close::PROTOCOL_VIOLATION, "not WebSocket: {reason}");
+
+    // Under the frame limit but far above what a hello needs.
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        let labels: Vec<String> = (0..20_000).map(|i| format!("label-{i:08}")).collect();
+        let hello = serde_json::json!({
+            "type": "hello", "protocol": 1, "agentId": "x", "token": "t", "labels": labels
+        });
+        ws.send(Message::Text(hello.to_string().into()))
+            .await
+            .unwrap();
+    })
+    .await;
+    assert_eq!(code, close::TOO_BIG, "960 KB hello: {reason}");
+    assert!(reason.contains("65536"), "{reason}");
+
+    let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
+        let labels: Vec<String> = (0..300).map(|i| format!("l{i}")).collect();
+        let hello = serde_json::json!({
+            "type": "hello", "protocol": 1, "agentId": "x", "token": "t", "labels": labels
+        });
+        ws.send(Message::Text(hello.to_string().into()))
+            .await
+            .unwrap();
+    })
+    .await;
+    assert_eq!(code, close::PROTOCOL_VIOLATION, "300 labels: {reason}");
+    assert!(reason.contains("300 labels"), "{reason}");
+
+    let errs = |l: &str| metric_of(&h, "warmpool_protocol_errors_total", l);
+    let rejected = |l: &str| metric_of(&h, "warmpool_rejected_connections_total", l);
+    assert_eq!(errs("frame-too-large"), 3.0);
+    assert_eq!(rejected("frame-too-large"), 3.0);
+    assert_eq!(errs("bad-frame"), 2.0);
+    assert_eq!(rejected("bad-frame"), 2.0);
+    assert_eq!(errs("hello-too-large"), 1.0);
+    assert_eq!(rejected("hello-too-large"), 1.0);
     honest_agents_serve(&h).await;
     h.server.shutdown().await;
 }
