@@ -60,7 +60,7 @@ fn fd_limits() -> (u64, u64) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return (1024, 1024);
     }
-    (r.rlim_cur as u64, r.rlim_max as u64)
+    (r.rlim_cur, r.rlim_max)
 }
 
 /// Raises the soft limit on open files to the hard limit; returns the new soft limit.
@@ -81,7 +81,7 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
             }
         }
     }
-    Ok(r.rlim_cur as u64)
+    Ok(r.rlim_cur)
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the requests in flight.

@@ -326,7 +326,13 @@ fn close_msg(code: u16, reason: &str) -> Message {
     }))
 }
 
-async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, reason: String) {
+pub(crate) async fn refuse(
+    svc: &Service,
+    mut socket: WebSocket,
+    code: u16,
+    metric: &str,
+    reason: String,
+) {
     svc.metrics
         .rejected_connections
         .with_label_values(&[metric])
@@ -340,96 +346,11 @@ async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, r
     let _ = socket.send(close_msg(code, &reason)).await;
 }
 
-/// Largest `hello` accepted: it carries an id, a token, labels and a few numbers.
-pub const MAX_HELLO_BYTES: usize = 64 * 1024;
-/// Labels a `hello` may report, and the length of each.
-pub const MAX_HELLO_LABELS: usize = 256;
-/// Longest label in a `hello`, in bytes.
-pub const MAX_LABEL_BYTES: usize = 256;
-
 /// Serves one agent connection from handshake to close.
-pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
+pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     // 1. hello
-    let first = tokio::time::timeout(svc.cfg.hello_timeout, socket.recv()).await;
-    let hello = match first {
-        Err(_) => {
-            let r = format!("no hello within {:?}", svc.cfg.hello_timeout);
-            return refuse(&svc, socket, close::HELLO_TIMEOUT, "hello-timeout", r).await;
-        }
-        Ok(None) => {
-            svc.metrics
-                .rejected_connections
-                .with_label_values(&["closed-before-hello"])
-                .inc();
-            tracing::debug!("agent connection closed before its hello");
-            return;
-        }
-        Ok(Some(Err(e))) => {
-            // Invalid UTF-8, an oversized frame or message (even one only claimed in a frame
-            // header), bytes that are not WebSocket frames: closed with the documented code.
-            let text = e.to_string();
-            let (code, metric, r) = if is_too_big(&text) {
-                let r = format!(
-                    "frame before hello exceeds {} bytes",
-                    svc.cfg.max_frame_bytes
-                );
-                (close::TOO_BIG, "frame-too-large", r)
-            } else {
-                (
-                    close::PROTOCOL_VIOLATION,
-                    "bad-frame",
-                    format!("bad frame before hello: {text}"),
-                )
-            };
-            svc.metrics
-                .protocol_errors
-                .with_label_values(&[metric])
-                .inc();
-            return refuse(&svc, socket, code, metric, r).await;
-        }
-        Ok(Some(Ok(Message::Text(t)))) if t.len() > MAX_HELLO_BYTES => {
-            svc.metrics
-                .protocol_errors
-                .with_label_values(&["hello-too-large"])
-                .inc();
-            let r = format!("hello of {} bytes exceeds {MAX_HELLO_BYTES} bytes", t.len());
-            return refuse(&svc, socket, close::TOO_BIG, "hello-too-large", r).await;
-        }
-        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
-            Ok(AgentMessage::Hello { labels, .. })
-                if labels.len() > MAX_HELLO_LABELS
-                    || labels.iter().any(|l| l.len() > MAX_LABEL_BYTES) =>
-            {
-                let r = format!(
-                    "hello reports {} labels; at most {MAX_HELLO_LABELS} of at most {MAX_LABEL_BYTES} bytes each",
-                    labels.len()
-                );
-                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
-            }
-            Ok(AgentMessage::Hello {
-                protocol,
-                agent_id,
-                pool,
-                token,
-                health,
-                lease,
-                uses,
-                execs,
-                ..
-            }) => (protocol, agent_id, pool, token, health, lease, uses, execs),
-            Ok(other) => {
-                let r = format!("expected hello, got {}", msg_type(&other));
-                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
-            }
-            Err(e) => {
-                let r = format!("malformed hello: {e}");
-                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "malformed", r).await;
-            }
-        },
-        Ok(Some(Ok(_))) => {
-            let r = "expected a hello text frame".to_string();
-            return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
-        }
+    let Some((mut socket, hello)) = crate::hello::read(&svc, socket).await else {
+        return;
     };
     let (version, agent, pool, token, health, lease, uses, execs) = hello;
     if version != PROTOCOL_VERSION {
@@ -640,7 +561,7 @@ fn invalid_join_id(id: &str) -> Option<String> {
     })
 }
 
-fn is_too_big(text: &str) -> bool {
+pub(crate) fn is_too_big(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     t.contains("too long") || t.contains("too big") || t.contains("space limit")
 }
@@ -657,7 +578,7 @@ async fn refuse_connect(svc: &Service, socket: WebSocket, e: ConnectError) {
     refuse(svc, socket, code, metric, e.to_string()).await
 }
 
-fn msg_type(m: &AgentMessage) -> &'static str {
+pub(crate) fn msg_type(m: &AgentMessage) -> &'static str {
     match m {
         AgentMessage::Hello { .. } => "hello",
         AgentMessage::Heartbeat { .. } => "heartbeat",

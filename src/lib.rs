@@ -37,6 +37,7 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod exec_routes;
+pub mod hello;
 pub mod hooks;
 pub mod http_server;
 pub mod hub;
