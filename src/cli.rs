@@ -142,6 +142,18 @@ pub struct ServeArgs {
     /// Agent handshakes accepted per second (protects the service during reconnect storms).
     #[arg(long, env = "WARMPOOL_HANDSHAKES_PER_SECOND", default_value_t = 50)]
     pub handshakes_per_second: u32,
+    /// Longest a write to an agent may wait while the agent does not read; then the agent is
+    /// disconnected (4429) and its lease ends.
+    #[arg(long, env = "WARMPOOL_AGENT_SEND_TIMEOUT", value_parser = dur, default_value = "10s")]
+    pub agent_send_timeout: Dur,
+    /// Time an HTTP client has to send a request's headers (also how long a keep-alive
+    /// connection may stay idle between requests).
+    #[arg(long, env = "WARMPOOL_HTTP_HEADER_TIMEOUT", value_parser = dur, default_value = "10s")]
+    pub http_header_timeout: Dur,
+    /// Open HTTP connections at most, agents' and exec WebSockets included; more are closed as
+    /// they arrive (default: three quarters of the open-files limit).
+    #[arg(long, env = "WARMPOOL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
     /// Largest WebSocket message accepted, in bytes.
     #[arg(long, env = "WARMPOOL_MAX_FRAME_BYTES", default_value_t = crate::protocol::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,

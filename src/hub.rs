@@ -7,7 +7,8 @@
 //! that keeps its execs reconnects, the hub asks it (`attach`) to resume from the last byte
 //! routed.
 //! A slow agent can only stall its own tasks: messages to it are `try_send` into its bounded
-//! queue, and a full queue closes that connection (close code 4429). Protocol errors close the
+//! queue, and a full queue, or a socket write that does not complete within the send deadline,
+//! closes that connection (close code 4429) and ends its lease at once. Protocol errors close the
 //! connection with a reason and bump `warmpool_protocol_errors_total{reason}`.
 
 use std::sync::Arc;
@@ -127,25 +128,7 @@ impl Hub {
         let Some(conn) = self.conns.get(agent).map(|c| c.clone()) else {
             return false;
         };
-        match conn.tx.try_send(Outbound::Msg(msg)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                svc.metrics
-                    .protocol_errors
-                    .with_label_values(&["slow-consumer"])
-                    .inc();
-                tracing::warn!(agent, "agent send queue full; disconnecting it");
-                conn.close(
-                    close::SLOW_CONSUMER,
-                    &format!(
-                        "agent {agent} send queue full ({} messages)",
-                        svc.cfg.agent_queue
-                    ),
-                );
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
+        enqueue(svc, agent, &conn, msg)
     }
 
     /// Closes an agent's connection with a code and reason.
@@ -298,6 +281,39 @@ impl Hub {
     }
 }
 
+/// Queues a message on a connection without waiting. A full queue means the agent stopped
+/// reading: the connection is closed with 4429 (and its lease and exec client told).
+fn enqueue(svc: &Service, agent: &str, conn: &Conn, msg: HubMessage) -> bool {
+    match conn.tx.try_send(Outbound::Msg(msg)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            slow_consumer(
+                svc,
+                conn,
+                format!(
+                    "agent {agent} send queue full ({} messages)",
+                    svc.cfg.agent_queue
+                ),
+            );
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+/// Closes the connection of an agent that does not read what the hub sends (4429).
+fn slow_consumer(svc: &Service, conn: &Conn, reason: String) {
+    if conn.kill.is_cancelled() {
+        return;
+    }
+    svc.metrics
+        .protocol_errors
+        .with_label_values(&["slow-consumer"])
+        .inc();
+    tracing::warn!(reason = %reason, "agent is not reading; disconnecting it");
+    conn.close(close::SLOW_CONSUMER, &reason);
+}
+
 fn close_msg(code: u16, reason: &str) -> Message {
     // Close reasons are limited to 123 bytes by RFC 6455.
     let mut r = reason.to_string();
@@ -310,7 +326,13 @@ fn close_msg(code: u16, reason: &str) -> Message {
     }))
 }
 
-async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, reason: String) {
+pub(crate) async fn refuse(
+    svc: &Service,
+    mut socket: WebSocket,
+    code: u16,
+    metric: &str,
+    reason: String,
+) {
     svc.metrics
         .rejected_connections
         .with_label_values(&[metric])
@@ -325,40 +347,10 @@ async fn refuse(svc: &Service, mut socket: WebSocket, code: u16, metric: &str, r
 }
 
 /// Serves one agent connection from handshake to close.
-pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
+pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     // 1. hello
-    let first = tokio::time::timeout(svc.cfg.hello_timeout, socket.recv()).await;
-    let hello = match first {
-        Err(_) => {
-            let r = format!("no hello within {:?}", svc.cfg.hello_timeout);
-            return refuse(&svc, socket, close::HELLO_TIMEOUT, "hello-timeout", r).await;
-        }
-        Ok(None) | Ok(Some(Err(_))) => return,
-        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str::<AgentMessage>(&t) {
-            Ok(AgentMessage::Hello {
-                protocol,
-                agent_id,
-                pool,
-                token,
-                health,
-                lease,
-                uses,
-                execs,
-                ..
-            }) => (protocol, agent_id, pool, token, health, lease, uses, execs),
-            Ok(other) => {
-                let r = format!("expected hello, got {}", msg_type(&other));
-                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
-            }
-            Err(e) => {
-                let r = format!("malformed hello: {e}");
-                return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "malformed", r).await;
-            }
-        },
-        Ok(Some(Ok(_))) => {
-            let r = "expected a hello text frame".to_string();
-            return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
-        }
+    let Some((mut socket, hello)) = crate::hello::read(&svc, socket).await else {
+        return;
     };
     let (version, agent, pool, token, health, lease, uses, execs) = hello;
     if version != PROTOCOL_VERSION {
@@ -433,23 +425,48 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
     // 3. writer: the queue; the only task that writes to the socket. The hub's heartbeat is
     // the answer to the agent's (queued by the reader): no timer per connection, and one
     // wake-up serves both directions, which is what thousands of idle agents cost.
+    // A send waits while the agent's TCP window is closed: it has `agent_send_timeout` to
+    // complete and a kill ends it at once, so an agent that stops reading is cut off within
+    // that bound and never holds the teardown.
     let (mut sink, mut stream) = socket.split();
     let writer_conn = conn.clone();
+    let (writer_svc, writer_agent) = (svc.clone(), agent.clone());
     let writer = tokio::spawn(async move {
+        let deadline = writer_svc.cfg.agent_send_timeout;
+        let mut stuck = false;
         loop {
-            tokio::select! {
+            let m = tokio::select! {
                 _ = writer_conn.kill.cancelled() => break,
-                m = rx.recv() => {
-                    let m = match m {
-                        Some(Outbound::Msg(m)) => {
-                            Message::Text(serde_json::to_string(&m).expect("serialisable").into())
-                        }
-                        Some(Outbound::Binary(b)) => Message::Binary(b),
-                        None => break,
-                    };
-                    if sink.send(m).await.is_err() { break; }
+                m = rx.recv() => match m {
+                    Some(Outbound::Msg(m)) => {
+                        Message::Text(serde_json::to_string(&m).expect("serialisable").into())
+                    }
+                    Some(Outbound::Binary(b)) => Message::Binary(b),
+                    None => break,
+                },
+            };
+            tokio::select! {
+                r = tokio::time::timeout(deadline, sink.send(m)) => match r {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        stuck = true;
+                        let r = format!(
+                            "agent {writer_agent} did not read for {deadline:?} (send deadline)"
+                        );
+                        slow_consumer(&writer_svc, &writer_conn, r);
+                        break;
+                    }
+                },
+                _ = writer_conn.kill.cancelled() => {
+                    stuck = true;
+                    break;
                 }
             }
+        }
+        if stuck {
+            // A close frame cannot pass a closed window: dropping the socket closes it.
+            return;
         }
         let reason = writer_conn.close_reason.lock().expect("lock").clone();
         let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
@@ -466,7 +483,10 @@ pub async fn serve_agent(svc: Arc<Service>, mut socket: WebSocket) {
     // 4. reader
     let why = loop {
         let msg = tokio::select! {
-            _ = conn.kill.cancelled() => break "closed by hub".to_string(),
+            _ = conn.kill.cancelled() => {
+                let r = conn.close_reason.lock().expect("lock").clone();
+                break r.map_or_else(|| "closed by hub".to_string(), |(_, r)| r);
+            }
             m = stream.next() => m,
         };
         let msg = match msg {
@@ -544,7 +564,7 @@ fn invalid_join_id(id: &str) -> Option<String> {
     })
 }
 
-fn is_too_big(text: &str) -> bool {
+pub(crate) fn is_too_big(text: &str) -> bool {
     let t = text.to_ascii_lowercase();
     t.contains("too long") || t.contains("too big") || t.contains("space limit")
 }
@@ -561,7 +581,7 @@ async fn refuse_connect(svc: &Service, socket: WebSocket, e: ConnectError) {
     refuse(svc, socket, code, metric, e.to_string()).await
 }
 
-fn msg_type(m: &AgentMessage) -> &'static str {
+pub(crate) fn msg_type(m: &AgentMessage) -> &'static str {
     match m {
         AgentMessage::Hello { .. } => "hello",
         AgentMessage::Heartbeat { .. } => "heartbeat",
@@ -600,7 +620,7 @@ async fn forward(
                 svc.apply(|e, now| e.agent_seen(agent, now));
                 // The agent's heartbeats wait behind this frame, so the hub answers none:
                 // keep the agent hearing from the hub meanwhile.
-                let _ = conn.tx.try_send(Outbound::Msg(HubMessage::Heartbeat {}));
+                enqueue(svc, agent, conn, HubMessage::Heartbeat {});
             }
             _ = conn.kill.cancelled() => return,
         }
@@ -620,8 +640,8 @@ async fn handle(
             match m {
                 AgentMessage::Heartbeat { health } => {
                     svc.apply(|e, now| e.agent_heartbeat(agent, health, now));
-                    // A full queue already means a slow agent; the next heartbeat answers.
-                    let _ = conn.tx.try_send(Outbound::Msg(HubMessage::Heartbeat {}));
+                    // A full queue means the agent stopped reading: it is disconnected.
+                    enqueue(svc, agent, conn, HubMessage::Heartbeat {});
                 }
                 AgentMessage::Ready { health, hooks, .. } => {
                     svc.apply(|e, now| e.agent_ready_after_hooks(agent, health, &hooks, now));

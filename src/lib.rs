@@ -24,6 +24,7 @@
 //! - [`agent`]: the `warmpool agent` side: dial the hub, run execs, clean up.
 //! - [`client`]: the lease API client behind `warmpool run` and `warmpool status`.
 //! - [`tls`]: rustls client configs (platform roots + a CA file) and the reloading server cert.
+//! - [`http_server`]: HTTP/1.1 serving with a header deadline and a connection cap.
 //! - [`server`]: wiring: builds everything, serves a bound listener until shutdown.
 //! - [`cli`]: clap definitions for the binary.
 #![deny(missing_docs)]
@@ -38,7 +39,9 @@ pub mod cli;
 pub mod client;
 pub mod engine;
 pub mod exec_routes;
+pub mod hello;
 pub mod hooks;
+pub mod http_server;
 pub mod hub;
 pub mod jenkins;
 pub mod k8s;

@@ -102,6 +102,11 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Serve(a) => {
+            // Every agent and client holds a socket: use all the descriptors the system allows.
+            match warmpool::http_server::raise_fd_limit() {
+                Ok(n) => tracing::debug!(open_files = n, "open-files limit"),
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+            }
             let exe = match a.agent_exe {
                 Some(p) => p,
                 None => std::env::current_exe().context("cannot find the warmpool executable")?,
@@ -150,6 +155,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.service.engine.heartbeat_timeout = a.heartbeat_interval.0 * 3;
             cfg.service.handshakes_per_second = a.handshakes_per_second;
             cfg.service.max_frame_bytes = a.max_frame_bytes;
+            cfg.service.agent_send_timeout = a.agent_send_timeout.0;
+            cfg.http.header_timeout = a.http_header_timeout.0;
+            cfg.http.max_connections = a
+                .max_connections
+                .unwrap_or_else(warmpool::http_server::default_max_connections);
             cfg.service.engine.max_waiters = a.max_waiters;
             cfg.shutdown_grace = a.shutdown_grace.0;
             cfg.jenkins_delete_on_shutdown = a.jenkins_delete_on_shutdown;

@@ -201,6 +201,8 @@ pub struct ServeConfig {
     /// A CA file trusted besides the platform's roots by Jenkins clients (unless a pool sets
     /// `caFile`) and by local agents (process backend).
     pub ca_file: Option<PathBuf>,
+    /// Header deadline and connection cap of the HTTP server.
+    pub http: crate::http_server::HttpLimits,
 }
 
 impl ServeConfig {
@@ -223,6 +225,7 @@ impl ServeConfig {
             jenkins_delete_on_shutdown: false,
             tls: None,
             ca_file: None,
+            http: crate::http_server::HttpLimits::default(),
         }
     }
 }
@@ -362,6 +365,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         let http_stop = http_stop.clone();
         let shutdown = async move { http_stop.cancelled().await };
         let tls_on = tls.is_some();
+        let limits = cfg.http;
         tokio::spawn(async move {
             // No Nagle: leases, exec frames and agent messages are small and latency-bound
             // (with Nagle and delayed ACKs a reply can sit 40 ms in a buffer).
@@ -371,17 +375,15 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                     let listener = listener.tap_io(|tcp| {
                         let _ = tcp.set_nodelay(true);
                     });
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(shutdown)
-                        .await
+                    crate::http_server::serve(listener, app, limits, shutdown).await;
+                    Ok(())
                 }
                 Some(tls) => {
                     match crate::tls::TlsListener::new(listener, tls, crate::tls::HANDSHAKE_TIMEOUT)
                     {
                         Ok(listener) => {
-                            axum::serve(listener, app)
-                                .with_graceful_shutdown(shutdown)
-                                .await
+                            crate::http_server::serve(listener, app, limits, shutdown).await;
+                            Ok(())
                         }
                         Err(e) => Err(e),
                     }

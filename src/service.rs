@@ -44,6 +44,9 @@ pub struct ServiceConfig {
     pub handshakes_per_second: u32,
     /// Time an agent has to send `hello` after connecting.
     pub hello_timeout: Duration,
+    /// Longest a write to an agent's socket may wait (the agent stopped reading) before the
+    /// agent is disconnected as too slow (4429).
+    pub agent_send_timeout: Duration,
 }
 
 impl Default for ServiceConfig {
@@ -62,6 +65,7 @@ impl Default for ServiceConfig {
             agent_queue: 256,
             handshakes_per_second: 50,
             hello_timeout: Duration::from_secs(10),
+            agent_send_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -1,0 +1,193 @@
+//! Serves HTTP/1.1 connections (the API, `/metrics`, the agent hub and exec sockets) with the
+//! limits that keep a client from wedging the service:
+//!
+//! - a deadline for a request's headers, which also closes a keep-alive connection that stays
+//!   idle between requests (hyper's `header_read_timeout`): half-sent requests do not hold
+//!   sockets for ever;
+//! - a cap on open connections, WebSockets included: a connection over it is accepted and
+//!   closed at once, so the process keeps file descriptors for agents' pipes and files and the
+//!   accept loop never runs dry;
+//! - a graceful shutdown that stops accepting and lets requests in flight finish.
+//!
+//! It also raises the soft `RLIMIT_NOFILE` to the hard limit. It knows no routes: the router is
+//! handed in.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Limits on HTTP connections.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Time a client has to send a request's headers, counted from the connection's start or
+    /// from the end of its previous response (so also the idle timeout of keep-alive).
+    pub header_timeout: Duration,
+    /// Open connections (WebSockets included) at most; more are closed as they arrive.
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            header_timeout: Duration::from_secs(10),
+            max_connections: default_max_connections(),
+        }
+    }
+}
+
+/// Three quarters of the soft `RLIMIT_NOFILE` (after [`raise_fd_limit`]): the rest stays for
+/// agents' pipes, work files and outgoing connections.
+pub fn default_max_connections() -> usize {
+    let (soft, _) = fd_limits();
+    ((soft / 4) * 3).clamp(64, 1 << 20) as usize
+}
+
+fn fd_limits() -> (u64, u64) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return (1024, 1024);
+    }
+    (r.rlim_cur, r.rlim_max)
+}
+
+/// Raises the soft limit on open files to the hard limit; returns the new soft limit.
+pub fn raise_fd_limit() -> std::io::Result<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(r.rlim_cur)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then waits for the requests in flight.
+pub async fn serve<L>(
+    mut listener: L,
+    app: Router,
+    limits: HttpLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    L: axum::serve::Listener,
+    L::Io: Unpin,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let mut refused: u64 = 0;
+    tokio::pin!(shutdown);
+    loop {
+        let (io, _peer) = tokio::select! {
+            c = listener.accept() => c,
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // Accept-and-close keeps the backlog from filling with connections nobody serves.
+            refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    limit = limits.max_connections,
+                    refused,
+                    "connection limit reached; closing new connections"
+                );
+            }
+            drop(io);
+            continue;
+        };
+        let io = TokioIo::new(Counted { io, _slot: slot });
+        let svc = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended");
+            }
+        });
+    }
+    drop(listener);
+    stop.cancel();
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// A connection's IO holding its slot: the slot is freed when the socket closes, also after an
+/// upgrade to a WebSocket (which carries this IO along).
+struct Counted<I> {
+    io: I,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Counted<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Counted<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
