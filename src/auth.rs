@@ -124,6 +124,19 @@ impl AgentKey {
     }
 }
 
+/// Reads an agent's token from the file the process backend wrote, then deletes the file
+/// (so no later process finds it there).
+pub fn take_token_file(path: &Path) -> Result<String> {
+    let read = |source| Error::Read {
+        what: "agent token",
+        path: path.display().to_string(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    std::fs::remove_file(path).map_err(read)?;
+    Ok(text.trim().to_string())
+}
+
 /// Loads the API bearer token (file contents, trimmed; at least 8 characters).
 pub fn load_api_token(path: &Path) -> Result<String> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read {

@@ -110,3 +110,59 @@ async fn an_agent_cannot_claim_a_lease_it_was_not_granted() {
     h.client.release(&again.id).await.unwrap();
     h.server.shutdown().await;
 }
+
+/// A job's environment holds none of the agent's credentials nor what only `serve` had, and
+/// no agent's token is readable in the agents' `/proc/PID/environ` (process backend: agents
+/// and jobs run as the same user).
+#[tokio::test]
+async fn jobs_see_no_agent_token_nor_serve_environment() {
+    // Only in serve's environment (the process backend's agents inherit it).
+    // SAFETY: set before the service starts; no other thread of this test reads it.
+    unsafe { std::env::set_var("WARMPOOL_TEST_SERVE_SECRET", "s3cr3t-of-serve") };
+    let h = start_pools(
+        "pools:\n  - name: main\n    labels: [main]\n    minIdle: 2\n    maxTotal: 2\n",
+    )
+    .await;
+    h.wait_idle("main", 2).await;
+    let agents = h.agents_in(AgentState::Idle);
+    let prefix = agents[0].rsplit_once('-').unwrap().0.to_string() + "-";
+    let l = h.lease("main", 10.0, 60.0).await;
+    let mut spec = script(
+        "env; echo '--- agents'; \
+         for f in $(grep -la \"WARMPOOL_AGENT_ID=$AGENTS\" /proc/[0-9]*/environ 2>/dev/null); do \
+           echo \"== $f\"; { tr '\\0' '\\n' < \"$f\"; } 2>/dev/null; done; true",
+    );
+    spec.env.insert("AGENTS".into(), prefix);
+    let out = exec(&h, &l.id, spec).await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code, Some(0), "{err}");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (env, procs) = text.split_once("--- agents").expect("both parts");
+    let vars: Vec<&str> = env.lines().collect();
+    assert!(!env.contains("WARMPOOL_TOKEN"), "{env}");
+    assert!(!env.contains("s3cr3t-of-serve"), "{env}");
+    // The documented environment.
+    assert!(vars.iter().any(|v| v.starts_with("PATH=")), "{env}");
+    assert!(
+        vars.contains(&format!("WARMPOOL_LEASE={}", l.id).as_str()),
+        "{env}"
+    );
+    assert!(
+        vars.iter().any(|v| v.starts_with("WARMPOOL_WORKSPACE=/")),
+        "{env}"
+    );
+    assert!(env.contains("AGENTS="), "the user's --env: {env}");
+    // Both agents' environments were found and hold no token.
+    assert!(procs.matches("== /proc/").count() >= 2, "{procs}");
+    let key = &h.server.svc.key;
+    for a in &agents {
+        let token = key.token(a);
+        assert!(
+            !text.contains(&token),
+            "agent {a}'s token is visible to a job"
+        );
+    }
+    assert!(!procs.contains("WARMPOOL_TOKEN="), "{procs}");
+    h.client.release(&l.id).await.unwrap();
+    h.server.shutdown().await;
+}
