@@ -119,13 +119,22 @@ pub fn set_size(fd: i32, size: TtySize) {
 }
 
 /// The environment a job starts with, before the user's `--env`: nothing of the agent's own
-/// (its token, or whatever its parent had) except `PATH`, `HOME` and the locale variables;
-/// plus `WARMPOOL_WORKSPACE` and `WARMPOOL_LEASE`. Documented in SECURITY.md.
+/// (its token, or whatever its parent had) except `PATH`, `HOME`, the locale variables and
+/// `WARMPOOL_AGENT_ID`/`WARMPOOL_POOL`; plus `WARMPOOL_WORKSPACE` and `WARMPOOL_LEASE`.
+/// Documented in SECURITY.md.
 pub fn job_env(workspace: &Path, lease: Option<&str>) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = ["PATH", "HOME", "LANG", "LC_ALL", "TZ"]
-        .iter()
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-        .collect();
+    let mut env: Vec<(String, String)> = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "WARMPOOL_AGENT_ID",
+        "WARMPOOL_POOL",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+    .collect();
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
