@@ -102,6 +102,19 @@ impl AgentKey {
         self.verify(&format!("join\0{pool}"), token)
     }
 
+    /// The lease token the hub gives an agent with `leased`: it vouches that this service
+    /// granted `lease` to `agent` in `pool`. The agent returns it in `hello` so a restarted
+    /// service (same key) can restore the lease; a lease claimed without it is not restored.
+    /// Derived under its own domain (`lease\0`), so it is never an agent's or a join token.
+    pub fn lease_token(&self, lease: &str, agent: &str, pool: &str) -> String {
+        self.token(&format!("lease\0{lease}\0{agent}\0{pool}"))
+    }
+
+    /// Checks a lease token in constant time.
+    pub fn verify_lease(&self, lease: &str, agent: &str, pool: &str, token: &str) -> bool {
+        self.verify(&format!("lease\0{lease}\0{agent}\0{pool}"), token)
+    }
+
     /// Checks a token in constant time.
     pub fn verify(&self, agent_id: &str, token: &str) -> bool {
         match hex::decode(token.trim()) {
@@ -109,6 +122,19 @@ impl AgentKey {
             Err(_) => false,
         }
     }
+}
+
+/// Reads an agent's token from the file the process backend wrote, then deletes the file
+/// (so no later process finds it there).
+pub fn take_token_file(path: &Path) -> Result<String> {
+    let read = |source| Error::Read {
+        what: "agent token",
+        path: path.display().to_string(),
+        source,
+    };
+    let text = std::fs::read_to_string(path).map_err(read)?;
+    std::fs::remove_file(path).map_err(read)?;
+    Ok(text.trim().to_string())
 }
 
 /// Loads the API bearer token (file contents, trimmed; at least 8 characters).
@@ -161,6 +187,23 @@ mod tests {
         assert!(!k.verify_join("cpu", &j));
         assert!(!k.verify("gpu", &j));
         assert!(!k.verify_join("gpu", &k.token("gpu")));
+    }
+
+    #[test]
+    fn lease_tokens_bind_lease_agent_and_pool() {
+        let k = AgentKey::from_bytes(b"0123456789abcdef");
+        let t = k.lease_token("lease-a-1", "p-1", "main");
+        assert!(k.verify_lease("lease-a-1", "p-1", "main", &t));
+        assert!(!k.verify_lease("lease-a-2", "p-1", "main", &t));
+        assert!(!k.verify_lease("lease-a-1", "p-2", "main", &t));
+        assert!(!k.verify_lease("lease-a-1", "p-1", "other", &t));
+        assert!(!k.verify("p-1", &t));
+        assert!(!AgentKey::from_bytes(b"fedcba9876543210").verify_lease(
+            "lease-a-1",
+            "p-1",
+            "main",
+            &t
+        ));
     }
 
     #[test]

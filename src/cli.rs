@@ -192,9 +192,18 @@ pub struct AgentArgs {
     /// This agent's id (given by the service).
     #[arg(long, env = "WARMPOOL_AGENT_ID")]
     pub agent_id: String,
-    /// This agent's token (given by the service).
-    #[arg(long, env = "WARMPOOL_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// This agent's token (given by the service; pods and external agents set it).
+    #[arg(
+        long,
+        env = "WARMPOOL_TOKEN",
+        hide_env_values = true,
+        required_unless_present = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding this agent's token, read and deleted at start (the process backend's
+    /// way: the token never sits in the agent's environment, where jobs could read it).
+    #[arg(long, env = "WARMPOOL_TOKEN_FILE", conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
     /// Pool name.
     #[arg(long, env = "WARMPOOL_POOL")]
     pub pool: Option<String>,

@@ -17,15 +17,15 @@ pub const MAX_HELLO_LABELS: usize = 256;
 /// Longest label in a `hello`, in bytes.
 pub const MAX_LABEL_BYTES: usize = 256;
 
-/// The fields of a `hello` the hub uses: protocol, agent id, pool, token, health, lease, uses,
-/// execs.
+/// The fields of a `hello` the hub uses: protocol, agent id, pool, token, health, the lease it
+/// claims with its lease token, uses, execs.
 pub(crate) type Hello = (
     u32,
     String,
     Option<String>,
     String,
     Health,
-    Option<String>,
+    Option<(String, Option<String>)>,
     u32,
     Option<Vec<ExecReport>>,
 );
@@ -107,10 +107,14 @@ pub(crate) async fn read(svc: &Service, mut socket: WebSocket) -> Option<(WebSoc
                 token,
                 health,
                 lease,
+                lease_token,
                 uses,
                 execs,
                 ..
-            }) => (protocol, agent_id, pool, token, health, lease, uses, execs),
+            }) => {
+                let lease = lease.map(|l| (l, lease_token));
+                (protocol, agent_id, pool, token, health, lease, uses, execs)
+            }
             Ok(other) => {
                 let r = format!("expected hello, got {}", msg_type(&other));
                 return refused(svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;

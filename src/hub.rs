@@ -383,6 +383,7 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     } else if let Err(e) = svc.read(|e| e.check_connect(&agent, pool.as_deref())) {
         return refuse_connect(&svc, socket, e).await;
     }
+    let lease = vouched_lease(&svc, &agent, join.as_deref(), lease);
     // 2. register: at most one live connection per agent id.
     let (tx, mut rx) = mpsc::channel(svc.cfg.agent_queue);
     let conn = Arc::new(Conn {
@@ -549,6 +550,47 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
             svc.apply(|e, now| e.agent_disconnected(&agent, &why, now));
         }
     }
+}
+
+/// The lease an agent reports in `hello`, if the service can vouch for it: its lease token
+/// proves this service's key granted that lease to this agent in its pool. Anything else (no
+/// token, a token for another lease, agent or pool) is ignored with a warning and a count:
+/// the agent registers without it, and the claimed id is never restored.
+fn vouched_lease(
+    svc: &Service,
+    agent: &str,
+    join: Option<&str>,
+    claim: Option<(String, Option<String>)>,
+) -> Option<String> {
+    let (lease, token) = claim?;
+    let pool = match join {
+        Some(p) => Some(p.to_string()),
+        None => svc.read(|e| e.agent(agent).map(|a| a.pool.clone())),
+    }
+    .unwrap_or_default();
+    if token
+        .as_deref()
+        .is_some_and(|t| svc.key.verify_lease(&lease, agent, &pool, t))
+    {
+        return Some(lease);
+    }
+    let why = if token.is_some() {
+        "invalid lease token"
+    } else {
+        "no lease token"
+    };
+    tracing::warn!(
+        agent,
+        pool = %pool,
+        lease = %lease,
+        why,
+        "agent claimed a lease the service cannot vouch for; registering it without the lease"
+    );
+    svc.metrics
+        .unverified_lease_claims
+        .with_label_values(&[&pool])
+        .inc();
+    None
 }
 
 /// Why an id chosen by a joining machine is refused: 1 to 128 characters of letters, digits,

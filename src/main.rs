@@ -180,13 +180,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Agent(a) => {
+            let token = match (&a.token_file, a.token) {
+                (Some(p), _) => auth::take_token_file(p)?,
+                (None, Some(t)) => t,
+                (None, None) => anyhow::bail!("agent {}: no token given", a.agent_id),
+            };
             let stop = CancellationToken::new();
             on_signals(stop.clone());
             agent::run(
                 agent::AgentConfig {
                     hub: a.hub,
                     agent_id: a.agent_id,
-                    token: a.token,
+                    token,
                     pool: a.pool,
                     labels: a.labels,
                     workspace: a.workspace,

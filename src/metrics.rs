@@ -27,6 +27,9 @@ pub struct Metrics {
     pub leaks: IntCounterVec,
     /// `warmpool_rejected_connections_total{reason}`: hub connections refused.
     pub rejected_connections: IntCounterVec,
+    /// `warmpool_unverified_lease_claims_total{pool}`: leases agents reported in `hello`
+    /// without a valid lease token (ignored; the agent and lease are in the log line).
+    pub unverified_lease_claims: IntCounterVec,
     /// `warmpool_protocol_errors_total{reason}`: connections closed for bad frames.
     pub protocol_errors: IntCounterVec,
     /// `warmpool_provisions_throttled_total{pool}`: provisions held back by the rate limiter.
@@ -159,6 +162,11 @@ impl Metrics {
                 "warmpool_rejected_connections_total",
                 "Agent connections the hub refused, by reason.",
                 &["reason"],
+            ),
+            unverified_lease_claims: counter(
+                "warmpool_unverified_lease_claims_total",
+                "Leases agents claimed in hello without a valid lease token (ignored), by pool.",
+                &["pool"],
             ),
             protocol_errors: counter(
                 "warmpool_protocol_errors_total",

@@ -73,9 +73,13 @@ pub enum AgentMessage {
         /// Labels the agent reports (informational; the pool's labels are authoritative).
         #[serde(default)]
         labels: Vec<String>,
-        /// A lease the agent is still serving (restart adoption).
+        /// A lease the agent is still serving (reconnect, restart adoption). Restored only
+        /// with a valid `leaseToken`; otherwise ignored (the agent registers without it).
         #[serde(default)]
         lease: Option<String>,
+        /// The token the hub sent with `leased` for that lease.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease_token: Option<String>,
         /// Leases this agent has served since it started (restart adoption: `maxUses` keeps
         /// counting across a service restart without patching pods on the lease path).
         #[serde(default)]
@@ -190,6 +194,10 @@ pub enum HubMessage {
     Leased {
         /// The lease.
         lease: String,
+        /// HMAC-SHA256(server key, lease id + agent id + pool), hex: returned in `hello` to
+        /// prove the lease was granted to this agent (see [`crate::auth::AgentKey::lease_token`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease_token: Option<String>,
     },
     /// The lease ended: kill leftover processes, clean the workspace, run the pool's hooks,
     /// then send `ready`.

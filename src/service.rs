@@ -272,8 +272,10 @@ impl Service {
         for a in actions {
             match a {
                 Action::Provision { .. } | Action::Terminate { .. } if detached => {}
-                Action::Bound { agent, lease } => {
-                    self.hub.send(self, &agent, HubMessage::Leased { lease });
+                Action::Bound { agent, pool, lease } => {
+                    let lease_token = Some(self.key.lease_token(&lease, &agent, &pool));
+                    self.hub
+                        .send(self, &agent, HubMessage::Leased { lease, lease_token });
                 }
                 Action::Provision { pool, agent } => {
                     let Some(spec) = self.specs.get(&pool).map(|s| s.clone()) else {

@@ -191,7 +191,8 @@ pub struct PoolSpec {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub external: bool,
     /// Process backend only: the command that starts one agent instead of `warmpool agent`.
-    /// It gets `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` and `WARMPOOL_WORKSPACE`.
+    /// It gets `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN_FILE` (a 0600 file holding
+    /// its token, to read and delete) and `WARMPOOL_WORKSPACE`.
     /// Not part of the `AgentPool` schema: pods get their command from the pod template.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(skip)]

@@ -118,6 +118,34 @@ pub fn set_size(fd: i32, size: TtySize) {
     unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) };
 }
 
+/// The environment a job starts with, before the user's `--env`: nothing of the agent's own
+/// (its token, or whatever its parent had) except `PATH`, `HOME`, the locale variables and
+/// `WARMPOOL_AGENT_ID`/`WARMPOOL_POOL`; plus `WARMPOOL_WORKSPACE` and `WARMPOOL_LEASE`.
+/// Documented in SECURITY.md.
+pub fn job_env(workspace: &Path, lease: Option<&str>) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = [
+        "PATH",
+        "HOME",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "WARMPOOL_AGENT_ID",
+        "WARMPOOL_POOL",
+    ]
+    .iter()
+    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
+    .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    let ws = std::path::absolute(workspace).unwrap_or_else(|_| workspace.to_path_buf());
+    env.push(("WARMPOOL_WORKSPACE".into(), ws.display().to_string()));
+    if let Some(l) = lease {
+        env.push(("WARMPOOL_LEASE".into(), l.to_string()));
+    }
+    env
+}
+
 /// Runs `spec`; its output goes into `job`, the returned status is the exit to report.
 /// `pids` holds the job's leader pid while it runs (so housekeeping leaves it alone).
 pub async fn run(
@@ -156,7 +184,11 @@ pub async fn run(
             };
         }
     };
-    cmd.current_dir(&cwd).envs(&spec.env).kill_on_drop(true);
+    cmd.current_dir(&cwd)
+        .env_clear()
+        .envs(job_env(workspace, job.lease.as_deref()))
+        .envs(&spec.env)
+        .kill_on_drop(true);
     let mut master = None;
     match spec.tty {
         Some(size) => {

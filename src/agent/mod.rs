@@ -88,6 +88,14 @@ enum End {
     Lost(String),
 }
 
+/// The lease this agent serves (with the hub's token for it) and how many it served.
+#[derive(Debug, Clone, Default)]
+struct Served {
+    lease: Option<String>,
+    lease_token: Option<String>,
+    uses: u32,
+}
+
 /// The exec this agent runs, or ran last for its lease (its output and exit are kept for a
 /// re-attach until the next exec or the release). Outlives hub connections.
 struct Current {
@@ -115,7 +123,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let pids = Arc::new(Mutex::new(HashSet::new()));
     // The lease this agent serves and how many it served, kept across reconnects and
     // reported in `hello`.
-    let lease: Arc<Mutex<(Option<String>, u32)>> = Arc::default();
+    let lease: Arc<Mutex<Served>> = Arc::default();
     let current: Slot = Arc::default();
     let mut backoff = BACKOFF_BASE;
     loop {
@@ -205,7 +213,7 @@ async fn session(
     cfg: &AgentConfig,
     shutdown: &CancellationToken,
     pids: Arc<Mutex<HashSet<i32>>>,
-    current_lease: Arc<Mutex<(Option<String>, u32)>>,
+    current_lease: Arc<Mutex<Served>>,
     current: Slot,
 ) -> Result<End> {
     let transport = |message: String| Error::Transport {
@@ -219,7 +227,11 @@ async fn session(
         .await
         .map_err(|e| transport(crate::tls::describe(&e)))?;
     let (mut sink, mut stream) = ws.split();
-    let (lease, uses) = current_lease.lock().expect("lock").clone();
+    let Served {
+        lease,
+        lease_token,
+        uses,
+    } = current_lease.lock().expect("lock").clone();
     let hello = AgentMessage::Hello {
         protocol: PROTOCOL_VERSION,
         agent_id: cfg.agent_id.clone(),
@@ -227,6 +239,7 @@ async fn session(
         token: cfg.token.clone(),
         labels: cfg.labels.clone(),
         lease,
+        lease_token,
         uses,
         health: health_async(cfg, &pids).await,
         execs: Some(
@@ -351,10 +364,11 @@ async fn session(
         };
         match m {
             HubMessage::Heartbeat {} | HubMessage::Welcome { .. } => {}
-            HubMessage::Leased { lease } => {
+            HubMessage::Leased { lease, lease_token } => {
                 let mut l = current_lease.lock().expect("lock");
-                l.0 = Some(lease);
-                l.1 += 1;
+                l.lease = Some(lease);
+                l.lease_token = lease_token;
+                l.uses += 1;
             }
             HubMessage::Exec { exec_id, spec } => {
                 let cleaning = cleanup.as_ref().is_some_and(|c| !c.is_finished());
@@ -373,7 +387,7 @@ async fn session(
                     let _ = tx.try_send(json(&AgentMessage::Exit { exec_id, status }));
                     continue;
                 }
-                let lease = current_lease.lock().expect("lock").0.clone();
+                let lease = current_lease.lock().expect("lock").lease.clone();
                 let job = Arc::new(Job::new(exec_id, lease, job::BUFFER_BYTES));
                 let (ws, pids2, j) = (cfg.workspace.clone(), pids.clone(), job.clone());
                 let runner = tokio::spawn(async move {
@@ -438,7 +452,10 @@ async fn session(
                 lease,
                 hooks: pool_hooks,
             } => {
-                current_lease.lock().expect("lock").0.take();
+                let mut l = current_lease.lock().expect("lock");
+                l.lease = None;
+                l.lease_token = None;
+                drop(l);
                 let running = current.lock().expect("lock").take();
                 if let Some(s) = sender.take() {
                     s.abort();

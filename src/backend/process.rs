@@ -15,7 +15,7 @@
 //! shutdown.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -65,6 +65,19 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// (until the pid is recorded) and while sweeping, so a sweep never takes an agent, of this
 /// backend or another one in the same process, for an orphan.
 static SPAWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
+
+/// Writes `text` to a new file of mode 0600.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
 
 /// Pids of processes meant to outlive the service (Jenkins agents, adopted by the next
 /// instance): a forced exit leaves them alone.
@@ -225,9 +238,20 @@ fn spawn_agent(
             c
         }
     };
+    // The token goes on a file only this user can read, which the agent deletes at start:
+    // never in its environment, where its jobs (same user) could read it in /proc.
+    let token_file = dir.join("token");
+    if let Err(e) = write_private(&token_file, &req.token) {
+        failed(format!(
+            "cannot write token file {}: {e}",
+            token_file.display()
+        ));
+        return;
+    }
+    let token_file = std::path::absolute(&token_file).unwrap_or(token_file);
     cmd.env("WARMPOOL_HUB", &cfg.hub_url)
         .env("WARMPOOL_AGENT_ID", &req.agent)
-        .env("WARMPOOL_TOKEN", &req.token)
+        .env("WARMPOOL_TOKEN_FILE", &token_file)
         .env("WARMPOOL_POOL", &req.pool)
         .env("WARMPOOL_LABELS", req.spec.labels.join(","))
         .env("WARMPOOL_WORKSPACE", &workspace)

@@ -116,6 +116,7 @@ async fn connect(a: &SimAgent) -> Result<Split, String> {
         token: a.token.clone(),
         labels: Vec::new(),
         lease: None,
+        lease_token: None,
         uses: 0,
         health: Default::default(),
         execs: None,

@@ -175,8 +175,15 @@ impl Engine {
     }
 
     fn grant(&mut self, w: Waiter, agent: &str, now: Instant) -> (RequestId, Lease) {
-        let n = self.next_seq();
-        let id = format!("lease-{}-{n}", self.instance);
+        // Never an id that exists already (a lease restored from before a restart could carry
+        // one if two instances drew the same prefix): a lease id is issued once.
+        let id = loop {
+            let n = self.next_seq();
+            let id = format!("lease-{}-{n}", self.instance);
+            if !self.leases.contains_key(&id) {
+                break id;
+            }
+        };
         let a = self.agents.get_mut(agent).expect("agent exists");
         a.uses += 1;
         a.lease = Some(id.clone());
@@ -202,6 +209,7 @@ impl Engine {
         self.set_state(agent, AgentState::Leased, now);
         self.actions.push(Action::Bound {
             agent: agent.to_string(),
+            pool: pool.clone(),
             lease: id.clone(),
         });
         self.actions.push(Action::Observe(Observation::LeaseWait {

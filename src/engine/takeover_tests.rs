@@ -116,3 +116,34 @@ fn an_agent_known_to_serve_a_lease_is_never_a_leak() {
         "{acts:?}"
     );
 }
+
+#[test]
+fn a_lease_id_is_never_issued_twice_even_when_a_restored_lease_holds_the_next_one() {
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 2, 2, 0), t0);
+    let ids: Vec<String> = e.agents().map(|a| a.id.clone()).collect();
+    for id in &ids {
+        e.agent_started(id, t0);
+    }
+    // One agent restores a lease carrying the id the next grant would get (same instance
+    // prefix: another instance that drew it, or a claim the hub let through).
+    // (The request takes the next number, its grant the one after.)
+    let next = format!("lease-t-{}", e.seq + 2);
+    e.agent_registered(&ids[0], Some("p"), Health::default(), Some(&next), 1, t0)
+        .unwrap();
+    e.agent_connected(&ids[1], Some("p"), Health::default(), t0)
+        .unwrap();
+    let LeaseDecision::Granted(l) = e
+        .request_lease(super::tests::req("linux", 0, 60_000), t0)
+        .unwrap()
+    else {
+        panic!("granted")
+    };
+    assert_ne!(
+        l.id, next,
+        "the restored lease keeps its id; the grant gets a fresh one"
+    );
+    assert_eq!(l.agent, ids[1]);
+    assert_eq!(e.active_lease(&next).unwrap().agent, ids[0]);
+}

@@ -424,6 +424,8 @@ pub enum Action {
     Bound {
         /// Agent.
         agent: AgentId,
+        /// Its pool.
+        pool: String,
         /// The lease.
         lease: LeaseId,
     },
