@@ -343,7 +343,11 @@ pub(crate) async fn refuse(
     } else {
         tracing::warn!(reason = %reason, "refused agent connection");
     }
-    let _ = socket.send(close_msg(code, &reason)).await;
+    if socket.send(close_msg(code, &reason)).await.is_err() {
+        // The peer closed first (a Close before or instead of its hello): no other Close may
+        // be sent, but flushing sends the reply the WebSocket layer queued for it.
+        let _ = futures_util::SinkExt::flush(&mut socket).await;
+    }
 }
 
 /// Serves one agent connection from handshake to close.

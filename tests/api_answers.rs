@@ -206,6 +206,10 @@ async fn a_close_frame_is_answered_with_a_close() {
     })
     .await;
     let id = h.agents_in(AgentState::Connecting)[0].clone();
+    // A Close instead of a hello is answered with a Close, not a dropped connection.
+    let mut ws = raw_agent(&h.hub_url()).await;
+    ws.send(close_1000()).await.unwrap();
+    expect_close(&mut ws, "hub before hello").await;
     let mut ws = raw_agent(&h.hub_url()).await;
     register(&mut ws, &id, &h.server.svc.key.token(&id)).await;
     ws.send(close_1000()).await.unwrap();
