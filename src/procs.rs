@@ -203,14 +203,7 @@ pub fn kill_orphans(spawned: &std::collections::BTreeSet<i32>) -> usize {
     let my_group = unsafe { libc::getpgrp() };
     // Direct children only (cheap: one read per thread of ours); the subtrees below the
     // orphans are walked only when there are orphans.
-    let direct: Vec<i32> = match children_of(me) {
-        Some(c) => c,
-        None => table()
-            .into_iter()
-            .filter(|(_, ppid, _, _)| *ppid == me)
-            .map(|(pid, ..)| pid)
-            .collect(),
-    };
+    let direct = direct_children(me);
     let mut n = 0;
     for pid in direct {
         if spawned.contains(&pid) {
@@ -230,6 +223,19 @@ pub fn kill_orphans(spawned: &std::collections::BTreeSet<i32>) -> usize {
         n += kill_tree(pid, &|g| g != my_group && !spawned.contains(&g));
     }
     n
+}
+
+/// The direct children of `pid`: from its `children` files, or from the whole process table
+/// where those are missing (kernels without `CONFIG_PROC_CHILDREN`).
+fn direct_children(pid: i32) -> Vec<i32> {
+    match children_of(pid) {
+        Some(c) => c,
+        None => table()
+            .into_iter()
+            .filter(|(_, ppid, _, _)| *ppid == pid)
+            .map(|(p, ..)| p)
+            .collect(),
+    }
 }
 
 /// SIGKILLs `root`, everything below it, and every process group among them for which
@@ -277,14 +283,7 @@ pub fn kill_all_descendants(keep: &std::collections::BTreeSet<i32>, wait: Durati
     let my_group = unsafe { libc::getpgrp() };
     let deadline = Instant::now() + wait;
     loop {
-        let direct: Vec<i32> = match children_of(me) {
-            Some(c) => c,
-            None => table()
-                .into_iter()
-                .filter(|(_, ppid, _, _)| *ppid == me)
-                .map(|(pid, ..)| pid)
-                .collect(),
-        };
+        let direct = direct_children(me);
         let mut left = 0;
         for pid in direct {
             if keep.contains(&pid) {

@@ -267,39 +267,6 @@ async fn template_change_rolls_idle_pods_replacement_first() {
     );
 }
 
-/// What a Kubernetes Service does for the replicas: one stable address that forwards each
-/// connection to a ready replica (only the leader is ready).
-type Replicas = std::sync::Arc<
-    std::sync::Mutex<
-        Vec<(
-            std::net::SocketAddr,
-            std::sync::Arc<warmpool::service::Service>,
-        )>,
-    >,
->;
-
-async fn service_proxy(replicas: Replicas) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let target = replicas
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, svc)| svc.is_ready())
-                .map(|(a, _)| *a);
-            let Some(target) = target else { continue };
-            tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test]
 async fn two_replicas_elect_one_leader_and_the_standby_takes_over() {
     let c = cluster().await;

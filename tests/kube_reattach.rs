@@ -4,6 +4,8 @@
 //! the leader with a standby taking over, sees its whole output in order and the job's own
 //! exit code, and no pod is replaced.
 
+#[path = "support/cluster.rs"]
+mod cluster;
 #[path = "support/kube.rs"]
 mod kube_api;
 #[path = "support/kubelet.rs"]
@@ -12,12 +14,13 @@ mod kubelet;
 mod run;
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use cluster::{Replicas, service_proxy};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams, PostParams};
-use kube_api::{KubeApi, install_crd};
+use kube_api::KubeApi;
 use kubelet::ProcessKubelet;
 use run::spawn_run;
 use serde_json::json;
@@ -39,13 +42,7 @@ fn kube_config(client: &kube::Client) -> warmpool::server::ServeConfig {
 }
 
 async fn setup() -> (KubeApi, kube::Client, ProcessKubelet) {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,warmpool=info")
-        .with_test_writer()
-        .try_init();
-    let api = KubeApi::start().await;
-    let client = api.client().await;
-    install_crd(&client).await;
+    let (api, client) = cluster::apiserver().await;
     let kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
     (api, client, kubelet)
 }
@@ -123,31 +120,6 @@ async fn a_run_streams_across_a_graceful_restart_of_serve() {
     );
     h2.server.shutdown().await;
     drop(api);
-}
-
-type Replicas = Arc<Mutex<Vec<(std::net::SocketAddr, Arc<Service>)>>>;
-
-/// The Kubernetes Service in front of the replicas: each connection goes to a ready one.
-async fn service_proxy(replicas: Replicas) -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let target = replicas
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|(_, svc)| svc.is_ready())
-                .map(|(a, _)| *a);
-            let Some(target) = target else { continue };
-            tokio::spawn(async move {
-                if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
-                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
-                }
-            });
-        }
-    });
-    addr
 }
 
 fn replica(

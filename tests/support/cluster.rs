@@ -1,7 +1,8 @@
 //! The Kubernetes bench shared by tests/kube_*.rs: a real kube-apiserver with the CRD installed
 //! (tests/support/kube.rs), warmpool's config for the Kubernetes backend, `AgentPool` builders,
 //! and reads of what the apiserver holds (pods, AgentPool status and conditions, Events), with a
-//! polling helper (50 ms, up to 30 s). Namespace `default` throughout.
+//! polling helper (50 ms, up to 30 s), and a stand-in for the Service in front of replicas.
+//! Namespace `default` throughout.
 //!
 //! The including test crate names the other support modules `kube_api` (support/kube.rs),
 //! `kubelet` (support/kubelet.rs) and `support` (support/mod.rs).
@@ -280,4 +281,37 @@ impl Cluster {
     pub async fn until(&self, what: &str, mut f: impl AsyncFnMut(&Cluster) -> bool) {
         until(what, async || f(self).await).await
     }
+}
+
+/// What a Kubernetes Service does for the replicas: one stable address that forwards each
+/// connection to a ready replica (only the leader is ready).
+pub type Replicas = std::sync::Arc<
+    std::sync::Mutex<
+        Vec<(
+            std::net::SocketAddr,
+            std::sync::Arc<warmpool::service::Service>,
+        )>,
+    >,
+>;
+
+pub async fn service_proxy(replicas: Replicas) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let target = replicas
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(_, svc)| svc.is_ready())
+                .map(|(a, _)| *a);
+            let Some(target) = target else { continue };
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    addr
 }
