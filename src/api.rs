@@ -166,7 +166,7 @@ pub fn router(state: ApiState) -> Router {
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let app = Router::new()
         .merge(protected)
-        .route("/v1/agents/connect", get(agent_connect))
+        .route(AGENT_CONNECT_PATH, get(agent_connect))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
@@ -176,6 +176,42 @@ pub fn router(state: ApiState) -> Router {
     Router::new()
         .fallback_service(app)
         .layer(middleware::from_fn(crate::api_error::method_not_allowed))
+}
+
+/// The path agents dial (the hub endpoint).
+pub const AGENT_CONNECT_PATH: &str = "/v1/agents/connect";
+
+/// The router for connections on a slot reserved for agents (see
+/// [`crate::http_server::HttpLimits::agent_reserve`]): an agent's handshake goes to `app`, any
+/// other request is answered 503 and counted in
+/// `warmpool_http_connections_refused_total{reason="reserved-for-agents"}`.
+pub fn agents_only(app: Router, refused: prometheus::IntCounterVec) -> Router {
+    Router::new()
+        .fallback_service(app)
+        .layer(middleware::from_fn(move |req: Request, next: Next| {
+            let refused = refused.clone();
+            async move {
+                if req.uri().path() == AGENT_CONNECT_PATH {
+                    return next.run(req).await;
+                }
+                refused.with_label_values(&["reserved-for-agents"]).inc();
+                let mut resp = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "connection_limit",
+                    "the service is at its connection limit (--max-connections); only agents' \
+                     hub connections are taken now: retry later",
+                )
+                .into_response();
+                let h = resp.headers_mut();
+                h.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                // Frees the reserved slot as soon as the answer is written.
+                h.insert(
+                    header::CONNECTION,
+                    header::HeaderValue::from_static("close"),
+                );
+                resp
+            }
+        }))
 }
 
 /// The hub endpoint: handshake rate limit, then the WebSocket upgrade.

@@ -154,6 +154,11 @@ pub struct ServeArgs {
     /// they arrive (default: three quarters of the open-files limit).
     #[arg(long, env = "WARMPOOL_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Of --max-connections, the slots kept for agents' hub connections: once the others are
+    /// taken, new connections may only be agents dialling the hub (default: an eighth of
+    /// --max-connections, 8 to 4096).
+    #[arg(long, env = "WARMPOOL_AGENT_RESERVED_CONNECTIONS")]
+    pub agent_reserved_connections: Option<usize>,
     /// Largest WebSocket message accepted, in bytes.
     #[arg(long, env = "WARMPOOL_MAX_FRAME_BYTES", default_value_t = crate::protocol::DEFAULT_MAX_FRAME_BYTES)]
     pub max_frame_bytes: usize,

@@ -7,10 +7,13 @@
 //! - a cap on open connections, WebSockets included: a connection over it is accepted and
 //!   closed at once, so the process keeps file descriptors for agents' pipes and files and the
 //!   accept loop never runs dry;
+//! - headroom in that cap reserved for agents: once the other slots are taken, a new connection
+//!   gets a reserved slot that serves only agents' hub handshakes (the `reserved` router) under a
+//!   short header deadline, so clients holding many sockets cannot lock agents out;
 //! - a graceful shutdown that stops accepting and lets requests in flight finish.
 //!
-//! It also raises the soft `RLIMIT_NOFILE` to the hard limit. It knows no routes: the router is
-//! handed in.
+//! It also raises the soft `RLIMIT_NOFILE` to the hard limit. It knows no routes: both routers (the
+//! ordinary one and the reserved one) are handed in.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,15 +36,40 @@ pub struct HttpLimits {
     pub header_timeout: Duration,
     /// Open connections (WebSockets included) at most; more are closed as they arrive.
     pub max_connections: usize,
+    /// Of `max_connections`, the slots kept for agents' hub connections: taken only when the
+    /// others are full, and then serving nothing else (default: [`default_agent_reserve`]).
+    pub agent_reserve: Option<usize>,
 }
+
+/// Time a connection on a reserved slot has to send its request's headers.
+pub const RESERVED_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Default for HttpLimits {
     fn default() -> Self {
         HttpLimits {
             header_timeout: Duration::from_secs(10),
             max_connections: default_max_connections(),
+            agent_reserve: None,
         }
     }
+}
+
+impl HttpLimits {
+    /// The slots any connection may take, and the slots reserved for agents (their sum is
+    /// `max_connections`; at least one of each).
+    pub fn split(&self) -> (usize, usize) {
+        let total = self.max_connections.max(2);
+        let reserve = self
+            .agent_reserve
+            .unwrap_or_else(|| default_agent_reserve(total))
+            .clamp(1, total - 1);
+        (total - reserve, reserve)
+    }
+}
+
+/// An eighth of the connection cap, at least 8 and at most 4096 slots.
+pub fn default_agent_reserve(max_connections: usize) -> usize {
+    (max_connections / 8).clamp(8, 4096)
 }
 
 /// Three quarters of the soft `RLIMIT_NOFILE` (after [`raise_fd_limit`]): the rest stays for
@@ -85,16 +113,23 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then waits for the requests in flight.
+/// Connections on a slot reserved for agents are served by `reserved` instead (a router that
+/// answers everything but an agent's handshake with an error); `refused` counts connections
+/// closed at accept (`reason="limit"`).
 pub async fn serve<L>(
     mut listener: L,
     app: Router,
+    reserved: Router,
     limits: HttpLimits,
+    refused_total: Option<prometheus::IntCounterVec>,
     shutdown: impl Future<Output = ()>,
 ) where
     L: axum::serve::Listener,
     L::Io: Unpin,
 {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let (general, reserve) = limits.split();
+    let slots = Arc::new(Semaphore::new(general));
+    let reserve_slots = Arc::new(Semaphore::new(reserve));
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let mut refused: u64 = 0;
@@ -104,26 +139,44 @@ pub async fn serve<L>(
             c = listener.accept() => c,
             _ = &mut shutdown => break,
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            // Accept-and-close keeps the backlog from filling with connections nobody serves.
-            refused += 1;
-            if refused.is_power_of_two() {
-                tracing::warn!(
-                    limit = limits.max_connections,
-                    refused,
-                    "connection limit reached; closing new connections"
-                );
-            }
-            drop(io);
-            continue;
+        let (slot, reserved_slot) = match slots.clone().try_acquire_owned() {
+            Ok(slot) => (slot, false),
+            Err(_) => match reserve_slots.clone().try_acquire_owned() {
+                Ok(slot) => (slot, true),
+                Err(_) => {
+                    // Accept-and-close keeps the backlog from filling with connections nobody
+                    // serves.
+                    refused += 1;
+                    if let Some(c) = &refused_total {
+                        c.with_label_values(&["limit"]).inc();
+                    }
+                    if refused.is_power_of_two() {
+                        tracing::warn!(
+                            limit = limits.max_connections,
+                            reserved_for_agents = reserve,
+                            refused,
+                            "connection limit reached; closing new connections"
+                        );
+                    }
+                    drop(io);
+                    continue;
+                }
+            },
         };
         let io = TokioIo::new(Counted { io, _slot: slot });
-        let svc = TowerToHyperService::new(app.clone());
+        let (svc, header_timeout) = if reserved_slot {
+            (
+                TowerToHyperService::new(reserved.clone()),
+                limits.header_timeout.min(RESERVED_HEADER_TIMEOUT),
+            )
+        } else {
+            (TowerToHyperService::new(app.clone()), limits.header_timeout)
+        };
         let stop = stop.clone();
         tasks.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
+                .header_read_timeout(header_timeout)
                 .serve_connection(io, svc)
                 .with_upgrades();
             tokio::pin!(conn);

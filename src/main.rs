@@ -160,6 +160,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cfg.http.max_connections = a
                 .max_connections
                 .unwrap_or_else(warmpool::http_server::default_max_connections);
+            if cfg.http.max_connections < 2 {
+                anyhow::bail!(
+                    "--max-connections {} is too low: at least 2 (one slot is kept for agents)",
+                    cfg.http.max_connections
+                );
+            }
+            cfg.http.agent_reserve = match a.agent_reserved_connections {
+                Some(n) if n == 0 || n >= cfg.http.max_connections => anyhow::bail!(
+                    "--agent-reserved-connections {n} must be at least 1 and below \
+                     --max-connections {}",
+                    cfg.http.max_connections
+                ),
+                n => n,
+            };
             cfg.service.engine.max_waiters = a.max_waiters;
             cfg.shutdown_grace = a.shutdown_grace.0;
             cfg.jenkins_delete_on_shutdown = a.jenkins_delete_on_shutdown;

@@ -30,6 +30,9 @@ pub struct Metrics {
     /// `warmpool_unverified_lease_claims_total{pool}`: leases agents reported in `hello`
     /// without a valid lease token (ignored; the agent and lease are in the log line).
     pub unverified_lease_claims: IntCounterVec,
+    /// `warmpool_http_connections_refused_total{reason}`: HTTP connections refused at the
+    /// connection limit (`limit`) or on a slot reserved for agents (`reserved-for-agents`).
+    pub http_refused: IntCounterVec,
     /// `warmpool_protocol_errors_total{reason}`: connections closed for bad frames.
     pub protocol_errors: IntCounterVec,
     /// `warmpool_provisions_throttled_total{pool}`: provisions held back by the rate limiter.
@@ -167,6 +170,11 @@ impl Metrics {
                 "warmpool_unverified_lease_claims_total",
                 "Leases agents claimed in hello without a valid lease token (ignored), by pool.",
                 &["pool"],
+            ),
+            http_refused: counter(
+                "warmpool_http_connections_refused_total",
+                "HTTP connections refused at the connection limit or on a slot reserved for agents, by reason.",
+                &["reason"],
             ),
             protocol_errors: counter(
                 "warmpool_protocol_errors_total",

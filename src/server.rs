@@ -366,6 +366,8 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         let shutdown = async move { http_stop.cancelled().await };
         let tls_on = tls.is_some();
         let limits = cfg.http;
+        let refused = svc.metrics.http_refused.clone();
+        let reserved = crate::api::agents_only(app.clone(), refused.clone());
         tokio::spawn(async move {
             // No Nagle: leases, exec frames and agent messages are small and latency-bound
             // (with Nagle and delayed ACKs a reply can sit 40 ms in a buffer).
@@ -375,14 +377,30 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                     let listener = listener.tap_io(|tcp| {
                         let _ = tcp.set_nodelay(true);
                     });
-                    crate::http_server::serve(listener, app, limits, shutdown).await;
+                    crate::http_server::serve(
+                        listener,
+                        app,
+                        reserved,
+                        limits,
+                        Some(refused),
+                        shutdown,
+                    )
+                    .await;
                     Ok(())
                 }
                 Some(tls) => {
                     match crate::tls::TlsListener::new(listener, tls, crate::tls::HANDSHAKE_TIMEOUT)
                     {
                         Ok(listener) => {
-                            crate::http_server::serve(listener, app, limits, shutdown).await;
+                            crate::http_server::serve(
+                                listener,
+                                app,
+                                reserved,
+                                limits,
+                                Some(refused),
+                                shutdown,
+                            )
+                            .await;
                             Ok(())
                         }
                         Err(e) => Err(e),

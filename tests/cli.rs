@@ -244,3 +244,36 @@ fn serve_rejects_an_invalid_pools_file_naming_each_field() {
     assert!(err.contains("pools[0].idleTtl"), "{err}");
     assert!(err.contains("whenever"), "{err}");
 }
+
+#[test]
+fn serve_rejects_a_connection_reserve_that_leaves_no_ordinary_slot() {
+    for (args, want) in [
+        (
+            [
+                "--max-connections",
+                "10",
+                "--agent-reserved-connections",
+                "10",
+            ],
+            "--agent-reserved-connections 10 must be at least 1 and below --max-connections 10",
+        ),
+        (
+            [
+                "--max-connections",
+                "1",
+                "--agent-reserved-connections",
+                "1",
+            ],
+            "--max-connections 1 is too low",
+        ),
+    ] {
+        let out = Command::new(EXE)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(255), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -112,11 +112,11 @@ async fn an_agent_cannot_claim_a_lease_it_was_not_granted() {
 }
 
 /// A job's environment holds none of the agent's credentials nor what only `serve` had, and
-/// no agent's token is readable in the agents' `/proc/PID/environ` (process backend: agents
-/// and jobs run as the same user).
+/// neither an agent's token nor serve's environment is readable in the agents'
+/// `/proc/PID/environ` (process backend: agents and jobs run as the same user).
 #[tokio::test]
 async fn jobs_see_no_agent_token_nor_serve_environment() {
-    // Only in serve's environment (the process backend's agents inherit it).
+    // Only in serve's environment.
     // SAFETY: set before the service starts; no other thread of this test reads it.
     unsafe { std::env::set_var("WARMPOOL_TEST_SERVE_SECRET", "s3cr3t-of-serve") };
     let h = start_pools(
@@ -163,6 +163,9 @@ async fn jobs_see_no_agent_token_nor_serve_environment() {
         );
     }
     assert!(!procs.contains("WARMPOOL_TOKEN="), "{procs}");
+    // Agents do not inherit serve's environment either: a job cannot read it through them.
+    assert!(!procs.contains("s3cr3t-of-serve"), "{procs}");
+    assert!(procs.contains("PATH="), "{procs}");
     h.client.release(&l.id).await.unwrap();
     h.server.shutdown().await;
 }

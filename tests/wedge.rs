@@ -259,6 +259,79 @@ async fn connections_over_the_cap_are_closed_at_once() {
     h.server.shutdown().await;
 }
 
+/// Sends one raw request and reads the answer until the server closes the connection.
+async fn raw_request(addr: std::net::SocketAddr, req: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(req).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Clients holding every ordinary connection slot do not lock agents out: an agent still
+/// connects on a slot reserved for agents, while anything else on such a slot is answered 503
+/// at once and an idle connection there is closed after a short deadline.
+#[tokio::test]
+async fn agents_connect_while_clients_hold_every_other_slot() {
+    let _ = warmpool::http_server::raise_fd_limit();
+    let mut cfg = test_config(POOLS);
+    cfg.http.header_timeout = Duration::from_secs(600);
+    cfg.http.max_connections = 40;
+    cfg.http.agent_reserve = Some(8);
+    let h = start_with(cfg).await;
+    h.wait_idle("real", 1).await;
+    wait_until("manual agent started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 1
+    })
+    .await;
+    let id = h.agents_in(AgentState::Connecting)[0].clone();
+
+    // The real pool's agent holds one of the 32 ordinary slots; 31 idle clients take the rest
+    // for the whole (600 s) header deadline. Of the other 29, 21 are closed at once and 8 get
+    // the reserved slots, which close them within the reserved header deadline.
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut conns = Vec::new();
+    for _ in 0..60 {
+        conns.push(watched_conn(h.server.addr, b"", closed.clone()).await);
+    }
+    wait_until(
+        "idle clients beyond the ordinary slots closed",
+        Duration::from_secs(15),
+        || closed.load(std::sync::atomic::Ordering::SeqCst) == 29,
+    )
+    .await;
+
+    let answer = raw_request(h.server.addr, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.contains("connection_limit"), "{answer}");
+    assert!(
+        metric_of(
+            &h,
+            "warmpool_http_connections_refused_total",
+            "reserved-for-agents"
+        ) >= 1.0
+    );
+
+    let (mut ws, _) = tokio_tungstenite::connect_async(h.hub_url())
+        .await
+        .expect("an agent connects with every ordinary slot taken");
+    register(&mut ws, &id, &h.server.svc.key.token(&id)).await;
+    wait_until("manual agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    assert_eq!(
+        closed.load(std::sync::atomic::Ordering::SeqCst),
+        29,
+        "the idle clients on ordinary slots are still open"
+    );
+    for c in &conns {
+        c.abort();
+    }
+    h.server.shutdown().await;
+}
+
 /// A masked client frame with the given first byte, claimed length and payload (mask key 0,
 /// so the payload goes as is).
 fn raw_frame(first: u8, claimed: u64, payload: &[u8]) -> Vec<u8> {

@@ -66,6 +66,37 @@ type SpawnJob = Box<dyn FnOnce() + Send>;
 /// backend or another one in the same process, for an orphan.
 static SPAWNED: Mutex<BTreeSet<i32>> = Mutex::new(BTreeSet::new());
 
+/// What an agent keeps of `serve`'s environment: the user's identity, the locale, temporary
+/// files, TLS roots and logging. Everything else (an operator's secrets, cloud credentials,
+/// serve's own settings) stays out of the agents and so out of reach of their jobs.
+pub const AGENT_ENV: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LC_ALL",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "NO_COLOR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "WARMPOOL_LOG",
+    "WARMPOOL_LOG_FORMAT",
+    "WARMPOOL_MAX_BACKOFF",
+];
+
+fn inherited(name: &std::ffi::OsStr) -> bool {
+    let Some(name) = name.to_str() else {
+        return false;
+    };
+    AGENT_ENV.contains(&name) || name.starts_with("LC_")
+}
+
 /// Writes `text` to a new file of mode 0600.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -249,6 +280,10 @@ fn spawn_agent(
         return;
     }
     let token_file = std::path::absolute(&token_file).unwrap_or(token_file);
+    // A clean environment: jobs run as the same user and could read whatever else of serve's
+    // environment an agent held, in its /proc/PID/environ.
+    cmd.env_clear()
+        .envs(std::env::vars_os().filter(|(k, _)| inherited(k)));
     cmd.env("WARMPOOL_HUB", &cfg.hub_url)
         .env("WARMPOOL_AGENT_ID", &req.agent)
         .env("WARMPOOL_TOKEN_FILE", &token_file)
