@@ -160,6 +160,74 @@ async fn agent_that_never_reads_heartbeat_answers_is_disconnected() {
     h.server.shutdown().await;
 }
 
+/// An agent that sends heartbeats and pings as fast as it can (each takes the engine lock) is
+/// closed with 4429 once past its budget, and counted; the other agents keep serving.
+#[tokio::test]
+async fn agent_flooding_heartbeats_is_cut_off() {
+    let mut cfg = test_config(POOLS);
+    cfg.service.engine.heartbeat_timeout = Duration::from_secs(120);
+    let h = start_with(cfg).await;
+    h.wait_idle("real", 1).await;
+    wait_until("manual agent started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 1
+    })
+    .await;
+    let id = h.agents_in(AgentState::Connecting)[0].clone();
+    let mut ws = raw_agent(&h.hub_url()).await;
+    register(&mut ws, &id, &h.server.svc.key.token(&id)).await;
+    // Within the budget: a burst the size of the budget is fine.
+    for _ in 0..warmpool::hub::LIVENESS_BURST / 2 {
+        ws.send(Message::Text(r#"{"type":"heartbeat","health":{}}"#.into()))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        metric_of(&h, "warmpool_protocol_errors_total", "message-rate"),
+        0.0
+    );
+    // A flood: the hub's answers are read (this is no slow reader), the heartbeats go on.
+    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+    let reader = tokio::spawn(async move {
+        while let Some(m) = futures_util::StreamExt::next(&mut rx).await {
+            match m {
+                Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
+                Ok(_) => {}
+                Err(e) => return (0, e.to_string()),
+            }
+        }
+        (1005, String::new())
+    });
+    for i in 0..5000u32 {
+        let m = if i % 2 == 0 {
+            Message::Text(r#"{"type":"heartbeat","health":{}}"#.into())
+        } else {
+            Message::Ping(Vec::new().into())
+        };
+        if reader.is_finished() || tx.send(m).await.is_err() {
+            break;
+        }
+    }
+    let (code, reason) = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the flooding agent is closed")
+        .unwrap();
+    assert_eq!(code, close::SLOW_CONSUMER, "{reason}");
+    assert!(
+        reason.contains(&id) && reason.contains("heartbeats"),
+        "{reason}"
+    );
+    assert_eq!(
+        metric_of(&h, "warmpool_protocol_errors_total", "message-rate"),
+        1.0
+    );
+    wait_until("flooding agent gone", Duration::from_secs(5), || {
+        !h.server.svc.hub.is_connected(&id)
+    })
+    .await;
+    honest_agents_serve(&h).await;
+    h.server.shutdown().await;
+}
+
 /// Opens a connection that reads until the server closes it and then counts it in `closed`.
 async fn watched_conn(
     addr: std::net::SocketAddr,

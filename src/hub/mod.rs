@@ -9,7 +9,8 @@
 //! A slow agent can only stall its own tasks: messages to it are `try_send` into its bounded
 //! queue, and a full queue, or a socket write that does not complete within the send deadline,
 //! closes that connection (close code 4429) and ends its lease at once. Protocol errors close the
-//! connection with a reason and bump `warmpool_protocol_errors_total{reason}`.
+//! connection with a reason and bump `warmpool_protocol_errors_total{reason}`. What each
+//! incoming message does, and the budget that cuts off a flooding agent, are in `messages`.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -26,10 +27,15 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::{ConnectError, Lease};
 pub use crate::exec_routes::ExecEvent;
 use crate::exec_routes::{ExecRoute, ExecRoutes};
-use crate::protocol::{
-    self, AgentMessage, ExecReport, ExecSpec, HubMessage, PROTOCOL_VERSION, close,
-};
+use crate::protocol::{AgentMessage, ExecReport, ExecSpec, HubMessage, PROTOCOL_VERSION, close};
 use crate::service::Service;
+
+/// After the hub's Close, how long it reads on for the agent's.
+const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+mod messages;
+pub use messages::{LIVENESS_BURST, LIVENESS_PER_SECOND};
+use messages::{Liveness, handle};
 
 enum Outbound {
     Msg(HubMessage),
@@ -44,6 +50,10 @@ struct Conn {
     /// The agent keeps its execs across connections and answers `attach` (its `hello` had
     /// `execs`).
     reattach: bool,
+    /// Heartbeats and pings it may still send (a flood is cut off).
+    liveness: Liveness,
+    /// Closed because it does not read: nothing more is written to it, not even a close frame.
+    unreadable: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -311,6 +321,7 @@ fn slow_consumer(svc: &Service, conn: &Conn, reason: String) {
         .with_label_values(&["slow-consumer"])
         .inc();
     tracing::warn!(reason = %reason, "agent is not reading; disconnecting it");
+    conn.unreadable.store(true, Ordering::Relaxed);
     conn.close(close::SLOW_CONSUMER, &reason);
 }
 
@@ -396,6 +407,8 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         kill: CancellationToken::new(),
         close_reason: Mutex::new(None),
         reattach: execs.is_some(),
+        liveness: Liveness::new(),
+        unreadable: std::sync::atomic::AtomicBool::new(false),
     });
     match svc.hub.conns.entry(agent.clone()) {
         Entry::Occupied(_) => {
@@ -450,8 +463,10 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
                     None => break,
                 },
             };
+            let send = tokio::time::timeout(deadline, sink.send(m));
+            tokio::pin!(send);
             tokio::select! {
-                r = tokio::time::timeout(deadline, sink.send(m)) => match r {
+                r = &mut send => match r {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break,
                     Err(_) => {
@@ -464,6 +479,13 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
                     }
                 },
                 _ = writer_conn.kill.cancelled() => {
+                    // An agent that does not read is dropped at once; one closed for another
+                    // reason gets this write finished (briefly) and then the close frame.
+                    if !writer_conn.unreadable.load(Ordering::Relaxed)
+                        && matches!(tokio::time::timeout(CLOSE_DRAIN, &mut send).await, Ok(Ok(Ok(()))))
+                    {
+                        break;
+                    }
                     stuck = true;
                     break;
                 }
@@ -471,7 +493,7 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         }
         if stuck {
             // A close frame cannot pass a closed window: dropping the socket closes it.
-            return;
+            return false;
         }
         let reason = writer_conn.close_reason.lock().expect("lock").clone();
         let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
@@ -483,6 +505,7 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
             }
         })
         .await;
+        true
     });
 
     // 4. reader
@@ -520,7 +543,11 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
                     .with_label_values(&[metric])
                     .inc();
                 tracing::warn!(agent = %agent, reason = %reason, "protocol error; closing");
-                conn.close(close::PROTOCOL_VIOLATION, &reason);
+                let code = match metric {
+                    "message-rate" => close::SLOW_CONSUMER,
+                    _ => close::PROTOCOL_VIOLATION,
+                };
+                conn.close(code, &reason);
                 break reason;
             }
         }
@@ -536,7 +563,7 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     // A connection that dropped on its own (not closed by the hub for a reason) may come back.
     let dropped = conn.close_reason.lock().expect("lock").is_none();
     conn.kill.cancel();
-    let _ = writer.await;
+    let close_sent = writer.await.unwrap_or(false);
     svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
     if !conn.reattach {
         // Such an agent stops its exec when its connection drops.
@@ -553,6 +580,19 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         } else {
             svc.apply(|e, now| e.agent_disconnected(&agent, &why, now));
         }
+    }
+    if close_sent {
+        // The hub sent its Close: read on until the agent's (or a short deadline), discarding
+        // what still arrives. Dropping a socket with unread data resets it, and a reset can
+        // overtake the close frame, losing the code and reason the agent should see.
+        let _ = tokio::time::timeout(CLOSE_DRAIN, async {
+            while let Some(Ok(m)) = stream.next().await {
+                if matches!(m, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 
@@ -635,103 +675,4 @@ pub(crate) fn msg_type(m: &AgentMessage) -> &'static str {
         AgentMessage::Attached { .. } => "attached",
         AgentMessage::Ready { .. } => "ready",
     }
-}
-
-/// Handles one message; Ok(false) when the agent closed, Err((metric, reason)) on a violation.
-/// Hands an event to an exec socket, waiting for room (output is never dropped). While it
-/// waits the agent is not silent, only its reader is: liveness is refreshed, and a close from
-/// the hub still ends the wait.
-async fn forward(
-    svc: &Service,
-    agent: &str,
-    conn: &Conn,
-    tx: &mpsc::Sender<ExecEvent>,
-    ev: ExecEvent,
-) {
-    let ev = match tx.try_send(ev) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-        Err(mpsc::error::TrySendError::Full(ev)) => ev,
-    };
-    let mut beat = tokio::time::interval(svc.cfg.heartbeat_interval);
-    beat.tick().await;
-    loop {
-        tokio::select! {
-            permit = tx.reserve() => {
-                if let Ok(p) = permit {
-                    p.send(ev);
-                }
-                return;
-            }
-            _ = beat.tick() => {
-                svc.apply(|e, now| e.agent_seen(agent, now));
-                // The agent's heartbeats wait behind this frame, so the hub answers none:
-                // keep the agent hearing from the hub meanwhile.
-                enqueue(svc, agent, conn, HubMessage::Heartbeat {});
-            }
-            _ = conn.kill.cancelled() => return,
-        }
-    }
-}
-
-async fn handle(
-    svc: &Arc<Service>,
-    agent: &str,
-    conn: &Conn,
-    msg: Message,
-) -> Result<bool, (&'static str, String)> {
-    match msg {
-        Message::Text(t) => {
-            let m: AgentMessage = serde_json::from_str(&t)
-                .map_err(|e| ("malformed", format!("malformed message: {e}")))?;
-            match m {
-                AgentMessage::Heartbeat { health } => {
-                    svc.apply(|e, now| e.agent_heartbeat(agent, health, now));
-                    // A full queue means the agent stopped reading: it is disconnected.
-                    enqueue(svc, agent, conn, HubMessage::Heartbeat {});
-                }
-                AgentMessage::Ready { health, hooks, .. } => {
-                    svc.apply(|e, now| e.agent_ready_after_hooks(agent, health, &hooks, now));
-                }
-                AgentMessage::Exit { exec_id, status } => {
-                    if let Some(tx) = svc.hub.routes.exit(agent, exec_id) {
-                        forward(svc, agent, conn, &tx, ExecEvent::Exit(status)).await;
-                    }
-                }
-                AgentMessage::Attached {
-                    exec_id,
-                    offset,
-                    dropped,
-                    error,
-                } => {
-                    if let Some((tx, ev)) = svc
-                        .hub
-                        .routes
-                        .attached(agent, exec_id, offset, dropped, error)
-                    {
-                        forward(svc, agent, conn, &tx, ev).await;
-                    }
-                }
-                AgentMessage::Hello { .. } => {
-                    return Err(("protocol", "hello sent twice".into()));
-                }
-            }
-        }
-        Message::Binary(b) => {
-            let (stream, exec_id, data) = protocol::decode_output(&b)
-                .map_err(|e| ("malformed", format!("bad output frame: {e}")))?;
-            if stream == protocol::Stream::Stdin {
-                return Err(("malformed", "an agent sent a stdin frame".into()));
-            }
-            // Output of an exec that was cancelled or whose lease ended is dropped: nobody reads
-            // it (the agent still holds it for a client that re-attaches).
-            if let Some(tx) = svc.hub.routes.output(agent, exec_id, data.len()) {
-                forward(svc, agent, conn, &tx, ExecEvent::Output(b)).await;
-            }
-        }
-        Message::Close(_) => return Ok(false),
-        Message::Ping(_) | Message::Pong(_) => {
-            svc.apply(|e, now| e.agent_seen(agent, now));
-        }
-    }
-    Ok(true)
 }
