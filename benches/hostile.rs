@@ -98,10 +98,11 @@ async fn slowloris(t: &Target, stop: &AtomicBool) -> bool {
     // Held until the server closes it (the header deadline) or the phase ends.
     while !stop.load(Ordering::Relaxed) {
         match tokio::time::timeout(Duration::from_millis(200), s.readable()).await {
-            Ok(_) => match s.try_read(&mut buf) {
-                Ok(0) => return true,
-                Ok(_) | Err(_) => {}
-            },
+            Ok(_) => {
+                if let Ok(0) = s.try_read(&mut buf) {
+                    return true;
+                }
+            }
             Err(_) => continue,
         }
     }
