@@ -41,10 +41,11 @@ pause_image="warmpool-pause:$KUBE_VERSION"
 # The host sysctls the kubelet sets (pkg/kubelet/cm setupKernelTunables); saved before start,
 # restored by stop.
 sysctls="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
-# Host paths the kubelet or dockerd create outside their own directories (the kubelet's
-# container logs are hard-coded to /var/log/pods, with links in /var/log/containers); stop
-# removes the ones that did not exist before start.
-host_paths="/var/log/pods /var/log/containers /var/lib/dockershim /var/lib/kubelet /etc/kubernetes /usr/libexec/kubernetes"
+# Host paths the node creates outside its own directories, whatever the flags say (the
+# kubelet's container logs in /var/log/pods with links in /var/log/containers, its device-plugin
+# socket in /var/lib/kubelet/device-plugins; dockerd's /run/docker/plugins; the container shims'
+# sockets in /run/containerd/s); stop removes the ones that did not exist before start.
+host_paths="/var/log/pods /var/log/containers /var/lib/kubelet /run/docker /run/containerd /var/lib/dockershim /etc/kubernetes /usr/libexec/kubernetes"
 node_bins="kubelet kube-scheduler kube-controller-manager"
 
 need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root"; }
@@ -375,6 +376,7 @@ cmd_start() {
   start_component kube-controller-manager "$cache/kube-controller-manager" \
     --kubeconfig "$run/kube-controller-manager.kubeconfig" \
     --bind-address 127.0.0.1 --port 0 --cert-dir "$run/kube-controller-manager-certs" \
+    --flex-volume-plugin-dir "$run/kubelet-plugins" \
     --leader-elect=false --use-service-account-credentials \
     --service-account-private-key-file "$run/pki/sa.key" --root-ca-file "$run/pki/ca.crt"
   start_component kube-scheduler "$cache/kube-scheduler" \
