@@ -13,7 +13,7 @@
 #   ~/.cache/warmpool/kube-v1.20.2      kube-apiserver and etcd (scripts/kube-assets.sh;
 #                                       $KUBEBUILDER_ASSETS is honoured as there)
 #   ~/.cache/warmpool/node-v1.20.2      kubelet, kube-scheduler, kube-controller-manager, the
-#                                       pause binary, the runc wrapper  ($WARMPOOL_NODE_CACHE)
+#                                       pause binary ($WARMPOOL_NODE_CACHE)
 #   ~/.cache/warmpool/node-docker       dockerd's data root: locally built images survive a stop
 #                                       ($WARMPOOL_NODE_DOCKER_ROOT)
 # Run directory (logs, pids, certificates, tokens, etcd data, the kubelet's root):
@@ -52,7 +52,7 @@ need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root"; }
 
 have_node_bins() {
   local b
-  for b in $node_bins pause runc-wrapper; do [ -x "$cache/$b" ] || return 1; done
+  for b in $node_bins pause; do [ -x "$cache/$b" ] || return 1; done
 }
 
 # The directory with kube-apiserver and etcd, or empty.
@@ -67,13 +67,16 @@ assets_dir() {
 # The runc wrapper for obstacle 1: this machine's root lacks CAP_SYS_RESOURCE, so no process may
 # lower oom_score_adj, and runc fails every container whose OCI config asks for a negative
 # oomScoreAdj (the dockershim gives sandboxes -998 and Guaranteed pods -997) with "can't get
-# final child's PID from pipe: EOF". The wrapper sets a negative oomScoreAdj to 0 in the bundle
-# config, then execs runc unchanged.
+# final child's PID from pipe: EOF"; and it fails a privileged container, which asks for every
+# capability, with "unable to apply caps: operation not permitted". The wrapper sets a negative
+# oomScoreAdj to 0 and, when runc's own bounding set lacks CAP_SYS_RESOURCE, drops that
+# capability from the bundle's config; then it execs runc unchanged. Written at each start, into
+# the run directory, and set as dockerd's default runtime.
 write_runc_wrapper() {
   cat > "$1" <<'WRAPPER'
 #!/bin/sh
-# warmpool's runc wrapper (scripts/kube-node.sh): a negative oomScoreAdj in the OCI bundle's
-# config.json becomes 0, because this machine cannot lower oom_score_adj; then runc runs as asked.
+# warmpool's runc wrapper (scripts/kube-node.sh): this machine cannot lower oom_score_adj nor
+# grant CAP_SYS_RESOURCE, so the OCI bundle's config asks for neither; then runc runs as asked.
 bundle=
 prev=
 for a in "$@"; do
@@ -83,6 +86,10 @@ for a in "$@"; do
 done
 if [ -n "$bundle" ] && [ -f "$bundle/config.json" ]; then
   sed -i -E 's/"oomScoreAdj"[[:space:]]*:[[:space:]]*-[0-9]+/"oomScoreAdj":0/' "$bundle/config.json"
+  bnd=$(awk '/^CapBnd:/ {print $2}' /proc/self/status)
+  if [ $(( (0x$bnd >> 24) & 1 )) = 0 ]; then
+    sed -i 's/,"CAP_SYS_RESOURCE"//g; s/"CAP_SYS_RESOURCE",//g; s/"CAP_SYS_RESOURCE"//g' "$bundle/config.json"
+  fi
 fi
 exec /usr/bin/runc "$@"
 WRAPPER
@@ -133,7 +140,6 @@ cmd_build() {
     gcc -Os -Wall -Werror -static -DVERSION="$KUBE_VERSION-warmpool" \
       -o "$cache.partial/pause" build/pause/linux/pause.c >&2
     strip "$cache.partial/pause"
-    write_runc_wrapper "$cache.partial/runc-wrapper"
     rm -rf "$cache"
     mv "$cache.partial" "$cache"
   fi
@@ -337,13 +343,14 @@ cmd_start() {
   make_credentials
 
   echo '{}' > "$run/docker-daemon.json"
+  write_runc_wrapper "$run/runc-wrapper"
   start_component dockerd /usr/sbin/dockerd \
     --config-file "$run/docker-daemon.json" \
     --host "unix://$run/docker.sock" --data-root "$docker_root" --exec-root "$run/docker-exec" \
     --pidfile "$run/docker-exec.pid" --storage-driver overlay2 \
     --bridge=none --iptables=false --ip6tables=false --ip-masq=false --ip-forward=false \
     --userland-proxy=false --exec-opt native.cgroupdriver=cgroupfs \
-    --add-runtime "warmpool-runc=$cache/runc-wrapper" --default-runtime warmpool-runc \
+    --add-runtime "warmpool-runc=$run/runc-wrapper" --default-runtime warmpool-runc \
     --oom-score-adjust 0
   wait_for dockerd 60 docker_cli version
   build_pause_image
@@ -423,6 +430,7 @@ cmd_stop() {
       # shellcheck disable=SC2086
       docker_cli rm -f $ids > /dev/null 2>&1 || true
     fi
+    docker_cli volume prune -f > /dev/null 2>&1 || true
   fi
   stop_component kube-scheduler
   stop_component kube-controller-manager
