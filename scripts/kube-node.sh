@@ -99,19 +99,26 @@ WRAPPER
 cmd_build() {
   need_root build
   export DEBIAN_FRONTEND=noninteractive
-  log "installing Debian's docker.io (dockerd, containerd, runc, tini, iptables tools; no service is started), curl, jq, gcc"
-  local policy_added=
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    # Keep the package scripts from starting a system dockerd with its default bridge network.
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-    chmod 755 /usr/sbin/policy-rc.d
-    policy_added=1
-  fi
-  apt-get install -y -qq --no-install-recommends docker.io curl jq gcc libc6-dev openssl >&2 || {
+  local pkgs="docker.io curl jq gcc libc6-dev openssl" missing="" p
+  for p in $pkgs; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q '^install ok installed' || missing="$missing $p"
+  done
+  if [ -n "$missing" ]; then
+    log "installing from Debian:$missing (docker.io brings dockerd, containerd, runc, tini and the iptables tools; no service is started)"
+    local policy_added=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      # Keep the package scripts from starting a system dockerd with its default bridge network.
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+      chmod 755 /usr/sbin/policy-rc.d
+      policy_added=1
+    fi
+    # shellcheck disable=SC2086
+    { apt-get update -qq >&2 && apt-get install -y -qq --no-install-recommends $missing >&2; } || {
+      [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d
+      die "apt-get install$missing failed"
+    }
     [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d
-    die "apt-get install docker.io failed"
-  }
-  [ -z "$policy_added" ] || rm -f /usr/sbin/policy-rc.d
+  fi
 
   local assets need_assets=
   assets=$(assets_dir)
