@@ -43,9 +43,10 @@ pause_image="warmpool-pause:$KUBE_VERSION"
 sysctls="vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes"
 # Host paths the node creates outside its own directories, whatever the flags say (the
 # kubelet's container logs in /var/log/pods with links in /var/log/containers, its device-plugin
-# socket in /var/lib/kubelet/device-plugins; dockerd's /run/docker/plugins; the container shims'
-# sockets in /run/containerd/s); stop removes the ones that did not exist before start.
-host_paths="/var/log/pods /var/log/containers /var/lib/kubelet /run/docker /run/containerd /var/lib/dockershim /etc/kubernetes /usr/libexec/kubernetes"
+# socket in /var/lib/kubelet/device-plugins; dockerd's /run/docker/plugins and its trust key
+# /etc/docker/key.json; the container shims' sockets in /run/containerd/s); stop removes the ones
+# that did not exist before start.
+host_paths="/var/log/pods /var/log/containers /var/lib/kubelet /run/docker /run/containerd /etc/docker/key.json /var/lib/dockershim /etc/kubernetes /usr/libexec/kubernetes"
 node_bins="kubelet kube-scheduler kube-controller-manager"
 
 need_root() { [ "$(id -u)" = 0 ] || die "$1 needs root"; }
