@@ -112,21 +112,33 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(r.rlim_cur)
 }
 
-/// Serves `app` on `listener` until `shutdown` resolves, then waits for the requests in flight.
-/// Connections on a slot reserved for agents are served by `reserved` instead (a router that
-/// answers everything but an agent's handshake with an error); `refused` counts connections
-/// closed at accept (`reason="limit"`).
+/// What [`serve`] serves.
+pub struct Routers {
+    /// The routes, for connections on an ordinary slot.
+    pub app: Router,
+    /// For connections on a slot reserved for agents: a router that answers everything but an
+    /// agent's handshake with an error.
+    pub reserved: Router,
+    /// Counts connections closed at accept (`reason="limit"`).
+    pub refused: Option<prometheus::IntCounterVec>,
+}
+
+/// Serves `routers` on `listener` until `shutdown` resolves, then waits for the requests in
+/// flight.
 pub async fn serve<L>(
     mut listener: L,
-    app: Router,
-    reserved: Router,
+    routers: Routers,
     limits: HttpLimits,
-    refused_total: Option<prometheus::IntCounterVec>,
     shutdown: impl Future<Output = ()>,
 ) where
     L: axum::serve::Listener,
     L::Io: Unpin,
 {
+    let Routers {
+        app,
+        reserved,
+        refused: refused_total,
+    } = routers;
     let (general, reserve) = limits.split();
     let slots = Arc::new(Semaphore::new(general));
     let reserve_slots = Arc::new(Semaphore::new(reserve));

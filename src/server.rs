@@ -367,40 +367,29 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         let tls_on = tls.is_some();
         let limits = cfg.http;
         let refused = svc.metrics.http_refused.clone();
-        let reserved = crate::api::agents_only(app.clone(), refused.clone());
+        let routers = crate::http_server::Routers {
+            reserved: crate::api::agents_only(app.clone(), refused.clone()),
+            app,
+            refused: Some(refused),
+        };
         tokio::spawn(async move {
             // No Nagle: leases, exec frames and agent messages are small and latency-bound
             // (with Nagle and delayed ACKs a reply can sit 40 ms in a buffer).
+            use crate::http_server::serve;
             use axum::serve::ListenerExt;
             let r = match tls {
                 None => {
                     let listener = listener.tap_io(|tcp| {
                         let _ = tcp.set_nodelay(true);
                     });
-                    crate::http_server::serve(
-                        listener,
-                        app,
-                        reserved,
-                        limits,
-                        Some(refused),
-                        shutdown,
-                    )
-                    .await;
+                    serve(listener, routers, limits, shutdown).await;
                     Ok(())
                 }
                 Some(tls) => {
                     match crate::tls::TlsListener::new(listener, tls, crate::tls::HANDSHAKE_TIMEOUT)
                     {
                         Ok(listener) => {
-                            crate::http_server::serve(
-                                listener,
-                                app,
-                                reserved,
-                                limits,
-                                Some(refused),
-                                shutdown,
-                            )
-                            .await;
+                            serve(listener, routers, limits, shutdown).await;
                             Ok(())
                         }
                         Err(e) => Err(e),

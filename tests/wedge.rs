@@ -249,6 +249,23 @@ async fn watched_conn(
     })
 }
 
+/// Opens `n` connections that send nothing; returns how many the server closed so far (a
+/// live count) and their tasks.
+async fn idle_clients(
+    h: &Harness,
+    n: usize,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    Vec<tokio::task::JoinHandle<()>>,
+) {
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(watched_conn(h.server.addr, b"", closed.clone()).await);
+    }
+    (closed, conns)
+}
+
 async fn healthz_answers(h: &Harness) -> bool {
     let r = tokio::time::timeout(
         Duration::from_secs(5),
@@ -301,11 +318,7 @@ async fn connections_over_the_cap_are_closed_at_once() {
     cfg.http.max_connections = 40;
     let h = start_with(cfg).await;
     h.wait_idle("real", 1).await;
-    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut conns = Vec::new();
-    for _ in 0..60 {
-        conns.push(watched_conn(h.server.addr, b"", closed.clone()).await);
-    }
+    let (closed, conns) = idle_clients(&h, 60).await;
     // The real pool's agent holds one slot: 21 or more of the 60 are over the cap.
     wait_until(
         "connections over the cap closed",
@@ -358,11 +371,7 @@ async fn agents_connect_while_clients_hold_every_other_slot() {
     // The real pool's agent holds one of the 32 ordinary slots; 31 idle clients take the rest
     // for the whole (600 s) header deadline. Of the other 29, 21 are closed at once and 8 get
     // the reserved slots, which close them within the reserved header deadline.
-    let closed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut conns = Vec::new();
-    for _ in 0..60 {
-        conns.push(watched_conn(h.server.addr, b"", closed.clone()).await);
-    }
+    let (closed, conns) = idle_clients(&h, 60).await;
     wait_until(
         "idle clients beyond the ordinary slots closed",
         Duration::from_secs(15),
