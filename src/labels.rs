@@ -516,6 +516,57 @@ mod tests {
         assert!(Expr::parse(&flat).is_ok());
     }
 
+    /// Found by the fuzz pass (tests/fuzz/labels.rs): a quoted label holding a character
+    /// Rust's `Debug` escapes (`\0`, a combining mark) was printed with an escape the parser
+    /// does not read, so the printed expression did not parse.
+    #[test]
+    fn display_quotes_labels_the_parser_reads_back() {
+        for label in [
+            "&\0",
+            "a\u{301}",
+            "x\u{7f}y",
+            "t\tn\nr\r\"q\"\\",
+            "a->b",
+            "",
+        ] {
+            let e = Expr::And(
+                Box::new(Expr::Atom(label.into())),
+                Box::new(Expr::Atom("b".into())),
+            );
+            let printed = e.to_string();
+            assert_eq!(
+                Expr::parse(&printed),
+                Ok(e),
+                "{label:?} printed as {printed:?}"
+            );
+        }
+    }
+
+    /// Found by the fuzz pass: printing put parentheses around every operand, so an expression
+    /// the parser accepted (33 `!`, a chain of 100 `&&`) printed deeper than the nesting limit
+    /// and did not parse back.
+    #[test]
+    fn display_of_deep_and_long_expressions_parses_back() {
+        let inputs = [
+            "!".repeat(33) + "a",
+            "!".repeat(MAX_DEPTH) + "a",
+            vec!["a"; 100].join(" && "),
+            vec!["a"; 100].join(" || "),
+            vec!["a"; 100].join(" <-> "),
+            vec!["a"; MAX_DEPTH + 1].join(" -> "),
+            "(".repeat(MAX_DEPTH) + "a" + &")".repeat(MAX_DEPTH),
+        ];
+        for input in inputs {
+            let e = Expr::parse(&input).unwrap();
+            let printed = e.to_string();
+            assert_eq!(
+                Expr::parse(&printed),
+                Ok(e),
+                "{input:?} printed as {printed:?}"
+            );
+        }
+    }
+
     fn arb_expr() -> impl Strategy<Value = Expr> {
         let leaf = prop_oneof![
             "[a-z][a-z0-9_.-]{0,6}"

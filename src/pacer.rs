@@ -58,6 +58,21 @@ impl Pacer for GovernorPacer {
 mod tests {
     use super::*;
 
+    /// Found by the fuzz pass (tests/fuzz/pools.rs): a pools file with `perSecond: 1e12`
+    /// validates, and configuring it panicked ("period is positive"): the period between
+    /// starts rounded to zero nanoseconds.
+    #[test]
+    fn huge_rates_do_not_panic() {
+        for rate in [1e9, 1e12, f64::MAX] {
+            let mut p = GovernorPacer::default();
+            let mut spec = PoolSpec::default();
+            spec.provisioning.per_second = rate;
+            spec.provisioning.burst = 2;
+            p.configure("a", &spec);
+            assert!(p.try_acquire("a"), "rate {rate}");
+        }
+    }
+
     #[test]
     fn burst_then_throttle() {
         let mut p = GovernorPacer::default();
