@@ -19,9 +19,10 @@ pub struct GovernorPacer {
     limiters: HashMap<String, (f64, u32, DefaultDirectRateLimiter)>,
 }
 
-/// The governor quota for a rate and burst.
+/// The governor quota for a rate and burst. Rates above one start per nanosecond (the finest
+/// period governor has) get that period: no pool starts agents faster anyway.
 pub fn quota(per_second: f64, burst: u32) -> Quota {
-    let per = Duration::from_secs_f64(1.0 / per_second.max(1e-6));
+    let per = Duration::from_secs_f64(1.0 / per_second.max(1e-6)).max(Duration::from_nanos(1));
     Quota::with_period(per)
         .expect("period is positive")
         .allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1"))
