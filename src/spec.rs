@@ -693,6 +693,28 @@ pools:
         );
     }
 
+    /// Found by the fuzz pass (tests/fuzz/pools.rs): this file loaded, and the engine panicked
+    /// ("overflow when adding durations") adding the hooks' timeouts to its cleanup deadline.
+    #[test]
+    fn absurd_durations_are_refused() {
+        let yaml = "pools:\n- name: a0-0\n  hooks:\n    cleanup:\n      command:\n      - a\n    health:\n      command:\n      - a\n      timeout: 18446744073709551615\n  external: true\n";
+        let err = parse_pools(yaml, "f").unwrap_err().to_string();
+        assert!(err.contains("pools[0].hooks.health.timeout:"), "{err}");
+        assert!(err.contains("longer than 100 years"), "{err}");
+        for (field, value) in [
+            ("idleTtl", "18446744073709551615"),
+            ("maxAge", "584942417355y"),
+            ("connectTimeout", "101y"),
+        ] {
+            let yaml = format!("pools:\n- name: p\n  {field}: {value}\n");
+            let err = parse_pools(&yaml, "f").unwrap_err().to_string();
+            assert!(err.contains(&format!("pools[0].{field}:")), "{err}");
+            assert!(err.contains("longer than 100 years"), "{err}");
+        }
+        assert_eq!(Dur::parse("100y").unwrap(), Dur::secs(3_155_760_000));
+        assert!(Dur::parse("3155760001").is_err());
+    }
+
     #[test]
     fn builtin_default_is_valid() {
         let d = PoolSpec::builtin_default();
