@@ -131,7 +131,7 @@ fn input() -> impl Strategy<Value = String> {
         2 => text(),
         3 => soup(),
         1 => deep(),
-        3 => (tree(), prop::collection::vec(edit(), 0..4)).prop_map(|(e, ed)| apply(&e.to_string(), &ed)),
+        3 => (tree(), prop::collection::vec(edit(), 1..4)).prop_map(|(e, ed)| apply(&e.to_string(), &ed)),
     ]
 }
 

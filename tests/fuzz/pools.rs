@@ -55,8 +55,8 @@ fn s(v: &str) -> Value {
 /// A duration as a pools file may write it, from ordinary to absurd.
 fn duration() -> impl Strategy<Value = Value> {
     prop_oneof![
-        4 => prop::sample::select(&["30s", "10m", "1h30m", "250ms", "2h", "1d", "1ns"][..]).prop_map(s),
-        2 => (1u64..1_000_000).prop_map(Value::from),
+        12 => prop::sample::select(&["30s", "10m", "1h30m", "250ms", "2h", "1d", "1ns", "100y"][..]).prop_map(s),
+        6 => (1u64..1_000_000).prop_map(Value::from),
         1 => prop::sample::select(&[
             "18446744073709551615", "18446744073709551615s", "584942417355y", "100000000y",
             "9999999999h", "1y", "0s", "0", "-5s", "1.5", "soon", "", "10m 10m 10m",
@@ -384,8 +384,9 @@ fn alias_bomb(levels: usize, width: usize) -> String {
 }
 
 fn input() -> impl Strategy<Value = String> {
-    let valid = || prop::collection::vec(pool(), 0..4);
-    let muts = prop::collection::vec(mutation(), 0..4);
+    let valid = || prop::collection::vec(pool(), 1..4);
+    // A third of the documents stay valid, to reach the checks on what loads.
+    let muts = prop_oneof![1 => Just(vec![]), 2 => prop::collection::vec(mutation(), 1..4)];
     prop_oneof![
         6 => (valid(), muts).prop_map(|(p, m)| document(p, &m)),
         2 => (valid(), prop::collection::vec(mutation(), 0..2), any::<Index>(), 0usize..8,
