@@ -729,6 +729,21 @@ pools:
         assert!(Dur::parse("3155760001").is_err());
     }
 
+    /// Found by the fuzz pass: a duration of the wrong type was refused with serde's
+    /// "data did not match any variant of untagged enum Raw", which says nothing of what to write.
+    #[test]
+    fn wrong_typed_durations_say_what_a_duration_is() {
+        for value in ["-5", "1.5", "[a]", "true", "{a: 1}", "~"] {
+            let yaml = format!("pools:\n- name: p\n  idleTtl: {value}\n");
+            let err = parse_pools(&yaml, "f").unwrap_err().to_string();
+            assert!(
+                err.contains("pools[0].idleTtl:") && err.contains("a duration like 30s"),
+                "{value}: {err}"
+            );
+            assert!(!err.contains("untagged"), "{value}: {err}");
+        }
+    }
+
     #[test]
     fn builtin_default_is_valid() {
         let d = PoolSpec::builtin_default();
