@@ -115,17 +115,26 @@ impl Serialize for Dur {
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 30s, 10m or 1h, or a whole number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, s: u64) -> std::result::Result<Dur, E> {
+                Dur::at_most_max(Duration::from_secs(s), &s.to_string()).map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, s: i64) -> std::result::Result<Dur, E> {
+                match u64::try_from(s) {
+                    Ok(s) => self.visit_u64(s),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(s), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Dur, E> {
+                Dur::parse(s).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Dur::at_most_max(Duration::from_secs(s), &s.to_string())
-                .map_err(serde::de::Error::custom),
-            Raw::Text(t) => Dur::parse(&t).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
