@@ -106,8 +106,13 @@ fn hooks() -> impl Strategy<Value = Value> {
 }
 
 fn jenkins() -> impl Strategy<Value = Value> {
+    // Jenkins label strings split on whitespace: list items may hold some, or be empty.
+    let label = prop_oneof![
+        4 => label(),
+        1 => prop::sample::select(&["", " ", "a b", "\tc", "d\n"][..]).prop_map(String::from),
+    ];
     (
-        prop::collection::vec(label(), 1..3),
+        prop::collection::vec(label, 1..4),
         any::<bool>(),
         prop::option::of(duration()),
         prop::option::of(duration()),
