@@ -103,7 +103,11 @@ fn labels_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error>
     }
     Ok(match Raw::deserialize(d)? {
         Raw::One(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
-        Raw::Many(v) => v.join(" "),
+        Raw::Many(v) => v
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .collect::<Vec<_>>()
+            .join(" "),
     })
 }
 
