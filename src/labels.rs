@@ -1,4 +1,4 @@
-//! Label expressions in Jenkins syntax: parsing and matching.
+//! Label expressions in Jenkins syntax: parsing, matching and printing.
 //!
 //! Owns the grammar of selectors such as `linux && (go || rust)`. Operators, from tightest to
 //! loosest binding: `!`, `&&`, `||`, `->` (implies), `<->` (iff); parentheses group; an atom is
