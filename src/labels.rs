@@ -1,4 +1,4 @@
-//! Label expressions in Jenkins syntax: parsing and matching.
+//! Label expressions in Jenkins syntax: parsing, matching and printing.
 //!
 //! Owns the grammar of selectors such as `linux && (go || rust)`. Operators, from tightest to
 //! loosest binding: `!`, `&&`, `||`, `->` (implies), `<->` (iff); parentheses group; an atom is
@@ -140,29 +140,93 @@ fn is_special(c: char) -> bool {
     matches!(c, '&' | '|' | '!' | '<' | '>' | '(' | ')' | '"' | '\'')
 }
 
+/// Prints the expression so that [`Expr::parse`] reads it back to the same tree: parentheses
+/// only where precedence or associativity need them (so printing never nests deeper than the
+/// parsed text did), labels quoted when they are not bare atoms, with only the escapes the
+/// parser reads.
 impl fmt::Display for Expr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Expr::Any => Ok(()),
             Expr::Atom(a) if is_bare_atom(a) => write!(f, "{a}"),
-            Expr::Atom(a) => write!(f, "{a:?}"),
-            Expr::Not(e) => write!(f, "!{}", Paren(e)),
-            Expr::And(a, b) => write!(f, "{} && {}", Paren(a), Paren(b)),
-            Expr::Or(a, b) => write!(f, "{} || {}", Paren(a), Paren(b)),
-            Expr::Implies(a, b) => write!(f, "{} -> {}", Paren(a), Paren(b)),
-            Expr::Iff(a, b) => write!(f, "{} <-> {}", Paren(a), Paren(b)),
+            Expr::Atom(a) => write_quoted(f, a),
+            Expr::Not(e) => write!(f, "!{}", Operand(e, e.binding() < Binding::Not)),
+            Expr::And(a, b) | Expr::Or(a, b) | Expr::Implies(a, b) | Expr::Iff(a, b) => {
+                let (op, me) = (self.operator(), self.binding());
+                // `->` groups to the right, the others to the left: the operand on the other
+                // side needs parentheses when it has the same operator.
+                let right_assoc = me == Binding::Implies;
+                let left = a.binding() < me || (right_assoc && a.binding() == me);
+                let right = b.binding() < me || (!right_assoc && b.binding() == me);
+                write!(f, "{} {op} {}", Operand(a, left), Operand(b, right))
+            }
         }
     }
 }
 
-/// Displays a sub-expression, parenthesised unless it is an atom.
-struct Paren<'a>(&'a Expr);
+/// How tightly an expression's top operator binds, loosest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Binding {
+    Iff,
+    Implies,
+    Or,
+    And,
+    Not,
+    Atom,
+}
 
-impl fmt::Display for Paren<'_> {
+impl Expr {
+    fn binding(&self) -> Binding {
+        match self {
+            Expr::Iff(..) => Binding::Iff,
+            Expr::Implies(..) => Binding::Implies,
+            Expr::Or(..) => Binding::Or,
+            Expr::And(..) => Binding::And,
+            Expr::Not(_) => Binding::Not,
+            Expr::Atom(_) | Expr::Any => Binding::Atom,
+        }
+    }
+
+    fn operator(&self) -> &'static str {
+        match self {
+            Expr::Iff(..) => "<->",
+            Expr::Implies(..) => "->",
+            Expr::Or(..) => "||",
+            Expr::And(..) => "&&",
+            Expr::Not(_) => "!",
+            Expr::Atom(_) | Expr::Any => "",
+        }
+    }
+}
+
+/// A label in double quotes, escaping `"`, `\` and the control characters the parser has
+/// escapes for (a raw line break is refused inside quotes); everything else as it is.
+fn write_quoted(f: &mut fmt::Formatter<'_>, label: &str) -> fmt::Result {
+    f.write_str("\"")?;
+    for c in label.chars() {
+        match c {
+            '"' => f.write_str("\\\"")?,
+            '\\' => f.write_str("\\\\")?,
+            '\n' => f.write_str("\\n")?,
+            '\r' => f.write_str("\\r")?,
+            '\t' => f.write_str("\\t")?,
+            '\u{8}' => f.write_str("\\b")?,
+            '\u{c}' => f.write_str("\\f")?,
+            c => write!(f, "{c}")?,
+        }
+    }
+    f.write_str("\"")
+}
+
+/// An operand, in parentheses when `paren`.
+struct Operand<'a>(&'a Expr, bool);
+
+impl fmt::Display for Operand<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Expr::Atom(_) | Expr::Any => write!(f, "{}", self.0),
-            e => write!(f, "({e})"),
+        if self.1 {
+            write!(f, "({})", self.0)
+        } else {
+            write!(f, "{}", self.0)
         }
     }
 }
@@ -426,14 +490,29 @@ mod tests {
 
     #[test]
     fn precedence_follows_jenkins() {
-        let e = Expr::parse("a || b && c").unwrap();
-        assert_eq!(e.to_string(), "a || (b && c)");
-        let e = Expr::parse("!a && b").unwrap();
-        assert_eq!(e.to_string(), "(!a) && b");
-        let e = Expr::parse("a -> b || c").unwrap();
-        assert_eq!(e.to_string(), "a -> (b || c)");
-        let e = Expr::parse("a <-> b -> c").unwrap();
-        assert_eq!(e.to_string(), "a <-> (b -> c)");
+        let same = |a: &str, b: &str| assert_eq!(Expr::parse(a), Expr::parse(b), "{a} vs {b}");
+        same("a || b && c", "a || (b && c)");
+        same("!a && b", "(!a) && b");
+        same("a -> b || c", "a -> (b || c)");
+        same("a <-> b -> c", "a <-> (b -> c)");
+        same("a -> b -> c", "a -> (b -> c)");
+        same("a && b && c", "(a && b) && c");
+        same("a <-> b <-> c", "(a <-> b) <-> c");
+        // Printing keeps only the parentheses the grouping needs.
+        for (input, printed) in [
+            ("a || (b && c)", "a || b && c"),
+            ("(a || b) && c", "(a || b) && c"),
+            ("(!a) && !(b)", "!a && !b"),
+            ("!(a && b)", "!(a && b)"),
+            ("a -> (b -> c)", "a -> b -> c"),
+            ("(a -> b) -> c", "(a -> b) -> c"),
+            ("(a && b) && c", "a && b && c"),
+            ("a && (b && c)", "a && (b && c)"),
+            ("a <-> (b <-> c)", "a <-> (b <-> c)"),
+            ("\"my label\" && x", "\"my label\" && x"),
+        ] {
+            assert_eq!(Expr::parse(input).unwrap().to_string(), printed, "{input}");
+        }
     }
 
     #[test]
@@ -514,6 +593,57 @@ mod tests {
         // Long flat chains are fine (iterative, not recursive).
         let flat = vec!["a"; 800].join(" && ");
         assert!(Expr::parse(&flat).is_ok());
+    }
+
+    /// Found by the fuzz pass (tests/fuzz/labels.rs): a quoted label holding a character
+    /// Rust's `Debug` escapes (`\0`, a combining mark) was printed with an escape the parser
+    /// does not read, so the printed expression did not parse.
+    #[test]
+    fn display_quotes_labels_the_parser_reads_back() {
+        for label in [
+            "&\0",
+            "a\u{301}",
+            "x\u{7f}y",
+            "t\tn\nr\r\"q\"\\",
+            "a->b",
+            "",
+        ] {
+            let e = Expr::And(
+                Box::new(Expr::Atom(label.into())),
+                Box::new(Expr::Atom("b".into())),
+            );
+            let printed = e.to_string();
+            assert_eq!(
+                Expr::parse(&printed),
+                Ok(e),
+                "{label:?} printed as {printed:?}"
+            );
+        }
+    }
+
+    /// Found by the fuzz pass: printing put parentheses around every operand, so an expression
+    /// the parser accepted (33 `!`, a chain of 100 `&&`) printed deeper than the nesting limit
+    /// and did not parse back.
+    #[test]
+    fn display_of_deep_and_long_expressions_parses_back() {
+        let inputs = [
+            "!".repeat(33) + "a",
+            "!".repeat(MAX_DEPTH) + "a",
+            vec!["a"; 100].join(" && "),
+            vec!["a"; 100].join(" || "),
+            vec!["a"; 100].join(" <-> "),
+            vec!["a"; MAX_DEPTH + 1].join(" -> "),
+            "(".repeat(MAX_DEPTH) + "a" + &")".repeat(MAX_DEPTH),
+        ];
+        for input in inputs {
+            let e = Expr::parse(&input).unwrap();
+            let printed = e.to_string();
+            assert_eq!(
+                Expr::parse(&printed),
+                Ok(e),
+                "{input:?} printed as {printed:?}"
+            );
+        }
     }
 
     fn arb_expr() -> impl Strategy<Value = Expr> {

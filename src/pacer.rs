@@ -19,9 +19,10 @@ pub struct GovernorPacer {
     limiters: HashMap<String, (f64, u32, DefaultDirectRateLimiter)>,
 }
 
-/// The governor quota for a rate and burst.
+/// The governor quota for a rate and burst. Rates above one start per nanosecond (the finest
+/// period governor has) get that period: no pool starts agents faster anyway.
 pub fn quota(per_second: f64, burst: u32) -> Quota {
-    let per = Duration::from_secs_f64(1.0 / per_second.max(1e-6));
+    let per = Duration::from_secs_f64(1.0 / per_second.max(1e-6)).max(Duration::from_nanos(1));
     Quota::with_period(per)
         .expect("period is positive")
         .allow_burst(NonZeroU32::new(burst.max(1)).expect("at least 1"))
@@ -57,6 +58,21 @@ impl Pacer for GovernorPacer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzz pass (tests/fuzz/pools.rs): a pools file with `perSecond: 1e12`
+    /// validates, and configuring it panicked ("period is positive"): the period between
+    /// starts rounded to zero nanoseconds.
+    #[test]
+    fn huge_rates_do_not_panic() {
+        for rate in [1e9, 1e12, f64::MAX] {
+            let mut p = GovernorPacer::default();
+            let mut spec = PoolSpec::default();
+            spec.provisioning.per_second = rate;
+            spec.provisioning.burst = 2;
+            p.configure("a", &spec);
+            assert!(p.try_acquire("a"), "rate {rate}");
+        }
+    }
 
     #[test]
     fn burst_then_throttle() {

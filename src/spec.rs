@@ -60,12 +60,25 @@ impl Dur {
     /// ```
     pub fn parse(s: &str) -> std::result::Result<Dur, String> {
         let t = s.trim();
-        if let Ok(secs) = t.parse::<u64>() {
-            return Ok(Dur(Duration::from_secs(secs)));
+        let d = match t.parse::<u64>() {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => humantime::parse_duration(t)
+                .map_err(|e| format!("{s:?} is not a duration like 30s, 10m or 1h ({e})"))?,
+        };
+        Dur::at_most_max(d, s)
+    }
+
+    /// The longest duration accepted anywhere (100 years): any sum of a few such durations, or
+    /// an instant plus one, stays far from overflowing.
+    pub const MAX: Dur = Dur::secs(3_155_760_000);
+
+    fn at_most_max(d: Duration, written: &str) -> std::result::Result<Dur, String> {
+        if d > Dur::MAX.0 {
+            return Err(format!(
+                "{written:?} is longer than 100 years, the longest duration accepted"
+            ));
         }
-        humantime::parse_duration(t)
-            .map(Dur)
-            .map_err(|e| format!("{s:?} is not a duration like 30s, 10m or 1h ({e})"))
+        Ok(Dur(d))
     }
 
     /// Builds from whole seconds.
@@ -102,16 +115,26 @@ impl Serialize for Dur {
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Secs(u64),
-            Text(String),
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Dur;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 30s, 10m or 1h, or a whole number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, s: u64) -> std::result::Result<Dur, E> {
+                Dur::at_most_max(Duration::from_secs(s), &s.to_string()).map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, s: i64) -> std::result::Result<Dur, E> {
+                match u64::try_from(s) {
+                    Ok(s) => self.visit_u64(s),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(s), &self)),
+                }
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> std::result::Result<Dur, E> {
+                Dur::parse(s).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Secs(s) => Ok(Dur::secs(s)),
-            Raw::Text(t) => Dur::parse(&t).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(Visitor)
     }
 }
 
@@ -590,114 +613,4 @@ fn kind(v: &Value) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(Dur::parse("30s").unwrap(), Dur::secs(30));
-        assert_eq!(Dur::parse("10m").unwrap(), Dur::secs(600));
-        assert_eq!(Dur::parse("1h30m").unwrap(), Dur::secs(5400));
-        assert_eq!(Dur::parse("250ms").unwrap().0, Duration::from_millis(250));
-        assert_eq!(Dur::parse("45").unwrap(), Dur::secs(45));
-        assert!(Dur::parse("soon").unwrap_err().contains("\"soon\""));
-        assert_eq!(Dur::secs(600).to_string(), "10m");
-    }
-
-    #[test]
-    fn loads_a_full_file() {
-        let yaml = r#"
-pools:
-  - name: go
-    labels: [linux, go]
-    minIdle: 3
-    maxTotal: 8
-    maxUses: 5
-    idleTtl: 5m
-    maxAge: 2h
-    connectTimeout: 30s
-    provisioning: {perSecond: 2, burst: 4, maxConcurrent: 3}
-    health: {maxWorkspaceBytes: 1000, maxLeftoverProcesses: 1}
-  - name: tiny
-"#;
-        let defs = parse_pools(yaml, "pools.yaml").unwrap();
-        assert_eq!(defs.len(), 2);
-        let go = &defs[0].spec;
-        assert_eq!(go.min_idle, 3);
-        assert_eq!(go.idle_ttl, Dur::secs(300));
-        assert_eq!(go.provisioning.max_concurrent, 3);
-        assert_eq!(go.health.max_leftover_processes, 1);
-        assert_eq!(defs[1].spec, PoolSpec::default());
-    }
-
-    #[test]
-    fn one_message_per_bad_field() {
-        let yaml = r#"
-pools:
-  - name: Bad_Name
-    labels: ["has space"]
-    minIdle: many
-    maxTotal: 0
-    idleTtl: soon
-    provisioning: {perSecond: 2, burts: 4}
-    colour: blue
-"#;
-        let err = parse_pools(yaml, "pools.yaml").unwrap_err().to_string();
-        for want in [
-            "pools[0].name: \"Bad_Name\" is not a valid pool name",
-            "pools[0].minIdle:",
-            "pools[0].idleTtl:",
-            "\"soon\" is not a duration",
-            "pools[0].provisioning:",
-            "burts",
-            "pools[0].colour: unknown field",
-        ] {
-            assert!(err.contains(want), "missing {want:?} in:\n{err}");
-        }
-        // Semantic checks run once types are right.
-        let yaml = "pools:\n  - name: p\n    minIdle: 5\n    maxTotal: 2\n    labels: [\"a b\"]\n    connectTimeout: 0s\n    provisioning: {perSecond: 0, burst: 0, maxConcurrent: 0}\n";
-        let err = parse_pools(yaml, "f").unwrap_err().to_string();
-        for want in [
-            "minIdle: 5 is above maxTotal 2",
-            "labels[0]",
-            "connectTimeout: must be longer than 0s",
-            "perSecond",
-            "burst",
-            "maxConcurrent",
-        ] {
-            assert!(err.contains(want), "missing {want:?} in:\n{err}");
-        }
-    }
-
-    #[test]
-    fn rejects_duplicates_and_shape_errors() {
-        let err = parse_pools("pools:\n  - name: a\n  - name: a\n", "f").unwrap_err();
-        assert!(err.to_string().contains("defined twice"));
-        assert!(
-            parse_pools("[1,2]", "f")
-                .unwrap_err()
-                .to_string()
-                .contains("mapping")
-        );
-        assert!(
-            parse_pools("pools: []", "f")
-                .unwrap_err()
-                .to_string()
-                .contains("empty")
-        );
-        assert!(
-            parse_pools("pools: [", "f")
-                .unwrap_err()
-                .to_string()
-                .contains("not valid YAML")
-        );
-    }
-
-    #[test]
-    fn builtin_default_is_valid() {
-        let d = PoolSpec::builtin_default();
-        assert!(d.validate("").is_empty());
-        assert_eq!(d.min_idle, 2);
-        assert!(d.labels.contains(&std::env::consts::ARCH.to_string()));
-    }
-}
+mod tests;

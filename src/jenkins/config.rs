@@ -103,7 +103,11 @@ fn labels_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error>
     }
     Ok(match Raw::deserialize(d)? {
         Raw::One(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
-        Raw::Many(v) => v.join(" "),
+        Raw::Many(v) => v
+            .iter()
+            .flat_map(|l| l.split_whitespace())
+            .collect::<Vec<_>>()
+            .join(" "),
     })
 }
 
@@ -286,6 +290,24 @@ mod tests {
                 .any(|m| m.starts_with("spec.jenkins.nodeNamePrefix"))
         );
         assert!(serde_yaml::from_str::<JenkinsSpec>("url: x\nbogus: 1\n").is_err());
+    }
+
+    /// Found by the fuzz pass (tests/fuzz/pools.rs): a label list was joined as written, so
+    /// `["\tc"]` kept its tab and `[a, "", b]` a double space, and the pool loaded differently
+    /// once printed (a string is split on whitespace). Both forms now give the same labels.
+    #[test]
+    fn label_lists_are_normalised_like_label_strings() {
+        let labels = |yaml: &str| {
+            serde_yaml::from_str::<JenkinsSpec>(&format!("url: http://j:8080\nlabels: {yaml}\n"))
+                .unwrap()
+                .labels
+        };
+        assert_eq!(labels("[\"\\tc\"]"), "c");
+        assert_eq!(labels("[a, '', 'b  c', \" d\\n\"]"), "a b c d");
+        assert_eq!(labels("\"a  b\\tc\""), labels("[a, b, c]"));
+        let yaml = "pools:\n- name: a0-0\n  jenkins:\n    url: http://127.0.0.1:8080/\n    labels:\n    - \"\\tc\"\n";
+        let pools = crate::spec::parse_pools(yaml, "f").unwrap();
+        assert_eq!(pools[0].spec.jenkins.as_ref().unwrap().labels, "c");
     }
 
     #[test]
