@@ -14,6 +14,13 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_yaml::{Mapping, Value};
 
+/// Agents one pool may have at most (`maxTotal`): a bound on what one spec can make the
+/// service allocate.
+pub const MAX_POOL_AGENTS: u32 = 100_000;
+/// Upper bound of `provisioning.perSecond`, `burst` and `maxConcurrent`: agents one pool may
+/// start in one pass stay bounded.
+pub const MAX_PROVISIONING: u32 = 1_000;
+
 /// Errors from loading or validating pool specs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -288,6 +295,12 @@ impl PoolSpec {
         if self.max_total == 0 {
             p.push(format!("{prefix}maxTotal: must be at least 1"));
         }
+        if self.max_total > MAX_POOL_AGENTS {
+            p.push(format!(
+                "{prefix}maxTotal: {} is above the limit of {MAX_POOL_AGENTS} agents a pool",
+                self.max_total
+            ));
+        }
         if self.min_idle > self.max_total {
             p.push(format!(
                 "{prefix}minIdle: {} is above maxTotal {}",
@@ -310,13 +323,20 @@ impl PoolSpec {
                 pr.per_second
             ));
         }
-        if pr.burst == 0 {
-            p.push(format!("{prefix}provisioning.burst: must be at least 1"));
-        }
-        if pr.max_concurrent == 0 {
+        if pr.per_second > MAX_PROVISIONING as f64 {
             p.push(format!(
-                "{prefix}provisioning.maxConcurrent: must be at least 1"
+                "{prefix}provisioning.perSecond: {} is above the limit of {MAX_PROVISIONING}",
+                pr.per_second
             ));
+        }
+        for (field, v) in [("burst", pr.burst), ("maxConcurrent", pr.max_concurrent)] {
+            if v == 0 {
+                p.push(format!("{prefix}provisioning.{field}: must be at least 1"));
+            } else if v > MAX_PROVISIONING {
+                p.push(format!(
+                    "{prefix}provisioning.{field}: {v} is above the limit of {MAX_PROVISIONING}"
+                ));
+            }
         }
         p.extend(command_problem(
             &format!("{prefix}agentCommand"),

@@ -146,3 +146,21 @@ fn builtin_default_is_valid() {
     assert_eq!(d.min_idle, 2);
     assert!(d.labels.contains(&std::env::consts::ARCH.to_string()));
 }
+
+/// A valid-looking spec with a billion agents would make one reconcile pass allocate that many:
+/// sizes and provisioning rates have upper bounds, each named.
+#[test]
+fn absurd_sizes_and_rates_are_refused() {
+    let yaml = "pools:\n- name: p\n  minIdle: 1000000000\n  maxTotal: 1000000000\n  provisioning:\n    perSecond: 1e9\n    burst: 1000000000\n    maxConcurrent: 1000000000\n";
+    let err = parse_pools(yaml, "f").unwrap_err().to_string();
+    for field in [
+        "pools[0].maxTotal: 1000000000 is above the limit of 100000",
+        "pools[0].provisioning.perSecond: 1000000000 is above the limit of 1000",
+        "pools[0].provisioning.burst: 1000000000 is above the limit of 1000",
+        "pools[0].provisioning.maxConcurrent: 1000000000 is above the limit of 1000",
+    ] {
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let ok = "pools:\n- name: p\n  minIdle: 0\n  maxTotal: 100000\n  provisioning:\n    perSecond: 1000\n    burst: 1000\n    maxConcurrent: 1000\n";
+    parse_pools(ok, "f").expect("the limits themselves are allowed");
+}
