@@ -30,7 +30,12 @@ async fn pool_reaches_min_idle_runs_a_job_and_replaces_the_pod_per_max_uses() {
             &agent_pool(
                 "go",
                 agent_cmd(),
-                json!({"minIdle": 2, "maxTotal": 3, "maxUses": 1}),
+                json!({"minIdle": 2, "maxTotal": 3, "maxUses": 1,
+                // The pool's configured variables: its jobs get them too.
+                "template": {"spec": {"containers": [{
+                    "name": "agent", "image": "warmpool:dev", "command": agent_cmd(),
+                    "env": [{"name": "CI_CACHE", "value": "/cache"}]
+                }]}}}),
             ),
         )
         .await
@@ -70,8 +75,17 @@ async fn pool_reaches_min_idle_runs_a_job_and_replaces_the_pod_per_max_uses() {
     // A lease runs a job on a pod's agent; with maxUses 1 its pod is replaced afterwards.
     let l = c.h.lease("go", 10.0, 60.0).await;
     assert!(pods.contains(&l.agent));
-    let out = exec(&c.h, &l.id, script("echo from-pod")).await;
-    assert_eq!(out.stdout, b"from-pod\n");
+    let out = exec(
+        &c.h,
+        &l.id,
+        script("echo from-pod $CI_CACHE; env | grep -c '^WARMPOOL_TOKEN' || true"),
+    )
+    .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "from-pod /cache\n0\n",
+        "the template's env reaches the job, the agent's token does not"
+    );
     c.h.client.release(&l.id).await.unwrap();
     let used = l.agent.clone();
     c.until("used pod deleted and replaced", async |c: &Cluster| {

@@ -119,11 +119,25 @@ pub fn set_size(fd: i32, size: TtySize) {
 }
 
 /// The environment a job starts with, before the user's `--env`: nothing of the agent's own
-/// (its token, or whatever its parent had) except `PATH`, `HOME`, the locale variables and
-/// `WARMPOOL_AGENT_ID`/`WARMPOOL_POOL`; plus `WARMPOOL_WORKSPACE` and `WARMPOOL_LEASE`.
-/// Documented in SECURITY.md.
+/// (its token, or whatever its parent had) except `PATH`, `HOME`, the locale variables,
+/// `WARMPOOL_AGENT_ID`/`WARMPOOL_POOL` and the variables the pool configured for jobs (named
+/// in [`JOB_ENV`], e.g. what a pod template sets on the agent container); plus
+/// `WARMPOOL_WORKSPACE` and `WARMPOOL_LEASE`. Documented in SECURITY.md.
 pub fn job_env(workspace: &Path, lease: Option<&str>) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = [
+    job_env_from(|k| std::env::var(k).ok(), workspace, lease)
+}
+
+/// The variable naming, comma-separated, the agent's variables its jobs get too (the pool's
+/// configured ones). Credentials are never passed, even when named.
+pub const JOB_ENV: &str = "WARMPOOL_JOB_ENV";
+
+/// [`job_env`] with the agent's environment read through `var`.
+pub fn job_env_from(
+    var: impl Fn(&str) -> Option<String>,
+    workspace: &Path,
+    lease: Option<&str>,
+) -> Vec<(String, String)> {
+    let base = [
         "PATH",
         "HOME",
         "LANG",
@@ -131,10 +145,21 @@ pub fn job_env(workspace: &Path, lease: Option<&str>) -> Vec<(String, String)> {
         "TZ",
         "WARMPOOL_AGENT_ID",
         "WARMPOOL_POOL",
-    ]
-    .iter()
-    .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_string(), v)))
-    .collect();
+    ];
+    let configured = var(JOB_ENV).unwrap_or_default();
+    let configured = configured
+        .split(',')
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && !k.starts_with("WARMPOOL_"));
+    let mut env: Vec<(String, String)> = Vec::new();
+    for k in base.into_iter().chain(configured) {
+        if env.iter().any(|(have, _)| have == k) {
+            continue;
+        }
+        if let Some(v) = var(k) {
+            env.push((k.to_string(), v));
+        }
+    }
     if !env.iter().any(|(k, _)| k == "PATH") {
         env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
     }
@@ -388,5 +413,49 @@ mod tests {
         );
         assert!(wd(Some("nope")).unwrap_err().contains("does not exist"));
         assert!(wd(Some("file")).unwrap_err().contains("not a directory"));
+    }
+
+    #[test]
+    fn jobs_get_the_pools_configured_variables_and_never_credentials() {
+        let agent: std::collections::HashMap<&str, &str> = [
+            ("PATH", "/bin"),
+            ("DOCKER_HOST", "unix:///var/run/dind/docker.sock"),
+            ("GRADLE_OPTS", "-Xmx1g"),
+            ("SECRET_OF_THE_NODE", "no"),
+            ("WARMPOOL_TOKEN", "tok"),
+            ("WARMPOOL_TOKEN_FILE", "/t"),
+            (
+                JOB_ENV,
+                "DOCKER_HOST, GRADLE_OPTS,,WARMPOOL_TOKEN,WARMPOOL_TOKEN_FILE,UNSET,PATH",
+            ),
+        ]
+        .into();
+        let env = job_env_from(
+            |k| agent.get(k).map(|v| v.to_string()),
+            Path::new("/w"),
+            Some("lease-1"),
+        );
+        let names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "PATH",
+                "DOCKER_HOST",
+                "GRADLE_OPTS",
+                "WARMPOOL_WORKSPACE",
+                "WARMPOOL_LEASE"
+            ]
+        );
+        assert!(env.contains(&(
+            "DOCKER_HOST".into(),
+            "unix:///var/run/dind/docker.sock".into()
+        )));
+        // Without the list, nothing but the base.
+        let env = job_env_from(
+            |k| (k == "DOCKER_HOST").then(|| "x".into()),
+            Path::new("/w"),
+            None,
+        );
+        assert!(!env.iter().any(|(k, _)| k == "DOCKER_HOST"));
     }
 }

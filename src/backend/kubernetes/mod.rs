@@ -165,13 +165,16 @@ pub fn template_hash(ap: &AgentPool) -> String {
     hex::encode(&Sha256::digest(&json)[..5])
 }
 
-/// Builds the pod for one agent of `ap`.
+/// Builds the pod for one agent of `ap`. The variables the template sets on the agent container
+/// with `env` are the pool's configured variables: the agent passes them on to its jobs
+/// (named in `WARMPOOL_JOB_ENV`).
 pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod, String> {
     pod_from_template(
         ap,
         &req.agent,
         None,
         [
+            (crate::agent::exec::JOB_ENV, configured_env(ap).join(",")),
             ("WARMPOOL_HUB", hub_url.to_string()),
             ("WARMPOOL_AGENT_ID", req.agent.clone()),
             ("WARMPOOL_TOKEN", req.token.clone()),
@@ -191,6 +194,27 @@ pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Resul
             humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         )],
     )
+}
+
+/// The names of the variables `ap`'s template sets on its agent container with `env` (not
+/// warmpool's own `WARMPOOL_*`).
+fn configured_env(ap: &AgentPool) -> Vec<String> {
+    let Some(spec) = ap.spec.template.spec.as_ref() else {
+        return Vec::new();
+    };
+    let container = match &ap.spec.agent_container {
+        Some(name) => spec.containers.iter().find(|c| &c.name == name),
+        None => spec.containers.first(),
+    };
+    container
+        .and_then(|c| c.env.as_ref())
+        .map(|env| {
+            env.iter()
+                .map(|e| e.name.clone())
+                .filter(|n| !n.starts_with("WARMPOOL_"))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// A pod named `name` from `ap`'s template: `env` set (and `command`, when given) on the agent
