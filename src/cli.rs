@@ -387,6 +387,9 @@ pub struct BenchLoadArgs {
     /// Write the latency CDFs as SVG to this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Also write the JSON report (every sample included) to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
     #[arg(long, env = "WARMPOOL_CA_FILE")]
     pub ca_file: Option<PathBuf>,

@@ -1,10 +1,12 @@
 //! End to end on a real node: `warmpool serve --backend kubernetes` (in process, as in
 //! tests/kube_e2e.rs) against the apiserver of `scripts/kube-node.sh start`, whose kubelet runs
 //! each agent pod as a Docker container built from this test's own `warmpool` binary
-//! (`scripts/agent-image.sh`). Nothing is simulated.
+//! (`scripts/agent-image.sh`). Nothing is simulated. Covered: minIdle, jobs, maxUses and the
+//! garbage collector; the hard cap under churn counted from an apiserver watch; leaked pods; a
+//! restart of the service with a job running (docs/KUBERNETES.md, "The real-node tests").
 //!
 //! The node is found through `WARMPOOL_NODE_KUBECONFIG` (and `DOCKER_HOST`), which
-//! `eval "$(scripts/kube-node.sh env)"` exports. Without it the test says so and passes, unless
+//! `eval "$(scripts/kube-node.sh env)"` exports. Without it each test says so and passes, unless
 //! `WARMPOOL_NODE_REQUIRED=1` (CI sets it, after starting the node): then it fails.
 
 #[path = "support/cluster.rs"]

@@ -113,6 +113,10 @@ async fn run_load(a: BenchLoadArgs) -> anyhow::Result<i32> {
     if let Some(r) = embedded {
         r.shutdown().await;
     }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     if let Some(p) = &a.plot {
         super::plot::write_svg(&report, p).map_err(anyhow::Error::msg)?;
     }

@@ -99,6 +99,9 @@ pub struct LoadReport {
     pub concurrency: usize,
     /// Wall time of the load, seconds.
     pub seconds: f64,
+    /// When the load started (the origin of each sample's `atS`), Unix time in milliseconds:
+    /// to line samples up with other clocks of the same machine (e.g. dockerd's events).
+    pub started_unix_ms: f64,
     /// The floor.
     pub baseline: Baseline,
     /// Per target.
@@ -314,6 +317,9 @@ pub async fn run(
 ) -> Result<LoadReport, String> {
     let (mut spawn, mut http) = baseline_samples(server, client.tls(), &opts.command, 25).await;
     let t_run = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let watch = match &pods {
         Some((kube, ns)) => Some(pods::PodWatch::start(kube.clone(), ns, t_run).await?),
         None => None,
@@ -358,6 +364,7 @@ pub async fn run(
         command: opts.command.clone(),
         concurrency: opts.concurrency,
         seconds,
+        started_unix_ms,
         baseline,
         targets,
         ratios,

@@ -29,7 +29,8 @@ const POOL_LABEL: &str = "warmpool.dev/pool";
 
 /// What the watch knows of one pod. Times are seconds from the start of the load (negative
 /// for pods seen before it).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct PodTimes {
     /// Its pool.
     pub pool: String,
@@ -142,18 +143,20 @@ impl PodLog {
                 continue; // a warm job: its pod was there before the request
             }
             let ms = |at: f64| (at - s.at_s) * 1000.0;
-            let (Some(running), Some(lease), Some(ttfb)) = (pod.running_s, s.lease_ms, s.ttfb_ms)
-            else {
+            let (Some(lease), Some(ttfb)) = (s.lease_ms, s.ttfb_ms) else {
                 continue;
             };
             let v = by_target.entry(s.target.clone()).or_default();
             v[0].push(ms(pod.seen_s));
-            v[1].push(ms(running));
+            // A pod that serves one short job is often deleted before the kubelet reports it
+            // Running: that milestone then has fewer samples.
+            v[1].extend(pod.running_s.map(ms));
             v[2].push(lease);
             v[3].push(ttfb);
         }
         PodsReport {
             namespace: namespace.to_string(),
+            pods: self.pods.clone().into_iter().collect(),
             pools: pools.into_values().collect(),
             cold_starts: by_target
                 .into_iter()
@@ -175,6 +178,8 @@ impl PodLog {
 pub struct PodsReport {
     /// The namespace watched.
     pub namespace: String,
+    /// Every pod seen, by name (times in seconds from the start of the load).
+    pub pods: BTreeMap<String, PodTimes>,
     /// Per pool.
     pub pools: Vec<PoolPods>,
     /// Per target with jobs that waited for a new pod.
@@ -205,8 +210,8 @@ pub struct ColdSplit {
     pub target: String,
     /// The pod created (first seen by the watch).
     pub created: Summary,
-    /// The pod first seen `Running` (the kubelet reports it; it may come after the agent
-    /// connected).
+    /// The pod first seen `Running`: the kubelet reports it late, often after the agent
+    /// connected, and not at all for a pod deleted first (fewer samples).
     pub running: Summary,
     /// The lease granted: the agent connected and was assigned at once.
     pub lease: Summary,
@@ -337,20 +342,29 @@ mod tests {
         // cold-1 created 0.1 s after the request at 10.0 s, Running 1.5 s after it.
         log.apply(&pod("cold-1", "cold", "Pending", false), 10.1);
         log.apply(&pod("cold-1", "cold", "Running", false), 11.5);
+        // cold-2 deleted before the kubelet reported it Running.
+        log.apply(&pod("cold-2", "cold", "Pending", false), 30.2);
+        log.apply(&pod("cold-2", "cold", "Pending", true), 31.0);
         // warm-2 created before its job's request at 20 s: a warm job.
         log.apply(&pod("warm-2", "warm", "Running", false), 15.0);
         let samples = [
             sample("warm", "warm-1", 1.0, 2.0, 5.0),
             sample("warm", "warm-2", 20.0, 2.0, 5.0),
             sample("cold", "cold-1", 10.0, 1200.0, 1210.0),
+            sample("cold", "cold-2", 30.0, 700.0, 710.0),
         ];
         let r = log.report("ns", &samples, &BTreeMap::new());
         assert_eq!(r.cold_starts.len(), 1, "{:?}", r.cold_starts);
         let c = &r.cold_starts[0];
         assert_eq!(c.target, "cold");
-        assert!((c.created.p50 - 100.0).abs() < 1e-6);
+        assert_eq!(
+            (c.created.n, c.running.n, c.lease.n, c.ttfb.n),
+            (2, 1, 2, 2)
+        );
+        assert!((c.created.max - 200.0).abs() < 1e-6);
         assert!((c.running.p50 - 1500.0).abs() < 1e-6);
-        assert_eq!((c.lease.p50, c.ttfb.p50), (1200.0, 1210.0));
+        assert_eq!((c.lease.p50, c.ttfb.max), (700.0, 1210.0));
+        assert!(r.pods["cold-2"].running_s.is_none());
         let warm = r.pools.iter().find(|p| p.pool == "warm").unwrap();
         assert_eq!(warm.created, 1, "warm-1 was there before the run");
     }

@@ -139,6 +139,9 @@ fn render_pods(p: &super::pods::PodsReport) -> String {
                 ("agent connected, leased", &c.lease),
                 ("first byte", &c.ttfb),
             ] {
+                if s.n == 0 {
+                    continue;
+                }
                 let mut row = vec![c.target.clone(), m.to_string()];
                 row.extend(cells(s));
                 rows.push(row);
