@@ -8,7 +8,9 @@
 # (cargo build --release --bin warmpool). It builds the agent image warmpool-agent:release from
 # that binary (scripts/agent-image.sh --release), then, in the namespace warmpool-bench
 # (created when missing; $WARMPOOL_BENCH_NAMESPACE):
-#   1. AgentPools `warm` and `cold`, identical but for minIdle (2 and 0), maxUses 1, maxTotal
+#   1. AgentPools `warm` and `cold`, identical but for minIdle ($WARM_MIN_IDLE, default 4, and
+#      0: with maxUses 1 each warm job uses up a pod, and a new one takes about a second to
+#      connect, so 2 idle agents run out at concurrency 2), maxUses 1, maxTotal
 #      $MAX_TOTAL (default 45: pods being deleted count, and on this node each takes 10-20 s
 #      to go; a lower cap starves the warm pool), a provisioning pace that never throttles;
 #      `warmpool bench` alternates $JOBS jobs (default 100) of `echo hi` between them at
@@ -30,6 +32,10 @@ out=${1:-$root/target/bench-node}
 ns=${WARMPOOL_BENCH_NAMESPACE:-warmpool-bench}
 jobs=${JOBS:-100}
 max_total=${MAX_TOTAL:-45}
+warm_min_idle=${WARM_MIN_IDLE:-4}
+# The agent container's CPU request. Without one a pod is BestEffort: its cgroup's CPU weight is
+# 2 against 1024 for the kubelet and dockerd. 20m for up to 90 pods fits the node's 2 CPUs.
+cpu=${AGENT_CPU_REQUEST:-20m}
 bin=$root/target/release/warmpool
 image=warmpool-agent:release
 [ -x "$bin" ] || die "no $bin (cargo build --release --bin warmpool)"
@@ -65,6 +71,7 @@ spec:
           image: $image
           imagePullPolicy: Never
           command: [/usr/local/bin/warmpool, agent]
+          resources: {requests: {cpu: $cpu}}
 ---
 YAML
 }
@@ -96,18 +103,20 @@ sys.exit(0 if sys.argv[1] in p and p[sys.argv[1]]["idle"] >= int(sys.argv[2]) el
 }
 
 log "1. warm vs cold: $jobs jobs of 'echo hi' at concurrency 2"
-{ pool warm 2 "$max_total"; pool cold 0 "$max_total"; } | kubectl apply -f - > /dev/null
-wait_idle warm 2
-since=$(date +%s)
+{ pool warm "$warm_min_idle" "$max_total"; pool cold 0 "$max_total"; } | kubectl apply -f - > /dev/null
+wait_idle warm "$warm_min_idle"
+# When each agent container started, from the node's dockerd (its clock is this machine's),
+# streamed during the run: dockerd keeps only its last 256 events for `--since`.
+docker events --filter type=container --filter event=start \
+  --filter label=io.kubernetes.container.name=agent \
+  --format '{{.TimeNano}} {{index .Actor.Attributes "io.kubernetes.pod.name"}}' \
+  > "$out/container-starts.txt" &
+events=$!
 "$bin" bench --server "$server" --pods "$ns" \
   --warm-selector 'bench && warm' --cold-selector 'bench && cold' \
   --jobs "$jobs" --concurrency 2 --command 'echo hi' --plot "$out/warm-cold.svg" \
   --json "$out/warm-cold.json" | tee "$out/warm-cold.txt"
-# When each agent container started, from the node's dockerd (its clock is this machine's).
-docker events --since "$since" --until "$(($(date +%s) + 1))" \
-  --filter type=container --filter event=start --filter label=io.kubernetes.container.name=agent \
-  --format '{{.TimeNano}} {{index .Actor.Attributes "io.kubernetes.pod.name"}}' \
-  > "$out/container-starts.txt"
+kill "$events"; wait "$events" 2> /dev/null || true
 python3 - "$out/warm-cold.json" "$out/container-starts.txt" <<'PY' | tee "$out/cold-split.txt"
 # The split of each cold job's first byte, in ms from its lease request: pod created (bench's
 # pod watch) -> agent container started (dockerd's start event) -> agent connected and leased
