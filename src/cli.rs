@@ -387,9 +387,18 @@ pub struct BenchLoadArgs {
     /// Write the latency CDFs as SVG to this file.
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Also write the JSON report (every sample included) to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
     #[arg(long, env = "WARMPOOL_CA_FILE")]
     pub ca_file: Option<PathBuf>,
+    /// Kubernetes backend: watch the pools' pods in this namespace during the load (kubeconfig
+    /// from KUBECONFIG, else in-cluster) and report the pods created, each pool's peak of pods
+    /// against maxTotal, and the split of cold starts (pod created, Running, agent connected,
+    /// first byte).
+    #[arg(long, value_name = "NAMESPACE")]
+    pub pods: Option<String>,
 }
 
 /// `warmpool bench agents`.

@@ -47,6 +47,9 @@ async fn run_load(a: BenchLoadArgs) -> anyhow::Result<i32> {
     if !a.embedded && targets.is_empty() {
         bail!("give --selector (repeatable), --warm-selector and --cold-selector, or --embedded");
     }
+    if a.embedded && a.pods.is_some() {
+        bail!("--embedded runs the process backend: --pods needs a service on Kubernetes");
+    }
     if a.jobs == 0 || a.concurrency == 0 {
         bail!("--jobs and --concurrency must be at least 1");
     }
@@ -95,9 +98,24 @@ async fn run_load(a: BenchLoadArgs) -> anyhow::Result<i32> {
         wait: a.wait.0,
         progress: std::io::stderr().is_terminal(),
     };
-    let report = super::run(&client, &server, &opts).await;
+    let pods = match &a.pods {
+        Some(ns) => Some((
+            kube::Client::try_default()
+                .await
+                .context("--pods: no Kubernetes client (KUBECONFIG or in-cluster)")?,
+            ns.clone(),
+        )),
+        None => None,
+    };
+    let report = super::run(&client, &server, &opts, pods)
+        .await
+        .map_err(anyhow::Error::msg)?;
     if let Some(r) = embedded {
         r.shutdown().await;
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     if let Some(p) = &a.plot {
         super::plot::write_svg(&report, p).map_err(anyhow::Error::msg)?;

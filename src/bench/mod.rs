@@ -10,11 +10,13 @@
 //!
 //! Layout: this file runs the load and the baseline; `stats.rs` summarises; `report.rs`
 //! prints tables and JSON; `plot.rs` draws the CDFs; `agents.rs` is the scale test;
-//! `sysinfo.rs` reads a local server's RSS and CPU from /proc.
+//! `sysinfo.rs` reads a local server's RSS and CPU from /proc; `pods.rs` watches a
+//! Kubernetes namespace during the load (`--pods`).
 
 pub mod agents;
 pub mod cmd;
 pub mod plot;
+pub mod pods;
 pub mod report;
 pub mod stats;
 pub mod sysinfo;
@@ -97,6 +99,9 @@ pub struct LoadReport {
     pub concurrency: usize,
     /// Wall time of the load, seconds.
     pub seconds: f64,
+    /// When the load started (the origin of each sample's `atS`), Unix time in milliseconds:
+    /// to line samples up with other clocks of the same machine (e.g. dockerd's events).
+    pub started_unix_ms: f64,
     /// The floor.
     pub baseline: Baseline,
     /// Per target.
@@ -104,6 +109,9 @@ pub struct LoadReport {
     /// Cold over warm per figure, when the run had a `warm` and a `cold` target (or exactly
     /// two targets: the second over the first).
     pub ratios: Option<Ratios>,
+    /// What the pods did (`--pods`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pods: Option<pods::PodsReport>,
     /// Every job.
     pub samples: Vec<Sample>,
 }
@@ -131,6 +139,7 @@ async fn job(client: &Client, target: &Target, opts: &LoadOptions, t_run: Instan
     let t0 = Instant::now();
     let mut s = Sample {
         target: target.name.clone(),
+        agent: None,
         at_s: t0.duration_since(t_run).as_secs_f64(),
         lease_ms: None,
         ttfb_ms: None,
@@ -156,6 +165,7 @@ async fn job(client: &Client, target: &Target, opts: &LoadOptions, t_run: Instan
         }
     };
     s.lease_ms = Some(ms(Instant::now()));
+    s.agent = Some(lease.agent.clone());
     if opts.command.is_empty() {
         // Lease-only: measures the lease API alone (lease, then release).
         if let Err(e) = client.release(&lease.id).await {
@@ -204,9 +214,13 @@ async fn job(client: &Client, target: &Target, opts: &LoadOptions, t_run: Instan
 /// `duration`) is reached; job i runs against target i mod len, so targets alternate and a
 /// drift in the machine's speed affects them alike.
 pub async fn run_load(client: &Client, opts: &LoadOptions) -> (Vec<Sample>, f64) {
+    run_load_from(client, opts, Instant::now()).await
+}
+
+/// [`run_load`] with the run starting at `t_run` (the origin of [`Sample::at_s`]).
+async fn run_load_from(client: &Client, opts: &LoadOptions, t_run: Instant) -> (Vec<Sample>, f64) {
     let next = Arc::new(AtomicUsize::new(0));
     let bar = progress_bar(opts.jobs as u64, opts.progress);
-    let t_run = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..opts.concurrency.max(1) {
         let (client, opts, next, bar) = (client.clone(), opts.clone(), next.clone(), bar.clone());
@@ -292,10 +306,39 @@ pub async fn baseline_samples(
     (spawn, http)
 }
 
-/// Runs the whole benchmark: baseline, load, baseline again, then the report.
-pub async fn run(client: &Client, server: &str, opts: &LoadOptions) -> LoadReport {
+/// Runs the whole benchmark: baseline, load, baseline again, then the report. With `pods`
+/// (a cluster client and a namespace), the pods of that namespace are watched during the load
+/// (pods.rs).
+pub async fn run(
+    client: &Client,
+    server: &str,
+    opts: &LoadOptions,
+    pods: Option<(kube::Client, String)>,
+) -> Result<LoadReport, String> {
     let (mut spawn, mut http) = baseline_samples(server, client.tls(), &opts.command, 25).await;
-    let (samples, seconds) = run_load(client, opts).await;
+    let t_run = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let watch = match &pods {
+        Some((kube, ns)) => Some(pods::PodWatch::start(kube.clone(), ns, t_run).await?),
+        None => None,
+    };
+    let (samples, seconds) = run_load_from(client, opts, t_run).await;
+    let pods = match (watch, &pods) {
+        (Some(w), Some((_, ns))) => {
+            let log = w.stop();
+            let max_total = client
+                .pools()
+                .await
+                .map_err(|e| format!("reading the pools from {server}: {e}"))?
+                .into_iter()
+                .map(|p| (p.name, p.max_total))
+                .collect();
+            Some(log.report(ns, &samples, &max_total))
+        }
+        _ => None,
+    };
     let (s2, h2) = baseline_samples(server, client.tls(), &opts.command, 25).await;
     spawn.extend(s2);
     http.extend(h2);
@@ -316,16 +359,18 @@ pub async fn run(client: &Client, server: &str, opts: &LoadOptions) -> LoadRepor
         exit: slow.exit.ratio_to(&fast.exit),
         fast_exit_over_spawn: fast.exit.p50 / baseline.spawn.p50,
     });
-    LoadReport {
+    Ok(LoadReport {
         server: server.to_string(),
         command: opts.command.clone(),
         concurrency: opts.concurrency,
         seconds,
+        started_unix_ms,
         baseline,
         targets,
         ratios,
+        pods,
         samples,
-    }
+    })
 }
 
 /// (warm, cold) when both names are there, else the first two targets.

@@ -77,6 +77,9 @@ pub fn render(r: &LoadReport) -> String {
             let _ = writeln!(out, "  {} error: {e}", t.name);
         }
     }
+    if let Some(p) = &r.pods {
+        out.push_str(&render_pods(p));
+    }
     if let Some(q) = &r.ratios {
         let _ = writeln!(
             out,
@@ -101,6 +104,50 @@ pub fn render(r: &LoadReport) -> String {
                 .map_or(0.0, |t| t.exit.p50)),
             f(r.baseline.spawn.p50)
         );
+    }
+    out
+}
+
+/// The `--pods` part: each pool's pods, and the split of cold starts.
+fn render_pods(p: &super::pods::PodsReport) -> String {
+    let mut out = format!("\npods in namespace {}:\n", p.namespace);
+    let mut rows = vec![
+        ["POOL", "PODS CREATED", "PEAK PODS THAT MAY RUN", "MAXTOTAL"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for q in &p.pools {
+        rows.push(vec![
+            q.pool.clone(),
+            q.created.to_string(),
+            q.peak.to_string(),
+            q.max_total.map_or("?".into(), |m| m.to_string()),
+        ]);
+    }
+    out.push_str(&table(&rows));
+    if !p.cold_starts.is_empty() {
+        out.push_str("\njobs that waited for a new pod, ms from the lease request:\n");
+        let mut rows = vec![
+            ["TARGET", "MILESTONE", "N", "P50", "P90", "P99", "MAX"]
+                .map(String::from)
+                .to_vec(),
+        ];
+        for c in &p.cold_starts {
+            for (m, s) in [
+                ("pod created", &c.created),
+                ("pod Running (kubelet)", &c.running),
+                ("agent connected, leased", &c.lease),
+                ("first byte", &c.ttfb),
+            ] {
+                if s.n == 0 {
+                    continue;
+                }
+                let mut row = vec![c.target.clone(), m.to_string()];
+                row.extend(cells(s));
+                rows.push(row);
+            }
+        }
+        out.push_str(&table(&rows));
     }
     out
 }

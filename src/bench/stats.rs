@@ -9,6 +9,9 @@ use serde::Serialize;
 pub struct Sample {
     /// The target (pool) name the job ran against.
     pub target: String,
+    /// The agent (on Kubernetes, the pod) that served the job, once leased.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
     /// Seconds from the start of the run to the lease request.
     pub at_s: f64,
     /// Lease request to its 201 answer.
@@ -174,6 +177,7 @@ mod tests {
     fn reports_count_errors_apart() {
         let mk = |t: &str, ms: f64, err: bool| Sample {
             target: t.into(),
+            agent: None,
             at_s: 0.0,
             lease_ms: Some(ms),
             ttfb_ms: Some(ms),

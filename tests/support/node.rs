@@ -69,18 +69,29 @@ pub async fn ensure_crd(client: &kube::Client) {
         .await
         .unwrap()
     {
-        None => {
-            crds.create(&PostParams::default(), &want).await.unwrap();
-        }
+        // Another test may have created it meanwhile.
+        None => match crds.create(&PostParams::default(), &want).await {
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            r => {
+                r.unwrap();
+            }
+        },
         Some(have) if have.spec != want.spec => {
             want.metadata.resource_version = have.metadata.resource_version;
-            crds.replace(
-                &want.metadata.name.clone().unwrap(),
-                &PostParams::default(),
-                &want,
-            )
-            .await
-            .unwrap();
+            // A conflict: another test replaced it meanwhile, with the same.
+            match crds
+                .replace(
+                    &want.metadata.name.clone().unwrap(),
+                    &PostParams::default(),
+                    &want,
+                )
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                r => {
+                    r.unwrap();
+                }
+            }
         }
         Some(_) => {}
     }

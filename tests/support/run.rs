@@ -45,6 +45,10 @@ pub fn spawn_run(server: &str, selector: &str, script: &str) -> Run {
 }
 
 impl Run {
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
     pub fn count(&self) -> usize {
         self.lines.lock().unwrap().len()
     }
