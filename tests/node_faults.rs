@@ -187,8 +187,7 @@ impl Bench {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
         watch.abort();
-        let n = seen.lock().unwrap().len();
-        n
+        seen.lock().unwrap().len()
     }
 
     /// Stops warmpool and deletes the namespace (its pods go with it).
