@@ -335,7 +335,17 @@ impl Service {
                             },
                         );
                     }
-                    if let Reason::ProvisionFailed(error) = &reason {
+                    if reason == Reason::ProvisionTimeout {
+                        self.backend.record(
+                            &pool,
+                            PoolEvent::ProvisionFailed {
+                                agent: agent.clone(),
+                                error: "not started within connectTimeout of its creation; deleted"
+                                    .into(),
+                            },
+                        );
+                    }
+                    if let Reason::ProvisionFailed(error) | Reason::StartFailed(error) = &reason {
                         self.backend.record(
                             &pool,
                             PoolEvent::ProvisionFailed {
@@ -363,8 +373,12 @@ impl Service {
                         });
                         continue;
                     }
-                    // An agent that exited or never started has nothing left to stop.
-                    if !matches!(reason, Reason::Exited(_) | Reason::ProvisionFailed(_)) {
+                    // An agent that exited or never started has nothing left to stop; one that
+                    // failed to start is stopped by the backend that reported it.
+                    if !matches!(
+                        reason,
+                        Reason::Exited(_) | Reason::ProvisionFailed(_) | Reason::StartFailed(_)
+                    ) {
                         self.backend.terminate(&agent, self.backend_tx.clone());
                     }
                 }
@@ -530,6 +544,10 @@ async fn backend_loop(
                     .with_label_values(&[&pool, "failed"])
                     .inc();
                 svc.apply(|e, now| e.provision_failed(&agent, &error, now))
+            }
+            BackendEvent::StartFailed { agent, error } => {
+                tracing::warn!(agent = %agent, error = %error, "agent cannot start");
+                svc.apply(|e, now| e.start_failed(&agent, &error, now))
             }
             BackendEvent::Exited { agent, detail } => {
                 tracing::debug!(agent = %agent, detail = %detail, "agent gone");

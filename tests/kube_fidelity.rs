@@ -44,6 +44,7 @@ async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_an
             graceful: Some(Duration::from_millis(300)),
             lose_every: 3,
             lost_for: Duration::from_millis(1500),
+            ..Default::default()
         },
     );
     let h = start_with(kube_config(&client)).await;

@@ -46,6 +46,14 @@ pub enum BackendEvent {
         /// Why, for people.
         error: String,
     },
+    /// The agent was started but cannot run (its pod waits on a missing image): the backend
+    /// stops what is left itself and reports `Exited` once it is gone.
+    StartFailed {
+        /// Agent.
+        agent: AgentId,
+        /// Why, for people (names the pod, the container, the image and the reason).
+        error: String,
+    },
     /// The agent is gone (process reaped, pod deleted).
     Exited {
         /// Agent.
@@ -69,6 +77,14 @@ pub enum PoolEvent {
         agent: AgentId,
         /// Why.
         error: String,
+    },
+    /// An agent's pod failed by itself (its container exited or was OOM-killed), whether or not
+    /// its agent had registered.
+    PodFailed {
+        /// Agent (pod) id.
+        agent: AgentId,
+        /// How its containers ended.
+        detail: String,
     },
     /// The provisioning rate limit held agents back.
     Throttled,

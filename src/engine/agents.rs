@@ -22,13 +22,11 @@ impl Engine {
 
     /// The backend started the agent (Provisioning -> Connecting).
     pub fn agent_started(&mut self, id: &str, now: Instant) {
+        // Not a success yet: a container that starts and then exits before its agent registers
+        // is a failure (see `agent_exited`); only a registration resets the backoff.
         if let Some(a) = self.agents.get(id)
             && a.state == AgentState::Provisioning
         {
-            if let Some(p) = self.pools.get_mut(&a.pool) {
-                p.failures_in_a_row = 0;
-                p.backoff_until = None;
-            }
             self.set_state(id, AgentState::Connecting, now);
         }
     }
@@ -46,6 +44,33 @@ impl Engine {
     /// The backend could not start the agent.
     pub fn provision_failed(&mut self, id: &str, error: &str, now: Instant) {
         let Some(a) = self.agents.get(id) else { return };
+        // One timed out already (provision-timeout) was counted then.
+        if a.state != AgentState::Terminating {
+            self.count_failure(id, error, now);
+        }
+        self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
+        // It never started: nothing will report its exit, so it is gone now.
+        self.remove_agent(id);
+        self.reconcile(now);
+    }
+
+    /// The backend reports that a started agent cannot run (its pod waits on an image that is
+    /// missing): a failed provision, with backoff. The agent moves to Terminating (the backend
+    /// deletes what is left) and stays counted until the backend reports it gone.
+    pub fn start_failed(&mut self, id: &str, error: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
+        if !matches!(a.state, AgentState::Provisioning | AgentState::Connecting) {
+            return;
+        }
+        self.count_failure(id, error, now);
+        self.terminate(id, Reason::StartFailed(error.to_string()), now);
+        self.reconcile(now);
+    }
+
+    /// Records a failed provision of `id`: counted, the pool's last error, and exponential
+    /// backoff before the pool's next provision ([`backoff`]); an agent registering resets it.
+    pub(super) fn count_failure(&mut self, id: &str, error: &str, now: Instant) {
+        let Some(a) = self.agents.get(id) else { return };
         let pool = a.pool.clone();
         if let Some(p) = self.pools.get_mut(&pool) {
             p.provision_failures_total += 1;
@@ -58,10 +83,6 @@ impl Engine {
                 pause.as_millis()
             ));
         }
-        self.terminate(id, Reason::ProvisionFailed(error.to_string()), now);
-        // It never started: nothing will report its exit, so it is gone now.
-        self.remove_agent(id);
-        self.reconcile(now);
     }
 
     /// Checks whether an agent may register (before the hub accepts its connection).
@@ -175,9 +196,11 @@ impl Engine {
         a.health = health;
         a.last_seen = now;
         let pool_name = a.pool.clone();
-        // Agents register again: the pool is no longer failing.
+        // Agents register again: the pool is no longer failing, and provisions go at full pace.
         if let Some(p) = self.pools.get_mut(&pool_name) {
             p.last_error = None;
+            p.failures_in_a_row = 0;
+            p.backoff_until = None;
         }
         let a = self.agents.get_mut(id).expect("checked");
         let seconds = now.duration_since(a.created).as_secs_f64();
@@ -331,10 +354,18 @@ impl Engine {
         self.reconcile(now);
     }
 
-    /// The backend reports the agent is gone (process reaped, pod deleted).
+    /// The backend reports the agent is gone (process reaped, pod ended or deleted). An agent
+    /// that had not registered yet (and serves no lease) failed to start: counted as a failed
+    /// provision, with backoff, so a container that crashes at start is not replaced in a loop.
     pub fn agent_exited(&mut self, id: &str, detail: &str, now: Instant) {
         let Some(a) = self.agents.get(id) else { return };
-        if a.state != AgentState::Terminating {
+        let unregistered = a.lease.is_none()
+            && matches!(a.state, AgentState::Provisioning | AgentState::Connecting);
+        if unregistered {
+            let error = format!("exited before it registered: {detail}");
+            self.count_failure(id, &error, now);
+            self.terminate(id, Reason::StartFailed(error), now);
+        } else if a.state != AgentState::Terminating {
             self.terminate(id, Reason::Exited(detail.to_string()), now);
         }
         // A removed pool disappears with its last agent.
@@ -403,6 +434,11 @@ impl Engine {
         {
             p.leaks_total += 1;
             p.last_error = Some(format!("agent {id} did not register within connectTimeout"));
+        }
+        if reason == Reason::ProvisionTimeout {
+            // Not running within connectTimeout of its creation (stuck creating, or waiting on
+            // something that does not come): a failed provision, with backoff.
+            self.count_failure(id, "not started within connectTimeout of its creation", now);
         }
         tracing::info!(agent = id, pool = %pool, reason = %reason, "terminating agent");
         self.set_state(id, AgentState::Terminating, now);

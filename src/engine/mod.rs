@@ -21,6 +21,8 @@ mod status;
 mod types;
 
 #[cfg(test)]
+mod fault_tests;
+#[cfg(test)]
 mod proptests;
 #[cfg(test)]
 mod takeover_tests;
@@ -109,7 +111,8 @@ struct Pool {
     hook_failures_total: u64,
     /// The last hook failure, cleared when an agent passes its hooks.
     last_hook_failure: Option<String>,
-    /// Provisioning failures in a row (reset when an agent of the pool starts).
+    /// Provisioning failures in a row: the backend could not start an agent, or an agent ended
+    /// or timed out before it registered (reset when an agent of the pool registers).
     failures_in_a_row: u32,
     /// No provisioning before this (exponential backoff after failures).
     backoff_until: Option<Instant>,

@@ -407,9 +407,6 @@ fn failed_provisions_do_not_hold_capacity() {
     e.upsert_pool("p", spec(&["linux"], 1, 2, 0), t0);
     let mut now = t0;
     for _ in 0..5 {
-        // Past the backoff of the previous failure.
-        now += BACKOFF_MAX;
-        e.tick(now);
         let acts = e.take_actions();
         let Some(Action::Provision { agent, .. }) = acts
             .iter()
@@ -422,6 +419,9 @@ fn failed_provisions_do_not_hold_capacity() {
         let s = status(&e, "p");
         assert!(s.total <= 1, "failed agents still count: {s:?}");
         assert!(s.last_error.as_deref().unwrap().contains("no such program"));
+        // Past the backoff of this failure.
+        now += BACKOFF_MAX;
+        e.tick(now);
     }
     assert_eq!(status(&e, "p").provision_failures_total, 5);
 }
@@ -467,20 +467,24 @@ fn connect_timeout_counts_from_start_and_stuck_provisioning_is_not_a_leak() {
     let Action::Provision { agent, .. } = acts[0].clone() else {
         panic!()
     };
-    // Never started by the backend: provision-timeout, not a leak.
+    // Never started by the backend: provision-timeout, not a leak but a failed provision.
     e.tick(t0 + ms(500));
     assert_eq!(terminations(&e.take_actions()), vec!["provision-timeout"]);
     assert_eq!(status(&e, "p").leaks_total, 0);
+    assert_eq!(status(&e, "p").provision_failures_total, 1);
     e.agent_exited(&agent, "never started", t0 + ms(500));
-    // Started late: the connect deadline runs from the start.
+    // Started late: the connect deadline runs from the start. (The next provision waits out
+    // the backoff.)
+    let t1 = t0 + ms(500) + BACKOFF_BASE;
+    e.tick(t1);
     let acts = e.take_actions();
     let Action::Provision { agent, .. } = acts[0].clone() else {
         panic!("{acts:?}")
     };
-    e.agent_started(&agent, t0 + ms(900));
-    e.tick(t0 + ms(1300));
+    e.agent_started(&agent, t1 + ms(400));
+    e.tick(t1 + ms(800));
     assert!(terminations(&e.take_actions()).is_empty());
-    e.tick(t0 + ms(1400));
+    e.tick(t1 + ms(900));
     assert_eq!(terminations(&e.take_actions()), vec!["connect-timeout"]);
     assert_eq!(status(&e, "p").leaks_total, 1);
 }
@@ -554,7 +558,7 @@ fn provisioning_failures_back_off_exponentially_with_jitter() {
         "pauses grow: {gaps:?}"
     );
     assert!(status(&e, "p").last_error.unwrap().contains("in a row"));
-    // A successful start resets the backoff.
+    // A registration resets the backoff.
     let a = loop {
         now += ms(50);
         e.tick(now);

@@ -90,6 +90,10 @@ pub enum Reason {
     Exited(String),
     /// The backend could not start it.
     ProvisionFailed(String),
+    /// It was started but ended, or cannot run, before it registered (its container exited or
+    /// was OOM-killed, its image is missing): a failed provision, with backoff. The backend
+    /// reported it and stops what is left itself.
+    StartFailed(String),
     /// The backend did not report it started within `connectTimeout`.
     ProvisionTimeout,
     /// Did not finish cleanup in time.
@@ -120,6 +124,7 @@ impl Reason {
             Reason::Disconnected(_) => "disconnected",
             Reason::Exited(_) => "exited",
             Reason::ProvisionFailed(_) => "provision-failed",
+            Reason::StartFailed(_) => "start-failed",
             Reason::ProvisionTimeout => "provision-timeout",
             Reason::CleanupTimeout => "cleanup-timeout",
             Reason::CleanupFailed(_) => "cleanup-failed",
@@ -137,6 +142,7 @@ impl std::fmt::Display for Reason {
             | Reason::Disconnected(d)
             | Reason::Exited(d)
             | Reason::ProvisionFailed(d)
+            | Reason::StartFailed(d)
             | Reason::CleanupFailed(d)
             | Reason::HealthCheckFailed(d) => write!(f, "{}: {d}", self.as_str()),
             other => f.write_str(other.as_str()),

@@ -17,6 +17,16 @@
 //!   marked `Unknown` (the node controller's part) while its process keeps running, and the
 //!   kubelet writes nothing and confirms no deletion for it until the node is back.
 //!
+//! - `missing_images`: a container whose image is listed never starts: the pod stays Pending and
+//!   the container waits with `ErrImageNeverPull` (pull policy Never) or `ImagePullBackOff`,
+//!   with the real kubelet's message.
+//!
+//! Container states are written as a v1.20 kubelet with Docker writes them (checked on the real
+//! node of scripts/kube-node.sh): an exit ends the pod `Failed` with the container `terminated`
+//! `{exitCode, reason: Error}` (`Completed` and `Succeeded` for 0), a signal as exit code
+//! 128 + signal; [`ProcessKubelet::oom_kill`] kills a pod's process as the kernel does at the
+//! container's memory limit, reported `OOMKilled`, exit code 137.
+//!
 //! Everything else (the apiserver, etcd, watches) is real.
 #![allow(dead_code)]
 
@@ -42,6 +52,7 @@ pub const NODE_LABELS: [(&str, &str); 2] = [
 pub struct ProcessKubelet {
     stop: CancellationToken,
     procs: Arc<Mutex<HashMap<String, u32>>>,
+    shared: SharedState,
 }
 
 /// How the simulated kubelet behaves (see the module docs).
@@ -56,6 +67,8 @@ pub struct KubeletOptions {
     pub lose_every: u32,
     /// How long a lost node stays lost.
     pub lost_for: Duration,
+    /// Images that are not on the node (and cannot be pulled).
+    pub missing_images: Vec<String>,
 }
 
 /// Per-pod state shared by the kubelet's tasks.
@@ -65,6 +78,8 @@ struct Shared {
     deleting: std::collections::HashSet<String>,
     /// Pods whose node is lost, until when.
     lost_until: HashMap<String, tokio::time::Instant>,
+    /// Pods whose process was OOM-killed.
+    oom_killed: std::collections::HashSet<String>,
 }
 
 type SharedState = Arc<Mutex<Shared>>;
@@ -94,6 +109,7 @@ impl ProcessKubelet {
         let stop = CancellationToken::new();
         let procs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
         let shared: SharedState = Arc::default();
+        let kubelet_shared = shared.clone();
         let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
         let (s, p, ns) = (stop.clone(), procs.clone(), namespace.to_string());
         tokio::spawn(async move {
@@ -167,6 +183,7 @@ impl ProcessKubelet {
                                 shared.clone(),
                                 start_delay,
                                 lose,
+                                opts.missing_images.clone(),
                             ));
                         }
                     }
@@ -175,12 +192,32 @@ impl ProcessKubelet {
                 }
             }
         });
-        ProcessKubelet { stop, procs }
+        ProcessKubelet {
+            stop,
+            procs,
+            shared: kubelet_shared,
+        }
     }
 
     /// Pids of the pods' processes now running.
     pub fn running(&self) -> usize {
         self.procs.lock().unwrap().len()
+    }
+
+    /// Kills pod `name`'s process as the kernel does at its container's memory limit (SIGKILL);
+    /// the pod ends `Failed`, its container `OOMKilled` with exit code 137. False when it does
+    /// not run.
+    pub fn oom_kill(&self, name: &str) -> bool {
+        let Some(pid) = self.procs.lock().unwrap().get(name).copied() else {
+            return false;
+        };
+        self.shared
+            .lock()
+            .unwrap()
+            .oom_killed
+            .insert(name.to_string());
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        true
     }
 }
 
@@ -301,6 +338,64 @@ async fn lose_node(
     }
 }
 
+/// The container waits on an image that is not on the node, as a real kubelet reports it: the
+/// pod stays Pending.
+async fn wait_for_image(api: &Api<Pod>, name: &str, c: &k8s_openapi::api::core::v1::Container) {
+    let image = c.image.clone().unwrap_or_default();
+    let (reason, message) = if c.image_pull_policy.as_deref() == Some("Never") {
+        (
+            "ErrImageNeverPull",
+            format!("Container image {image:?} is not present with pull policy of Never"),
+        )
+    } else {
+        (
+            "ImagePullBackOff",
+            format!("Back-off pulling image {image:?}"),
+        )
+    };
+    let patch = serde_json::json!({"status": {
+        "phase": "Pending",
+        "conditions": [{"type": "Ready", "status": "False", "reason": "ContainersNotReady",
+            "message": format!("containers with unready status: [{}]", c.name)}],
+        "containerStatuses": [{
+            "name": c.name, "image": image, "imageID": "", "ready": false, "restartCount": 0,
+            "started": false, "state": {"waiting": {"reason": reason, "message": message}},
+        }],
+    }});
+    let _ = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await;
+}
+
+/// The container ended: the pod's terminal phase and the container's `terminated` state.
+async fn set_terminated(
+    api: &Api<Pod>,
+    name: &str,
+    c: &k8s_openapi::api::core::v1::Container,
+    exit_code: i32,
+    reason: &str,
+) {
+    let now = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let phase = if exit_code == 0 {
+        "Succeeded"
+    } else {
+        "Failed"
+    };
+    let patch = serde_json::json!({"status": {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": "False"}],
+        "containerStatuses": [{
+            "name": c.name, "image": c.image, "imageID": "", "ready": false, "restartCount": 0,
+            "started": false,
+            "state": {"terminated": {"exitCode": exit_code, "reason": reason, "finishedAt": now,
+                "startedAt": now, "containerID": format!("process://{name}")}},
+        }],
+    }});
+    let _ = api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await;
+}
+
 async fn run_pod(
     api: Api<Pod>,
     pod: Pod,
@@ -308,6 +403,7 @@ async fn run_pod(
     shared: SharedState,
     delay: Duration,
     lose: Option<Duration>,
+    missing_images: Vec<String>,
 ) {
     tokio::time::sleep(delay).await;
     let name = pod.name_any();
@@ -320,6 +416,11 @@ async fn run_pod(
         set_phase(&api, &name, "Failed").await;
         return;
     };
+    if c.image.as_ref().is_some_and(|i| missing_images.contains(i)) {
+        wait_for_image(&api, &name, &c).await;
+        return;
+    }
+    let container = c.clone();
     let argv: Vec<String> = c
         .command
         .unwrap_or_default()
@@ -371,7 +472,17 @@ async fn run_pod(
     // Killed for a deletion: the pod is going away, nothing to report.
     let deleting = shared.lock().unwrap().deleting.contains(&name);
     if ours && !deleting {
-        let ok = status.map(|s| s.success()).unwrap_or(false);
-        set_phase(&api, &name, if ok { "Succeeded" } else { "Failed" }).await;
+        use std::os::unix::process::ExitStatusExt;
+        let oom = shared.lock().unwrap().oom_killed.remove(&name);
+        let code = match status {
+            Ok(s) => s.code().unwrap_or_else(|| 128 + s.signal().unwrap_or(9)),
+            Err(_) => 128 + 9,
+        };
+        let reason = match code {
+            _ if oom => "OOMKilled",
+            0 => "Completed",
+            _ => "Error",
+        };
+        set_terminated(&api, &name, &container, code, reason).await;
     }
 }

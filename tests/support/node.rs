@@ -181,3 +181,8 @@ pub async fn delete_leftovers(client: &kube::Client, prefix: &str) {
         }
     }
 }
+
+/// The agent image `tag` built from this test's own binary.
+pub fn build_agent_image(tag: &str) {
+    build_image(tag, &[]);
+}

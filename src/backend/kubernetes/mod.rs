@@ -384,6 +384,11 @@ impl Backend for KubeBackend {
                 "CreatePod",
                 format!("pod {agent}: {error}"),
             ),
+            PoolEvent::PodFailed { agent, detail } => (
+                "PodFailed",
+                "DeletePod",
+                event_note(&format!("pod {agent} ended by itself: {detail}; deleted")),
+            ),
             PoolEvent::Throttled => (
                 "Throttled",
                 "CreatePod",
@@ -473,6 +478,78 @@ pub fn unschedulable(pod: &Pod) -> Option<String> {
             ))
         .then(|| c.message.clone().unwrap_or_else(|| "unschedulable".into()))
     })
+}
+
+/// Waiting reasons of a container whose image cannot be had: the pod would wait forever.
+pub const IMAGE_FAILURES: [&str; 4] = [
+    "ErrImageNeverPull",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+];
+
+/// Why a pod cannot start because of a container image (its container waits with one of
+/// [`IMAGE_FAILURES`]): names the pod, the container, the image, the kubelet's reason and message.
+pub fn image_failure(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let statuses = status.init_container_statuses.iter().flatten();
+    statuses
+        .chain(status.container_statuses.iter().flatten())
+        .find_map(|c| {
+            let w = c.state.as_ref()?.waiting.as_ref()?;
+            let reason = w.reason.as_deref()?;
+            IMAGE_FAILURES.contains(&reason).then(|| {
+                let message = w.message.as_deref().unwrap_or("no message");
+                format!(
+                    "pod {}/{}: container {} cannot start: image {:?}: {reason}: {message}",
+                    pod.namespace().unwrap_or_default(),
+                    pod.name_any(),
+                    c.name,
+                    c.image
+                )
+            })
+        })
+}
+
+/// How a finished pod ended: its phase, the pod's reason and message (eviction), and each
+/// container that terminated with an error, its reason (`OOMKilled`, `Error`...) and exit code.
+pub fn pod_exit(pod: &Pod) -> String {
+    let Some(status) = pod.status.as_ref() else {
+        return "pod gone".into();
+    };
+    let mut out = format!("pod {}", status.phase.as_deref().unwrap_or("Unknown"));
+    if let Some(r) = &status.reason {
+        out.push_str(&format!(" ({r}"));
+        if let Some(m) = &status.message {
+            out.push_str(&format!(": {m}"));
+        }
+        out.push(')');
+    }
+    let statuses = status.init_container_statuses.iter().flatten();
+    for c in statuses.chain(status.container_statuses.iter().flatten()) {
+        let Some(t) = c.state.as_ref().and_then(|s| s.terminated.as_ref()) else {
+            continue;
+        };
+        if t.exit_code == 0 && status.phase.as_deref() == Some("Failed") {
+            continue;
+        }
+        out.push_str(&format!(
+            ", container {}: {}, exit code {}",
+            c.name,
+            t.reason.as_deref().unwrap_or("terminated"),
+            t.exit_code
+        ));
+        if let Some(sig) = t.signal.filter(|s| *s != 0) {
+            out.push_str(&format!(", signal {sig}"));
+        }
+        if let Some(m) = t.message.as_deref().filter(|m| !m.is_empty()) {
+            out.push_str(&format!(" ({})", m.trim()));
+        }
+    }
+    out
 }
 
 fn agent_of(pod: &Pod) -> Option<String> {

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use super::status::write_statuses;
 use super::{
     KubeBackend, LABEL_MANAGED_BY, LABEL_POOL, LABEL_TEMPLATE_HASH, MAX_POOL_KEY, agent_of,
-    template_hash, unschedulable,
+    image_failure, pod_exit, template_hash, unschedulable,
 };
+use crate::backend::PoolEvent::PodFailed;
 use crate::backend::{Backend, BackendEvent};
 use crate::k8s::crd::AgentPool;
 use crate::service::Service;
@@ -314,14 +315,38 @@ async fn watch_pods(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 // maxTotal: a pod being deleted, or Unknown (its node lost: its containers may
                 // still run), counts until it is gone. An Unknown pod's agent is judged by its
                 // own connection: heartbeats or the connect deadline end it if it is lost.
+                let deleting = pod.metadata.deletion_timestamp.is_some();
+                // A pod waiting on an image that cannot be had waits forever: it failed to
+                // start; it is deleted and the engine backs off before the next.
+                if let Some(error) = image_failure(&pod).filter(|_| !deleting) {
+                    let _ = events.send(BackendEvent::StartFailed {
+                        agent: agent.clone(),
+                        error,
+                    });
+                    backend.terminate(&agent, events.clone());
+                    continue;
+                }
                 match phase.as_str() {
-                    "Running" if pod.metadata.deletion_timestamp.is_none() => {
+                    "Running" if !deleting => {
                         let _ = events.send(BackendEvent::Started { agent });
                     }
                     "Failed" | "Succeeded" => {
+                        let detail = pod_exit(&pod);
+                        if !deleting && let Some(pool) = pool_key.as_ref() {
+                            // It ended by itself (crashed, OOM-killed, evicted): say so where
+                            // the pool's owners look, whether or not its agent had registered.
+                            tracing::warn!(pod = %agent, detail = %detail, "agent pod failed");
+                            backend.record(
+                                pool,
+                                PodFailed {
+                                    agent: agent.clone(),
+                                    detail: detail.clone(),
+                                },
+                            );
+                        }
                         let _ = events.send(BackendEvent::Exited {
                             agent: agent.clone(),
-                            detail: format!("pod {phase}"),
+                            detail,
                         });
                         backend.terminate(&agent, events.clone());
                     }
