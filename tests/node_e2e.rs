@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use cluster::*;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use node::*;
 use run::spawn_run;
@@ -172,23 +172,7 @@ async fn node_namespace(kubeconfig: &Path, ns: &str) -> kube::Client {
     let client = client_from(kubeconfig).await;
     ensure_crd(&client).await;
     build_agent_image_once();
-    let nss: Api<Namespace> = Api::all(client.clone());
-    if nss.get_opt(ns).await.unwrap().is_none() {
-        let want = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-        nss.create(&PostParams::default(), &want).await.unwrap();
-    }
-    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
-    poll(
-        &format!("the default service account of {ns} with its token"),
-        Duration::from_secs(60),
-        async || {
-            sas.get_opt("default")
-                .await
-                .unwrap()
-                .is_some_and(|sa| !sa.secrets.unwrap_or_default().is_empty())
-        },
-    )
-    .await;
+    ensure_namespace(&client, ns).await;
     let aps = pools_in(&client, ns);
     for ap in aps.list(&ListParams::default()).await.unwrap().items {
         let _ = aps

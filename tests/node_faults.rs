@@ -72,11 +72,7 @@ impl Bench {
             }
         }
         let ns = format!("{prefix}{case}");
-        let obj: Namespace = serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap();
-        namespaces
-            .create(&PostParams::default(), &obj)
-            .await
-            .unwrap();
+        ensure_namespace(&client, &ns).await;
         let mut cfg = cluster::kube_config(&client);
         cfg.backend = BackendChoice::Kubernetes {
             client: client.clone(),

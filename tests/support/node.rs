@@ -186,3 +186,27 @@ pub async fn delete_leftovers(client: &kube::Client, prefix: &str) {
 pub fn build_agent_image(tag: &str) {
     build_image(tag, &[]);
 }
+
+/// Creates namespace `ns` when missing and waits until its `default` service account has its
+/// token: until then the apiserver refuses pods in it with a 500 (the ServiceAccount admission
+/// plugin), which warmpool cannot tell from a create that may have gone through.
+pub async fn ensure_namespace(client: &kube::Client, ns: &str) {
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    let nss: Api<Namespace> = Api::all(client.clone());
+    if nss.get_opt(ns).await.unwrap().is_none() {
+        let want = serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap();
+        nss.create(&PostParams::default(), &want).await.unwrap();
+    }
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), ns);
+    poll(
+        &format!("the default service account of {ns} with its token"),
+        Duration::from_secs(60),
+        async || {
+            sas.get_opt("default")
+                .await
+                .unwrap()
+                .is_some_and(|sa| !sa.secrets.unwrap_or_default().is_empty())
+        },
+    )
+    .await;
+}
