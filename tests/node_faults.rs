@@ -138,22 +138,7 @@ impl Bench {
     /// True when a Warning Event with `reason` regards AgentPool `pool` with a note holding
     /// each of `texts`.
     async fn warning_event(&self, reason: &str, pool: &str, texts: &[&str]) -> bool {
-        let events: Api<k8s_openapi::api::events::v1::Event> =
-            Api::namespaced(self.client.clone(), &self.ns);
-        events
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .iter()
-            .any(|e| {
-                e.reason.as_deref() == Some(reason)
-                    && e.type_.as_deref() == Some("Warning")
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pool)
-                    && e.note
-                        .as_deref()
-                        .is_some_and(|n| texts.iter().all(|t| n.contains(t)))
-            })
+        cluster::warning_event_in(&self.client, &self.ns, reason, pool, texts).await
     }
 
     /// Watches `window` (an observation period, not a wait for a condition): returns how many

@@ -204,8 +204,18 @@ pub async fn warning_event(
     pool: &str,
     texts: &[&str],
 ) -> bool {
-    let events: Api<k8s_openapi::api::events::v1::Event> =
-        Api::namespaced(client.clone(), "default");
+    warning_event_in(client, "default", reason, pool, texts).await
+}
+
+/// [`warning_event`] in namespace `ns`.
+pub async fn warning_event_in(
+    client: &kube::Client,
+    ns: &str,
+    reason: &str,
+    pool: &str,
+    texts: &[&str],
+) -> bool {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
     events
         .list(&ListParams::default())
         .await
