@@ -161,6 +161,15 @@ async fn pool_of_real_pods_reaches_min_idle_and_runs_a_job() {
 // ---- Each test below runs in a namespace of its own, with its own service instance: the
 // ---- other real-node tests (and other test binaries on the same node) use theirs.
 
+/// [`node_namespace`] and a service instance that serves namespace `ns` only; `None` without a
+/// node (see [`node_kubeconfig`]).
+async fn in_namespace(ns: &str) -> Option<(kube::Client, Harness)> {
+    let kubeconfig = node_kubeconfig()?;
+    let client = node_namespace(&kubeconfig, ns).await;
+    let h = start_with(ns_config(&client, ns)).await;
+    Some((client, h))
+}
+
 /// The client of the node, the CRD installed, [`IMAGE`] built, and the namespace `ns` ready
 /// for pods (its `default` service account has its token), without the AgentPools an earlier,
 /// interrupted run left in it.
@@ -286,13 +295,11 @@ impl CapWatch {
 
 #[tokio::test]
 async fn max_total_holds_under_churn_counted_from_the_apiserver_terminating_pods_included() {
-    let Some(kubeconfig) = node_kubeconfig() else {
-        return;
-    };
     const NS: &str = "node-e2e-churn";
     const CAP: usize = 3;
-    let client = node_namespace(&kubeconfig, NS).await;
-    let h = start_with(ns_config(&client, NS)).await;
+    let Some((client, h)) = in_namespace(NS).await else {
+        return;
+    };
     let name = format!("churn-{}", std::process::id());
     create_pool(
         &client,
@@ -376,12 +383,10 @@ async fn max_total_holds_under_churn_counted_from_the_apiserver_terminating_pods
 
 #[tokio::test]
 async fn an_agent_that_never_connects_is_deleted_as_a_leak_and_replaced() {
-    let Some(kubeconfig) = node_kubeconfig() else {
+    const NS: &str = "node-e2e-leak";
+    let Some((client, h)) = in_namespace(NS).await else {
         return;
     };
-    const NS: &str = "node-e2e-leak";
-    let client = node_namespace(&kubeconfig, NS).await;
-    let h = start_with(ns_config(&client, NS)).await;
     let name = format!("leak-{}", std::process::id());
     // The container runs, but nothing in it ever dials the hub.
     create_pool(
@@ -467,12 +472,10 @@ impl Drop for KillOnDrop {
 
 #[tokio::test]
 async fn a_restart_of_the_service_adopts_every_real_pod_and_the_job_survives() {
-    let Some(kubeconfig) = node_kubeconfig() else {
+    const NS: &str = "node-e2e-restart";
+    let Some((client, h)) = in_namespace(NS).await else {
         return;
     };
-    const NS: &str = "node-e2e-restart";
-    let client = node_namespace(&kubeconfig, NS).await;
-    let h = start_with(ns_config(&client, NS)).await;
     let name = format!("restart-{}", std::process::id());
     create_pool(
         &client,

@@ -434,6 +434,15 @@ async fn refused_before_hello(h: &Harness, send: impl AsyncFnOnce(&mut Ws)) -> (
     (code, reason)
 }
 
+async fn send_hello_with_labels(ws: &mut Ws, labels: Vec<String>) {
+    let hello = serde_json::json!({
+        "type": "hello", "protocol": 1, "agentId": "x", "token": "t", "labels": labels
+    });
+    ws.send(Message::Text(hello.to_string().into()))
+        .await
+        .unwrap();
+}
+
 async fn write_raw(ws: &mut Ws, bytes: &[u8]) {
     use tokio::io::AsyncWriteExt;
     match ws.get_mut() {
@@ -487,26 +496,16 @@ async fn bad_frames_before_hello_are_closed_with_a_code_and_counted() {
 
     // Under the frame limit but far above what a hello needs.
     let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
-        let labels: Vec<String> = (0..20_000).map(|i| format!("label-{i:08}")).collect();
-        let hello = serde_json::json!({
-            "type": "hello", "protocol": 1, "agentId": "x", "token": "t", "labels": labels
-        });
-        ws.send(Message::Text(hello.to_string().into()))
-            .await
-            .unwrap();
+        let labels = (0..20_000).map(|i| format!("label-{i:08}")).collect();
+        send_hello_with_labels(ws, labels).await;
     })
     .await;
     assert_eq!(code, close::TOO_BIG, "960 KB hello: {reason}");
     assert!(reason.contains("65536"), "{reason}");
 
     let (code, reason) = refused_before_hello(&h, async |ws: &mut Ws| {
-        let labels: Vec<String> = (0..300).map(|i| format!("l{i}")).collect();
-        let hello = serde_json::json!({
-            "type": "hello", "protocol": 1, "agentId": "x", "token": "t", "labels": labels
-        });
-        ws.send(Message::Text(hello.to_string().into()))
-            .await
-            .unwrap();
+        let labels = (0..300).map(|i| format!("l{i}")).collect();
+        send_hello_with_labels(ws, labels).await;
     })
     .await;
     assert_eq!(code, close::PROTOCOL_VIOLATION, "300 labels: {reason}");
