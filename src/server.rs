@@ -354,7 +354,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             namespace.clone(),
         )),
     };
-    let jenkins = crate::jenkins::Connector::new(runner, svc.metrics.clone(), cfg.ca_file.clone());
+    let jenkins = crate::jenkins::Connector::new(&svc, runner, cfg.ca_file.clone());
     let _ = svc.jenkins.set(jenkins.clone());
     let app = router(ApiState {
         svc: svc.clone(),

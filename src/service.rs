@@ -94,7 +94,8 @@ pub struct Service {
     /// Set when a shutdown leaves the agents to the next instance: from then on nothing is
     /// provisioned or terminated, whatever the engine decides.
     detached: AtomicBool,
-    /// The Jenkins connector (Jenkins pools live there, not in the engine).
+    /// The Jenkins connector: the backend of pools with a `jenkins` block (their agents are
+    /// Jenkins nodes with a process or pod each) and the poll that feeds their events.
     pub jenkins: std::sync::OnceLock<Arc<crate::jenkins::Connector>>,
 }
 
@@ -212,6 +213,17 @@ impl Service {
         self.specs.remove(name);
     }
 
+    /// The backend a pool's agents come from: the Jenkins connector for a pool with a
+    /// `jenkins` block, else the service's backend.
+    fn backend_of(&self, pool: &str) -> &dyn Backend {
+        if self.specs.get(pool).is_some_and(|s| s.jenkins.is_some())
+            && let Some(c) = self.jenkins.get()
+        {
+            return &**c;
+        }
+        &*self.backend
+    }
+
     /// The backend's name.
     pub fn backend_name(&self) -> &'static str {
         self.backend.name()
@@ -292,7 +304,7 @@ impl Service {
                         .inc();
                     tracing::info!(pool = %pool, agent = %agent, "provisioning agent");
                     let token = self.key.token(&agent);
-                    self.backend.provision(
+                    self.backend_of(&pool).provision(
                         ProvisionRequest {
                             pool,
                             agent,
@@ -311,10 +323,11 @@ impl Service {
                         .recycles
                         .with_label_values(&[&pool, reason.as_str()])
                         .inc();
+                    let backend = self.backend_of(&pool);
                     if reason == Reason::ConnectTimeout {
                         tracing::warn!(pool = %pool, agent = %agent, "agent never connected: leak");
                         self.metrics.leaks.with_label_values(&[&pool]).inc();
-                        self.backend.record(
+                        backend.record(
                             &pool,
                             PoolEvent::Leak {
                                 agent: agent.clone(),
@@ -326,7 +339,7 @@ impl Service {
                     {
                         tracing::warn!(pool = %pool, agent = %agent, reason = reason.as_str(),
                             detail = %detail, "hook failed after a lease; recycling the agent");
-                        self.backend.record(
+                        backend.record(
                             &pool,
                             PoolEvent::HookFailed {
                                 agent: agent.clone(),
@@ -336,7 +349,7 @@ impl Service {
                         );
                     }
                     if reason == Reason::ProvisionTimeout {
-                        self.backend.record(
+                        backend.record(
                             &pool,
                             PoolEvent::ProvisionFailed {
                                 agent: agent.clone(),
@@ -346,7 +359,7 @@ impl Service {
                         );
                     }
                     if let Reason::ProvisionFailed(error) | Reason::StartFailed(error) = &reason {
-                        self.backend.record(
+                        backend.record(
                             &pool,
                             PoolEvent::ProvisionFailed {
                                 agent: agent.clone(),
@@ -379,7 +392,12 @@ impl Service {
                         reason,
                         Reason::Exited(_) | Reason::ProvisionFailed(_) | Reason::StartFailed(_)
                     ) {
-                        self.backend.terminate(&agent, self.backend_tx.clone());
+                        backend.terminate(&agent, self.backend_tx.clone());
+                    }
+                }
+                Action::Drain { pool, agent } => {
+                    if let Some(c) = self.jenkins.get() {
+                        c.drain(&pool, &agent);
                     }
                 }
                 Action::Granted { request, lease } => {
@@ -435,7 +453,7 @@ impl Service {
                         .observe(seconds),
                     Observation::Throttled { pool } => {
                         self.metrics.throttled.with_label_values(&[&pool]).inc();
-                        self.backend.record(&pool, PoolEvent::Throttled);
+                        self.backend_of(&pool).record(&pool, PoolEvent::Throttled);
                     }
                 },
             }

@@ -432,8 +432,17 @@ impl Engine {
         if reason == Reason::ConnectTimeout
             && let Some(p) = self.pools.get_mut(&pool)
         {
+            // A leak is a failed provision too: a pool whose agents never register backs off
+            // instead of starting (and, for Jenkins, creating a node) every connectTimeout.
             p.leaks_total += 1;
-            p.last_error = Some(format!("agent {id} did not register within connectTimeout"));
+            p.failures_in_a_row += 1;
+            let pause = backoff(&pool, p.failures_in_a_row);
+            p.backoff_until = Some(now + pause);
+            p.last_error = Some(format!(
+                "agent {id} did not register within connectTimeout (failure {} in a row; next attempt in {} ms)",
+                p.failures_in_a_row,
+                pause.as_millis()
+            ));
         }
         if reason == Reason::ProvisionTimeout {
             // Not running within connectTimeout of its creation (stuck creating, or waiting on

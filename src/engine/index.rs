@@ -129,7 +129,9 @@ pub(super) fn matching(
     }
     let m: Arc<[String]> = pools
         .iter()
-        .filter(|(_, p)| !p.removed && req.selector.matches(&p.labels))
+        .filter(|(_, p)| {
+            !p.removed && !externally_leased(&p.spec) && req.selector.matches(&p.labels)
+        })
         .map(|(n, _)| n.clone())
         .collect();
     if cache.len() >= MATCH_CACHE_MAX {

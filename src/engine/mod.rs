@@ -15,11 +15,14 @@
 //! shutdown; `types.rs` the value types; `tests.rs` scenarios and the proptest.
 
 mod agents;
+mod external;
 mod index;
 mod reconcile;
 mod status;
 mod types;
 
+#[cfg(test)]
+mod external_tests;
 #[cfg(test)]
 mod fault_tests;
 #[cfg(test)]
@@ -120,6 +123,17 @@ struct Pool {
     members: HashSet<AgentId>,
     /// The pool's idle agents by idle-since (see `index.rs`).
     idle: BTreeSet<index::IdleKey>,
+    /// Externally leased pool (see `external.rs`): nothing is provisioned until the outside
+    /// scheduler was observed once (so existing agents are adopted, not duplicated).
+    held: bool,
+    /// Externally leased pool: the outside scheduler's queue waiting for this pool.
+    external_demand: u32,
+}
+
+/// True for a pool whose agents are leased by an outside scheduler (Jenkins), never by
+/// warmpool's own lease requests.
+pub fn externally_leased(spec: &PoolSpec) -> bool {
+    spec.jenkins.is_some()
 }
 
 /// First pause after a provisioning failure; it doubles per failure in a row.
@@ -215,6 +229,7 @@ impl Engine {
     pub fn upsert_pool(&mut self, name: &str, spec: PoolSpec, now: Instant) {
         self.pacer.configure(name, &spec);
         let labels = spec.label_set();
+        let held = externally_leased(&spec);
         match self.pools.get_mut(name) {
             Some(p) => {
                 p.spec = spec;
@@ -239,6 +254,8 @@ impl Engine {
                         backoff_until: None,
                         members: HashSet::new(),
                         idle: BTreeSet::new(),
+                        held,
+                        external_demand: 0,
                     },
                 );
             }
@@ -254,10 +271,12 @@ impl Engine {
             return;
         };
         p.removed = true;
+        // An outside scheduler's lease is not warmpool's to wait for: its agents all go now.
+        let all = externally_leased(&p.spec);
         let mut ids: Vec<AgentId> = p
             .members
             .iter()
-            .filter(|id| self.agents[*id].state != AgentState::Leased)
+            .filter(|id| all || self.agents[*id].state != AgentState::Leased)
             .cloned()
             .collect();
         ids.sort();
@@ -292,6 +311,22 @@ impl Engine {
         age: Duration,
         now: Instant,
     ) -> bool {
+        self.adopt_with(id, pool, state, age, 0, false, now)
+    }
+
+    /// Like [`Engine::adopt`], keeping what the agent did before: `uses` leases served, and
+    /// `drained` (an externally leased agent told to take no other lease).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adopt_with(
+        &mut self,
+        id: &str,
+        pool: &str,
+        state: AgentState,
+        age: Duration,
+        uses: u32,
+        drained: bool,
+        now: Instant,
+    ) -> bool {
         if self.agents.contains_key(id) || self.pools.get(pool).is_none_or(|p| p.removed) {
             return false;
         }
@@ -299,6 +334,8 @@ impl Engine {
         // maxAge keeps counting across restarts.
         a.created = now.checked_sub(age).unwrap_or(now);
         a.adopted = true;
+        a.uses = uses;
+        a.drained = drained;
         if state == AgentState::Terminating {
             a.terminate_reason = Some(Reason::Shutdown);
         }
@@ -492,8 +529,11 @@ impl Engine {
         } else {
             a.unhealthy.clone().map(Reason::Unhealthy)
         };
+        let external = externally_leased(spec);
         match reason {
             Some(r) => self.terminate(agent, r, now),
+            // The outside scheduler's agent cleans up by itself: it is free again at once.
+            None if external => self.set_state(agent, AgentState::Idle, now),
             None => {
                 self.set_state(agent, AgentState::Cleaning, now);
                 self.actions.push(Action::Release {

@@ -88,8 +88,10 @@ impl Engine {
                 AgentState::Connecting if now.duration_since(a.since) >= connect_limit => {
                     doomed.push((a.id.clone(), Reason::ConnectTimeout));
                 }
+                // An externally leased agent's liveness is the outside scheduler's word.
                 AgentState::Idle | AgentState::Leased | AgentState::Cleaning
-                    if now.duration_since(a.last_seen) >= self.cfg.heartbeat_timeout =>
+                    if !externally_leased(spec)
+                        && now.duration_since(a.last_seen) >= self.cfg.heartbeat_timeout =>
                 {
                     doomed.push((a.id.clone(), Reason::HeartbeatLost));
                 }
@@ -232,12 +234,16 @@ impl Engine {
             let pick = self
                 .pools
                 .iter()
-                .filter(|(_, p)| !p.removed && w.req.selector.matches(&p.labels))
+                .filter(|(_, p)| {
+                    !p.removed && !externally_leased(&p.spec) && w.req.selector.matches(&p.labels)
+                })
                 .find(|(n, _)| room.get(n.as_str()).copied().unwrap_or(0) > 0)
                 .or_else(|| {
-                    self.pools
-                        .iter()
-                        .find(|(_, p)| !p.removed && w.req.selector.matches(&p.labels))
+                    self.pools.iter().find(|(_, p)| {
+                        !p.removed
+                            && !externally_leased(&p.spec)
+                            && w.req.selector.matches(&p.labels)
+                    })
                 });
             if let Some((n, _)) = pick {
                 *room.entry(n.as_str()).or_default() -= 1;
@@ -269,13 +275,14 @@ impl Engine {
                 _ => {}
             }
         }
-        let want = spec.min_idle + demand;
+        let want = spec.min_idle + demand + pool.external_demand;
+        let held = pool.held;
 
         // Scale up: fresh idle + in-flight must cover minIdle + demand.
         let supply = fresh_idle.len() as u32 + in_flight;
         let mut need = want.saturating_sub(supply);
         let backing_off = self.pools[name].backoff_until.is_some_and(|t| now < t);
-        if self.shutting_down || self.paused || backing_off {
+        if self.shutting_down || self.paused || backing_off || held {
             need = 0;
         }
         need = need
@@ -290,8 +297,7 @@ impl Engine {
                 }));
                 break;
             }
-            let n = self.next_seq();
-            let id = format!("{name}-{}-{n}", self.instance);
+            let id = self.new_agent_id(name, &spec);
             self.insert_agent(Agent::new(&id, name, AgentState::Provisioning, now));
             total += 1;
             in_flight += 1;

@@ -18,11 +18,17 @@ impl Engine {
         self.reconcile(now);
     }
 
-    /// Active leases.
+    /// Active leases warmpool granted (an outside scheduler's leases are not waited for).
     pub fn active_leases(&self) -> usize {
         self.leases
             .values()
             .filter(|l| l.state == LeaseState::Active)
+            .filter(|l| {
+                !self
+                    .pools
+                    .get(&l.pool)
+                    .is_some_and(|p| externally_leased(&p.spec))
+            })
             .count()
     }
 
@@ -67,7 +73,9 @@ impl Engine {
                     waiting: self
                         .waiters
                         .iter()
-                        .filter(|w| w.req.selector.matches(&p.labels))
+                        .filter(|w| {
+                            !externally_leased(&p.spec) && w.req.selector.matches(&p.labels)
+                        })
                         .count() as u32,
                     throttled: p.throttled,
                     throttled_total: p.throttled_total,

@@ -105,6 +105,10 @@ pub enum Reason {
     HealthCheckFailed(String),
     /// Its pool was removed.
     PoolRemoved,
+    /// An externally leased pool's node exists without its agent (process or pod).
+    OrphanNode,
+    /// An externally leased pool's agent (process or pod) runs without its node.
+    OrphanAgent,
     /// The service is shutting down.
     Shutdown,
 }
@@ -130,6 +134,8 @@ impl Reason {
             Reason::CleanupFailed(_) => "cleanup-failed",
             Reason::HealthCheckFailed(_) => "health-check-failed",
             Reason::PoolRemoved => "pool-removed",
+            Reason::OrphanNode => "orphan-node",
+            Reason::OrphanAgent => "orphan-agent",
             Reason::Shutdown => "shutdown",
         }
     }
@@ -183,6 +189,8 @@ pub struct Agent {
     /// Its connection dropped while leased, and it keeps its job across connections: it keeps
     /// its state and may register again until the heartbeat timeout.
     pub away: bool,
+    /// Externally leased: told to take no other lease (its last allowed one runs).
+    pub drained: bool,
 }
 
 impl Agent {
@@ -203,6 +211,7 @@ impl Agent {
             retire: false,
             adopted: false,
             away: false,
+            drained: false,
         }
     }
 }
@@ -418,6 +427,14 @@ pub enum Action {
         request: RequestId,
         /// Why.
         error: LeaseError,
+    },
+    /// An externally leased agent (a Jenkins node) runs its last allowed build (`maxUses`):
+    /// the outside scheduler must give it no other.
+    Drain {
+        /// Pool.
+        pool: String,
+        /// Agent.
+        agent: AgentId,
     },
     /// Tell an agent its lease ended: clean the workspace, kill leftovers, report ready.
     Release {

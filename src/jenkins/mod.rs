@@ -1,101 +1,54 @@
 //! The Jenkins connector: pools whose agents are Jenkins nodes, online on the controller over
 //! Jenkins' own WebSocket remoting before any build asks for them, so Jenkins' queue dispatches
-//! a build the moment it arrives. warmpool keeps each pool at `minIdle` idle nodes (plus the
-//! queue's demand for its labels), recycles nodes after `maxUses` builds, and protects the
-//! controller: one token bucket on all API calls per controller, a cap on agents connecting at
-//! once, a poll that backs off when Jenkins is slow or failing.
+//! a build the moment it arrives.
 //!
-//! Layout: `config.rs` (the pool's `jenkins` block, credentials), `model.rs` (parsing what
-//! Jenkins answers), `client.rs` (HTTP, auth, crumbs, metrics), `plan.rs` (the pure planner),
-//! `runner.rs` (agents as processes), `pods.rs` (agents as pods, AgentPool status),
-//! `fake_agent.rs` (a simulated inbound agent for tests and demos).
+//! A Jenkins pool is an ordinary engine pool (sizing, `maxUses`, `idleTtl`, `maxAge`, leaks,
+//! backoff, adoption: all the engine's rules). This module is only its Jenkins-specific I/O:
+//! - the backend of those pools (`backend.rs`): provisioning an agent = create the node, read
+//!   its secret, start the agent on a [`Runner`] (a process, `runner.rs`, or a pod, `pods.rs`);
+//!   terminating = delete both; draining = take the node's labels before its last build;
+//! - the per-controller poll (`poll.rs`): ONE `computer/api/json` and ONE `queue/api/json` per
+//!   interval, turned into engine events (online, busy with a build, offline, orphans, queue
+//!   demand), never a request per node;
+//! - controller protection: one token bucket on all API calls per controller, a semaphore of
+//!   `maxConnecting` agents connecting at once, a poll that backs off when Jenkins is slow or
+//!   failing; a failing controller marks only its pools `Degraded`;
+//! - `config.rs` (the pool's `jenkins` block, credentials), `model.rs` (parsing Jenkins'
+//!   answers), `client.rs` (HTTP, auth, crumbs, metrics), `fake_agent.rs` (a simulated inbound
+//!   agent for tests and demos).
 //!
-//! State comes from ONE poll of `computer/api/json` (with a `tree`) and one of `queue/api/json`
-//! per controller per interval, never a request per node; the planner compares it with the
-//! runner's live agents and its memory of earlier polls (level-triggered), so a lost answer or
-//! a crashed task is repaired by the next poll, and a restarted service adopts what is there.
-//! A failing controller marks its pools `Degraded` and never stalls the other controllers or
-//! the rest of warmpool: each controller has its own task, and every call is spawned.
+//! It never decides sizing or recycling: the engine does, from the events the poll feeds.
 
+mod backend;
 pub mod client;
 pub mod config;
 pub mod fake_agent;
 pub mod model;
-pub mod plan;
 pub mod pods;
+mod poll;
 pub mod runner;
 
 pub use config::{Credentials, JenkinsSpec};
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use governor::{DefaultDirectRateLimiter, RateLimiter};
 use serde::Serialize;
-use tokio::sync::Notify;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use client::{Client, JenkinsError};
-use model::{NodeObs, Wants};
-use plan::{Inflight, NodeMem, Observation, PoolMem, Reason, Step};
-use runner::{Launch, Runner};
+use runner::Runner;
 
 use crate::metrics::Metrics;
+use crate::service::Service;
 use crate::spec::PoolSpec;
 
 /// The controller's token bucket, replaceable when its pools' limits change.
 pub type SharedLimiter = Arc<RwLock<Arc<DefaultDirectRateLimiter>>>;
-
-/// A counting gate: agents started and not yet online, per controller.
-pub struct Gate {
-    cap: Mutex<(u32, u32)>,
-    freed: Notify,
-}
-
-/// One slot of a [`Gate`]; dropping it frees the slot.
-pub struct Slot(Arc<Gate>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.cap.lock().expect("lock").1 -= 1;
-        // Reaches every waiter that created its `notified()` before checking the cap.
-        self.0.freed.notify_waiters();
-    }
-}
-
-impl Gate {
-    fn new(cap: u32) -> Arc<Gate> {
-        Arc::new(Gate {
-            cap: Mutex::new((cap, 0)),
-            freed: Notify::new(),
-        })
-    }
-
-    fn set_cap(&self, cap: u32) {
-        self.cap.lock().expect("lock").0 = cap;
-        self.freed.notify_waiters();
-    }
-
-    /// Slots in use.
-    pub fn used(&self) -> u32 {
-        self.cap.lock().expect("lock").1
-    }
-
-    async fn acquire(self: &Arc<Gate>) -> Slot {
-        loop {
-            let notified = self.freed.notified();
-            {
-                let mut c = self.cap.lock().expect("lock");
-                if c.1 < c.0 {
-                    c.1 += 1;
-                    return Slot(self.clone());
-                }
-            }
-            notified.await;
-        }
-    }
-}
 
 /// A problem shown as the pool's `Degraded` condition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -138,42 +91,59 @@ const PROBLEM_CREATE: &str = "create";
 const PROBLEM_DELETE: &str = "delete";
 const PROBLEM_DRAIN: &str = "drain";
 
-struct PoolState {
-    mem: PoolMem,
-    counts: plan::Counts,
-    demand: u32,
-    problems: BTreeMap<&'static str, Problem>,
-    slots: HashMap<String, Slot>,
-    /// Fired when the pool is removed: its in-flight provisions undo themselves.
-    cancel: CancellationToken,
-    /// Consecutive failed provisions, and when creating may be tried again.
-    failures: u32,
-    retry_at: Option<Instant>,
-    /// Nodes deleted recently, and when: a poll sent before a deletion still lists the node,
-    /// which must not be deleted (and counted) again.
-    deleted: HashMap<String, Instant>,
-    pacer: DefaultDirectRateLimiter,
-    pace_key: (u64, u32),
-    generation: Option<i64>,
-}
-
-/// A pool as one poll pass sees it: configuration, client (None without credentials), state.
-type PoolRef = (Arc<PoolCfg>, Option<Arc<Client>>, Arc<Mutex<PoolState>>);
-
 struct PoolEntry {
     cfg: Arc<PoolCfg>,
     client: Option<Arc<Client>>,
-    state: Arc<Mutex<PoolState>>,
     root: String,
+    problems: BTreeMap<&'static str, Problem>,
+    /// Fired when the pool is removed: its in-flight provisions undo themselves.
+    cancel: CancellationToken,
+    generation: Option<i64>,
+}
+
+/// One agent the connector handles (provisioned, adopted or found as an orphan).
+struct AgentEntry {
+    pool: String,
+    root: String,
+    client: Option<Arc<Client>>,
+    remote_fs: String,
+    /// Held from before its node is created until the poll sees it online.
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 struct Controller {
     root: String,
     limiter: SharedLimiter,
     limits: Mutex<(u64, u32)>,
-    gate: Arc<Gate>,
+    /// Agents started and not yet online (`maxConnecting`).
+    gate: Arc<Semaphore>,
+    cap: Mutex<u32>,
     interval: Mutex<Duration>,
     stop: CancellationToken,
+}
+
+impl Controller {
+    /// Permits in use.
+    fn connecting(&self) -> u32 {
+        (*self.cap.lock().expect("lock")).saturating_sub(self.gate.available_permits() as u32)
+    }
+
+    /// Changes the number of permits: more at once; fewer as permits come back.
+    fn set_cap(self: &Arc<Self>, cap: u32) {
+        let mut c = self.cap.lock().expect("lock");
+        if cap > *c {
+            self.gate.add_permits((cap - *c) as usize);
+        } else if cap < *c {
+            let gate = self.gate.clone();
+            let n = *c - cap;
+            tokio::spawn(async move {
+                if let Ok(p) = gate.acquire_many_owned(n).await {
+                    p.forget();
+                }
+            });
+        }
+        *c = cap;
+    }
 }
 
 /// The condition view of a pool.
@@ -190,6 +160,26 @@ pub struct ConditionView {
     pub message: String,
 }
 
+/// Nodes of a Jenkins pool by state (the engine's agents of the pool).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Counts {
+    /// Being created (node, secret, agent start).
+    pub creating: u32,
+    /// Agent started, node offline.
+    pub connecting: u32,
+    /// Online and free.
+    pub idle: u32,
+    /// Running a build.
+    pub busy: u32,
+    /// Being deleted.
+    pub deleting: u32,
+    /// Idle nodes wanted now: `minIdle` + queue demand, at most `maxTotal`.
+    pub target: u32,
+    /// 1 when the rate limit held creations back on the engine's last pass.
+    pub throttled: u32,
+}
+
 /// What `GET /v1/jenkins/pools` shows for one pool.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -203,7 +193,7 @@ pub struct JenkinsPoolStatus {
     /// Node label string.
     pub labels: String,
     /// Nodes by state, target and throttling.
-    pub nodes: plan::Counts,
+    pub nodes: Counts,
     /// Queued builds waiting for this pool's labels.
     pub demand: u32,
     /// Nodes deleted for `connectTimeout`.
@@ -217,15 +207,23 @@ pub struct JenkinsPoolStatus {
     pub observed_generation: Option<i64>,
 }
 
-/// The connector: every Jenkins pool of this service.
+/// The connector: the backend and the poll of every Jenkins pool of one service.
 pub struct Connector {
+    me: Weak<Connector>,
+    svc: Weak<Service>,
     runner: Arc<dyn Runner>,
     metrics: Metrics,
     /// `serve --ca-file`: trusted by pools without their own `caFile`.
     ca_file: Option<std::path::PathBuf>,
     pools: Mutex<BTreeMap<String, PoolEntry>>,
     controllers: Mutex<HashMap<String, Arc<Controller>>>,
+    agents: Mutex<HashMap<String, AgentEntry>>,
+    /// Nodes deleted recently, and when: a poll sent before a deletion still lists the node
+    /// (or its agent), which must not be taken for an orphan.
+    deleted: Mutex<HashMap<String, Instant>>,
     stop: CancellationToken,
+    /// Set by a shutdown that leaves nodes and agents to the next instance.
+    keep: AtomicBool,
     tasks: tokio_util::task::TaskTracker,
 }
 
@@ -238,22 +236,31 @@ fn rate_key(rps: f64, burst: u32) -> (u64, u32) {
 }
 
 impl Connector {
-    /// A connector whose agents run on `runner`; Jenkins clients trust the platform's roots
-    /// plus the pool's `caFile`, or else `ca_file`.
+    /// A connector for `svc`, whose agents run on `runner`; Jenkins clients trust the
+    /// platform's roots plus the pool's `caFile`, or else `ca_file`.
     pub fn new(
+        svc: &Arc<Service>,
         runner: Arc<dyn Runner>,
-        metrics: Metrics,
         ca_file: Option<std::path::PathBuf>,
     ) -> Arc<Connector> {
-        Arc::new(Connector {
+        Arc::new_cyclic(|me| Connector {
+            me: me.clone(),
+            svc: Arc::downgrade(svc),
             runner,
-            metrics,
+            metrics: svc.metrics.clone(),
             ca_file,
             pools: Mutex::new(BTreeMap::new()),
             controllers: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashMap::new()),
+            deleted: Mutex::new(HashMap::new()),
             stop: CancellationToken::new(),
+            keep: AtomicBool::new(false),
             tasks: tokio_util::task::TaskTracker::new(),
         })
+    }
+
+    fn this(&self) -> Arc<Connector> {
+        self.me.upgrade().expect("connector alive while used")
     }
 
     /// True when `key` is a Jenkins pool of this connector.
@@ -266,51 +273,45 @@ impl Connector {
         self.pools.lock().expect("lock").keys().cloned().collect()
     }
 
-    /// Adds or updates a pool (its memory of nodes, its client and its problems are kept
-    /// across updates with the same controller and credentials).
-    pub fn upsert(self: &Arc<Self>, cfg: PoolCfg) {
+    fn set_problem(&self, pool: &str, kind: &'static str, p: Option<Problem>) {
+        if let Some(e) = self.pools.lock().expect("lock").get_mut(pool) {
+            match p {
+                Some(p) => {
+                    e.problems.insert(kind, p);
+                }
+                None => {
+                    e.problems.remove(kind);
+                }
+            }
+        }
+    }
+
+    /// Adds or updates a pool: the engine gets it as an ordinary pool (held until the first
+    /// poll so existing nodes are adopted); its client and problems are kept across updates
+    /// with the same controller and credentials.
+    pub fn upsert(&self, cfg: PoolCfg) {
         let root = cfg.jenkins.root_url();
         let cfg = Arc::new(cfg);
-        let p = &cfg.spec.provisioning;
-        let pace_key = rate_key(p.per_second, p.burst);
+        let Some(svc) = self.svc.upgrade() else {
+            return;
+        };
         // Lock order everywhere: pools, then controllers.
         let mut pools = self.pools.lock().expect("lock");
         let ctl = self.controller(&root, &cfg.jenkins);
         let old = pools.remove(&cfg.key);
-        let (state, client) = match old {
+        let moved = old.as_ref().is_some_and(|o| o.root != root);
+        let (client, problems, cancel) = match old {
             Some(old) if old.root == root => {
-                let mut st = old.state.lock().expect("lock");
-                if st.pace_key != pace_key {
-                    st.pacer = limiter(p.per_second, p.burst);
-                    st.pace_key = pace_key;
-                }
-                drop(st);
                 let same_creds = matches!((&old.cfg.credentials, &cfg.credentials), (Ok(a), Ok(b)) if a == b)
                     && old.cfg.jenkins.ca_file == cfg.jenkins.ca_file;
                 let client = if same_creds { old.client.clone() } else { None };
-                (old.state, client)
+                (client, old.problems, old.cancel)
             }
             old => {
                 if let Some(old) = old {
-                    // Moved to another controller: the old one's nodes go.
-                    old.state.lock().expect("lock").cancel.cancel();
-                    self.spawn_cleanup(old, Reason::PoolRemoved);
+                    old.cancel.cancel();
                 }
-                let st = Arc::new(Mutex::new(PoolState {
-                    mem: PoolMem::default(),
-                    counts: plan::Counts::default(),
-                    demand: 0,
-                    problems: BTreeMap::new(),
-                    slots: HashMap::new(),
-                    cancel: CancellationToken::new(),
-                    failures: 0,
-                    retry_at: None,
-                    deleted: HashMap::new(),
-                    pacer: limiter(p.per_second, p.burst),
-                    pace_key,
-                    generation: None,
-                }));
-                (st, None)
+                (None, BTreeMap::new(), CancellationToken::new())
             }
         };
         // The pool's caFile, or else `serve --ca-file`, besides the platform's roots.
@@ -328,61 +329,66 @@ impl Connector {
                 ))
             })
         });
-        {
-            let mut st = state.lock().expect("lock");
-            match &tls {
-                Err(e) => {
-                    st.problems.insert(
-                        PROBLEM_TLS,
-                        Problem {
-                            reason: "CaFileInvalid".into(),
-                            message: format!("pool {}: {e}", cfg.key),
-                        },
-                    );
-                }
-                Ok(_) => {
-                    st.problems.remove(PROBLEM_TLS);
-                }
+        let mut entry = PoolEntry {
+            cfg: cfg.clone(),
+            client,
+            root: root.clone(),
+            problems,
+            cancel,
+            generation: cfg.agent_pool.as_ref().and_then(|a| a.metadata.generation),
+        };
+        match &tls {
+            Err(e) => {
+                entry.problems.insert(
+                    PROBLEM_TLS,
+                    Problem {
+                        reason: "CaFileInvalid".into(),
+                        message: format!("pool {}: {e}", cfg.key),
+                    },
+                );
             }
-            st.generation = cfg.agent_pool.as_ref().and_then(|a| a.metadata.generation);
-            match &cfg.credentials {
-                Err(e) => {
-                    st.problems.insert(
-                        PROBLEM_CREDENTIALS,
-                        Problem {
-                            reason: "CredentialsMissing".into(),
-                            message: format!("pool {}: {e}", cfg.key),
-                        },
-                    );
-                }
-                Ok(_) => {
-                    st.problems.remove(PROBLEM_CREDENTIALS);
-                }
+            Ok(_) => {
+                entry.problems.remove(PROBLEM_TLS);
             }
         }
-        pools.insert(
-            cfg.key.clone(),
-            PoolEntry {
-                cfg,
-                client,
-                state,
-                root: root.clone(),
-            },
-        );
+        match &cfg.credentials {
+            Err(e) => {
+                entry.problems.insert(
+                    PROBLEM_CREDENTIALS,
+                    Problem {
+                        reason: "CredentialsMissing".into(),
+                        message: format!("pool {}: {e}", cfg.key),
+                    },
+                );
+            }
+            Ok(_) => {
+                entry.problems.remove(PROBLEM_CREDENTIALS);
+            }
+        }
+        pools.insert(cfg.key.clone(), entry);
         self.retune_locked(&pools, &root);
+        drop(pools);
+        if moved {
+            // Moved to another controller: the old one's nodes go (their agents keep the
+            // old client), and the pool starts over on the new one.
+            svc.remove_pool(&cfg.key);
+        }
+        svc.upsert_pool(&cfg.key, cfg.spec.clone());
     }
 
-    /// Removes a pool: its nodes are deleted and its agents stopped.
-    pub fn remove(self: &Arc<Self>, key: &str) {
+    /// Removes a pool: its nodes are deleted and its agents stopped (running builds too).
+    pub fn remove(&self, key: &str) {
         let mut pools = self.pools.lock().expect("lock");
-        let old = pools.remove(key);
-        if let Some(old) = old {
-            let root = old.root.clone();
-            old.state.lock().expect("lock").cancel.cancel();
-            self.spawn_cleanup(old, Reason::PoolRemoved);
-            self.retune_locked(&pools, &root);
-        }
+        let Some(old) = pools.remove(key) else {
+            return;
+        };
+        old.cancel.cancel();
+        self.retune_locked(&pools, &old.root);
         drop(pools);
+        if let Some(svc) = self.svc.upgrade() {
+            svc.remove_pool(key);
+        }
+        self.sweep(old.root, old.cfg.clone(), old.client, false);
         self.metrics.jenkins_demand.remove_label_values(&[key]).ok();
         for state in ["creating", "connecting", "idle", "busy", "deleting"] {
             self.metrics
@@ -392,19 +398,45 @@ impl Connector {
         }
     }
 
-    /// Statuses of every pool.
+    /// Statuses of every pool, from the engine's view of it.
     pub fn statuses(&self) -> Vec<JenkinsPoolStatus> {
+        let Some(svc) = self.svc.upgrade() else {
+            return Vec::new();
+        };
+        let (engine, demand): (
+            HashMap<String, crate::engine::PoolStatus>,
+            HashMap<String, u32>,
+        ) = svc.read(|e| {
+            let st = e.pool_status();
+            let d = st
+                .iter()
+                .map(|p| (p.name.clone(), e.external_demand(&p.name)))
+                .collect();
+            (st.into_iter().map(|p| (p.name.clone(), p)).collect(), d)
+        });
         let pools = self.pools.lock().expect("lock");
         let ctls = self.controllers.lock().expect("lock");
         pools
             .values()
             .map(|e| {
-                let st = e.state.lock().expect("lock");
+                let key = &e.cfg.key;
+                let spec = &e.cfg.spec;
+                let demand = demand.get(key).copied().unwrap_or(0);
+                let counts = engine.get(key).map_or(Counts::default(), |p| Counts {
+                    creating: p.provisioning,
+                    connecting: p.connecting,
+                    idle: p.idle + p.cleaning,
+                    busy: p.leased,
+                    deleting: p.terminating,
+                    target: (spec.min_idle + demand).min(spec.max_total),
+                    throttled: u32::from(p.throttled),
+                });
+                let leaks_total = engine.get(key).map_or(0, |p| p.leaks_total);
                 let interval = ctls
                     .get(&e.root)
                     .map(|c| *c.interval.lock().expect("lock"))
                     .unwrap_or(e.cfg.jenkins.poll_interval.0);
-                let problems: Vec<&Problem> = st.problems.values().collect();
+                let problems: Vec<&Problem> = e.problems.values().collect();
                 let degraded = match problems.as_slice() {
                     [] => ConditionView {
                         type_: "Degraded".into(),
@@ -424,7 +456,7 @@ impl Connector {
                             .join("; "),
                     },
                 };
-                let ready = st.counts.idle >= e.cfg.spec.min_idle.min(e.cfg.spec.max_total);
+                let ready = counts.idle >= spec.min_idle.min(spec.max_total);
                 let ready = ConditionView {
                     type_: "Ready".into(),
                     status: if ready { "True" } else { "False" }.into(),
@@ -436,20 +468,20 @@ impl Connector {
                     .into(),
                     message: format!(
                         "{} of minIdle {} nodes online and idle",
-                        st.counts.idle, e.cfg.spec.min_idle
+                        counts.idle, spec.min_idle
                     ),
                 };
                 JenkinsPoolStatus {
-                    name: e.cfg.key.clone(),
+                    name: key.clone(),
                     url: e.root.clone(),
-                    node_name_prefix: e.cfg.jenkins.prefix(&e.cfg.key),
+                    node_name_prefix: e.cfg.jenkins.prefix(key),
                     labels: e.cfg.jenkins.labels.clone(),
-                    nodes: st.counts,
-                    demand: st.demand,
-                    leaks_total: st.mem.leaks_total,
+                    nodes: counts,
+                    demand,
+                    leaks_total,
                     poll_interval_seconds: interval.as_secs_f64(),
                     conditions: vec![ready, degraded],
-                    observed_generation: st.generation,
+                    observed_generation: e.generation,
                 }
             })
             .collect()
@@ -466,20 +498,9 @@ impl Connector {
 
     /// Stops polling. With `delete`, every node is deleted and every agent stopped first
     /// (bounded by `timeout`); without, they are left for the next instance to adopt.
-    pub async fn shutdown(self: &Arc<Self>, delete: bool, timeout: Duration) {
+    pub async fn shutdown(&self, delete: bool, timeout: Duration) {
         self.stop.cancel();
-        let deadline = tokio::time::Instant::now() + timeout;
-        // In-flight provisions finish (or undo themselves) first, so none starts an agent
-        // after the cleanup listed them.
-        self.tasks.close();
-        if tokio::time::timeout_at(deadline, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("Jenkins connector: requests still running at shutdown");
-        }
-        self.tasks.reopen();
-        // The cleanup gets its own budget, whatever the first wait took.
+        self.keep.store(!delete, Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + timeout;
         if delete {
             let entries: Vec<PoolEntry> = {
@@ -487,7 +508,11 @@ impl Connector {
                 std::mem::take(&mut *pools).into_values().collect()
             };
             for e in entries {
-                self.spawn_cleanup(e, Reason::PoolRemoved);
+                e.cancel.cancel();
+                if let Some(svc) = self.svc.upgrade() {
+                    svc.remove_pool(&e.cfg.key);
+                }
+                self.sweep(e.root, e.cfg, e.client, true);
             }
         }
         self.tasks.close();
@@ -495,11 +520,63 @@ impl Connector {
             .await
             .is_err()
         {
-            tracing::warn!("Jenkins connector: cleanup still running at shutdown; leaving it");
+            tracing::warn!("Jenkins connector: requests still running at shutdown; leaving them");
         }
+        self.tasks.reopen();
     }
 
-    fn controller(self: &Arc<Self>, root: &str, js: &JenkinsSpec) -> Arc<Controller> {
+    /// Deletes the nodes and stops the agents of a pool that is gone: what the runner lists for
+    /// it that the connector does not handle (`all`: everything it lists, and every agent the
+    /// connector handles for it), once its in-flight provisions have undone themselves.
+    fn sweep(&self, root: String, cfg: Arc<PoolCfg>, client: Option<Arc<Client>>, all: bool) {
+        let me = self.this();
+        self.tasks.spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline
+                && me
+                    .svc
+                    .upgrade()
+                    .is_some_and(|s| s.read(|e| e.agents().any(|a| a.pool == cfg.key && a.state == crate::engine::AgentState::Provisioning)))
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let mut nodes: std::collections::BTreeSet<String> = if all {
+                me.agents
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .filter(|(_, a)| a.pool == cfg.key)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            } else {
+                Default::default()
+            };
+            if let Ok(agents) = me.runner.list(&root).await {
+                let known = me.agents.lock().expect("lock");
+                nodes.extend(
+                    agents
+                        .into_iter()
+                        .filter(|a| a.pool == cfg.key && (all || !known.contains_key(&a.node)))
+                        .map(|a| a.node),
+                );
+            }
+            for node in nodes {
+                if let Some(c) = &client
+                    && let Err(err) = c.delete_node(&node).await
+                {
+                    tracing::warn!(pool = %cfg.key, node = %node, error = %err, "deleting a node of a removed pool failed");
+                }
+                let _ = me.runner.stop(&root, &cfg.key, &node).await;
+                me.agents.lock().expect("lock").remove(&node);
+                me.metrics
+                    .recycles
+                    .with_label_values(&[&cfg.key, crate::engine::Reason::PoolRemoved.as_str()])
+                    .inc();
+            }
+        });
+    }
+
+    fn controller(&self, root: &str, js: &JenkinsSpec) -> Arc<Controller> {
         let mut ctls = self.controllers.lock().expect("lock");
         if let Some(c) = ctls.get(root) {
             return c.clone();
@@ -511,12 +588,13 @@ impl Connector {
                 js.request_burst,
             )))),
             limits: Mutex::new(rate_key(js.requests_per_second, js.request_burst)),
-            gate: Gate::new(js.max_connecting),
+            gate: Arc::new(Semaphore::new(js.max_connecting as usize)),
+            cap: Mutex::new(js.max_connecting),
             interval: Mutex::new(js.poll_interval.0),
             stop: self.stop.child_token(),
         });
         ctls.insert(root.to_string(), c.clone());
-        let me = self.clone();
+        let me = self.this();
         let task = c.clone();
         self.tasks
             .spawn(async move { me.run_controller(task).await });
@@ -547,627 +625,6 @@ impl Connector {
             *limits = key;
             *c.limiter.write().expect("lock") = Arc::new(limiter(rps, burst));
         }
-        c.gate.set_cap(connecting);
-    }
-
-    fn pools_of(&self, root: &str) -> Vec<PoolRef> {
-        self.pools
-            .lock()
-            .expect("lock")
-            .values()
-            .filter(|e| e.root == root)
-            .map(|e| (e.cfg.clone(), e.client.clone(), e.state.clone()))
-            .collect()
-    }
-
-    async fn run_controller(self: Arc<Self>, ctl: Arc<Controller>) {
-        let label = ctl.root.clone();
-        let mut first = true;
-        loop {
-            let wait = if first {
-                Duration::ZERO
-            } else {
-                *ctl.interval.lock().expect("lock")
-            };
-            first = false;
-            tokio::select! {
-                _ = ctl.stop.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
-            }
-            let pools = self.pools_of(&ctl.root);
-            if pools.is_empty() {
-                // Last pool gone: this controller is no longer ours to poll. Both locks, in
-                // the one order (pools, then controllers), so an upsert either sees this
-                // controller gone or is seen here.
-                let pools = self.pools.lock().expect("lock");
-                let mut ctls = self.controllers.lock().expect("lock");
-                if !pools.values().any(|e| e.root == ctl.root) {
-                    ctls.remove(&ctl.root);
-                    self.metrics
-                        .jenkins_poll_interval
-                        .remove_label_values(&[&label])
-                        .ok();
-                    self.metrics
-                        .jenkins_connecting
-                        .remove_label_values(&[&label])
-                        .ok();
-                    break;
-                }
-                continue;
-            }
-            self.poll_once(&ctl, &pools).await;
-            self.metrics
-                .jenkins_poll_interval
-                .with_label_values(&[&label])
-                .set(ctl.interval.lock().expect("lock").as_secs_f64());
-            self.metrics
-                .jenkins_connecting
-                .with_label_values(&[&label])
-                .set(ctl.gate.used() as i64);
-        }
-    }
-
-    fn backoff(&self, ctl: &Controller, pools: &[PoolRef], struggling: bool) {
-        let base = pools
-            .iter()
-            .map(|p| p.0.jenkins.poll_interval.0)
-            .min()
-            .unwrap_or(Duration::from_secs(2));
-        let max = pools
-            .iter()
-            .map(|p| p.0.jenkins.max_poll_interval.0)
-            .max()
-            .unwrap_or(Duration::from_secs(60))
-            .max(base);
-        let mut iv = ctl.interval.lock().expect("lock");
-        *iv = if struggling {
-            (*iv * 2).min(max)
-        } else {
-            (*iv / 2).max(base)
-        };
-    }
-
-    async fn poll_once(self: &Arc<Self>, ctl: &Arc<Controller>, pools: &[PoolRef]) {
-        let listed_at = Instant::now();
-        let agents = match self.runner.list(&ctl.root).await {
-            Ok(a) => {
-                for (_, _, st) in pools {
-                    st.lock().expect("lock").problems.remove(PROBLEM_POLL);
-                }
-                a
-            }
-            Err(e) => {
-                // Without the agent list nothing can be judged an orphan: skip this pass.
-                tracing::warn!(controller = %ctl.root, error = %e, "listing Jenkins agents failed");
-                for (cfg, _, st) in pools {
-                    st.lock().expect("lock").problems.insert(
-                        PROBLEM_POLL,
-                        Problem {
-                            reason: "AgentListFailed".into(),
-                            message: format!(
-                                "pool {}: listing its agents ({}) failed: {e}",
-                                cfg.key,
-                                self.runner.name()
-                            ),
-                        },
-                    );
-                }
-                return;
-            }
-        };
-        let slow = pools
-            .iter()
-            .map(|p| p.0.jenkins.slow_response.0)
-            .min()
-            .unwrap_or(Duration::from_secs(2));
-        // Polled with the first pool's credentials that Jenkins accepts: one pool's revoked
-        // token degrades that pool, not the controller's other pools.
-        let polled_at = Instant::now();
-        let mut polled = None;
-        let mut auth_failed: HashMap<String, JenkinsError> = HashMap::new();
-        for (cfg, client, _) in pools {
-            let Some(client) = client else { continue };
-            let r = async {
-                let (nodes, t1) = client.computers().await?;
-                let (queue, t2) = client.queue().await?;
-                Ok::<_, JenkinsError>((nodes, queue, t1.max(t2)))
-            }
-            .await;
-            match r {
-                Err(e) if matches!(e.status, Some(401) | Some(403)) => {
-                    auth_failed.insert(cfg.key.clone(), e.clone());
-                    polled = Some(Err(e));
-                }
-                other => {
-                    polled = Some(other);
-                    break;
-                }
-            }
-        }
-        let Some(polled) = polled else {
-            // No pool of this controller has credentials: their problems say so.
-            return;
-        };
-        let (nodes, queue) = match polled {
-            Ok((nodes, queue, took)) => {
-                if took > slow {
-                    tracing::warn!(controller = %ctl.root, took_ms = took.as_millis() as u64, "Jenkins answers slowly; polling less often");
-                }
-                self.backoff(ctl, pools, took > slow);
-                (nodes, queue)
-            }
-            Err(e) => {
-                self.backoff(ctl, pools, e.is_overload());
-                tracing::warn!(controller = %ctl.root, error = %e, "polling Jenkins failed");
-                for (cfg, _, st) in pools {
-                    let e = auth_failed.get(&cfg.key).unwrap_or(&e);
-                    st.lock().expect("lock").problems.insert(
-                        PROBLEM_POLL,
-                        Problem::from_error(&cfg.key, None, "polling Jenkins", e),
-                    );
-                }
-                return;
-            }
-        };
-        for (cfg, _, st) in pools {
-            if let Some(e) = auth_failed.get(&cfg.key) {
-                st.lock().expect("lock").problems.insert(
-                    PROBLEM_POLL,
-                    Problem::from_error(&cfg.key, None, "polling Jenkins", e),
-                );
-            }
-        }
-        // Node names are prefix + 8 hex digits; two pools with one prefix cannot both work.
-        let prefixes: Vec<(String, String)> = pools
-            .iter()
-            .map(|p| (p.0.jenkins.prefix(&p.0.key), p.0.key.clone()))
-            .collect();
-        let mut clashing: BTreeSet<String> = BTreeSet::new();
-        for (i, (p, k)) in prefixes.iter().enumerate() {
-            for (q, l) in &prefixes[i + 1..] {
-                if p == q {
-                    clashing.insert(k.clone());
-                    clashing.insert(l.clone());
-                }
-            }
-        }
-        let by_prefix = |node: &str| -> Option<&str> {
-            prefixes
-                .iter()
-                .find(|(p, _)| {
-                    node.strip_prefix(p.as_str()).is_some_and(|rest| {
-                        rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit())
-                    })
-                })
-                .map(|(_, k)| k.as_str())
-        };
-        // A node belongs to the pool whose agent runs it (even after a prefix change), else
-        // to the pool whose prefix it has.
-        let agent_pool: HashMap<&str, &str> = agents
-            .iter()
-            .map(|a| (a.node.as_str(), a.pool.as_str()))
-            .collect();
-        let configured: BTreeSet<&str> = pools.iter().map(|p| p.0.key.as_str()).collect();
-        let mut by_pool: HashMap<String, Vec<NodeObs>> = HashMap::new();
-        for n in nodes {
-            let owner = agent_pool
-                .get(n.name.as_str())
-                .copied()
-                .filter(|p| configured.contains(p))
-                .or_else(|| by_prefix(&n.name));
-            if let Some(k) = owner {
-                by_pool.entry(k.to_string()).or_default().push(n);
-            }
-        }
-        let mut agents_by_pool: HashMap<&str, BTreeSet<String>> = HashMap::new();
-        for a in &agents {
-            agents_by_pool
-                .entry(a.pool.as_str())
-                .or_default()
-                .insert(a.node.clone());
-        }
-        // Demand: each waiting item counts for the first pool (by name) that serves it.
-        let mut demand: HashMap<String, u32> = HashMap::new();
-        for item in &queue {
-            let by_labels = |l: &str| match crate::labels::Expr::parse(l) {
-                Ok(expr) => pools
-                    .iter()
-                    .find(|p| expr.matches(&p.0.jenkins.label_atoms()))
-                    .map(|p| p.0.key.clone()),
-                Err(_) => None,
-            };
-            let pool = match &item.wants {
-                // A label with a single node is named by that node in older cores' texts.
-                Wants::Label(l) => by_labels(l).or_else(|| by_prefix(l).map(str::to_string)),
-                Wants::Node(n) => by_prefix(n).map(str::to_string),
-            };
-            if let Some(p) = pool {
-                *demand.entry(p).or_default() += 1;
-            }
-        }
-        for (cfg, pclient, st) in pools {
-            if clashing.contains(&cfg.key) {
-                st.lock().expect("lock").problems.insert(
-                    PROBLEM_POLL,
-                    Problem {
-                        reason: "PrefixConflict".into(),
-                        message: format!(
-                            "pool {}: nodeNamePrefix {:?} is also another pool's on {}; neither pool is managed until one changes",
-                            cfg.key,
-                            cfg.jenkins.prefix(&cfg.key),
-                            ctl.root
-                        ),
-                    },
-                );
-                continue;
-            }
-            // Without credentials nothing could be done: nothing is planned.
-            let Some(pclient) = pclient.clone() else {
-                continue;
-            };
-            let mut obs = Observation {
-                now: Instant::now(),
-                agents_listed_at: listed_at,
-                polled_at,
-                labels: cfg.jenkins.label_atoms(),
-                nodes: by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
-                agents: agents_by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
-                demand: demand.get(&cfg.key).copied().unwrap_or(0),
-            };
-            {
-                let mut s = st.lock().expect("lock");
-                s.deleted
-                    .retain(|_, t| t.elapsed() < Duration::from_secs(60));
-                let stale: BTreeSet<String> = s
-                    .deleted
-                    .iter()
-                    .filter(|(_, t)| **t >= listed_at)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                obs.nodes.retain(|n| !stale.contains(&n.name));
-                obs.agents.retain(|a| !stale.contains(a));
-            }
-            let online: BTreeSet<String> = obs
-                .nodes
-                .iter()
-                .filter(|n| !n.offline)
-                .map(|n| n.name.clone())
-                .collect();
-            let steps = {
-                let mut s = st.lock().expect("lock");
-                if s.cancel.is_cancelled() {
-                    continue;
-                }
-                s.demand = obs.demand;
-                let now = obs.now;
-                let PoolState {
-                    mem,
-                    pacer,
-                    retry_at,
-                    ..
-                } = &mut *s;
-                // After failed provisions, creating waits (exponential backoff).
-                let backing_off = retry_at.is_some_and(|t| t > now);
-                let (steps, counts) = plan::plan(&cfg.spec, mem, &obs, &mut || {
-                    !backing_off && pacer.check().is_ok()
-                });
-                s.counts = counts;
-                // Online (or gone) nodes no longer hold a connecting slot.
-                let keep: BTreeSet<String> = s
-                    .mem
-                    .nodes
-                    .iter()
-                    .filter(|(_, m)| m.inflight != Some(Inflight::Deleting))
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                s.slots
-                    .retain(|n, _| keep.contains(n) && !online.contains(n));
-                steps
-            };
-            self.export(cfg, st);
-            for step in steps {
-                let (me, cfg, c, st) = (self.clone(), cfg.clone(), pclient.clone(), st.clone());
-                match step {
-                    Step::Create(n) => {
-                        for _ in 0..n {
-                            let name = format!(
-                                "{}{:08x}",
-                                cfg.jenkins.prefix(&cfg.key),
-                                rand::random::<u32>()
-                            );
-                            st.lock()
-                                .expect("lock")
-                                .mem
-                                .nodes
-                                .insert(name.clone(), NodeMem::creating(Instant::now()));
-                            let (me, ctl, cfg, c, st) =
-                                (me.clone(), ctl.clone(), cfg.clone(), c.clone(), st.clone());
-                            self.tasks
-                                .spawn(async move { me.provision(ctl, cfg, c, st, name).await });
-                        }
-                    }
-                    Step::Drain(node) => {
-                        self.tasks
-                            .spawn(async move { me.drain(cfg, c, st, node).await });
-                    }
-                    Step::Delete {
-                        node,
-                        reason,
-                        node_exists,
-                        ..
-                    } => {
-                        self.tasks.spawn(async move {
-                            me.delete(cfg, c, st, node, reason, node_exists).await
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    fn export(&self, cfg: &PoolCfg, st: &Mutex<PoolState>) {
-        let s = st.lock().expect("lock");
-        let c = s.counts;
-        for (state, v) in [
-            ("creating", c.creating),
-            ("connecting", c.connecting),
-            ("idle", c.idle),
-            ("busy", c.busy),
-            ("deleting", c.deleting),
-        ] {
-            self.metrics
-                .jenkins_nodes
-                .with_label_values(&[&cfg.key, state])
-                .set(v as i64);
-        }
-        self.metrics
-            .jenkins_demand
-            .with_label_values(&[&cfg.key])
-            .set(s.demand as i64);
-        if c.throttled > 0 {
-            self.metrics.throttled.with_label_values(&[&cfg.key]).inc();
-        }
-    }
-
-    /// Create the node, read its secret, start its agent (holding a connecting slot until the
-    /// node is seen online).
-    async fn provision(
-        self: Arc<Self>,
-        ctl: Arc<Controller>,
-        cfg: Arc<PoolCfg>,
-        client: Arc<Client>,
-        st: Arc<Mutex<PoolState>>,
-        node: String,
-    ) {
-        let cancel = st.lock().expect("lock").cancel.clone();
-        let slot = tokio::select! {
-            s = ctl.gate.acquire() => s,
-            _ = ctl.stop.cancelled() => {
-                st.lock().expect("lock").mem.nodes.remove(&node);
-                return;
-            }
-            _ = cancel.cancelled() => {
-                st.lock().expect("lock").mem.nodes.remove(&node);
-                return;
-            }
-        };
-        self.metrics
-            .jenkins_connecting
-            .with_label_values(&[&ctl.root])
-            .set(ctl.gate.used() as i64);
-        let workdir = self.runner.workdir(&cfg.jenkins, &node);
-        let description = format!("warmpool pool {} (managed: do not edit)", cfg.key);
-        let fail = |p: Problem| {
-            tracing::warn!(pool = %cfg.key, node = %node, controller = %ctl.root, error = %p.message, "provisioning a Jenkins agent failed");
-            self.metrics
-                .provisions
-                .with_label_values(&[&cfg.key, "failed"])
-                .inc();
-            let mut s = st.lock().expect("lock");
-            s.failures += 1;
-            let wait = Duration::from_millis(500) * 2u32.pow(s.failures.min(7));
-            s.retry_at = Some(Instant::now() + wait.min(Duration::from_secs(60)));
-            s.problems.insert(PROBLEM_CREATE, p);
-        };
-        if let Err(e) = client
-            .create_node(&node, &workdir, &cfg.jenkins.labels, &description)
-            .await
-        {
-            fail(Problem::from_error(
-                &cfg.key,
-                Some(&node),
-                "creating the node",
-                &e,
-            ));
-            st.lock().expect("lock").mem.nodes.remove(&node);
-            return;
-        }
-        let secret = match client.secret(&node).await {
-            Ok(s) => s,
-            Err(e) => {
-                fail(Problem::from_error(
-                    &cfg.key,
-                    Some(&node),
-                    "reading the agent secret",
-                    &e,
-                ));
-                self.undo(&cfg, &client, &st, &node).await;
-                return;
-            }
-        };
-        if ctl.stop.is_cancelled() || cancel.is_cancelled() {
-            // Shutting down, or the pool is gone: no new agent; the node goes again.
-            self.undo(&cfg, &client, &st, &node).await;
-            return;
-        }
-        let launch = Launch {
-            pool: cfg.key.clone(),
-            node: node.clone(),
-            url: ctl.root.clone(),
-            secret,
-            workdir,
-            spec: cfg.jenkins.clone(),
-            agent_pool: cfg.agent_pool.clone(),
-            ca_file: cfg.jenkins.ca_file.clone().or_else(|| self.ca_file.clone()),
-        };
-        if let Err(e) = self.runner.start(launch).await {
-            fail(Problem {
-                reason: "AgentStartFailed".into(),
-                message: format!(
-                    "pool {}: node {node}: starting its agent ({}) failed: {e}",
-                    cfg.key,
-                    self.runner.name()
-                ),
-            });
-            self.undo(&cfg, &client, &st, &node).await;
-            return;
-        }
-        tracing::info!(pool = %cfg.key, node = %node, controller = %ctl.root, "Jenkins node created; agent started");
-        self.metrics
-            .provisions
-            .with_label_values(&[&cfg.key, "started"])
-            .inc();
-        let mut s = st.lock().expect("lock");
-        let now = Instant::now();
-        if let Some(m) = s.mem.nodes.get_mut(&node) {
-            m.inflight = None;
-            m.agent_started = Some(now);
-            m.offline_since = Some(now);
-        }
-        s.failures = 0;
-        s.retry_at = None;
-        s.problems.remove(PROBLEM_CREATE);
-        s.slots.insert(node, slot);
-    }
-
-    /// Removes a half-provisioned node (best effort: a node left behind is an orphan the next
-    /// poll deletes).
-    async fn undo(&self, cfg: &PoolCfg, client: &Client, st: &Mutex<PoolState>, node: &str) {
-        if let Err(e) = client.delete_node(node).await {
-            tracing::warn!(pool = %cfg.key, node, error = %e, "deleting a half-provisioned node failed; the next poll retries");
-        }
-        let _ = self.runner.stop(client.root(), &cfg.key, node).await;
-        st.lock().expect("lock").mem.nodes.remove(node);
-        self.metrics
-            .recycles
-            .with_label_values(&[&cfg.key, Reason::ProvisionFailed.as_str()])
-            .inc();
-    }
-
-    /// Takes the labels of a node running its last allowed build, so Jenkins gives it no other.
-    async fn drain(
-        self: Arc<Self>,
-        cfg: Arc<PoolCfg>,
-        client: Arc<Client>,
-        st: Arc<Mutex<PoolState>>,
-        node: String,
-    ) {
-        let workdir = self.runner.workdir(&cfg.jenkins, &node);
-        let description = format!("warmpool pool {} (managed: do not edit)", cfg.key);
-        match client.drain_node(&node, &workdir, &description).await {
-            Ok(()) => {
-                tracing::info!(pool = %cfg.key, node = %node, "Jenkins node drained: its last allowed build runs, then it is deleted");
-                st.lock().expect("lock").problems.remove(PROBLEM_DRAIN);
-            }
-            Err(e) => {
-                // Not fatal: the node is still deleted when the build ends, but Jenkins may give
-                // it one more build first.
-                tracing::warn!(pool = %cfg.key, node = %node, error = %e, "draining a Jenkins node failed");
-                st.lock().expect("lock").problems.insert(
-                    PROBLEM_DRAIN,
-                    Problem::from_error(&cfg.key, Some(&node), "draining the node", &e),
-                );
-            }
-        }
-    }
-
-    async fn delete(
-        self: Arc<Self>,
-        cfg: Arc<PoolCfg>,
-        client: Arc<Client>,
-        st: Arc<Mutex<PoolState>>,
-        node: String,
-        reason: Reason,
-        node_exists: bool,
-    ) {
-        if node_exists && let Err(e) = client.delete_node(&node).await {
-            let p = Problem::from_error(&cfg.key, Some(&node), "deleting the node", &e);
-            tracing::warn!(pool = %cfg.key, node = %node, error = %e, "deleting a Jenkins node failed; the next poll retries");
-            let mut s = st.lock().expect("lock");
-            s.problems.insert(PROBLEM_DELETE, p);
-            if let Some(m) = s.mem.nodes.get_mut(&node) {
-                m.inflight = None;
-            }
-            return;
-        }
-        if let Err(e) = self.runner.stop(client.root(), &cfg.key, &node).await {
-            tracing::warn!(pool = %cfg.key, node = %node, error = %e, "stopping an agent failed; the next poll retries");
-        }
-        let mut s = st.lock().expect("lock");
-        if reason == Reason::ConnectTimeout {
-            tracing::warn!(pool = %cfg.key, node = %node, connect_timeout = %cfg.spec.connect_timeout, "node never came online: deleted with its agent (a leak)");
-            self.metrics.leaks.with_label_values(&[&cfg.key]).inc();
-            s.mem.leaks_total += 1;
-        } else {
-            tracing::info!(pool = %cfg.key, node = %node, reason = reason.as_str(), "Jenkins node recycled");
-        }
-        self.metrics
-            .recycles
-            .with_label_values(&[&cfg.key, reason.as_str()])
-            .inc();
-        s.problems.remove(PROBLEM_DELETE);
-        s.deleted.insert(node.clone(), Instant::now());
-        s.mem.nodes.remove(&node);
-        s.slots.remove(&node);
-    }
-
-    /// Deletes every node and agent of a pool that is gone (or moved to another controller),
-    /// once its in-flight provisions have seen the cancellation and undone themselves.
-    fn spawn_cleanup(self: &Arc<Self>, e: PoolEntry, reason: Reason) {
-        let me = self.clone();
-        self.tasks.spawn(async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline
-                && e.state
-                    .lock()
-                    .expect("lock")
-                    .mem
-                    .nodes
-                    .values()
-                    .any(|m| m.inflight == Some(Inflight::Creating))
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let nodes: Vec<String> = e
-                .state
-                .lock()
-                .expect("lock")
-                .mem
-                .nodes
-                .keys()
-                .cloned()
-                .collect();
-            let mut all: BTreeSet<String> = nodes.into_iter().collect();
-            if let Ok(agents) = me.runner.list(&e.root).await {
-                all.extend(
-                    agents
-                        .into_iter()
-                        .filter(|a| a.pool == e.cfg.key)
-                        .map(|a| a.node),
-                );
-            }
-            for node in all {
-                if let Some(c) = &e.client
-                    && let Err(err) = c.delete_node(&node).await
-                {
-                    tracing::warn!(pool = %e.cfg.key, node = %node, error = %err, "deleting a node of a removed pool failed");
-                }
-                let _ = me.runner.stop(&e.root, &e.cfg.key, &node).await;
-                me.metrics
-                    .recycles
-                    .with_label_values(&[&e.cfg.key, reason.as_str()])
-                    .inc();
-            }
-        });
+        c.set_cap(connecting);
     }
 }

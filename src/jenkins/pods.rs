@@ -145,6 +145,11 @@ impl Runner for KubeRunner {
                 out.push(AgentRef {
                     pool: self.key(&ns, &pool),
                     node,
+                    started: pod
+                        .metadata
+                        .creation_timestamp
+                        .as_ref()
+                        .and_then(|t| std::time::SystemTime::try_from(t.0).ok()),
                 });
             }
             Ok(out)

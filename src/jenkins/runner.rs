@@ -27,6 +27,8 @@ pub const ENV_URL: &str = "WARMPOOL_JENKINS_URL";
 pub const ENV_POOL: &str = "WARMPOOL_JENKINS_POOL";
 /// Marker: the node.
 pub const ENV_NODE: &str = "WARMPOOL_JENKINS_NODE";
+/// Marker: when the agent was started (Unix seconds), so an adopted agent keeps its age.
+pub const ENV_STARTED: &str = "WARMPOOL_JENKINS_STARTED";
 
 /// Everything needed to start one agent.
 #[derive(Clone)]
@@ -88,6 +90,8 @@ pub struct AgentRef {
     pub pool: String,
     /// Node name.
     pub node: String,
+    /// When it was started, when known (an adopted agent keeps counting toward `maxAge`).
+    pub started: Option<std::time::SystemTime>,
 }
 
 /// Where agents run.
@@ -161,7 +165,12 @@ impl Runner for ProcessRunner {
                 .try_clone()
                 .map_err(|e| format!("cannot open the agent log: {e}"))?;
             let mut cmd = Command::new(&argv[0]);
-            cmd.args(&argv[1..]).envs(launch.env());
+            let started = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            cmd.args(&argv[1..])
+                .envs(launch.env())
+                .env(ENV_STARTED, started.to_string());
             if let Some(ca) = &launch.ca_file {
                 // The agent runs in its own directory: a relative path would miss.
                 let ca = std::path::absolute(ca).unwrap_or_else(|_| ca.clone());
@@ -233,6 +242,10 @@ impl Runner for ProcessRunner {
                         Some(AgentRef {
                             pool: env.get(ENV_POOL)?.clone(),
                             node: env.get(ENV_NODE)?.clone(),
+                            started: env
+                                .get(ENV_STARTED)
+                                .and_then(|s| s.parse::<u64>().ok())
+                                .map(|s| std::time::UNIX_EPOCH + Duration::from_secs(s)),
                         })
                     })
                     .collect::<Vec<_>>()
