@@ -317,7 +317,9 @@ impl Engine {
         stale_idle.sort();
         let fresh = fresh_idle.len() as u32;
         for (_, id) in stale_idle {
-            let replacement_coming = fresh + in_flight >= want;
+            // Any agent on its way is waited for: a stale agent retired while one comes (when
+            // not all of the want can come at once under maxTotal) leaves the pool below it.
+            let replacement_coming = in_flight > 0;
             if fresh >= want || (!replacement_coming && total >= spec.max_total) {
                 let reason = self.stale_reason(&id);
                 self.terminate(&id, reason, now);
