@@ -41,7 +41,9 @@
 //! - No remoting protocol on the agent socket: the node is online from the upgrade to the close.
 //!   A second agent for a connected node gets 500 (Jenkins's status is unconfirmed).
 //! - Crumbs are bound to user + session only (not the client IP). [`CrumbMode::Enforced`], the
-//!   default, asks for a crumb even with an API token, which Jenkins >= 2.96 does not.
+//!   default, asks for a crumb even with an API token, which Jenkins >= 2.96 does only when the
+//!   token exemption does not apply (see [`CrumbMode`]); [`CrumbMode::IssuedTokenExempt`] is
+//!   Jenkins with an API token.
 //! - Secrets are random 64-hex strings, not an HMAC of the node name.
 //! - Deleting or disconnecting a node aborts its builds at once ([`JenkinsDouble::aborted`]).
 #![allow(dead_code)]
@@ -83,12 +85,16 @@ pub enum CrumbMode {
     /// No crumb issuer: `crumbIssuer/api/json` is 404 and POSTs need no crumb.
     Off,
     /// Jenkins >= 2.96 with API-token auth: crumbs are issued, but POSTs authenticated with an
-    /// API token are exempt (`ApiCrumbExclusion`), so nothing is checked.
+    /// API token are exempt, so nothing is checked. (`jenkins.security.ApiCrumbExclusion`,
+    /// JENKINS-22474: `CrumbFilter` runs every `CrumbExclusion` first, and this one passes a
+    /// request `BasicHeaderApiTokenAuthenticator` authenticated.) Real Jenkins with a token.
     IssuedTokenExempt,
     /// Every POST needs `Jenkins-Crumb` (header or form field) equal to the crumb issued to the
     /// same user in the same `JSESSIONID.<id>` session; otherwise 403 "No valid crumb was
-    /// included in the request". This is Jenkins for password Basic auth or browser sessions,
-    /// and the strictest case for a client.
+    /// included in the request" (`CrumbFilter.doFilter`). This is Jenkins when the exemption
+    /// does not apply: the Basic password is the user's real password
+    /// (`BasicHeaderRealPasswordAuthenticator`), a browser session, or `ApiCrumbExclusion`
+    /// disabled; the strictest case for a client.
     Enforced,
 }
 
@@ -1148,6 +1154,16 @@ impl JenkinsDouble {
             .requests
             .iter()
             .filter(|r| r.endpoint == ep)
+            .count()
+    }
+
+    /// Requests to `ep` answered 403 (a crumb or a permission refused).
+    pub fn refused(&self, ep: Endpoint) -> usize {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.endpoint == ep && r.status == 403)
             .count()
     }
 
