@@ -20,7 +20,7 @@ mod support;
 use std::time::Duration;
 
 use jenkins::{CrumbMode, Endpoint, JenkinsDouble};
-use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve};
+use jenkins_pool::{creds_of, jenkins, online, pool_yaml, serve};
 
 /// A pool of 20 nodes created at once: every creation runs concurrently (no pacing, 20
 /// connecting slots, a generous request budget).
@@ -41,7 +41,10 @@ async fn twenty_at_once(j: &JenkinsDouble) {
             .await,
         "20 nodes online"
     );
-    assert_eq!(j.request_count(Endpoint::CreateNode) - j.refused(Endpoint::CreateNode), 20);
+    assert_eq!(
+        j.request_count(Endpoint::CreateNode) - j.refused(Endpoint::CreateNode),
+        20
+    );
     h.server.shutdown().await;
 }
 

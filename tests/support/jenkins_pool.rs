@@ -48,7 +48,13 @@ pub async fn jenkins(crumb: CrumbMode) -> JenkinsDouble {
 
 /// One Jenkins pool's YAML (minIdle 2, maxTotal 6, labels `linux docker`, poll 100 ms); `extra`
 /// adds lines to the `jenkins` block, `pool_extra` to the pool.
-pub fn pool_yaml(name: &str, j: &JenkinsDouble, s: &Setup, pool_extra: &str, extra: &str) -> String {
+pub fn pool_yaml(
+    name: &str,
+    j: &JenkinsDouble,
+    s: &Setup,
+    pool_extra: &str,
+    extra: &str,
+) -> String {
     format!(
         r#"  - name: {name}
     minIdle: 2
@@ -94,7 +100,13 @@ pub async fn pool_status(h: &Harness, pool: &str) -> Value {
 }
 
 /// Polls the pool's status until `cond` holds; panics naming `what` after `limit`.
-pub async fn wait_status(h: &Harness, pool: &str, what: &str, limit: Duration, cond: impl Fn(&Value) -> bool) -> Value {
+pub async fn wait_status(
+    h: &Harness,
+    pool: &str,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let st = pool_status(h, pool).await;
