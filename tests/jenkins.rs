@@ -582,19 +582,32 @@ async fn slow_or_failing_jenkins_backs_the_poll_off_and_it_recovers() {
     h.server.shutdown().await;
 }
 
+/// The secret comes from `jenkins-agent.jnlp` (Jenkins >= 2.264); a controller older than that
+/// has only `slave-agent.jnlp`, which is then read.
 #[tokio::test]
-async fn secret_falls_back_to_jenkins_agent_jnlp() {
+async fn secret_falls_back_to_slave_agent_jnlp_before_jenkins_2_264() {
     let j = JenkinsDouble::start(JenkinsConfig {
         crumb: CrumbMode::IssuedTokenExempt,
-        serve_slave_agent_jnlp: false,
+        version: "2.263.4".into(),
+        serve_jenkins_agent_jnlp: false,
         ..JenkinsConfig::default()
     })
     .await;
     let s = creds_of(&j);
     let h = serve(&pool_yaml("linux", &j, &s, "", "")).await;
     assert!(j.wait_for(WAIT, |j| online(j, "linux-").len() == 2).await);
-    assert!(j.request_count(Endpoint::SlaveAgentJnlp) >= 2);
+    // Each node: jenkins-agent.jnlp first (404 here), then slave-agent.jnlp.
     assert!(j.request_count(Endpoint::JenkinsAgentJnlp) >= 2);
+    assert!(j.request_count(Endpoint::SlaveAgentJnlp) >= 2);
+    let jnlp = |ep| {
+        j.requests()
+            .into_iter()
+            .filter(move |r| r.endpoint == ep)
+            .map(|r| r.status)
+            .collect::<Vec<_>>()
+    };
+    assert!(jnlp(Endpoint::JenkinsAgentJnlp).iter().all(|s| *s == 404));
+    assert!(jnlp(Endpoint::SlaveAgentJnlp).iter().all(|s| *s == 200));
     h.server.shutdown().await;
 }
 

@@ -10,8 +10,11 @@
 //!   `application/x-www-form-urlencoded` body, as python-jenkins `create_node` sends them):
 //!   creates a permanent inbound agent (`hudson.slaves.DumbSlave` + `hudson.slaves.JNLPLauncher`),
 //!   302 to `computer/`.
-//! - `GET  computer/{name}/slave-agent.jnlp`, `GET computer/{name}/jenkins-agent.jnlp` (JNLP XML
-//!   carrying the secret), `GET computer/{name}/agent-secret` (the secret as text/plain).
+//! - `GET  computer/{name}/jenkins-agent.jnlp` and its old name `slave-agent.jnlp` (JNLP XML
+//!   carrying the secret; `SlaveComputer.doJenkinsAgentJnlp`). Since 2.437 Jenkins logs a
+//!   deprecation WARNING for every fetch of either name ([`JenkinsDouble::warnings`]); Jenkins
+//!   core has no other API for the secret (`getJnlpMac` is not `@Exported`; an `agent-secret`
+//!   endpoint was proposed in jenkinsci/jenkins#26017 and not merged), so the double has none.
 //! - `POST computer/{name}/doDelete`: 302 to `computer/`, 404 for an unknown node.
 //! - `GET  computer/api/json`, `GET computer/{name}/api/json` (`(built-in)` for the built-in
 //!   node): the fields `displayName, offline, idle, numExecutors, assignedLabels[name],
@@ -116,11 +119,10 @@ pub struct JenkinsConfig {
     /// Reject `doCreateItem` unless `launcher.webSocket` is true (the double's strictness;
     /// Jenkins accepts either).
     pub require_websocket_launcher: bool,
-    /// Serve `computer/NAME/slave-agent.jnlp` (the old name). False: 404 for it, to test a
-    /// client's fallback to `jenkins-agent.jnlp`.
-    pub serve_slave_agent_jnlp: bool,
-    /// Serve `computer/NAME/agent-secret` (new in 2025 cores). False: 404, as older cores.
-    pub serve_agent_secret: bool,
+    /// Serve `computer/NAME/jenkins-agent.jnlp`, the current name (Jenkins >= 2.264, where
+    /// `slave-agent.jnlp` became an alias of it). False: 404 for it, as Jenkins before 2.264,
+    /// which serves only `slave-agent.jnlp`.
+    pub serve_jenkins_agent_jnlp: bool,
     /// Wait this long in every `wsagents/` handshake before answering (a slow controller): makes
     /// [`WsStats::max_handshaking`] meaningful.
     pub ws_handshake_delay: Duration,
@@ -136,8 +138,7 @@ impl Default for JenkinsConfig {
             built_in_name: "Built-In Node".into(),
             built_in_executors: 0,
             require_websocket_launcher: true,
-            serve_slave_agent_jnlp: true,
-            serve_agent_secret: true,
+            serve_jenkins_agent_jnlp: true,
             ws_handshake_delay: Duration::ZERO,
         }
     }
@@ -152,7 +153,6 @@ pub enum Endpoint {
     Computer,
     SlaveAgentJnlp,
     JenkinsAgentJnlp,
-    AgentSecret,
     DeleteNode,
     /// `POST computer/NAME/config.xml` (`Computer.doConfigDotXml`, updateByXml).
     ConfigXml,
@@ -173,7 +173,6 @@ impl Endpoint {
             ["computer", _, "api", _] => Endpoint::Computer,
             ["computer", _, "slave-agent.jnlp"] => Endpoint::SlaveAgentJnlp,
             ["computer", _, "jenkins-agent.jnlp"] => Endpoint::JenkinsAgentJnlp,
-            ["computer", _, "agent-secret"] => Endpoint::AgentSecret,
             ["computer", _, "doDelete"] => Endpoint::DeleteNode,
             ["computer", _, "config.xml"] => Endpoint::ConfigXml,
             ["queue", "api", _] => Endpoint::Queue,
@@ -190,7 +189,7 @@ impl Endpoint {
             Endpoint::CreateNode => "hudson.model.Computer.Create",
             Endpoint::DeleteNode => "hudson.model.Computer.Delete",
             Endpoint::ConfigXml => "hudson.model.Computer.Configure",
-            Endpoint::SlaveAgentJnlp | Endpoint::JenkinsAgentJnlp | Endpoint::AgentSecret => {
+            Endpoint::SlaveAgentJnlp | Endpoint::JenkinsAgentJnlp => {
                 "hudson.model.Computer.Connect"
             }
             _ => "hudson.model.Hudson.Read",
@@ -425,6 +424,8 @@ struct St {
     builds_by_node: BTreeMap<String, u32>,
     /// When each accepted agent socket opened.
     ws_connects: Vec<Instant>,
+    /// WARNING lines Jenkins would log (see [`JenkinsDouble::warnings`]).
+    warnings: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -459,7 +460,26 @@ fn label_matches(expr: &str, labels: &BTreeSet<String>) -> bool {
     }
 }
 
+/// `a.b.c` at least `min` (missing parts are 0; unparsable: true, a current core).
+fn version_at_least(version: &str, min: (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next().unwrap_or(Ok(0))) {
+        (Some(Ok(major)), Ok(minor)) => (major, minor) >= min,
+        _ => true,
+    }
+}
+
 impl St {
+    /// `SlaveComputer.doJenkinsAgentJnlp` since 2.437 (jenkinsci/jenkins#8773): one WARNING per
+    /// JNLP file served, whichever name was asked for.
+    fn jnlp_warning(&mut self, node: &str) {
+        if version_at_least(&self.cfg.version, (2, 437)) {
+            self.warnings.push(format!(
+                "WARNING hudson.slaves.SlaveComputer#doJenkinsAgentJnlp: Agent \"{node}\" is connecting with the \"-jnlpUrl\" argument, which is deprecated. Use \"-url\" and \"-name\" instead, potentially also passing in \"-webSocket\", \"-tunnel\", and/or work directory options as needed."
+            ));
+        }
+    }
+
     fn crumb_for(&self, user: &str, session: &str) -> String {
         let mut h = Sha256::new();
         h.update(format!("{user};{session}").as_bytes());
@@ -858,6 +878,7 @@ impl JenkinsDouble {
             aborted: Vec::new(),
             builds_by_node: BTreeMap::new(),
             ws_connects: Vec::new(),
+            warnings: Vec::new(),
         })));
         let app = Router::new()
             .route("/crumbIssuer/api/json", get(crumb_issuer))
@@ -869,7 +890,6 @@ impl JenkinsDouble {
                 "/computer/{name}/jenkins-agent.jnlp",
                 get(jenkins_agent_jnlp),
             )
-            .route("/computer/{name}/agent-secret", get(agent_secret))
             .route("/computer/{name}/doDelete", post(delete_node))
             .route("/computer/{name}/config.xml", post(config_xml))
             .route("/queue/api/json", get(queue_api))
@@ -1189,6 +1209,12 @@ impl JenkinsDouble {
             best = best.max(hi - lo + 1);
         }
         best
+    }
+
+    /// The WARNING lines Jenkins would have logged, in order (today: the JNLP file's
+    /// deprecation warning, see [`St::jnlp_warning`]).
+    pub fn warnings(&self) -> Vec<String> {
+        self.shared.lock().warnings.clone()
     }
 
     pub fn clear_requests(&self) {
@@ -1656,12 +1682,13 @@ fn jnlp_response(xml: String) -> Response {
         .into_response()
 }
 
-/// The pre-2.4xx `slave-agent.jnlp.jelly` (full JNLP); newer Jenkins serves the
-/// `jenkins-agent.jnlp` body here too.
+/// `slave-agent.jnlp`: before 2.264 its own view (`slave-agent.jnlp.jelly`, a full JNLP file);
+/// since 2.264 (commit 27a71f98) `doSlaveAgentJnlp` returns `doJenkinsAgentJnlp`, the same body
+/// and the same deprecation WARNING.
 async fn slave_agent_jnlp(State(sh): State<Shared>, Path(name): Path<String>) -> Response {
-    let st = sh.lock();
-    if !st.cfg.serve_slave_agent_jnlp {
-        return not_found_page();
+    let mut st = sh.lock();
+    if st.cfg.serve_jenkins_agent_jnlp {
+        return jenkins_agent_jnlp_file(&mut st, &name);
     }
     let Some(n) = st.nodes.get(&name) else {
         return not_found_page();
@@ -1672,31 +1699,31 @@ async fn slave_agent_jnlp(State(sh): State<Shared>, Path(name): Path<String>) ->
         name = xml_escape(&n.name),
         args = jnlp_args(&st, n),
     );
+    let name = n.name.clone();
+    st.jnlp_warning(&name);
     jnlp_response(xml)
 }
 
-/// `jenkins-agent.jnlp.jelly`: only `<jnlp><application-desc>` with the arguments.
+/// `SlaveComputer.doJenkinsAgentJnlp` (`jenkins-agent.jnlp.jelly`: only
+/// `<jnlp><application-desc>` with the arguments), 404 before 2.264.
 async fn jenkins_agent_jnlp(State(sh): State<Shared>, Path(name): Path<String>) -> Response {
-    let st = sh.lock();
-    let Some(n) = st.nodes.get(&name) else {
+    let mut st = sh.lock();
+    if !st.cfg.serve_jenkins_agent_jnlp {
+        return not_found_page();
+    }
+    jenkins_agent_jnlp_file(&mut st, &name)
+}
+
+fn jenkins_agent_jnlp_file(st: &mut St, name: &str) -> Response {
+    let Some(n) = st.nodes.get(name) else {
         return not_found_page();
     };
     let xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><jnlp><application-desc>{}</application-desc></jnlp>",
-        jnlp_args(&st, n)
+        jnlp_args(st, n)
     );
+    st.jnlp_warning(name);
     jnlp_response(xml)
-}
-
-async fn agent_secret(State(sh): State<Shared>, Path(name): Path<String>) -> Response {
-    let st = sh.lock();
-    if !st.cfg.serve_agent_secret {
-        return not_found_page();
-    }
-    match st.nodes.get(&name) {
-        Some(n) => ([(header::CONTENT_TYPE, "text/plain")], n.secret.clone()).into_response(),
-        None => not_found_page(),
-    }
 }
 
 async fn queue_api(State(sh): State<Shared>) -> Response {
