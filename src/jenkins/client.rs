@@ -33,7 +33,7 @@ pub enum Endpoint {
     Queue,
     /// `POST computer/doCreateItem`.
     CreateNode,
-    /// `GET computer/NAME/slave-agent.jnlp`.
+    /// `GET computer/NAME/slave-agent.jnlp` (Jenkins before 2.264).
     SlaveAgentJnlp,
     /// `GET computer/NAME/jenkins-agent.jnlp`.
     JenkinsAgentJnlp,
@@ -483,14 +483,15 @@ impl Client {
         .map(|_| ())
     }
 
-    /// The node's agent secret, from `slave-agent.jnlp`, or `jenkins-agent.jnlp` when the
-    /// former is not there.
+    /// The node's agent secret, from `jenkins-agent.jnlp` (Jenkins >= 2.264), or from its old
+    /// name `slave-agent.jnlp` when a controller older than that answers 404.
+    /// (`SlaveComputer.doJenkinsAgentJnlp`; Jenkins core has no other API for the secret.)
     pub async fn secret(&self, name: &str) -> Result<String, JenkinsError> {
         let enc = encode_segment(name);
         let mut last = None;
         for (ep, file) in [
-            (Endpoint::SlaveAgentJnlp, "slave-agent.jnlp"),
             (Endpoint::JenkinsAgentJnlp, "jenkins-agent.jnlp"),
+            (Endpoint::SlaveAgentJnlp, "slave-agent.jnlp"),
         ] {
             let path = format!("computer/{enc}/{file}");
             match self.get_ok(ep, &path).await {
