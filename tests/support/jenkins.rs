@@ -1612,8 +1612,8 @@ async fn delete_node(State(sh): State<Shared>, Path(name): Path<String>) -> Resp
 }
 
 /// `Computer.doConfigDotXml` (POST, Computer/Configure): `updateByXml` replaces the node's
-/// configuration; the double applies the `<label>` (what warmpool changes) and keeps the
-/// channel and running builds, as replacing a node of the same type does.
+/// configuration; the double applies `<label>` and `<description>` (what warmpool changes) and
+/// keeps the channel and running builds, as replacing a node of the same type does.
 async fn config_xml(State(sh): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
     let text = String::from_utf8_lossy(&body).to_string();
     let tag = |t: &str| -> Option<String> {
@@ -1634,8 +1634,12 @@ async fn config_xml(State(sh): State<Shared>, Path(name): Path<String>, body: By
     } else {
         tag("label").unwrap_or_default()
     };
+    let description = tag("description")
+        .map(|d| xml_unescape(&d))
+        .unwrap_or_default();
     if let Some(n) = st.nodes.get_mut(&name) {
         n.labels = labels.split_whitespace().map(str::to_string).collect();
+        n.description = description;
     }
     st.dispatch();
     StatusCode::OK.into_response()
@@ -2002,6 +2006,14 @@ fn as_i64(v: &Value) -> Option<i64> {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
+}
+
+fn xml_unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 fn xml_escape(s: &str) -> String {
