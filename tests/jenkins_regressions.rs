@@ -181,3 +181,24 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
     assert_eq!(j.builds_by_node().get(&node), Some(&1));
     h.server.shutdown().await;
 }
+
+/// minIdle 0 on a controller without any agent node: Jenkins then writes only "Waiting for next
+/// available executor" (no label) for every queued build; the label comes from the queue item's
+/// task (`labelExpression`), so the build gets a node and runs.
+#[tokio::test]
+async fn a_build_on_a_controller_without_nodes_gets_a_node_with_min_idle_0() {
+    let j = jenkins(CrumbMode::IssuedTokenExempt).await;
+    let s = creds_of(&j);
+    let yaml = pool_yaml("linux", &j, &s, "", "").replace("minIdle: 2", "minIdle: 0");
+    let h = serve(&yaml).await;
+    polls(&j, 3).await;
+    assert!(j.nodes().is_empty());
+    let id = j.enqueue("linux && docker");
+    assert_eq!(j.queue()[0].why, "Waiting for next available executor");
+    assert!(
+        j.wait_for(WAIT, |j| j.build_of(id).is_some()).await,
+        "the build runs"
+    );
+    assert!(j.build_of(id).unwrap().node.starts_with("linux-"));
+    h.server.shutdown().await;
+}
