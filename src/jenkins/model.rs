@@ -1,6 +1,7 @@
 //! What warmpool reads from Jenkins, parsed: the batched node list (`computer/api/json` with a
 //! `tree`), the queue (`queue/api/json`), the agent secret in a JNLP file, and the label a queue
-//! item waits for (Jenkins does not export it: it is parsed from the item's `why`).
+//! item waits for (Jenkins does not export a queue item's label: it is parsed from the item's
+//! `why`, or, when Jenkins names none, read from the task's `labelExpression`).
 //!
 //! Pure: no I/O. Shapes and their sources are listed in docs/JENKINS.md.
 
@@ -48,7 +49,7 @@ pub fn drained_description(description: &str) -> String {
     format!("{description} {DRAINED_MARKER}")
 }
 /// The `tree` of the queue poll.
-pub const QUEUE_TREE: &str = "items[id,buildable,blocked,stuck,why,task[name]]";
+pub const QUEUE_TREE: &str = "items[id,buildable,blocked,stuck,why,task[name,labelExpression]]";
 
 /// One Jenkins node as the poll sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,7 +183,23 @@ struct QueueItem {
     blocked: bool,
     #[serde(default)]
     why: Option<String>,
+    #[serde(default)]
+    task: Option<Task>,
 }
+
+/// The queued task: a job (`AbstractProject` exports `labelExpression`, its label as entered)
+/// or a Pipeline `node` block (`PlaceholderTask` exports no label).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Task {
+    #[serde(default)]
+    label_expression: Option<String>,
+}
+
+/// `Messages.Queue_WaitingForNextAvailableExecutor`: what Jenkins says of every buildable item
+/// while it has no agent node at all (`Queue.BuildableItem.getCauseOfBlockage` drops the label
+/// then), and of items without a label.
+const WAITING_FOR_AN_EXECUTOR: &str = "Waiting for next available executor";
 
 /// Parses `queue/api/json`: buildable or blocked items whose `why` names a label or node.
 pub fn parse_queue(body: &[u8]) -> Result<Vec<QueuedObs>, ParseError> {
@@ -194,7 +211,14 @@ pub fn parse_queue(body: &[u8]) -> Result<Vec<QueuedObs>, ParseError> {
         .into_iter()
         .filter(|i| i.buildable || i.blocked)
         .filter_map(|i| {
-            let wants = wants_of(i.why.as_deref()?)?;
+            let why = i.why.as_deref()?;
+            let wants = wants_of(why).or_else(|| {
+                // No label named: the task's own label, if it exports one.
+                let label = i.task?.label_expression?;
+                let label = label.trim();
+                (why.trim().trim_end_matches('.') == WAITING_FOR_AN_EXECUTOR && !label.is_empty())
+                    .then(|| Wants::Label(label.to_string()))
+            })?;
             Some(QueuedObs { id: i.id, wants })
         })
         .collect())
@@ -336,7 +360,11 @@ mod tests {
           {"id":20,"buildable":false,"blocked":false,"why":"In the quiet period. Expires in 4 sec"},
           {"id":21,"blocked":true,"why":"Waiting for next available executor on 'py'"},
           {"id":22,"buildable":true,"why":"Waiting for next available executor"},
-          {"id":23,"buildable":true,"why":"go-abc is offline"}]}"#;
+          {"id":23,"buildable":true,"why":"go-abc is offline"},
+          {"id":24,"buildable":true,"why":"Waiting for next available executor",
+           "task":{"_class":"hudson.model.FreeStyleProject","name":"x","labelExpression":"go && linux"}},
+          {"id":25,"blocked":true,"why":"Build #3 is already in progress (ETA: 1 min)",
+           "task":{"labelExpression":"go"}}]}"#;
         let q = parse_queue(body.as_bytes()).unwrap();
         let w: Vec<_> = q.iter().map(|i| (i.id, i.wants.clone())).collect();
         assert_eq!(
@@ -346,6 +374,7 @@ mod tests {
                 (19, Wants::Label("go && linux".into())),
                 (21, Wants::Label("py".into())),
                 (23, Wants::Node("go-abc".into())),
+                (24, Wants::Label("go && linux".into())),
             ]
         );
         assert_eq!(
