@@ -708,9 +708,17 @@ async fn queue_why_texts() {
     let item = &v["items"][0];
     assert_eq!(item["_class"], "hudson.model.Queue$BuildableItem");
     assert_eq!(item["buildable"], true);
-    assert_eq!(item["stuck"], true);
     assert_eq!(item["id"], id);
     assert_eq!(item["url"], format!("queue/item/{id}/"));
+    // No agent node at all: Jenkins does not name the label (Queue.BuildableItem
+    // .getCauseOfBlockage); the freestyle task's `labelExpression` does.
+    assert_eq!(why(&v), "Waiting for next available executor");
+    assert_eq!(item["stuck"], false);
+    assert_eq!(item["task"]["labelExpression"], "linux");
+
+    j.add_node("other", "windows", 1);
+    let v = get_json(&j, "queue/api/json").await;
+    assert_eq!(v["items"][0]["stuck"], true);
     assert_eq!(why(&v), "There are no nodes with the label ‘linux’");
 
     let s1 = j.add_node("n1", "linux", 1);

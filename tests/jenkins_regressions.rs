@@ -181,3 +181,58 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
     assert_eq!(j.builds_by_node().get(&node), Some(&1));
     h.server.shutdown().await;
 }
+
+/// minIdle 0 on a controller without any agent node: Jenkins then writes only "Waiting for next
+/// available executor" (no label) for every queued build; the label comes from the queue item's
+/// task (`labelExpression`), so the build gets a node and runs.
+#[tokio::test]
+async fn a_build_on_a_controller_without_nodes_gets_a_node_with_min_idle_0() {
+    let j = jenkins(CrumbMode::IssuedTokenExempt).await;
+    let s = creds_of(&j);
+    let yaml = pool_yaml("linux", &j, &s, "", "").replace("minIdle: 2", "minIdle: 0");
+    let h = serve(&yaml).await;
+    polls(&j, 3).await;
+    assert!(j.nodes().is_empty());
+    let id = j.enqueue("linux && docker");
+    assert_eq!(j.queue()[0].why, "Waiting for next available executor");
+    assert!(
+        j.wait_for(WAIT, |j| j.build_of(id).is_some()).await,
+        "the build runs"
+    );
+    assert!(j.build_of(id).unwrap().node.starts_with("linux-"));
+    h.server.shutdown().await;
+}
+
+/// 20 nodes, 2 connecting slots, a long poll interval: a slot is freed as soon as its agent is
+/// seen connected, not at the next poll, so creating the nodes is not paced by the poll (it used
+/// to take one poll per 2 nodes: 10 polls of 5 s).
+#[tokio::test]
+async fn connecting_slots_are_freed_when_agents_connect_not_at_the_next_poll() {
+    let j = jenkins(CrumbMode::IssuedTokenExempt).await;
+    let s = creds_of(&j);
+    let yaml = pool_yaml(
+        "slots",
+        &j,
+        &s,
+        "    provisioning:\n      perSecond: 1000\n      burst: 1000\n      maxConcurrent: 20\n",
+        "      requestsPerSecond: 1000\n      requestBurst: 200\n      maxConnecting: 2\n",
+    )
+    .replace("minIdle: 2", "minIdle: 20")
+    .replace("maxTotal: 6", "maxTotal: 20")
+    .replace("pollInterval: 100ms", "pollInterval: 5s")
+    .replace("maxPollInterval: 1600ms", "maxPollInterval: 60s");
+    let h = serve(&yaml).await;
+    assert!(
+        j.wait_for(Duration::from_secs(90), |j| online(j, "slots-").len() == 20)
+            .await,
+        "20 nodes online"
+    );
+    // Full polls read the queue too; the connect checks read only the nodes.
+    let polls = j.request_count(Endpoint::Queue);
+    assert!(
+        polls <= 4,
+        "{polls} polls to bring 20 nodes online through 2 slots"
+    );
+    assert!(j.ws_stats().max_open >= 20);
+    h.server.shutdown().await;
+}

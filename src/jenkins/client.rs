@@ -239,12 +239,12 @@ impl Client {
     }
 
     /// A 200 whose body is not what Jenkins documents.
-    fn bad_answer(&self, path: &str, why: String) -> JenkinsError {
+    fn bad_answer(&self, path: &str, why: impl std::fmt::Display) -> JenkinsError {
         JenkinsError {
             method: "GET".into(),
             url: self.url(path),
             status: Some(200),
-            excerpt: why,
+            excerpt: why.to_string(),
         }
     }
 
@@ -506,7 +506,8 @@ impl Client {
         Err(last.expect("two attempts"))
     }
 
-    /// Takes a node's labels away (`POST computer/NAME/config.xml`, Computer/Configure): it
+    /// Takes a node's labels away and marks its description drained
+    /// ([`model::DRAINED_MARKER`]) (`POST computer/NAME/config.xml`, Computer/Configure): it
     /// finishes its build and gets no other.
     pub async fn drain_node(
         &self,
@@ -515,7 +516,7 @@ impl Client {
         description: &str,
     ) -> Result<(), JenkinsError> {
         let path = format!("computer/{}/config.xml", encode_segment(name));
-        let xml = drained_config_xml(name, remote_fs, description);
+        let xml = drained_config_xml(name, remote_fs, &model::drained_description(description));
         self.post(Endpoint::ConfigXml, &path, Body::Xml(&xml))
             .await
             .map(|_| ())

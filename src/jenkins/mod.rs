@@ -809,7 +809,6 @@ impl Connector {
                 now: Instant::now(),
                 agents_listed_at: listed_at,
                 polled_at,
-                labels: cfg.jenkins.label_atoms(),
                 nodes: by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
                 agents: agents_by_pool.remove(cfg.key.as_str()).unwrap_or_default(),
                 demand: demand.get(&cfg.key).copied().unwrap_or(0),

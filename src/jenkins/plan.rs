@@ -80,7 +80,8 @@ pub struct NodeMem {
     pub busy: bool,
     /// Idle (online and free) since.
     pub idle_since: Option<Instant>,
-    /// Its labels were taken away (drained) so Jenkins gives it no further build.
+    /// Drained (labels taken away, description marked, by this or an earlier instance), so
+    /// Jenkins gives it no further build: deleted once idle.
     pub drained: bool,
 }
 
@@ -119,9 +120,6 @@ pub struct Observation {
     pub agents_listed_at: Instant,
     /// When the node poll was sent: work finished after it is not in `nodes` yet.
     pub polled_at: Instant,
-    /// The pool's node labels: an adopted node without them was drained by an earlier
-    /// instance (its last allowed build is running or done).
-    pub labels: BTreeSet<String>,
     /// The pool's nodes (name has the pool's prefix).
     pub nodes: Vec<NodeObs>,
     /// Nodes with a live agent process or pod.
@@ -221,11 +219,10 @@ pub fn plan(
             }
         }
         m.busy = n.busy;
-        // A node that lost the pool's labels was drained (by this or an earlier instance).
-        let labelled = obs.labels.iter().all(|l| n.labels.contains(l));
-        if !labelled && !n.offline {
+        // Drained by this or an earlier instance: Jenkins says so (the description's marker),
+        // never inferred from labels (a label added to the pool is no drain).
+        if n.drained {
             m.drained = true;
-            m.uses = m.uses.max(spec.max_uses);
         }
         let mut delete = |m: &mut NodeMem, reason: Reason| {
             m.inflight = Some(Inflight::Deleting);
@@ -269,7 +266,7 @@ pub fn plan(
             }
             continue;
         }
-        if spec.max_uses > 0 && m.uses >= spec.max_uses {
+        if m.drained || (spec.max_uses > 0 && m.uses >= spec.max_uses) {
             delete(m, Reason::MaxUses);
             c.deleting += 1;
             continue;

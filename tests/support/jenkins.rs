@@ -563,7 +563,9 @@ impl St {
     /// `Queue.BuildableItem.getCauseOfBlockage()` (messages as in recent Jenkins, with ‘ ’),
     /// and whether the item is `stuck` (label offline).
     fn why(&self, label: &str) -> (String, bool) {
-        if label.trim().is_empty() {
+        // `if (allNodes.isEmpty()) label = null; // no master/agent. pointless to talk about
+        // nodes`: without agent nodes (the built-in is not one) the label is never named.
+        if label.trim().is_empty() || self.nodes.is_empty() {
             return ("Waiting for next available executor".into(), false);
         }
         let mut matching: Vec<(&str, bool)> = self
@@ -742,8 +744,11 @@ impl St {
 
     fn task_json(&self, item: &QueueItem) -> Value {
         match item.kind {
+            // `AbstractProject.getAssignedLabelString` is `@Exported(name = "labelExpression")`
+            // (null without a label); Pipeline's `PlaceholderTask` exports no label.
             TaskKind::Freestyle => json!({
                 "_class": "hudson.model.FreeStyleProject",
+                "labelExpression": (!item.label.trim().is_empty()).then(|| item.label.clone()),
                 "name": item.job,
                 "url": format!("{}job/{}/", self.base, item.job),
                 "color": "notbuilt",

@@ -25,6 +25,7 @@ fn node(name: &str, offline: bool, build: Option<&str>) -> NodeObs {
         build: build.map(str::to_string),
         busy: build.is_some(),
         labels: vec!["linux".into(), name.into()],
+        drained: false,
     }
 }
 
@@ -33,7 +34,6 @@ fn obs(now: Instant, nodes: Vec<NodeObs>, agents: &[&str], demand: u32) -> Obser
         now,
         agents_listed_at: now,
         polled_at: now,
-        labels: ["linux".to_string()].into(),
         nodes,
         agents: agents.iter().map(|s| s.to_string()).collect(),
         demand,
@@ -213,15 +213,18 @@ fn a_node_created_after_the_agent_list_is_not_an_orphan() {
 }
 
 #[test]
-fn an_adopted_node_without_the_pool_labels_was_drained_and_is_recycled_when_idle() {
+fn an_adopted_drained_node_is_recycled_when_idle_and_labels_say_nothing() {
     let t = Instant::now();
     let mut mem = PoolMem::default();
-    let mut n = node("p-1", false, None);
-    n.labels = vec!["p-1".into()];
+    let mut drained = node("p-1", false, None);
+    drained.drained = true;
+    // Without a label the pool now has: not drained, kept.
+    let mut other = node("p-2", false, None);
+    other.labels = vec!["p-2".into(), "old".into()];
     let (steps, _) = plan(
         &spec(0, 5, 1),
         &mut mem,
-        &obs(t, vec![n], &["p-1"], 0),
+        &obs(t, vec![drained, other], &["p-1", "p-2"], 0),
         &mut yes(),
     );
     assert_eq!(deletes(&steps), [("p-1".to_string(), Reason::MaxUses)]);
