@@ -34,6 +34,7 @@ pub mod api;
 pub mod api_error;
 pub mod auth;
 pub mod backend;
+pub mod backoff;
 pub mod bench;
 pub mod cli;
 pub mod client;

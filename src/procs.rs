@@ -4,8 +4,9 @@
 //! The agent makes itself a child subreaper, so every process a job leaves behind (even a
 //! double-forked daemon) stays its descendant and can be counted and killed on release. The
 //! service does the same with the process backend, so the jobs of an agent that died hard are
-//! re-parented to it and swept ([`kill_orphans`]). This module reads `/proc`, sends signals and
-//! walks directories; it keeps no state.
+//! re-parented to it and swept ([`kill_orphans`]). This module reads `/proc` (through the
+//! `procfs` crate: the one /proc parser of warmpool, also used by `bench/sysinfo.rs`), sends
+//! signals and walks directories; it keeps no state.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -32,57 +33,49 @@ pub fn become_subreaper() {
     }
 }
 
-/// (pid, parent pid, state char, process group) of every process.
-fn table() -> Vec<(i32, i32, char, i32)> {
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
+/// (pid, parent pid, state char, process group) of one process, from its `stat`.
+type Row = (i32, i32, char, i32);
+
+fn row(p: &procfs::process::Process) -> Option<Row> {
+    let st = p.stat().ok()?;
+    Some((st.pid, st.ppid, st.state, st.pgrp))
+}
+
+/// Every process's [`Row`] (processes that vanish during the walk are skipped).
+fn table() -> Vec<Row> {
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
     };
-    for ent in rd.flatten() {
-        let Some(pid) = ent.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // The command name may contain spaces and parentheses; fields follow the last ')'.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        let mut f = rest.split_whitespace();
-        let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-        let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let pgid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        out.push((pid, ppid, state, pgid));
-    }
-    out
+    all.flatten().filter_map(|p| row(&p)).collect()
 }
 
 /// Live process-group leaders whose environment has `marker` (a `NAME=` prefix is added), with
 /// their whole environment: how agents that outlive the service are found again. Processes of
 /// other users (environ unreadable) are skipped.
 pub fn group_leaders_with_env(marker: &str) -> Vec<(i32, HashMap<String, String>)> {
-    let needle = format!("{marker}=");
+    let marker = std::ffi::OsStr::new(marker);
+    let Ok(all) = procfs::process::all_processes() else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
-    for (pid, _, state, pgid) in table() {
+    for p in all.flatten() {
+        let Some((pid, _, state, pgid)) = row(&p) else {
+            continue;
+        };
         if pid != pgid || state == 'Z' || state == 'X' {
             continue;
         }
-        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else {
-            continue;
-        };
-        if !raw
-            .split(|b| *b == 0)
-            .any(|kv| kv.starts_with(needle.as_bytes()))
-        {
+        let Ok(env) = p.environ() else { continue };
+        if !env.contains_key(marker) {
             continue;
         }
-        let env = raw
-            .split(|b| *b == 0)
-            .filter_map(|kv| {
-                let kv = String::from_utf8_lossy(kv);
-                let (k, v) = kv.split_once('=')?;
-                Some((k.to_string(), v.to_string()))
+        let env = env
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string_lossy().into_owned(),
+                    v.to_string_lossy().into_owned(),
+                )
             })
             .collect();
         out.push((pid, env));
@@ -98,38 +91,30 @@ pub fn alive(pid: i32) -> bool {
 /// When `pid` started (clock ticks since boot, `/proc/PID/stat` field 22): with the pid, it
 /// names one process for good (a pid alone may be reused).
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    // Fields after the command name start at field 3 (the state).
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+    Some(
+        procfs::process::Process::new(pid)
+            .ok()?
+            .stat()
+            .ok()?
+            .starttime,
+    )
 }
 
-/// (pid, parent pid, state char, process group) of one process.
-fn stat_of(pid: i32) -> Option<(i32, i32, char, i32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut f = rest.split_whitespace();
-    let state = f.next().and_then(|s| s.chars().next()).unwrap_or('?');
-    let ppid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    let pgid = f.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-    Some((pid, ppid, state, pgid))
+/// The [`Row`] of one process.
+fn stat_of(pid: i32) -> Option<Row> {
+    row(&procfs::process::Process::new(pid).ok()?)
 }
 
 /// Direct children of `pid` from /proc/PID/task/*/children; None when the kernel has no such
 /// files (CONFIG_PROC_CHILDREN).
 fn children_of(pid: i32) -> Option<Vec<i32>> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let tasks = procfs::process::Process::new(pid).ok()?.tasks().ok()?;
     let mut out = Vec::new();
     let mut any = false;
     for t in tasks.flatten() {
-        let Ok(text) = std::fs::read_to_string(t.path().join("children")) else {
-            continue;
-        };
+        let Ok(c) = t.children() else { continue };
         any = true;
-        out.extend(
-            text.split_whitespace()
-                .filter_map(|p| p.parse::<i32>().ok()),
-        );
+        out.extend(c.into_iter().map(|p| p as i32));
     }
     any.then_some(out)
 }
@@ -137,7 +122,7 @@ fn children_of(pid: i32) -> Option<Vec<i32>> {
 /// The process table below this process: its descendants, read through the children files
 /// (a few reads instead of one per process on the machine: an agent checks this after every
 /// lease and in every heartbeat), or the whole table when those files do not exist.
-fn table_below_me() -> Vec<(i32, i32, char, i32)> {
+fn table_below_me() -> Vec<Row> {
     let me = std::process::id() as i32;
     if children_of(me).is_none() {
         return table();
@@ -374,6 +359,7 @@ pub fn wipe(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::CommandExt;
 
     #[test]
     fn workspace_bytes_and_wipe() {
@@ -385,6 +371,41 @@ mod tests {
         wipe(d.path()).unwrap();
         assert_eq!(dir_bytes(d.path()), 0);
         assert!(d.path().exists());
+    }
+
+    #[test]
+    fn marked_group_leaders_are_found_with_their_environment() {
+        // A command name with spaces and parentheses: `stat` fields follow the last ')'.
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("odd (name) x");
+        std::fs::copy("/bin/sleep", &exe).unwrap();
+        let marker = format!("WARMPOOL_PROCS_TEST_{}", std::process::id());
+        let mut child = std::process::Command::new(&exe)
+            .arg("30")
+            .env(&marker, "yes")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let mut found = Vec::new();
+        for _ in 0..200 {
+            found = group_leaders_with_env(&marker);
+            if !found.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, pid);
+        assert_eq!(found[0].1.get(&marker).map(String::as_str), Some("yes"));
+        assert!(alive(pid));
+        assert!(
+            start_time(pid).is_some_and(|t| t >= start_time(std::process::id() as i32).unwrap())
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(!alive(pid));
+        assert!(group_leaders_with_env(&marker).is_empty());
     }
 
     #[test]

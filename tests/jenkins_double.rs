@@ -300,14 +300,10 @@ async fn create_read_secret_delete() {
         assert!(xml.contains("<argument>-webSocket</argument>"), "{xml}");
         assert!(xml.contains(&format!("<argument>{}</argument>", j.url())));
     }
-    assert_eq!(
-        get(&j, "computer/warm-1/agent-secret")
-            .await
-            .text()
-            .await
-            .unwrap(),
-        n.secret
-    );
+    // Jenkins >= 2.437 logs a deprecation WARNING per JNLP file served, under either name.
+    let warnings = j.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(warnings[0].contains("Agent \"warm-1\" is connecting with the \"-jnlpUrl\" argument"));
     assert_eq!(
         get(&j, "computer/nope/jenkins-agent.jnlp").await.status(),
         404
@@ -378,21 +374,29 @@ async fn create_validation() {
 }
 
 #[tokio::test]
-async fn slave_agent_jnlp_can_be_404() {
+async fn jenkins_agent_jnlp_is_404_before_2_264() {
     let j = JenkinsDouble::start(JenkinsConfig {
         crumb: CrumbMode::Off,
-        serve_slave_agent_jnlp: false,
-        serve_agent_secret: false,
+        version: "2.263.4".into(),
+        serve_jenkins_agent_jnlp: false,
         ..JenkinsConfig::default()
     })
     .await;
     j.add_node("n1", "linux", 1);
-    assert_eq!(get(&j, "computer/n1/slave-agent.jnlp").await.status(), 404);
-    assert_eq!(get(&j, "computer/n1/agent-secret").await.status(), 404);
     assert_eq!(
         get(&j, "computer/n1/jenkins-agent.jnlp").await.status(),
-        200
+        404
     );
+    let r = get(&j, "computer/n1/slave-agent.jnlp").await;
+    assert_eq!(r.status(), 200);
+    let xml = r.text().await.unwrap();
+    assert!(
+        xml.contains("main-class=\"hudson.remoting.jnlp.Main\""),
+        "{xml}"
+    );
+    assert_eq!(jnlp_secret_and_name(&xml).1, "n1");
+    // No deprecation warning before 2.437.
+    assert!(j.warnings().is_empty());
 }
 
 #[tokio::test]
@@ -704,9 +708,17 @@ async fn queue_why_texts() {
     let item = &v["items"][0];
     assert_eq!(item["_class"], "hudson.model.Queue$BuildableItem");
     assert_eq!(item["buildable"], true);
-    assert_eq!(item["stuck"], true);
     assert_eq!(item["id"], id);
     assert_eq!(item["url"], format!("queue/item/{id}/"));
+    // No agent node at all: Jenkins does not name the label (Queue.BuildableItem
+    // .getCauseOfBlockage); the freestyle task's `labelExpression` does.
+    assert_eq!(why(&v), "Waiting for next available executor");
+    assert_eq!(item["stuck"], false);
+    assert_eq!(item["task"]["labelExpression"], "linux");
+
+    j.add_node("other", "windows", 1);
+    let v = get_json(&j, "queue/api/json").await;
+    assert_eq!(v["items"][0]["stuck"], true);
     assert_eq!(why(&v), "There are no nodes with the label ‘linux’");
 
     let s1 = j.add_node("n1", "linux", 1);

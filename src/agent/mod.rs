@@ -125,7 +125,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     // reported in `hello`.
     let lease: Arc<Mutex<Served>> = Arc::default();
     let current: Slot = Arc::default();
-    let mut backoff = BACKOFF_BASE;
+    // Failed attempts in a row (the next pause is the backoff's `failures + 1`th).
+    let mut failures = 0u32;
     loop {
         let started = Instant::now();
         let end = session(
@@ -152,10 +153,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             Err(e) => tracing::warn!(agent = %cfg.agent_id, error = %e, "cannot register"),
         }
         if started.elapsed() > Duration::from_secs(10) {
-            backoff = BACKOFF_BASE;
+            failures = 0;
         }
         let pause;
-        (pause, backoff) = next_pause(backoff, cfg.max_backoff, retry_soon, rand::random());
+        (pause, failures) = next_pause(failures, cfg.max_backoff, retry_soon, rand::random());
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = shutdown.cancelled() => break,
@@ -172,21 +173,23 @@ const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// well within the new leader's adopt grace, so its pause does not grow.
 pub const RETRY_SOON: Duration = Duration::from_millis(500);
 
-/// The pause before the next reconnect attempt, and the backoff to use after it. Full jitter
-/// (`jitter` in [0, 1) picks a pause in [d/2, d]) so a fleet reconnecting after a hub restart
-/// spreads out. After "try again later" the pause is at most [`RETRY_SOON`] and the backoff
-/// starts over; otherwise it doubles up to `max`.
-fn next_pause(
-    backoff: Duration,
-    max: Duration,
-    retry_soon: bool,
-    jitter: f64,
-) -> (Duration, Duration) {
-    let spread = |d: Duration| d.mul_f64(0.5 + jitter.clamp(0.0, 1.0) * 0.5);
+/// The pause before the next reconnect attempt after `failures` failed ones in a row, and the
+/// failure count after it: the shared [`Backoff`](crate::backoff::Backoff) from
+/// [`BACKOFF_BASE`] up to `max`, with `jitter` in [0, 1) picking a pause in [d/2, d] so a fleet
+/// reconnecting after a hub restart spreads out. After "try again later" the pause is at most
+/// [`RETRY_SOON`] and the count starts over.
+fn next_pause(failures: u32, max: Duration, retry_soon: bool, jitter: f64) -> (Duration, u32) {
     if retry_soon {
-        return (spread(RETRY_SOON), BACKOFF_BASE);
+        return (
+            crate::backoff::Backoff::new(RETRY_SOON, RETRY_SOON).pause(1, jitter),
+            0,
+        );
     }
-    (spread(backoff), (backoff * 2).min(max))
+    let n = failures.saturating_add(1);
+    (
+        crate::backoff::Backoff::new(BACKOFF_BASE, max).pause(n, jitter),
+        n,
+    )
 }
 
 fn health(cfg: &AgentConfig, pids: &Arc<Mutex<HashSet<i32>>>) -> Health {
@@ -537,28 +540,32 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_the_maximum() {
         let max = Duration::from_secs(10);
-        let mut b = BACKOFF_BASE;
+        let mut n = 0;
         let mut pauses = Vec::new();
         for _ in 0..10 {
-            let (p, next) = next_pause(b, max, false, 1.0);
+            let (p, next) = next_pause(n, max, false, 1.0);
             pauses.push(p);
-            b = next;
+            n = next;
         }
         assert_eq!(pauses[0], Duration::from_millis(100));
         assert_eq!(pauses[3], Duration::from_millis(800));
         assert_eq!(pauses[9], max);
-        let (low, _) = next_pause(Duration::from_secs(4), max, false, 0.0);
-        assert_eq!(low, Duration::from_secs(2), "jitter keeps at least half");
+        let (low, _) = next_pause(4, max, false, 0.0);
+        assert_eq!(
+            low,
+            Duration::from_millis(800),
+            "jitter keeps at least half"
+        );
     }
 
     #[test]
     fn try_again_later_retries_soon_and_starts_the_backoff_over() {
         let max = Duration::from_secs(10);
         for jitter in [0.0, 0.5, 0.999] {
-            let (p, next) = next_pause(max, max, true, jitter);
+            let (p, next) = next_pause(9, max, true, jitter);
             assert!(p <= RETRY_SOON, "{p:?}");
             assert!(p >= RETRY_SOON / 2, "{p:?}");
-            assert_eq!(next, BACKOFF_BASE);
+            assert_eq!(next, 0);
         }
     }
 }

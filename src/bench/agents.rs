@@ -64,20 +64,22 @@ pub async fn run_sim_agent(
     stop: CancellationToken,
     mut dial: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
-    let mut backoff = Duration::from_millis(200);
+    let backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    // Attempts in a row that were refused or cut (a registered session starts over).
+    let mut failures = 0u32;
     while !stop.is_cancelled() {
         match session(&a, &stop, &mut dial).await {
-            Ok(()) => backoff = Duration::from_millis(200),
+            Ok(()) => failures = 0,
             Err(_) => {
                 fleet.refused.fetch_add(1, Ordering::Relaxed);
             }
         }
-        let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
+        failures = failures.saturating_add(1);
+        let pause = backoff.pause(failures, rand::random::<f64>());
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
             _ = stop.cancelled() => return,
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

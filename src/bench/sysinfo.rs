@@ -2,67 +2,51 @@
 //! time, and which process listens on a loopback port. Also raises this process's open-file
 //! limit (thousands of agent connections need thousands of descriptors).
 
-use std::path::Path;
 use std::time::Duration;
 
 /// Resident set size of a process, bytes (`VmRSS` in /proc/PID/status).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let status = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .status()
+        .ok()?;
+    Some(status.vmrss? * 1024)
 }
 
 /// User + system CPU time a process has used (/proc/PID/stat fields 14 and 15).
 pub fn cpu_time(pid: u32) -> Option<Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_nanos(ticks * 1_000_000_000 / hz))
+    let st = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
+    let hz = procfs::ticks_per_second().max(1);
+    Some(Duration::from_nanos(
+        (st.utime + st.stime).saturating_mul(1_000_000_000) / hz,
+    ))
 }
 
 /// The process listening on TCP `port` (IPv4 or IPv6), found through /proc/net/tcp* and the
 /// socket inodes in /proc/*/fd. None when it is not visible (another user's process).
 pub fn listener_pid(port: u16) -> Option<u32> {
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            // local_address is HEXIP:HEXPORT; st 0A is LISTEN.
-            let Some(local) = f.get(1) else { continue };
-            let Some((_, p)) = local.rsplit_once(':') else {
-                continue;
-            };
-            if u16::from_str_radix(p, 16).ok() == Some(port) && f.get(3) == Some(&"0A") {
-                if let Some(inode) = f.get(9) {
-                    inodes.push(format!("socket:[{inode}]"));
-                }
-            }
-        }
-    }
+    use procfs::net::TcpState;
+    use procfs::process::FDTarget;
+    let inodes: Vec<u64> = [procfs::net::tcp(), procfs::net::tcp6()]
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.local_address.port() == port && e.state == TcpState::Listen)
+        .map(|e| e.inode)
+        .collect();
     if inodes.is_empty() {
         return None;
     }
-    for proc in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = proc.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if let Ok(target) = std::fs::read_link(fd.path())
-                && inodes.iter().any(|i| Path::new(i) == target)
-            {
-                return Some(pid);
-            }
+    for p in procfs::process::all_processes().ok()?.flatten() {
+        let Ok(fds) = p.fd() else { continue };
+        if fds
+            .flatten()
+            .any(|fd| matches!(fd.target, FDTarget::Socket(i) if inodes.contains(&i)))
+        {
+            return Some(p.pid as u32);
         }
     }
     None

@@ -141,19 +141,17 @@ pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Longest pause between provisioning attempts of a failing pool.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
-/// Exponential backoff with jitter for the `n`th failure in a row (n >= 1): a duration in
-/// [d/2, d] where d = min(BACKOFF_MAX, BACKOFF_BASE * 2^(n-1)). The jitter is derived from the
-/// pool name and n, so the engine stays deterministic while pools failing together spread out.
+/// The shared [`Backoff`](crate::backoff::Backoff) from [`BACKOFF_BASE`] to [`BACKOFF_MAX`] for
+/// the `n`th failure in a row (n >= 1): a duration in [d/2, d] where
+/// d = min(BACKOFF_MAX, BACKOFF_BASE * 2^(n-1)). The jitter is derived from the pool name and n,
+/// so the engine stays deterministic while pools failing together spread out.
 pub fn backoff(pool: &str, n: u32) -> Duration {
-    let d = BACKOFF_BASE
-        .saturating_mul(1u32 << n.saturating_sub(1).min(16))
-        .min(BACKOFF_MAX);
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in pool.bytes().chain(n.to_le_bytes()) {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
     }
     let frac = (h % 1000) as f64 / 1000.0;
-    d.mul_f64(0.5 + frac * 0.5)
+    crate::backoff::Backoff::new(BACKOFF_BASE, BACKOFF_MAX).pause(n, frac)
 }
 
 #[derive(Debug)]

@@ -191,6 +191,7 @@ impl Connector {
             return;
         }
         let _ = events.send(BackendEvent::Started { agent: node });
+        ctl.started.notify_one();
     }
 
     /// Removes a half-provisioned node (best effort: a node left behind is an orphan the next

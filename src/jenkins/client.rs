@@ -1,15 +1,19 @@
-//! The Jenkins REST client of one pool: basic auth with a user and API token, CSRF crumbs
-//! (fetched from `crumbIssuer/api/json` on the first POST, sent with the session cookie they
-//! are bound to, refreshed once on a crumb 403; a controller without a crumb issuer needs
-//! none), redirects not followed (Jenkins answers a successful POST with 302).
+//! The Jenkins REST client of one pool: basic auth with a user and API token, redirects not
+//! followed (Jenkins answers a successful POST with 302), cookies kept (reqwest's cookie store)
+//! since a crumb is bound to its session.
+//!
+//! CSRF crumbs: none is sent at first, since Jenkins >= 2.96 exempts POSTs authenticated with an
+//! API token (`jenkins.security.ApiCrumbExclusion`, JENKINS-22474). Only when a POST is refused
+//! with `CrumbFilter`'s 403 "No valid crumb was included in the request" (an older controller,
+//! the exemption off, a password instead of a token) is one crumb fetched from
+//! `crumbIssuer/api/json`, single-flight: concurrent refused POSTs share that one fetch. Each
+//! refused POST is retried once with it; later POSTs carry it from the start.
 //!
 //! Every request first takes a token from the controller's bucket (shared by all pools of
 //! that controller), and is counted in `warmpool_jenkins_requests_total{endpoint,code}` and
 //! timed in `warmpool_jenkins_request_seconds{endpoint}`. Errors carry the method, the full
 //! URL, the HTTP status and an excerpt of the body (or Jenkins' `X-Error` header).
 
-use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use reqwest::{Method, StatusCode, header};
@@ -29,7 +33,7 @@ pub enum Endpoint {
     Queue,
     /// `POST computer/doCreateItem`.
     CreateNode,
-    /// `GET computer/NAME/slave-agent.jnlp`.
+    /// `GET computer/NAME/slave-agent.jnlp` (Jenkins before 2.264).
     SlaveAgentJnlp,
     /// `GET computer/NAME/jenkins-agent.jnlp`.
     JenkinsAgentJnlp,
@@ -108,11 +112,31 @@ impl JenkinsError {
     }
 }
 
+/// What the client knows about crumbs.
 #[derive(Debug, Clone)]
 enum Crumb {
-    Unknown,
+    /// None needed so far: POSTs go without.
+    NotNeeded,
+    /// A POST was refused for a crumb, and `crumbIssuer/api/json` answered 404.
     NoIssuer,
+    /// Sent with every POST from now on.
     Issued { field: String, value: String },
+}
+
+/// The crumb and how many times it was fetched; a POST remembers the generation it was sent
+/// with, so of many POSTs refused at once only the first fetches a new crumb.
+struct CrumbSlot {
+    crumb: Crumb,
+    generation: u64,
+}
+
+impl CrumbSlot {
+    fn header(&self) -> Option<(String, String)> {
+        match &self.crumb {
+            Crumb::Issued { field, value } => Some((field.clone(), value.clone())),
+            Crumb::NotNeeded | Crumb::NoIssuer => None,
+        }
+    }
 }
 
 /// A client for one Jenkins controller and one user.
@@ -122,8 +146,8 @@ pub struct Client {
     creds: Credentials,
     limiter: super::SharedLimiter,
     metrics: Metrics,
-    cookies: Mutex<BTreeMap<String, String>>,
-    crumb: Mutex<Crumb>,
+    /// Held across a crumb fetch (single-flight).
+    crumb: tokio::sync::Mutex<CrumbSlot>,
 }
 
 const EXCERPT: usize = 300;
@@ -185,6 +209,8 @@ impl Client {
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(crate::tls::for_reqwest(tls))
             .redirect(reqwest::redirect::Policy::none())
+            // Jenkins binds a crumb to the session (`JSESSIONID.<id>`) it was issued in.
+            .cookie_store(true)
             .timeout(TIMEOUT)
             .tcp_nodelay(true)
             .user_agent(concat!("warmpool/", env!("CARGO_PKG_VERSION")))
@@ -196,8 +222,10 @@ impl Client {
             creds,
             limiter,
             metrics,
-            cookies: Mutex::new(BTreeMap::new()),
-            crumb: Mutex::new(Crumb::Unknown),
+            crumb: tokio::sync::Mutex::new(CrumbSlot {
+                crumb: Crumb::NotNeeded,
+                generation: 0,
+            }),
         }
     }
 
@@ -211,12 +239,12 @@ impl Client {
     }
 
     /// A 200 whose body is not what Jenkins documents.
-    fn bad_answer(&self, path: &str, why: String) -> JenkinsError {
+    fn bad_answer(&self, path: &str, why: impl std::fmt::Display) -> JenkinsError {
         JenkinsError {
             method: "GET".into(),
             url: self.url(path),
             status: Some(200),
-            excerpt: why,
+            excerpt: why.to_string(),
         }
     }
 
@@ -244,16 +272,6 @@ impl Client {
             .http
             .request(method.clone(), &url)
             .basic_auth(&self.creds.user, Some(&self.creds.token));
-        let cookie = {
-            let jar = self.cookies.lock().expect("lock");
-            jar.iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        };
-        if !cookie.is_empty() {
-            rb = rb.header(header::COOKIE, cookie);
-        }
         if let Some((field, value)) = crumb {
             rb = rb.header(field, value);
         }
@@ -286,14 +304,6 @@ impl Client {
                     .jenkins_requests
                     .with_label_values(&[ep.label(), status.as_str()])
                     .inc();
-                let mut jar = self.cookies.lock().expect("lock");
-                for v in headers.get_all(header::SET_COOKIE) {
-                    if let Ok(v) = v.to_str()
-                        && let Some((k, val)) = v.split(';').next().and_then(|p| p.split_once('='))
-                    {
-                        jar.insert(k.trim().to_string(), val.trim().to_string());
-                    }
-                }
                 let mut x_error = headers
                     .get("x-error")
                     .and_then(|v| v.to_str().ok())
@@ -358,19 +368,18 @@ impl Client {
         }
     }
 
-    async fn crumb(&self, refresh: bool) -> Result<Option<(String, String)>, JenkinsError> {
-        if !refresh {
-            match &*self.crumb.lock().expect("lock") {
-                Crumb::NoIssuer => return Ok(None),
-                Crumb::Issued { field, value } => return Ok(Some((field.clone(), value.clone()))),
-                Crumb::Unknown => {}
-            }
+    /// A new crumb, unless another POST fetched one since `seen` (the generation the refused
+    /// POST was sent with): then that one. Single-flight: the slot stays locked during the fetch.
+    async fn refresh_crumb(&self, seen: u64) -> Result<Option<(String, String)>, JenkinsError> {
+        let mut slot = self.crumb.lock().await;
+        if slot.generation != seen {
+            return Ok(slot.header());
         }
         let path = "crumbIssuer/api/json";
         let a = self
             .send(Method::GET, Endpoint::Crumb, path, &Body::None, None)
             .await?;
-        let c = match a.status {
+        slot.crumb = match a.status {
             StatusCode::OK => {
                 #[derive(serde::Deserialize)]
                 #[serde(rename_all = "camelCase")]
@@ -389,24 +398,24 @@ impl Client {
             StatusCode::NOT_FOUND => Crumb::NoIssuer,
             _ => return Err(self.err(&Method::GET, path, &a)),
         };
-        *self.crumb.lock().expect("lock") = c.clone();
-        Ok(match c {
-            Crumb::Issued { field, value } => Some((field, value)),
-            _ => None,
-        })
+        slot.generation += 1;
+        Ok(slot.header())
     }
 
-    /// A form POST with a crumb when the controller issues them; 2xx and 3xx are success.
-    /// Returns the status (so callers can tell a 404 from success).
+    /// A form POST; 2xx and 3xx are success. Sent without a crumb until Jenkins asks for one
+    /// (see the module header). Returns the status (so callers can tell a 404 from success).
     async fn post(
         &self,
         ep: Endpoint,
         path: &str,
         body: Body<'_>,
     ) -> Result<StatusCode, JenkinsError> {
-        let mut refreshed = false;
+        let (mut crumb, generation) = {
+            let slot = self.crumb.lock().await;
+            (slot.header(), slot.generation)
+        };
+        let mut retried = false;
         loop {
-            let crumb = self.crumb(refreshed).await?;
             let a = self.send(Method::POST, ep, path, &body, crumb).await?;
             let login = a
                 .x_error
@@ -415,13 +424,10 @@ impl Client {
             if a.status.is_success() || (a.status.is_redirection() && !login) {
                 return Ok(a.status);
             }
-            let crumb_refused = a.status == StatusCode::FORBIDDEN
-                && String::from_utf8_lossy(&a.body)
-                    .to_ascii_lowercase()
-                    .contains("crumb");
-            if crumb_refused && !refreshed {
-                // The crumb expired with its session, or the issuer was turned on: once more.
-                refreshed = true;
+            if !retried && crumb_refused(&a) {
+                // The crumb is missing, or expired with its session: once more with a new one.
+                retried = true;
+                crumb = self.refresh_crumb(generation).await?;
                 continue;
             }
             return Err(self.err(&Method::POST, path, &a));
@@ -477,14 +483,15 @@ impl Client {
         .map(|_| ())
     }
 
-    /// The node's agent secret, from `slave-agent.jnlp`, or `jenkins-agent.jnlp` when the
-    /// former is not there.
+    /// The node's agent secret, from `jenkins-agent.jnlp` (Jenkins >= 2.264), or from its old
+    /// name `slave-agent.jnlp` when a controller older than that answers 404.
+    /// (`SlaveComputer.doJenkinsAgentJnlp`; Jenkins core has no other API for the secret.)
     pub async fn secret(&self, name: &str) -> Result<String, JenkinsError> {
         let enc = encode_segment(name);
         let mut last = None;
         for (ep, file) in [
-            (Endpoint::SlaveAgentJnlp, "slave-agent.jnlp"),
             (Endpoint::JenkinsAgentJnlp, "jenkins-agent.jnlp"),
+            (Endpoint::SlaveAgentJnlp, "slave-agent.jnlp"),
         ] {
             let path = format!("computer/{enc}/{file}");
             match self.get_ok(ep, &path).await {
@@ -499,7 +506,8 @@ impl Client {
         Err(last.expect("two attempts"))
     }
 
-    /// Takes a node's labels away (`POST computer/NAME/config.xml`, Computer/Configure): it
+    /// Takes a node's labels away and marks its description drained
+    /// ([`model::DRAINED_MARKER`]) (`POST computer/NAME/config.xml`, Computer/Configure): it
     /// finishes its build and gets no other.
     pub async fn drain_node(
         &self,
@@ -508,7 +516,7 @@ impl Client {
         description: &str,
     ) -> Result<(), JenkinsError> {
         let path = format!("computer/{}/config.xml", encode_segment(name));
-        let xml = drained_config_xml(name, remote_fs, description);
+        let xml = drained_config_xml(name, remote_fs, &model::drained_description(description));
         self.post(Endpoint::ConfigXml, &path, Body::Xml(&xml))
             .await
             .map(|_| ())
@@ -543,6 +551,14 @@ pub fn drained_config_xml(name: &str, remote_fs: &str, description: &str) -> Str
         esc(description),
         esc(remote_fs)
     )
+}
+
+/// `CrumbFilter`'s refusal: 403 "No valid crumb was included in the request".
+fn crumb_refused(a: &Answer) -> bool {
+    a.status == StatusCode::FORBIDDEN
+        && String::from_utf8_lossy(&a.body)
+            .to_ascii_lowercase()
+            .contains("no valid crumb")
 }
 
 /// Request bodies.

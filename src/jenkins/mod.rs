@@ -119,6 +119,8 @@ struct Controller {
     gate: Arc<Semaphore>,
     cap: Mutex<u32>,
     interval: Mutex<Duration>,
+    /// Notified when an agent is started: the poll loop checks for it to connect.
+    started: tokio::sync::Notify,
     stop: CancellationToken,
 }
 
@@ -591,6 +593,7 @@ impl Connector {
             gate: Arc::new(Semaphore::new(js.max_connecting as usize)),
             cap: Mutex::new(js.max_connecting),
             interval: Mutex::new(js.poll_interval.0),
+            started: tokio::sync::Notify::new(),
             stop: self.stop.child_token(),
         });
         ctls.insert(root.to_string(), c.clone());

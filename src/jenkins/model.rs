@@ -1,15 +1,55 @@
 //! What warmpool reads from Jenkins, parsed: the batched node list (`computer/api/json` with a
 //! `tree`), the queue (`queue/api/json`), the agent secret in a JNLP file, and the label a queue
-//! item waits for (Jenkins does not export it: it is parsed from the item's `why`).
+//! item waits for (Jenkins does not export a queue item's label: it is parsed from the item's
+//! `why`, or, when Jenkins names none, read from the task's `labelExpression`).
 //!
 //! Pure: no I/O. Shapes and their sources are listed in docs/JENKINS.md.
 
 use serde::Deserialize;
 
+/// What could not be parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseError {
+    /// A JSON answer of another shape.
+    #[error("{what} is not the expected JSON: {source}")]
+    Json {
+        /// The endpoint (`computer/api/json`, `queue/api/json`).
+        what: &'static str,
+        /// The parser's complaint.
+        source: serde_json::Error,
+    },
+    /// No `<application-desc>` element.
+    #[error("no <application-desc> in the JNLP file")]
+    NoApplicationDesc,
+    /// An `<argument>` without its end tag.
+    #[error("unterminated <argument> in the JNLP file")]
+    UnterminatedArgument,
+    /// The file is another node's.
+    #[error("the JNLP file is for node {found:?}, not {node:?}")]
+    OtherNode {
+        /// The node asked for.
+        node: String,
+        /// The node named in the file.
+        found: String,
+    },
+    /// Not the (secret, name) arguments.
+    #[error("the JNLP file has fewer than two <argument>s (secret, name)")]
+    TooFewArguments,
+}
+
 /// The `tree` of the one node poll: every field the connector needs, nothing else.
-pub const COMPUTER_TREE: &str = "computer[displayName,offline,idle,numExecutors,assignedLabels[name],executors[idle,currentExecutable[url]]]";
+pub const COMPUTER_TREE: &str = "computer[displayName,description,offline,idle,numExecutors,assignedLabels[name],executors[idle,currentExecutable[url]]]";
+
+/// Appended to a node's description when warmpool drains it (its last allowed build runs): the
+/// drained state, explicit and read back by every poll, also by a restarted instance.
+pub const DRAINED_MARKER: &str = "[warmpool: drained, deleted after its build]";
+
+/// A node's description once drained.
+pub fn drained_description(description: &str) -> String {
+    format!("{description} {DRAINED_MARKER}")
+}
 /// The `tree` of the queue poll.
-pub const QUEUE_TREE: &str = "items[id,buildable,blocked,stuck,why,task[name]]";
+pub const QUEUE_TREE: &str = "items[id,buildable,blocked,stuck,why,task[name,labelExpression]]";
 
 /// One Jenkins node as the poll sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +64,10 @@ pub struct NodeObs {
     pub busy: bool,
     /// Labels, including the node's own name.
     pub labels: Vec<String>,
+    /// Drained by warmpool: its description carries [`DRAINED_MARKER`]. Also a node with no
+    /// label but its own name: what a drain left before the marker existed (a pool's labels
+    /// are never empty, so no label change of the pool can look like this).
+    pub drained: bool,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +80,8 @@ struct ComputerSet {
 #[serde(rename_all = "camelCase")]
 struct Computer {
     display_name: String,
+    #[serde(default)]
+    description: Option<String>,
     #[serde(default)]
     offline: bool,
     #[serde(default = "yes")]
@@ -71,9 +117,11 @@ struct Executable {
 }
 
 /// Parses `computer/api/json`.
-pub fn parse_computers(body: &[u8]) -> Result<Vec<NodeObs>, String> {
-    let set: ComputerSet = serde_json::from_slice(body)
-        .map_err(|e| format!("computer/api/json is not the expected JSON: {e}"))?;
+pub fn parse_computers(body: &[u8]) -> Result<Vec<NodeObs>, ParseError> {
+    let set: ComputerSet = serde_json::from_slice(body).map_err(|source| ParseError::Json {
+        what: "computer/api/json",
+        source,
+    })?;
     Ok(set
         .computer
         .into_iter()
@@ -83,12 +131,19 @@ pub fn parse_computers(body: &[u8]) -> Result<Vec<NodeObs>, String> {
                 .iter()
                 .find_map(|e| e.current_executable.as_ref().and_then(|x| x.url.clone()));
             let busy = !c.idle || c.executors.iter().any(|e| !e.idle) || build.is_some();
+            let labels: Vec<String> = c.assigned_labels.into_iter().map(|l| l.name).collect();
+            let marked = c
+                .description
+                .as_deref()
+                .is_some_and(|d| d.contains(DRAINED_MARKER));
+            let unlabelled = labels.iter().all(|l| *l == c.display_name);
             NodeObs {
+                drained: marked || (unlabelled && !labels.is_empty()),
                 name: c.display_name,
                 offline: c.offline,
                 build,
                 busy,
-                labels: c.assigned_labels.into_iter().map(|l| l.name).collect(),
+                labels,
             }
         })
         .collect())
@@ -128,17 +183,42 @@ struct QueueItem {
     blocked: bool,
     #[serde(default)]
     why: Option<String>,
+    #[serde(default)]
+    task: Option<Task>,
 }
 
+/// The queued task: a job (`AbstractProject` exports `labelExpression`, its label as entered)
+/// or a Pipeline `node` block (`PlaceholderTask` exports no label).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Task {
+    #[serde(default)]
+    label_expression: Option<String>,
+}
+
+/// `Messages.Queue_WaitingForNextAvailableExecutor`: what Jenkins says of every buildable item
+/// while it has no agent node at all (`Queue.BuildableItem.getCauseOfBlockage` drops the label
+/// then), and of items without a label.
+const WAITING_FOR_AN_EXECUTOR: &str = "Waiting for next available executor";
+
 /// Parses `queue/api/json`: buildable or blocked items whose `why` names a label or node.
-pub fn parse_queue(body: &[u8]) -> Result<Vec<QueuedObs>, String> {
-    let q: Queue = serde_json::from_slice(body)
-        .map_err(|e| format!("queue/api/json is not the expected JSON: {e}"))?;
+pub fn parse_queue(body: &[u8]) -> Result<Vec<QueuedObs>, ParseError> {
+    let q: Queue = serde_json::from_slice(body).map_err(|source| ParseError::Json {
+        what: "queue/api/json",
+        source,
+    })?;
     Ok(q.items
         .into_iter()
         .filter(|i| i.buildable || i.blocked)
         .filter_map(|i| {
-            let wants = wants_of(i.why.as_deref()?)?;
+            let why = i.why.as_deref()?;
+            let wants = wants_of(why).or_else(|| {
+                // No label named: the task's own label, if it exports one.
+                let label = i.task?.label_expression?;
+                let label = label.trim();
+                (why.trim().trim_end_matches('.') == WAITING_FOR_AN_EXECUTOR && !label.is_empty())
+                    .then(|| Wants::Label(label.to_string()))
+            })?;
             Some(QueuedObs { id: i.id, wants })
         })
         .collect())
@@ -191,11 +271,11 @@ pub fn wants_of(why: &str) -> Option<Wants> {
 
 /// The agent secret in a JNLP file: the first `<argument>` of `<application-desc>` (the second
 /// is the node name, which must be `node`).
-pub fn jnlp_secret(xml: &str, node: &str) -> Result<String, String> {
+pub fn jnlp_secret(xml: &str, node: &str) -> Result<String, ParseError> {
     let desc = xml
         .find("<application-desc")
         .map(|i| &xml[i..])
-        .ok_or("no <application-desc> in the JNLP file")?;
+        .ok_or(ParseError::NoApplicationDesc)?;
     let mut args = Vec::new();
     let mut rest = desc;
     while args.len() < 2 {
@@ -205,14 +285,17 @@ pub fn jnlp_secret(xml: &str, node: &str) -> Result<String, String> {
         let after = &rest[i + "<argument>".len()..];
         let j = after
             .find("</argument>")
-            .ok_or("unterminated <argument> in the JNLP file")?;
+            .ok_or(ParseError::UnterminatedArgument)?;
         args.push(xml_unescape(after[..j].trim()));
         rest = &after[j..];
     }
     match args.as_slice() {
         [secret, name] if name == node && !secret.is_empty() => Ok(secret.clone()),
-        [_, name] => Err(format!("the JNLP file is for node {name:?}, not {node:?}")),
-        _ => Err("the JNLP file has fewer than two <argument>s (secret, name)".into()),
+        [_, name] => Err(ParseError::OtherNode {
+            node: node.into(),
+            found: name.clone(),
+        }),
+        _ => Err(ParseError::TooFewArguments),
     }
 }
 
@@ -248,8 +331,24 @@ mod tests {
         assert!(
             parse_computers(b"<html>")
                 .unwrap_err()
+                .to_string()
                 .contains("computer/api/json")
         );
+        assert!(!n[1].drained && !n[2].drained);
+        // Drained: the marker in the description, or no label but the node's own name.
+        let body = format!(
+            r#"{{"computer":[
+              {{"displayName":"go-3","description":"warmpool pool go {DRAINED_MARKER}",
+                "assignedLabels":[{{"name":"go"}},{{"name":"go-3"}}]}},
+              {{"displayName":"go-4","description":"warmpool pool go","assignedLabels":[{{"name":"go-4"}}]}},
+              {{"displayName":"go-5","description":"warmpool pool go","assignedLabels":[{{"name":"linux"}},{{"name":"go-5"}}]}}]}}"#
+        );
+        let d: Vec<bool> = parse_computers(body.as_bytes())
+            .unwrap()
+            .iter()
+            .map(|n| n.drained)
+            .collect();
+        assert_eq!(d, [true, true, false]);
     }
 
     #[test]
@@ -261,7 +360,11 @@ mod tests {
           {"id":20,"buildable":false,"blocked":false,"why":"In the quiet period. Expires in 4 sec"},
           {"id":21,"blocked":true,"why":"Waiting for next available executor on 'py'"},
           {"id":22,"buildable":true,"why":"Waiting for next available executor"},
-          {"id":23,"buildable":true,"why":"go-abc is offline"}]}"#;
+          {"id":23,"buildable":true,"why":"go-abc is offline"},
+          {"id":24,"buildable":true,"why":"Waiting for next available executor",
+           "task":{"_class":"hudson.model.FreeStyleProject","name":"x","labelExpression":"go && linux"}},
+          {"id":25,"blocked":true,"why":"Build #3 is already in progress (ETA: 1 min)",
+           "task":{"labelExpression":"go"}}]}"#;
         let q = parse_queue(body.as_bytes()).unwrap();
         let w: Vec<_> = q.iter().map(|i| (i.id, i.wants.clone())).collect();
         assert_eq!(
@@ -271,6 +374,7 @@ mod tests {
                 (19, Wants::Label("go && linux".into())),
                 (21, Wants::Label("py".into())),
                 (23, Wants::Node("go-abc".into())),
+                (24, Wants::Label("go && linux".into())),
             ]
         );
         assert_eq!(
@@ -293,7 +397,12 @@ mod tests {
   <argument>-url</argument><argument>http://j/</argument>
 </application-desc></jnlp>"#;
         assert_eq!(jnlp_secret(old, "go-1").unwrap(), "s3cr3t");
-        assert!(jnlp_secret(old, "go-2").unwrap_err().contains("go-2"));
+        assert!(
+            jnlp_secret(old, "go-2")
+                .unwrap_err()
+                .to_string()
+                .contains("go-2")
+        );
         assert!(jnlp_secret("<html/>", "go-1").is_err());
     }
 }

@@ -15,6 +15,9 @@ use super::model::{NodeObs, Wants};
 use super::*;
 use crate::engine::{AgentState, Engine, Reason};
 
+/// How often connecting agents are looked for between full polls.
+const CONNECT_CHECK: Duration = Duration::from_millis(200);
+
 /// One pool's share of one poll.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PoolObs {
@@ -29,16 +32,8 @@ pub(crate) struct PoolObs {
     /// When the agent list was taken (before the node poll): an agent started after it is not
     /// missing from it.
     pub listed_at: Option<Instant>,
-    /// The pool's node labels (a node with none of them was drained).
-    pub labels: BTreeSet<String>,
     /// `maxUses` (an adopted drained node has used them all).
     pub max_uses: u32,
-}
-
-/// Drained: its labels were taken before its last allowed build (by this or an earlier
-/// instance), so it carries none of the pool's labels.
-fn drained(n: &NodeObs, labels: &BTreeSet<String>) -> bool {
-    !labels.iter().any(|l| n.labels.contains(l))
 }
 
 /// Feeds one pool's observation to the engine; returns the nodes seen online (their
@@ -53,7 +48,7 @@ pub(crate) fn feed(e: &mut Engine, o: &PoolObs, now: Instant) -> Vec<String> {
             None if has_agent => {
                 // Left by an earlier instance: adopted with its age and drained state.
                 let age = o.agents[&n.name].unwrap_or_default();
-                let d = drained(n, &o.labels);
+                let d = n.drained;
                 let uses = if d { o.max_uses } else { 0 };
                 e.adopt_with(&n.name, &o.pool, AgentState::Connecting, age, uses, d, now);
             }
@@ -131,17 +126,32 @@ impl Connector {
 
     pub(super) async fn run_controller(self: Arc<Self>, ctl: Arc<Controller>) {
         let label = ctl.root.clone();
-        let mut first = true;
+        let mut next = tokio::time::Instant::now();
         loop {
-            let wait = if first {
-                Duration::ZERO
-            } else {
-                *ctl.interval.lock().expect("lock")
-            };
-            first = false;
-            tokio::select! {
-                _ = ctl.stop.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
+            // Until the next full poll: while agents connect, a node list every
+            // CONNECT_CHECK frees their permits as soon as they are online.
+            loop {
+                let now = tokio::time::Instant::now();
+                if now >= next {
+                    break;
+                }
+                let connecting = ctl.connecting() > 0;
+                let until = if connecting {
+                    next.min(now + CONNECT_CHECK)
+                } else {
+                    next
+                };
+                tokio::select! {
+                    _ = ctl.stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => {}
+                    _ = ctl.started.notified(), if !connecting => continue,
+                }
+                if until < next && ctl.connecting() > 0 {
+                    self.connect_check(&ctl).await;
+                }
+            }
+            if ctl.stop.is_cancelled() {
+                return;
             }
             let pools = self.pools_of(&ctl.root);
             if pools.is_empty() {
@@ -160,11 +170,14 @@ impl Connector {
                         .jenkins_connecting
                         .remove_label_values(&[&label])
                         .ok();
-                    break;
+                    return;
                 }
+                drop((pools, ctls));
+                next = tokio::time::Instant::now() + *ctl.interval.lock().expect("lock");
                 continue;
             }
             self.poll_once(&ctl, &pools).await;
+            next = tokio::time::Instant::now() + *ctl.interval.lock().expect("lock");
             self.metrics
                 .jenkins_poll_interval
                 .with_label_values(&[&label])
@@ -174,6 +187,63 @@ impl Connector {
                 .with_label_values(&[&label])
                 .set(ctl.connecting() as i64);
         }
+    }
+
+    /// One node list (no queue, no agent list) to see connecting agents online: each one seen
+    /// is connected in the engine and gives its permit back. Skipped while the controller is
+    /// backed off (the full poll's own pace then).
+    async fn connect_check(&self, ctl: &Controller) {
+        let pools = self.pools_of(&ctl.root);
+        let base = pools
+            .iter()
+            .map(|p| p.cfg.jenkins.poll_interval.0)
+            .min()
+            .unwrap_or_default();
+        if *ctl.interval.lock().expect("lock") > base {
+            return;
+        }
+        let Some(client) = pools.iter().find_map(|p| p.client.clone()) else {
+            return;
+        };
+        let Ok((nodes, _)) = client.computers().await else {
+            return;
+        };
+        let waiting: BTreeSet<String> = self
+            .agents
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|(_, a)| a.root == ctl.root && a.permit.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let up: Vec<NodeObs> = nodes
+            .into_iter()
+            .filter(|n| !n.offline && waiting.contains(&n.name))
+            .collect();
+        if up.is_empty() {
+            return;
+        }
+        let Some(svc) = self.svc.upgrade() else {
+            return;
+        };
+        svc.apply(|e, now| {
+            for n in &up {
+                match &n.build {
+                    Some(b) => e.external_busy(&n.name, b, now),
+                    None if n.busy => {
+                        e.external_busy(&n.name, &format!("a build on node {}", n.name), now)
+                    }
+                    None => e.external_idle(&n.name, now),
+                }
+            }
+        });
+        for n in &up {
+            self.connected(&n.name);
+        }
+        self.metrics
+            .jenkins_connecting
+            .with_label_values(&[&ctl.root])
+            .set(ctl.connecting() as i64);
     }
 
     /// A struggling controller doubles the interval (up to the largest `maxPollInterval`);
@@ -384,7 +454,6 @@ impl Connector {
             let mut o = obs.remove(&p.cfg.key).unwrap_or_default();
             o.pool = p.cfg.key.clone();
             o.listed_at = Some(listed_at);
-            o.labels = p.cfg.jenkins.label_atoms();
             o.max_uses = p.cfg.spec.max_uses;
             // Whatever the poll may adopt or find orphaned is terminated through this
             // connector: it must know the agent's controller first.

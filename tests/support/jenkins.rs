@@ -10,8 +10,11 @@
 //!   `application/x-www-form-urlencoded` body, as python-jenkins `create_node` sends them):
 //!   creates a permanent inbound agent (`hudson.slaves.DumbSlave` + `hudson.slaves.JNLPLauncher`),
 //!   302 to `computer/`.
-//! - `GET  computer/{name}/slave-agent.jnlp`, `GET computer/{name}/jenkins-agent.jnlp` (JNLP XML
-//!   carrying the secret), `GET computer/{name}/agent-secret` (the secret as text/plain).
+//! - `GET  computer/{name}/jenkins-agent.jnlp` and its old name `slave-agent.jnlp` (JNLP XML
+//!   carrying the secret; `SlaveComputer.doJenkinsAgentJnlp`). Since 2.437 Jenkins logs a
+//!   deprecation WARNING for every fetch of either name ([`JenkinsDouble::warnings`]); Jenkins
+//!   core has no other API for the secret (`getJnlpMac` is not `@Exported`; an `agent-secret`
+//!   endpoint was proposed in jenkinsci/jenkins#26017 and not merged), so the double has none.
 //! - `POST computer/{name}/doDelete`: 302 to `computer/`, 404 for an unknown node.
 //! - `GET  computer/api/json`, `GET computer/{name}/api/json` (`(built-in)` for the built-in
 //!   node): the fields `displayName, offline, idle, numExecutors, assignedLabels[name],
@@ -41,7 +44,9 @@
 //! - No remoting protocol on the agent socket: the node is online from the upgrade to the close.
 //!   A second agent for a connected node gets 500 (Jenkins's status is unconfirmed).
 //! - Crumbs are bound to user + session only (not the client IP). [`CrumbMode::Enforced`], the
-//!   default, asks for a crumb even with an API token, which Jenkins >= 2.96 does not.
+//!   default, asks for a crumb even with an API token, which Jenkins >= 2.96 does only when the
+//!   token exemption does not apply (see [`CrumbMode`]); [`CrumbMode::IssuedTokenExempt`] is
+//!   Jenkins with an API token.
 //! - Secrets are random 64-hex strings, not an HMAC of the node name.
 //! - Deleting or disconnecting a node aborts its builds at once ([`JenkinsDouble::aborted`]).
 #![allow(dead_code)]
@@ -83,12 +88,16 @@ pub enum CrumbMode {
     /// No crumb issuer: `crumbIssuer/api/json` is 404 and POSTs need no crumb.
     Off,
     /// Jenkins >= 2.96 with API-token auth: crumbs are issued, but POSTs authenticated with an
-    /// API token are exempt (`ApiCrumbExclusion`), so nothing is checked.
+    /// API token are exempt, so nothing is checked. (`jenkins.security.ApiCrumbExclusion`,
+    /// JENKINS-22474: `CrumbFilter` runs every `CrumbExclusion` first, and this one passes a
+    /// request `BasicHeaderApiTokenAuthenticator` authenticated.) Real Jenkins with a token.
     IssuedTokenExempt,
     /// Every POST needs `Jenkins-Crumb` (header or form field) equal to the crumb issued to the
     /// same user in the same `JSESSIONID.<id>` session; otherwise 403 "No valid crumb was
-    /// included in the request". This is Jenkins for password Basic auth or browser sessions,
-    /// and the strictest case for a client.
+    /// included in the request" (`CrumbFilter.doFilter`). This is Jenkins when the exemption
+    /// does not apply: the Basic password is the user's real password
+    /// (`BasicHeaderRealPasswordAuthenticator`), a browser session, or `ApiCrumbExclusion`
+    /// disabled; the strictest case for a client.
     Enforced,
 }
 
@@ -110,11 +119,10 @@ pub struct JenkinsConfig {
     /// Reject `doCreateItem` unless `launcher.webSocket` is true (the double's strictness;
     /// Jenkins accepts either).
     pub require_websocket_launcher: bool,
-    /// Serve `computer/NAME/slave-agent.jnlp` (the old name). False: 404 for it, to test a
-    /// client's fallback to `jenkins-agent.jnlp`.
-    pub serve_slave_agent_jnlp: bool,
-    /// Serve `computer/NAME/agent-secret` (new in 2025 cores). False: 404, as older cores.
-    pub serve_agent_secret: bool,
+    /// Serve `computer/NAME/jenkins-agent.jnlp`, the current name (Jenkins >= 2.264, where
+    /// `slave-agent.jnlp` became an alias of it). False: 404 for it, as Jenkins before 2.264,
+    /// which serves only `slave-agent.jnlp`.
+    pub serve_jenkins_agent_jnlp: bool,
     /// Wait this long in every `wsagents/` handshake before answering (a slow controller): makes
     /// [`WsStats::max_handshaking`] meaningful.
     pub ws_handshake_delay: Duration,
@@ -130,8 +138,7 @@ impl Default for JenkinsConfig {
             built_in_name: "Built-In Node".into(),
             built_in_executors: 0,
             require_websocket_launcher: true,
-            serve_slave_agent_jnlp: true,
-            serve_agent_secret: true,
+            serve_jenkins_agent_jnlp: true,
             ws_handshake_delay: Duration::ZERO,
         }
     }
@@ -146,7 +153,6 @@ pub enum Endpoint {
     Computer,
     SlaveAgentJnlp,
     JenkinsAgentJnlp,
-    AgentSecret,
     DeleteNode,
     /// `POST computer/NAME/config.xml` (`Computer.doConfigDotXml`, updateByXml).
     ConfigXml,
@@ -167,7 +173,6 @@ impl Endpoint {
             ["computer", _, "api", _] => Endpoint::Computer,
             ["computer", _, "slave-agent.jnlp"] => Endpoint::SlaveAgentJnlp,
             ["computer", _, "jenkins-agent.jnlp"] => Endpoint::JenkinsAgentJnlp,
-            ["computer", _, "agent-secret"] => Endpoint::AgentSecret,
             ["computer", _, "doDelete"] => Endpoint::DeleteNode,
             ["computer", _, "config.xml"] => Endpoint::ConfigXml,
             ["queue", "api", _] => Endpoint::Queue,
@@ -184,7 +189,7 @@ impl Endpoint {
             Endpoint::CreateNode => "hudson.model.Computer.Create",
             Endpoint::DeleteNode => "hudson.model.Computer.Delete",
             Endpoint::ConfigXml => "hudson.model.Computer.Configure",
-            Endpoint::SlaveAgentJnlp | Endpoint::JenkinsAgentJnlp | Endpoint::AgentSecret => {
+            Endpoint::SlaveAgentJnlp | Endpoint::JenkinsAgentJnlp => {
                 "hudson.model.Computer.Connect"
             }
             _ => "hudson.model.Hudson.Read",
@@ -419,6 +424,8 @@ struct St {
     builds_by_node: BTreeMap<String, u32>,
     /// When each accepted agent socket opened.
     ws_connects: Vec<Instant>,
+    /// WARNING lines Jenkins would log (see [`JenkinsDouble::warnings`]).
+    warnings: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -453,7 +460,26 @@ fn label_matches(expr: &str, labels: &BTreeSet<String>) -> bool {
     }
 }
 
+/// `a.b.c` at least `min` (missing parts are 0; unparsable: true, a current core).
+fn version_at_least(version: &str, min: (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>());
+    match (parts.next(), parts.next().unwrap_or(Ok(0))) {
+        (Some(Ok(major)), Ok(minor)) => (major, minor) >= min,
+        _ => true,
+    }
+}
+
 impl St {
+    /// `SlaveComputer.doJenkinsAgentJnlp` since 2.437 (jenkinsci/jenkins#8773): one WARNING per
+    /// JNLP file served, whichever name was asked for.
+    fn jnlp_warning(&mut self, node: &str) {
+        if version_at_least(&self.cfg.version, (2, 437)) {
+            self.warnings.push(format!(
+                "WARNING hudson.slaves.SlaveComputer#doJenkinsAgentJnlp: Agent \"{node}\" is connecting with the \"-jnlpUrl\" argument, which is deprecated. Use \"-url\" and \"-name\" instead, potentially also passing in \"-webSocket\", \"-tunnel\", and/or work directory options as needed."
+            ));
+        }
+    }
+
     fn crumb_for(&self, user: &str, session: &str) -> String {
         let mut h = Sha256::new();
         h.update(format!("{user};{session}").as_bytes());
@@ -537,7 +563,9 @@ impl St {
     /// `Queue.BuildableItem.getCauseOfBlockage()` (messages as in recent Jenkins, with ‘ ’),
     /// and whether the item is `stuck` (label offline).
     fn why(&self, label: &str) -> (String, bool) {
-        if label.trim().is_empty() {
+        // `if (allNodes.isEmpty()) label = null; // no master/agent. pointless to talk about
+        // nodes`: without agent nodes (the built-in is not one) the label is never named.
+        if label.trim().is_empty() || self.nodes.is_empty() {
             return ("Waiting for next available executor".into(), false);
         }
         let mut matching: Vec<(&str, bool)> = self
@@ -716,8 +744,11 @@ impl St {
 
     fn task_json(&self, item: &QueueItem) -> Value {
         match item.kind {
+            // `AbstractProject.getAssignedLabelString` is `@Exported(name = "labelExpression")`
+            // (null without a label); Pipeline's `PlaceholderTask` exports no label.
             TaskKind::Freestyle => json!({
                 "_class": "hudson.model.FreeStyleProject",
+                "labelExpression": (!item.label.trim().is_empty()).then(|| item.label.clone()),
                 "name": item.job,
                 "url": format!("{}job/{}/", self.base, item.job),
                 "color": "notbuilt",
@@ -852,6 +883,7 @@ impl JenkinsDouble {
             aborted: Vec::new(),
             builds_by_node: BTreeMap::new(),
             ws_connects: Vec::new(),
+            warnings: Vec::new(),
         })));
         let app = Router::new()
             .route("/crumbIssuer/api/json", get(crumb_issuer))
@@ -863,7 +895,6 @@ impl JenkinsDouble {
                 "/computer/{name}/jenkins-agent.jnlp",
                 get(jenkins_agent_jnlp),
             )
-            .route("/computer/{name}/agent-secret", get(agent_secret))
             .route("/computer/{name}/doDelete", post(delete_node))
             .route("/computer/{name}/config.xml", post(config_xml))
             .route("/queue/api/json", get(queue_api))
@@ -1151,6 +1182,16 @@ impl JenkinsDouble {
             .count()
     }
 
+    /// Requests to `ep` answered 403 (a crumb or a permission refused).
+    pub fn refused(&self, ep: Endpoint) -> usize {
+        self.shared
+            .lock()
+            .requests
+            .iter()
+            .filter(|r| r.endpoint == ep && r.status == 403)
+            .count()
+    }
+
     pub fn request_times(&self, ep: Endpoint) -> Vec<Instant> {
         let st = self.shared.lock();
         st.requests
@@ -1173,6 +1214,12 @@ impl JenkinsDouble {
             best = best.max(hi - lo + 1);
         }
         best
+    }
+
+    /// The WARNING lines Jenkins would have logged, in order (today: the JNLP file's
+    /// deprecation warning, see [`St::jnlp_warning`]).
+    pub fn warnings(&self) -> Vec<String> {
+        self.shared.lock().warnings.clone()
     }
 
     pub fn clear_requests(&self) {
@@ -1570,8 +1617,8 @@ async fn delete_node(State(sh): State<Shared>, Path(name): Path<String>) -> Resp
 }
 
 /// `Computer.doConfigDotXml` (POST, Computer/Configure): `updateByXml` replaces the node's
-/// configuration; the double applies the `<label>` (what warmpool changes) and keeps the
-/// channel and running builds, as replacing a node of the same type does.
+/// configuration; the double applies `<label>` and `<description>` (what warmpool changes) and
+/// keeps the channel and running builds, as replacing a node of the same type does.
 async fn config_xml(State(sh): State<Shared>, Path(name): Path<String>, body: Bytes) -> Response {
     let text = String::from_utf8_lossy(&body).to_string();
     let tag = |t: &str| -> Option<String> {
@@ -1592,8 +1639,12 @@ async fn config_xml(State(sh): State<Shared>, Path(name): Path<String>, body: By
     } else {
         tag("label").unwrap_or_default()
     };
+    let description = tag("description")
+        .map(|d| xml_unescape(&d))
+        .unwrap_or_default();
     if let Some(n) = st.nodes.get_mut(&name) {
         n.labels = labels.split_whitespace().map(str::to_string).collect();
+        n.description = description;
     }
     st.dispatch();
     StatusCode::OK.into_response()
@@ -1640,12 +1691,13 @@ fn jnlp_response(xml: String) -> Response {
         .into_response()
 }
 
-/// The pre-2.4xx `slave-agent.jnlp.jelly` (full JNLP); newer Jenkins serves the
-/// `jenkins-agent.jnlp` body here too.
+/// `slave-agent.jnlp`: before 2.264 its own view (`slave-agent.jnlp.jelly`, a full JNLP file);
+/// since 2.264 (commit 27a71f98) `doSlaveAgentJnlp` returns `doJenkinsAgentJnlp`, the same body
+/// and the same deprecation WARNING.
 async fn slave_agent_jnlp(State(sh): State<Shared>, Path(name): Path<String>) -> Response {
-    let st = sh.lock();
-    if !st.cfg.serve_slave_agent_jnlp {
-        return not_found_page();
+    let mut st = sh.lock();
+    if st.cfg.serve_jenkins_agent_jnlp {
+        return jenkins_agent_jnlp_file(&mut st, &name);
     }
     let Some(n) = st.nodes.get(&name) else {
         return not_found_page();
@@ -1656,31 +1708,31 @@ async fn slave_agent_jnlp(State(sh): State<Shared>, Path(name): Path<String>) ->
         name = xml_escape(&n.name),
         args = jnlp_args(&st, n),
     );
+    let name = n.name.clone();
+    st.jnlp_warning(&name);
     jnlp_response(xml)
 }
 
-/// `jenkins-agent.jnlp.jelly`: only `<jnlp><application-desc>` with the arguments.
+/// `SlaveComputer.doJenkinsAgentJnlp` (`jenkins-agent.jnlp.jelly`: only
+/// `<jnlp><application-desc>` with the arguments), 404 before 2.264.
 async fn jenkins_agent_jnlp(State(sh): State<Shared>, Path(name): Path<String>) -> Response {
-    let st = sh.lock();
-    let Some(n) = st.nodes.get(&name) else {
+    let mut st = sh.lock();
+    if !st.cfg.serve_jenkins_agent_jnlp {
+        return not_found_page();
+    }
+    jenkins_agent_jnlp_file(&mut st, &name)
+}
+
+fn jenkins_agent_jnlp_file(st: &mut St, name: &str) -> Response {
+    let Some(n) = st.nodes.get(name) else {
         return not_found_page();
     };
     let xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?><jnlp><application-desc>{}</application-desc></jnlp>",
-        jnlp_args(&st, n)
+        jnlp_args(st, n)
     );
+    st.jnlp_warning(name);
     jnlp_response(xml)
-}
-
-async fn agent_secret(State(sh): State<Shared>, Path(name): Path<String>) -> Response {
-    let st = sh.lock();
-    if !st.cfg.serve_agent_secret {
-        return not_found_page();
-    }
-    match st.nodes.get(&name) {
-        Some(n) => ([(header::CONTENT_TYPE, "text/plain")], n.secret.clone()).into_response(),
-        None => not_found_page(),
-    }
 }
 
 async fn queue_api(State(sh): State<Shared>) -> Response {
@@ -1959,6 +2011,14 @@ fn as_i64(v: &Value) -> Option<i64> {
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }
+}
+
+fn xml_unescape(s: &str) -> String {
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 fn xml_escape(s: &str) -> String {
