@@ -149,7 +149,7 @@ impl Runner for KubeRunner {
                         .metadata
                         .creation_timestamp
                         .as_ref()
-                        .and_then(|t| std::time::SystemTime::try_from(t.0).ok()),
+                        .map(|t| std::time::SystemTime::from(t.0)),
                 });
             }
             Ok(out)
