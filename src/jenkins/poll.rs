@@ -504,3 +504,7 @@ impl Connector {
             .set(demand as i64);
     }
 }
+
+#[cfg(test)]
+#[path = "poll_tests.rs"]
+mod tests;
