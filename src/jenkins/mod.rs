@@ -11,7 +11,8 @@
 //! `fake_agent.rs` (a simulated inbound agent for tests and demos).
 //!
 //! State comes from ONE poll of `computer/api/json` (with a `tree`) and one of `queue/api/json`
-//! per controller per interval, never a request per node; the planner compares it with the
+//! per controller per interval (and, while agents connect, one small online check per
+//! controller every 0.5 s that frees their connecting slots), never a request per node; the planner compares it with the
 //! runner's live agents and its memory of earlier polls (level-triggered), so a lost answer or
 //! a crashed task is repaired by the next poll, and a restarted service adopts what is there.
 //! A failing controller marks its pools `Degraded` and never stalls the other controllers or
@@ -137,6 +138,12 @@ const PROBLEM_POLL: &str = "poll";
 const PROBLEM_CREATE: &str = "create";
 const PROBLEM_DELETE: &str = "delete";
 const PROBLEM_DRAIN: &str = "drain";
+const PROBLEM_CONNECT: &str = "connect";
+
+/// How often, while agents are connecting (slots held) and the poll is not backed off, the
+/// controller is asked which nodes are online (one small request, `computer[displayName,
+/// offline]`), so a slot is freed as soon as its agent connects rather than at the next poll.
+const CONNECT_CHECK: Duration = Duration::from_millis(500);
 
 struct PoolState {
     mem: PoolMem,
@@ -146,7 +153,9 @@ struct PoolState {
     slots: HashMap<String, Slot>,
     /// Fired when the pool is removed: its in-flight provisions undo themselves.
     cancel: CancellationToken,
-    /// Consecutive failed provisions, and when creating may be tried again.
+    /// Consecutive failed provisions (a create, secret or start that failed, or an agent that
+    /// never connected), and when creating may be tried again. Reset when a node of the pool
+    /// comes online.
     failures: u32,
     retry_at: Option<Instant>,
     /// Nodes deleted recently, and when: a poll sent before a deletion still lists the node,
@@ -155,6 +164,28 @@ struct PoolState {
     pacer: DefaultDirectRateLimiter,
     pace_key: (u64, u32),
     generation: Option<i64>,
+}
+
+impl PoolState {
+    /// One more failed provision: creating waits 1 s, doubling up to 60 s.
+    fn provision_failed(&mut self, kind: &'static str, p: Problem) {
+        self.failures += 1;
+        let wait = Duration::from_millis(500) * 2u32.pow(self.failures.min(7));
+        self.retry_at = Some(Instant::now() + wait.min(Duration::from_secs(60)));
+        self.problems.insert(kind, p);
+    }
+
+    /// Frees the connecting slots of nodes now online; a node that came online ends the
+    /// pool's provisioning backoff.
+    fn connected(&mut self, online: &BTreeSet<String>) {
+        let before = self.slots.len();
+        self.slots.retain(|n, _| !online.contains(n));
+        if self.slots.len() < before {
+            self.failures = 0;
+            self.retry_at = None;
+            self.problems.remove(PROBLEM_CONNECT);
+        }
+    }
 }
 
 /// A pool as one poll pass sees it: configuration, client (None without credentials), state.
@@ -570,9 +601,34 @@ impl Connector {
                 *ctl.interval.lock().expect("lock")
             };
             first = false;
-            tokio::select! {
-                _ = ctl.stop.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
+            // Until the next poll: while agents are connecting, check every CONNECT_CHECK which
+            // came online (not while backed off: Jenkins is struggling then).
+            let until = tokio::time::Instant::now() + wait;
+            let base = self
+                .pools_of(&ctl.root)
+                .iter()
+                .map(|p| p.0.jenkins.poll_interval.0)
+                .min()
+                .unwrap_or(wait);
+            let checks = wait > CONNECT_CHECK && wait <= base;
+            loop {
+                // (Woken every CONNECT_CHECK whether or not slots are held now: provisions
+                // spawned by the last poll take their slots after this loop started.)
+                let next = if checks {
+                    (tokio::time::Instant::now() + CONNECT_CHECK).min(until)
+                } else {
+                    until
+                };
+                tokio::select! {
+                    _ = ctl.stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(next) => {}
+                }
+                if next >= until {
+                    break;
+                }
+                if ctl.gate.used() > 0 {
+                    self.check_connected(&ctl).await;
+                }
             }
             let pools = self.pools_of(&ctl.root);
             if pools.is_empty() {
@@ -620,11 +676,29 @@ impl Connector {
             .unwrap_or(Duration::from_secs(60))
             .max(base);
         let mut iv = ctl.interval.lock().expect("lock");
-        *iv = if struggling {
-            (*iv * 2).min(max)
-        } else {
-            (*iv / 2).max(base)
+        // Doubling while Jenkins struggles; back to normal on the first good poll (an answer in
+        // time, with no error): a controller that answers well again gets its normal poll
+        // at once, and one still struggling backs off again after one poll.
+        *iv = if struggling { (*iv * 2).min(max) } else { base };
+    }
+
+    /// Frees the connecting slots of agents that connected since the last poll: one small
+    /// request for the whole controller (see [`CONNECT_CHECK`]); a failure is left to the poll.
+    async fn check_connected(&self, ctl: &Controller) {
+        let pools = self.pools_of(&ctl.root);
+        let Some(client) = pools.iter().find_map(|p| p.1.clone()) else {
+            return;
         };
+        let Ok(online) = client.online_nodes().await else {
+            return;
+        };
+        for (_, _, st) in &pools {
+            st.lock().expect("lock").connected(&online);
+        }
+        self.metrics
+            .jenkins_connecting
+            .with_label_values(&[&ctl.root])
+            .set(ctl.gate.used() as i64);
     }
 
     async fn poll_once(self: &Arc<Self>, ctl: &Arc<Controller>, pools: &[PoolRef]) {
@@ -852,6 +926,7 @@ impl Connector {
                 });
                 s.counts = counts;
                 // Online (or gone) nodes no longer hold a connecting slot.
+                s.connected(&online);
                 let keep: BTreeSet<String> = s
                     .mem
                     .nodes
@@ -859,8 +934,7 @@ impl Connector {
                     .filter(|(_, m)| m.inflight != Some(Inflight::Deleting))
                     .map(|(n, _)| n.clone())
                     .collect();
-                s.slots
-                    .retain(|n, _| keep.contains(n) && !online.contains(n));
+                s.slots.retain(|n, _| keep.contains(n));
                 steps
             };
             self.export(cfg, st);
@@ -962,11 +1036,7 @@ impl Connector {
                 .provisions
                 .with_label_values(&[&cfg.key, "failed"])
                 .inc();
-            let mut s = st.lock().expect("lock");
-            s.failures += 1;
-            let wait = Duration::from_millis(500) * 2u32.pow(s.failures.min(7));
-            s.retry_at = Some(Instant::now() + wait.min(Duration::from_secs(60)));
-            s.problems.insert(PROBLEM_CREATE, p);
+            st.lock().expect("lock").provision_failed(PROBLEM_CREATE, p);
         };
         if let Err(e) = client
             .create_node(&node, &workdir, &cfg.jenkins.labels, &description)
@@ -1033,8 +1103,8 @@ impl Connector {
             m.agent_started = Some(now);
             m.offline_since = Some(now);
         }
-        s.failures = 0;
-        s.retry_at = None;
+        // The backoff ends when the node comes online, not here: an agent that never connects
+        // is a failed provision too (see `delete`).
         s.problems.remove(PROBLEM_CREATE);
         s.slots.insert(node, slot);
     }
@@ -1107,6 +1177,17 @@ impl Connector {
             tracing::warn!(pool = %cfg.key, node = %node, connect_timeout = %cfg.spec.connect_timeout, "node never came online: deleted with its agent (a leak)");
             self.metrics.leaks.with_label_values(&[&cfg.key]).inc();
             s.mem.leaks_total += 1;
+            // A pool whose agents never connect backs its creations off like failed ones.
+            s.provision_failed(
+                PROBLEM_CONNECT,
+                Problem {
+                    reason: "AgentNeverConnected".into(),
+                    message: format!(
+                        "pool {}: node {node}: its agent did not come online within connectTimeout {}; node and agent deleted (a leak)",
+                        cfg.key, cfg.spec.connect_timeout
+                    ),
+                },
+            );
         } else {
             tracing::info!(pool = %cfg.key, node = %node, reason = reason.as_str(), "Jenkins node recycled");
         }
