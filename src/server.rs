@@ -406,6 +406,9 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let mut leader_task = None;
     // Set when this instance lost leadership: the new leader owns the Jenkins nodes now.
     let lost_leadership = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let controller_cfg = crate::k8s::agentpool::ControllerConfig {
+        ca_file: cfg.ca_file.clone(),
+    };
     if kube.is_some() {
         // Not ready until this instance leads (if elected) and has adopted existing pods.
         svc.set_ready(false);
@@ -440,9 +443,10 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             };
             match leader {
                 None => {
-                    tokio::spawn(crate::backend::kubernetes::run(
+                    tokio::spawn(crate::k8s::agentpool::run(
                         svc.clone(),
                         k,
+                        controller_cfg.clone(),
                         watchers.clone(),
                     ));
                 }
@@ -450,6 +454,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                     leader_task = Some(tokio::spawn(lead(
                         svc.clone(),
                         k,
+                        controller_cfg.clone(),
                         client,
                         lcfg,
                         watchers.clone(),
@@ -518,6 +523,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
 async fn lead(
     svc: Arc<Service>,
     backend: Arc<KubeBackend>,
+    controller_cfg: crate::k8s::agentpool::ControllerConfig,
     client: kube::Client,
     cfg: crate::k8s::leader::LeaderConfig,
     watchers: CancellationToken,
@@ -531,9 +537,10 @@ async fn lead(
         return;
     }
     // Ready once the adoption in `run` is done, not before.
-    tokio::spawn(crate::backend::kubernetes::run(
+    tokio::spawn(crate::k8s::agentpool::run(
         svc.clone(),
         backend,
+        controller_cfg,
         watchers.clone(),
     ));
     leader::hold(&api, &cfg, &watchers).await;

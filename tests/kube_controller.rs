@@ -81,7 +81,12 @@ async fn conditions_keep_last_transition_time_and_status_writes_trigger_no_recon
     c.pools()
         .create(
             &PostParams::default(),
-            &agent_pool("lt", agent_cmd(), json!({"minIdle": 1, "maxTotal": 4})),
+            // One pod a second: Ready stays False for a while after the scale below.
+            &agent_pool(
+                "lt",
+                agent_cmd(),
+                json!({"minIdle": 1, "maxTotal": 4, "provisioning": {"perSecond": 1, "burst": 1}}),
+            ),
         )
         .await
         .unwrap();
@@ -90,33 +95,37 @@ async fn conditions_keep_last_transition_time_and_status_writes_trigger_no_recon
         c.has_condition("lt", "Ready", "True", "", "").await
     })
     .await;
+    let ap = raw(&c.client, "lt").await.unwrap();
+    let generation = ap["metadata"]["generation"].as_i64().unwrap();
+    for cond in ap["status"]["conditions"].as_array().unwrap() {
+        assert!(
+            cond["lastTransitionTime"]
+                .as_str()
+                .is_some_and(|t| t.len() >= 20),
+            "every condition carries lastTransitionTime: {cond}"
+        );
+        assert_eq!(cond["observedGeneration"], generation, "{cond}");
+    }
     c.until("the finalizer is added", async |c: &Cluster| {
         finalizers(&c.client, "lt")
             .await
             .contains(&FINALIZER.to_string())
     })
     .await;
-    let ap = raw(&c.client, "lt").await.unwrap();
-    let generation = ap["metadata"]["generation"].as_i64().unwrap();
-    for cond in ap["status"]["conditions"].as_array().unwrap() {
-        assert!(
-            cond["lastTransitionTime"].as_str().is_some_and(|t| t.len() >= 20),
-            "every condition carries lastTransitionTime: {cond}"
-        );
-        assert_eq!(cond["observedGeneration"], generation, "{cond}");
-    }
-    let ready_t0 = raw_condition(&c.client, "lt", "Ready").await.unwrap()["lastTransitionTime"]
-        .clone();
-    let degraded_t0 = raw_condition(&c.client, "lt", "Degraded").await.unwrap()
-        ["lastTransitionTime"]
-        .clone();
+    let ready_t0 =
+        raw_condition(&c.client, "lt", "Ready").await.unwrap()["lastTransitionTime"].clone();
+    let degraded_t0 =
+        raw_condition(&c.client, "lt", "Degraded").await.unwrap()["lastTransitionTime"].clone();
     // lastTransitionTime has a resolution of one second: let the clock pass the first one.
     let later = std::time::SystemTime::now() + Duration::from_millis(1100);
-    until("a second passes", async || std::time::SystemTime::now() > later).await;
+    until("a second passes", async || {
+        std::time::SystemTime::now() > later
+    })
+    .await;
     let reconciles = counter(&c.h, "warmpool_agentpool_reconciles_total");
     let writes = counter(&c.h, "warmpool_agentpool_status_writes_total");
     // `kubectl scale --replicas=3`: one spec change, then many status rewrites as two pods
-    // are created, start and connect; Ready flips to False and back to True.
+    // are created (one a second), start and connect; Ready flips to False and back to True.
     c.pools()
         .patch_scale(
             "lt",
@@ -126,10 +135,13 @@ async fn conditions_keep_last_transition_time_and_status_writes_trigger_no_recon
         .await
         .unwrap();
     c.h.wait_idle("lt", 3).await;
-    c.until("Ready=True again with a new lastTransitionTime", async |c: &Cluster| {
-        let r = raw_condition(&c.client, "lt", "Ready").await.unwrap();
-        r["status"] == "True" && r["lastTransitionTime"] != ready_t0
-    })
+    c.until(
+        "Ready=True again with a new lastTransitionTime",
+        async |c: &Cluster| {
+            let r = raw_condition(&c.client, "lt", "Ready").await.unwrap();
+            r["status"] == "True" && r["lastTransitionTime"] != ready_t0
+        },
+    )
     .await;
     c.until("status counts 3 idle", async |c: &Cluster| {
         c.status("lt").await.idle == 3
@@ -175,7 +187,11 @@ async fn an_agentpool_deleted_while_warmpool_was_down_is_cleaned_up_on_start() {
     } = c;
     let addr = h.server.addr;
     h.server.shutdown().await;
-    assert_eq!(pod_names(&client, "gone").await.len(), 2, "pods outlive warmpool");
+    assert_eq!(
+        pod_names(&client, "gone").await.len(),
+        2,
+        "pods outlive warmpool"
+    );
     pools(&client)
         .delete("gone", &Default::default())
         .await
@@ -198,8 +214,7 @@ async fn an_agentpool_deleted_while_warmpool_was_down_is_cleaned_up_on_start() {
 }
 
 #[tokio::test]
-async fn a_jenkins_agentpool_deleted_while_down_is_purged_and_waits_for_an_unreachable_jenkins()
-{
+async fn a_jenkins_agentpool_deleted_while_down_is_purged_and_waits_for_an_unreachable_jenkins() {
     let (api, client) = apiserver().await;
     let _kubelet = ProcessKubelet::start(client.clone(), "default", Duration::from_millis(50));
     let j = JenkinsDouble::start(JenkinsConfig::default()).await;
@@ -228,7 +243,10 @@ async fn a_jenkins_agentpool_deleted_while_down_is_purged_and_waits_for_an_unrea
         "template": {"spec": {"containers": [{"name": "jnlp", "image": "jenkins/inbound-agent:latest"}]}}
     });
     pools(&client)
-        .create(&PostParams::default(), &agent_pool_with("ci", spec, json!({})))
+        .create(
+            &PostParams::default(),
+            &agent_pool_with("ci", spec, json!({})),
+        )
         .await
         .unwrap();
     let ci_nodes = |j: &JenkinsDouble| {
@@ -261,17 +279,20 @@ async fn a_jenkins_agentpool_deleted_while_down_is_purged_and_waits_for_an_unrea
     // Jenkins is down when warmpool comes back.
     j.set_fault(Fault::status(503));
     let h2 = start_at(kube_config(&client), addr).await;
-    until("Degraded/CleanupFailed naming the pool and the controller", async || {
-        raw_condition(&client, "ci", "Degraded")
-            .await
-            .is_some_and(|c| {
-                let m = c["message"].as_str().unwrap_or("");
-                c["status"] == "True"
-                    && c["reason"] == "CleanupFailed"
-                    && m.contains("pool ci")
-                    && m.contains(j.url())
-            })
-    })
+    until(
+        "Degraded/CleanupFailed naming the pool and the controller",
+        async || {
+            raw_condition(&client, "ci", "Degraded")
+                .await
+                .is_some_and(|c| {
+                    let m = c["message"].as_str().unwrap_or("");
+                    c["status"] == "True"
+                        && c["reason"] == "CleanupFailed"
+                        && m.contains("pool ci")
+                        && m.contains(j.url())
+                })
+        },
+    )
     .await;
     until("a CleanupFailed Event", async || {
         warning_event(&client, "CleanupFailed", "ci", &["pool ci"]).await
