@@ -51,6 +51,47 @@ pub const ANNOTATION_POOL_UID: &str = "warmpool.dev/pool-uid";
 /// Annotation: when warmpool created the pod (RFC 3339).
 pub const ANNOTATION_CREATED_AT: &str = "warmpool.dev/created-at";
 
+/// Why a pod cannot be built from an AgentPool's template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The template has no pod spec.
+    #[error("AgentPool {namespace}/{pool}: the pod template has no spec")]
+    NoPodSpec {
+        /// Namespace.
+        namespace: String,
+        /// AgentPool name.
+        pool: String,
+    },
+    /// The template has no container.
+    #[error("AgentPool {namespace}/{pool}: the pod template has no container")]
+    NoContainer {
+        /// Namespace.
+        namespace: String,
+        /// AgentPool name.
+        pool: String,
+    },
+    /// `agentContainer` names no container of the template.
+    #[error("AgentPool {namespace}/{pool}: no container named {container:?} in the pod template")]
+    NoSuchContainer {
+        /// Namespace.
+        namespace: String,
+        /// AgentPool name.
+        pool: String,
+        /// The `agentContainer`.
+        container: String,
+    },
+}
+
+/// Results of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// For callers that report errors as text (the Jenkins runner).
+impl From<Error> for String {
+    fn from(e: Error) -> String {
+        e.to_string()
+    }
+}
+
 /// Settings of the Kubernetes backend.
 #[derive(Debug, Clone)]
 pub struct KubeConfig {
@@ -214,7 +255,7 @@ pub fn template_hash(ap: &AgentPool) -> String {
 /// Builds the pod for one agent of `ap`. The variables the template sets on the agent container
 /// with `env` are the pool's configured variables: the agent passes them on to its jobs
 /// (named in `WARMPOOL_JOB_ENV`).
-pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod, String> {
+pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod> {
     pod_from_template(
         ap,
         &req.agent,
@@ -273,17 +314,25 @@ pub fn pod_from_template<const L: usize, const A: usize>(
     env: Vec<(String, String)>,
     labels: [(&str, String); L],
     annotations: [(&str, String); A],
-) -> Result<Pod, String> {
+) -> Result<Pod> {
+    let (namespace, pool) = (ap.namespace().unwrap_or_default(), ap.name_any());
     let mut template = ap.spec.template.clone();
-    let mut spec = template.spec.take().ok_or("the pod template has no spec")?;
+    let Some(mut spec) = template.spec.take() else {
+        return Err(Error::NoPodSpec { namespace, pool });
+    };
     let idx = match &ap.spec.agent_container {
-        Some(name) => spec
-            .containers
-            .iter()
-            .position(|c| &c.name == name)
-            .ok_or_else(|| format!("no container named {name:?} in the pod template"))?,
+        Some(name) => match spec.containers.iter().position(|c| &c.name == name) {
+            Some(i) => i,
+            None => {
+                return Err(Error::NoSuchContainer {
+                    namespace,
+                    pool,
+                    container: name.clone(),
+                });
+            }
+        },
         None if spec.containers.is_empty() => {
-            return Err("the pod template has no container".into());
+            return Err(Error::NoContainer { namespace, pool });
         }
         None => 0,
     };
@@ -354,7 +403,7 @@ impl Backend for KubeBackend {
         let pod = match build_pod(&ap, &req, &self.cfg.hub_url) {
             Ok(p) => p,
             Err(e) => {
-                failed(format!("AgentPool {}/{}: {e}", ns_display, req.pool));
+                failed(e.to_string());
                 return;
             }
         };
