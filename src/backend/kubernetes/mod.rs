@@ -15,14 +15,17 @@
 //! Layout: this file builds pods and implements [`Backend`]; `watch.rs` watches pods;
 //! `repair.rs` re-issues deletes that did not take and holds unschedulable pods' deadlines.
 //!
+//! It never calls the engine: what it learns about agents goes out as [`BackendEvent`]s, and what
+//! it must know of them (known? being terminated?) or report (an outdated template, a pod that
+//! cannot be scheduled) goes through [`AgentView`], which the AgentPool controller implements.
 //! It does not decide sizing: the engine does, and this backend executes. Pods are never patched
 //! on the lease path. On shutdown pods are left running (`keeps_agents_on_shutdown`).
 
 mod repair;
 mod watch;
 
-pub(crate) use repair::repair;
-pub(crate) use watch::watch_pods;
+pub use repair::repair;
+pub use watch::watch_pods;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,6 +53,22 @@ pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const ANNOTATION_POOL_UID: &str = "warmpool.dev/pool-uid";
 /// Annotation: when warmpool created the pod (RFC 3339).
 pub const ANNOTATION_CREATED_AT: &str = "warmpool.dev/created-at";
+
+/// What the pod watcher and the repairs ask of, and report to, the owner of the agents (the
+/// AgentPool controller, which holds the engine): the backend never calls the engine itself.
+pub trait AgentView: Send + Sync + 'static {
+    /// True when this instance has agent `agent`.
+    fn knows(&self, agent: &str) -> bool;
+    /// The agents being terminated, each with how long it has been.
+    fn terminating(&self) -> Vec<(String, Duration)>;
+    /// Agent `agent`'s pod was built from an outdated template: it is to be replaced.
+    fn retire(&self, agent: &str);
+    /// Agent `agent`'s pod cannot be scheduled (kept, not recreated): its provisioning
+    /// deadline is held.
+    fn hold_pending(&self, agent: &str);
+    /// Where agent events go.
+    fn events(&self) -> EventSink;
+}
 
 /// Why a pod cannot be built from an AgentPool's template.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,26 +5,23 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{KubeBackend, REDELETE_AFTER};
+use super::{AgentView, KubeBackend, REDELETE_AFTER};
 use crate::backend::Backend;
-use crate::service::Service;
 
 /// Runs the repairs until dropped.
-pub(crate) async fn repair(svc: Arc<Service>, backend: Arc<KubeBackend>) {
+pub async fn repair(view: Arc<dyn AgentView>, backend: Arc<KubeBackend>) {
     let mut iv = tokio::time::interval(backend.cfg.status_interval);
     let mut redeleted: HashMap<String, std::time::Instant> = HashMap::new();
     loop {
         iv.tick().await;
         // Level-triggered: a pod still there long after its delete (a failed DELETE, a lost
         // event) is deleted again; a 404 reports it gone.
-        let stuck: Vec<String> = svc.read(|e| {
-            let now = std::time::Instant::now();
-            e.agents()
-                .filter(|a| a.state == crate::engine::AgentState::Terminating)
-                .filter(|a| now.duration_since(a.since) > REDELETE_AFTER)
-                .map(|a| a.id.clone())
-                .collect()
-        });
+        let stuck: Vec<String> = view
+            .terminating()
+            .into_iter()
+            .filter(|(_, since)| *since > REDELETE_AFTER)
+            .map(|(a, _)| a)
+            .collect();
         redeleted.retain(|a, _| stuck.contains(a));
         for agent in stuck {
             let due = redeleted
@@ -32,7 +29,7 @@ pub(crate) async fn repair(svc: Arc<Service>, backend: Arc<KubeBackend>) {
                 .is_none_or(|t| t.elapsed() > REDELETE_AFTER);
             if due {
                 redeleted.insert(agent.clone(), std::time::Instant::now());
-                backend.terminate(&agent, svc.backend_sink());
+                backend.terminate(&agent, view.events());
             }
         }
         // Level-triggered: pods still unschedulable keep their provisioning deadline held.
@@ -42,9 +39,8 @@ pub(crate) async fn repair(svc: Arc<Service>, backend: Arc<KubeBackend>) {
             .map(|e| (e.key().clone(), e.value().0.clone(), e.value().1.clone()))
             .collect();
         for (agent, _, _) in &pending {
-            let known = svc.read(|e| e.agent(agent).is_some());
-            if known {
-                svc.apply(|e, now| e.hold_pending(agent, now));
+            if view.knows(agent) {
+                view.hold_pending(agent);
             } else {
                 backend.pending.remove(agent);
             }

@@ -16,25 +16,24 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 
 use super::{
-    KubeBackend, LABEL_MANAGED_BY, LABEL_POOL, LABEL_TEMPLATE_HASH, agent_of, image_failure,
-    pod_exit, template_hash, unschedulable,
+    AgentView, KubeBackend, LABEL_MANAGED_BY, LABEL_POOL, LABEL_TEMPLATE_HASH, agent_of,
+    image_failure, pod_exit, template_hash, unschedulable,
 };
 use crate::backend::PoolEvent::PodFailed;
 use crate::backend::{Backend, BackendEvent};
 use crate::k8s::crd::AgentPool;
-use crate::service::Service;
 
 /// Pod phases become agent events; pods the engine does not know are deleted when their
 /// AgentPool is not in `pools`.
-pub(crate) async fn watch_pods(
-    svc: Arc<Service>,
+pub async fn watch_pods(
+    view: Arc<dyn AgentView>,
     backend: Arc<KubeBackend>,
     pools: Store<AgentPool>,
 ) {
     let cfg = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=warmpool"));
     let pods: Api<Pod> = backend.scope();
     let mut stream = watcher::watcher(pods, cfg).default_backoff().boxed();
-    let events = svc.backend_sink();
+    let events = view.events();
     // Pods seen in the current (re)list: a Delete lost while the watch was down is repaired
     // at InitDone.
     let mut listed: HashSet<String> = HashSet::new();
@@ -52,7 +51,7 @@ pub(crate) async fn watch_pods(
                 backend
                     .agent_ns
                     .insert(agent.clone(), pod.namespace().unwrap_or_default());
-                let known = svc.read(|e| e.agent(&agent).is_some());
+                let known = view.knows(&agent);
                 if !known {
                     // Only a pod whose AgentPool is gone is garbage. A pod of an existing pool
                     // (valid or not) that this instance does not know is left alone.
@@ -73,13 +72,13 @@ pub(crate) async fn watch_pods(
                     .and_then(|p| backend.pools.get(p))
                     .map(|ap| template_hash(&ap));
                 if current.is_some() && pod.labels().get(LABEL_TEMPLATE_HASH) != current.as_ref() {
-                    svc.apply(|e, now| e.retire(&agent, now));
+                    view.retire(&agent);
                 }
                 match (unschedulable(&pod), pool_key.as_ref()) {
                     (Some(why), Some(pool)) => {
                         tracing::warn!(pod = %agent, why = %why, "pod cannot be scheduled; keeping it");
                         backend.pending.insert(agent.clone(), (pool.clone(), why));
-                        svc.apply(|e, now| e.hold_pending(&agent, now));
+                        view.hold_pending(&agent);
                     }
                     _ => {
                         backend.pending.remove(&agent);
@@ -144,14 +143,9 @@ pub(crate) async fn watch_pods(
             }
             Ok(Event::Init) => listed.clear(),
             Ok(Event::InitDone) => {
-                let gone: Vec<String> = svc.read(|e| {
-                    e.agents()
-                        .filter(|a| a.state == crate::engine::AgentState::Terminating)
-                        .filter(|a| !listed.contains(&a.id))
-                        .map(|a| a.id.clone())
-                        .collect()
-                });
-                for agent in gone {
+                let terminating = view.terminating();
+                let gone = terminating.into_iter().filter(|(a, _)| !listed.contains(a));
+                for (agent, _) in gone {
                     let _ = events.send(BackendEvent::Exited {
                         agent,
                         detail: "pod gone (seen on relist)".into(),

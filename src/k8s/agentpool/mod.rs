@@ -43,7 +43,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::backend::kubernetes::{
-    KubeBackend, LABEL_MANAGED_BY, LABEL_POOL, LABEL_TEMPLATE_HASH, MAX_POOL_KEY, template_hash,
+    AgentView, KubeBackend, LABEL_MANAGED_BY, LABEL_POOL, LABEL_TEMPLATE_HASH, MAX_POOL_KEY,
+    template_hash,
 };
 use crate::jenkins::runner::Runner;
 use crate::k8s::crd::AgentPool;
@@ -236,9 +237,10 @@ pub async fn run(
         if store.wait_until_ready().await.is_err() {
             return;
         }
+        let view: Arc<dyn AgentView> = Arc::new(EngineView(svc.clone()));
         tokio::join!(
-            crate::backend::kubernetes::watch_pods(svc.clone(), backend.clone(), store.clone()),
-            crate::backend::kubernetes::repair(svc.clone(), backend.clone()),
+            crate::backend::kubernetes::watch_pods(view.clone(), backend.clone(), store.clone()),
+            crate::backend::kubernetes::repair(view, backend.clone()),
             status::write_statuses(ctx.clone()),
         );
     };
@@ -246,6 +248,37 @@ pub async fn run(
         _ = stop.cancelled() => {}
         _ = controller => {}
         _ = rest => {}
+    }
+}
+
+/// The engine as the backend's pod watcher and repairs see it.
+struct EngineView(Arc<Service>);
+
+impl AgentView for EngineView {
+    fn knows(&self, agent: &str) -> bool {
+        self.0.read(|e| e.agent(agent).is_some())
+    }
+
+    fn terminating(&self) -> Vec<(String, Duration)> {
+        let now = std::time::Instant::now();
+        self.0.read(|e| {
+            e.agents()
+                .filter(|a| a.state == crate::engine::AgentState::Terminating)
+                .map(|a| (a.id.clone(), now.duration_since(a.since)))
+                .collect()
+        })
+    }
+
+    fn retire(&self, agent: &str) {
+        self.0.apply(|e, now| e.retire(agent, now));
+    }
+
+    fn hold_pending(&self, agent: &str) {
+        self.0.apply(|e, now| e.hold_pending(agent, now));
+    }
+
+    fn events(&self) -> crate::backend::EventSink {
+        self.0.backend_sink()
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::SystemTime;
 
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use tracing::Instrument;
 
 use super::conditions::{Desired, build, desired};
 use super::{Ctx, problems_of};
@@ -115,17 +116,24 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
             let api: Api<AgentPool> =
                 Api::namespaced(ctx.client.clone(), &ap.namespace().unwrap_or_default());
             let patch = Patch::Merge(serde_json::json!({ "status": status }));
-            match api
-                .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
-                .await
-            {
-                Ok(_) => {
-                    ctx.counters.status_writes.with_label_values(&[&key]).inc();
-                    last.insert(cache_key, status);
+            let span = tracing::info_span!("agentpool", pool = %key);
+            let written = async {
+                match api
+                    .patch_status(&ap.name_any(), &PatchParams::default(), &patch)
+                    .await
+                {
+                    Ok(_) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "writing AgentPool status failed");
+                        false
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(pool = %key, error = %e, "writing AgentPool status failed")
-                }
+            }
+            .instrument(span)
+            .await;
+            if written {
+                ctx.counters.status_writes.with_label_values(&[&key]).inc();
+                last.insert(cache_key, status);
             }
         }
     }
