@@ -453,8 +453,7 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                 Some((client, lcfg)) => {
                     leader_task = Some(tokio::spawn(lead(
                         svc.clone(),
-                        k,
-                        controller_cfg.clone(),
+                        (k, controller_cfg.clone()),
                         client,
                         lcfg,
                         watchers.clone(),
@@ -522,8 +521,8 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
 /// a standby, as Kubernetes controllers do); a normal shutdown releases it.
 async fn lead(
     svc: Arc<Service>,
-    backend: Arc<KubeBackend>,
-    controller_cfg: crate::k8s::agentpool::ControllerConfig,
+    // The backend and the AgentPool controller's settings.
+    (backend, controller_cfg): (Arc<KubeBackend>, crate::k8s::agentpool::ControllerConfig),
     client: kube::Client,
     cfg: crate::k8s::leader::LeaderConfig,
     watchers: CancellationToken,
