@@ -24,6 +24,7 @@ pub mod fake_agent;
 pub mod model;
 pub mod plan;
 pub mod pods;
+pub mod purge;
 pub mod runner;
 
 pub use config::{Credentials, JenkinsSpec};

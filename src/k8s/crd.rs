@@ -57,6 +57,28 @@ fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     })
 }
 
+/// The conditions as `metav1.Condition`s: `type`, `status`, `reason`, `message` and
+/// `lastTransitionTime` (a date-time) required, `observedGeneration` optional.
+fn conditions_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "array",
+        "description": "`Ready`, `Throttled`, `Degraded` (metav1.Condition).",
+        "items": {
+            "type": "object",
+            "description": "A status condition (metav1.Condition).",
+            "required": ["type", "status", "reason", "message", "lastTransitionTime"],
+            "properties": {
+                "type": {"type": "string", "description": "`Ready`, `Throttled` or `Degraded`."},
+                "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+                "reason": {"type": "string", "description": "CamelCase machine reason."},
+                "message": {"type": "string", "description": "For people: names the pods, nodes or controller concerned."},
+                "lastTransitionTime": {"type": "string", "format": "date-time", "description": "When `status` last changed (RFC 3339)."},
+                "observedGeneration": {"type": "integer", "format": "int64", "description": "The spec generation the condition was computed for."}
+            }
+        }
+    })
+}
+
 /// Observed state of an `AgentPool`, written through the status subresource.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -81,6 +103,7 @@ pub struct AgentPoolStatus {
     pub observed_generation: Option<i64>,
     /// `Ready`, `Throttled`, `Degraded`.
     #[serde(default)]
+    #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
     /// Agents that never registered within `connectTimeout`.
     #[serde(default)]
@@ -100,9 +123,10 @@ pub struct Condition {
     pub reason: String,
     /// Human message (names the pods concerned; required, may be empty).
     pub message: String,
-    /// RFC 3339 time of the last status change.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_transition_time: Option<String>,
+    /// RFC 3339 time the condition's `status` last changed (required, as in
+    /// `metav1.Condition`; empty only when read from a status an older warmpool wrote).
+    #[serde(default)]
+    pub last_transition_time: String,
     /// Generation the condition was computed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
