@@ -318,3 +318,39 @@ async fn leaks_back_the_pools_creations_off() {
     );
     h.server.shutdown().await;
 }
+
+/// The leak backoff ends when a node of the pool comes online: the first two agent handshakes
+/// hang past `connectTimeout` (two leaks, the pool Degraded), the third agent connects, and the
+/// pool is healthy again at minIdle.
+#[tokio::test]
+async fn a_node_online_ends_the_leak_backoff_and_its_degraded_condition() {
+    let j = jenkins(CrumbMode::Off).await;
+    j.set_fault(
+        Fault::slow(Duration::from_secs(3))
+            .on(&[Endpoint::WsAgents])
+            .times(2),
+    );
+    let s = creds_of(&j);
+    let yaml = pool_yaml("late", &j, &s, "", "")
+        .replace("connectTimeout: 20s", "connectTimeout: 1s")
+        .replace("minIdle: 2", "minIdle: 1");
+    let h = serve(&yaml).await;
+    let reason = |st: &serde_json::Value| {
+        st["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Degraded"))
+            .map(|c| c["reason"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    wait_status(&h, "late", "a leak degrades the pool", WAIT, |st| {
+        reason(st) == "AgentNeverConnected"
+    })
+    .await;
+    let st = wait_status(&h, "late", "a node online", Duration::from_secs(40), |st| {
+        st["nodes"]["idle"] == 1
+    })
+    .await;
+    assert_eq!(reason(&st), "AsExpected", "{st}");
+    assert!(st["leaksTotal"].as_u64() >= Some(1));
+    h.server.shutdown().await;
+}
