@@ -20,7 +20,7 @@ mod support;
 use std::time::Duration;
 
 use jenkins::{CrumbMode, Endpoint, Fault, JenkinsDouble};
-use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, wait_status};
+use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, serve_keeping, wait_status};
 
 /// A pool of 20 nodes created at once: every creation runs concurrently (no pacing, 20
 /// connecting slots, a generous request budget).
@@ -83,13 +83,6 @@ async fn secret_is_read_from_jenkins_agent_jnlp_not_slave_agent_jnlp() {
     h.server.shutdown().await;
 }
 
-/// Starts an instance on the pools YAML; `delete` deletes every node at its shutdown.
-async fn instance(yaml: &str, delete: bool) -> support::Harness {
-    let mut cfg = support::test_config(&format!("pools:\n{yaml}"));
-    cfg.jenkins_delete_on_shutdown = delete;
-    support::start_with(cfg).await
-}
-
 /// Waits until the double has answered `n` more node polls.
 async fn polls(j: &JenkinsDouble, n: usize) {
     let start = j.request_count(Endpoint::ComputerSet);
@@ -109,14 +102,10 @@ async fn a_restart_with_one_more_label_deletes_no_unused_node() {
     let j = jenkins(CrumbMode::IssuedTokenExempt).await;
     let s = creds_of(&j);
     let yaml = pool_yaml("linux", &j, &s, "    maxUses: 1\n", "");
-    let h = instance(&yaml, false).await;
+    let h = serve_keeping(&yaml, true).await;
     assert!(j.wait_for(WAIT, |j| online(j, "linux-").len() == 2).await);
     h.server.shutdown().await;
-    let h = instance(
-        &yaml.replace("labels: linux docker", "labels: linux docker extra"),
-        true,
-    )
-    .await;
+    let h = serve(&yaml.replace("labels: linux docker", "labels: linux docker extra")).await;
     wait_status(&h, "linux", "both nodes adopted", WAIT, |st| {
         st["nodes"]["idle"] == 2
     })
@@ -149,7 +138,7 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
     let yaml = pool_yaml("once", &j, &s, "    maxUses: 1\n", "")
         .replace("minIdle: 2", "minIdle: 1")
         .replace("maxTotal: 6", "maxTotal: 1");
-    let h = instance(&yaml, false).await;
+    let h = serve_keeping(&yaml, true).await;
     assert!(j.wait_for(WAIT, |j| online(j, "once-").len() == 1).await);
     let node = online(&j, "once-")[0].clone();
     h.server.shutdown().await;
@@ -158,11 +147,7 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
     let b = j.build_of(first).expect("dispatched at once");
     assert_eq!(b.node, node);
     let second = j.enqueue("linux");
-    let h = instance(
-        &yaml.replace("labels: linux docker", "labels: linux docker extra"),
-        true,
-    )
-    .await;
+    let h = serve(&yaml.replace("labels: linux docker", "labels: linux docker extra")).await;
     wait_status(&h, "once", "busy node adopted", WAIT, |st| {
         st["nodes"]["busy"] == 1
     })
@@ -316,5 +301,41 @@ async fn leaks_back_the_pools_creations_off() {
         created,
         "a node was created right after a leak"
     );
+    h.server.shutdown().await;
+}
+
+/// The leak backoff ends when a node of the pool comes online: the first two agent handshakes
+/// hang past `connectTimeout` (two leaks, the pool Degraded), the third agent connects, and the
+/// pool is healthy again at minIdle.
+#[tokio::test]
+async fn a_node_online_ends_the_leak_backoff_and_its_degraded_condition() {
+    let j = jenkins(CrumbMode::Off).await;
+    j.set_fault(
+        Fault::slow(Duration::from_secs(3))
+            .on(&[Endpoint::WsAgents])
+            .times(2),
+    );
+    let s = creds_of(&j);
+    let yaml = pool_yaml("late", &j, &s, "", "")
+        .replace("connectTimeout: 20s", "connectTimeout: 1s")
+        .replace("minIdle: 2", "minIdle: 1");
+    let h = serve(&yaml).await;
+    let reason = |st: &serde_json::Value| {
+        st["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Degraded"))
+            .map(|c| c["reason"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    wait_status(&h, "late", "a leak degrades the pool", WAIT, |st| {
+        reason(st) == "AgentNeverConnected"
+    })
+    .await;
+    let st = wait_status(&h, "late", "a node online", Duration::from_secs(40), |st| {
+        st["nodes"]["idle"] == 1
+    })
+    .await;
+    assert_eq!(reason(&st), "AsExpected", "{st}");
+    assert!(st["leaksTotal"].as_u64() >= Some(1));
     h.server.shutdown().await;
 }
