@@ -44,7 +44,11 @@ pools:
     has(&p, "pools[0].provisioning.perSecond: ", "\"fast\"");
     has(&p, "pools[0].provisioning.burst: ", "\"many\"");
     has(&p, "pools[0].health.maxWorkspaceBytes: ", "-1");
-    has(&p, "pools[1].jenkins.pollInterval: ", "\"soon\" is not a duration");
+    has(
+        &p,
+        "pools[1].jenkins.pollInterval: ",
+        "\"soon\" is not a duration",
+    );
     has(&p, "pools[1].jenkins.requestBurst: ", "list");
     assert_eq!(p.len(), 6, "one message per bad field:\n{}", p.join("\n"));
 }
@@ -62,7 +66,11 @@ pools:
 "#;
     let p = problems(yaml);
     has(&p, "pools[0].provisioning.burts: unknown field", "`burst`");
-    has(&p, "pools[0].hooks.health.timeot: unknown field", "`timeout`");
+    has(
+        &p,
+        "pools[0].hooks.health.timeot: unknown field",
+        "`timeout`",
+    );
     has(
         &p,
         "pools[1].jenkins.pollIntervall: unknown field",
@@ -81,7 +89,10 @@ fn a_wrong_type_names_the_value_and_what_is_expected() {
     assert_eq!(p.len(), 2, "{}", p.join("\n"));
     // A nested block of the wrong shape.
     let p = problems("pools:\n  - name: a\n    provisioning: 5\n");
-    assert_eq!(p, ["pools[0].provisioning: must be a mapping, got integer `5`"]);
+    assert_eq!(
+        p,
+        ["pools[0].provisioning: must be a mapping, got integer `5`"]
+    );
 }
 
 /// Every property of the `AgentPool` spec schema (but the pod-only `template` and
@@ -135,7 +146,8 @@ fn full_spec() -> Value {
 fn every_field_of_the_agentpool_schema_is_read_from_the_pools_file_alike() {
     use kube::CustomResourceExt;
     let crd = serde_json::to_value(warmpool::k8s::crd::AgentPool::crd()).unwrap();
-    let spec_schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let spec_schema =
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
     let mut paths = Vec::new();
     schema_paths(spec_schema, "", &mut paths);
     assert!(paths.len() > 20, "{paths:?}");
@@ -187,6 +199,7 @@ pools:
         matches!(err, spec::Error::Yaml { .. }),
         "{err}: several documents must be refused as YAML"
     );
+    assert!(err.to_string().contains("a second YAML document"), "{err}");
     // An alias bomb is refused, not expanded.
     let mut bomb = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
     for l in 1..=12 {
