@@ -193,6 +193,16 @@ pools:
     let yaml = "pools:\n  - name: a\n    labels: &l [linux, go]\n  - name: b\n    labels: *l\n";
     let defs = parse_pools(yaml, "f").unwrap();
     assert_eq!(defs[1].spec.labels, ["linux", "go"]);
+    // Merge keys copy an earlier pool's fields (serde_yaml 0.9 read `<<` as an unknown field),
+    // as README.md shows.
+    let yaml = "pools:\n  - &go {name: go, labels: [linux, go]}\n  - {<<: *go, name: go-big, maxTotal: 20}\n";
+    let defs = parse_pools(yaml, "f").unwrap();
+    assert_eq!(
+        (defs[1].name.as_str(), defs[1].spec.max_total),
+        ("go-big", 20)
+    );
+    assert_eq!(defs[1].spec.labels, ["linux", "go"]);
+    assert_eq!(defs[0].spec.max_total, PoolSpec::default().max_total);
     // A second document is not silently ignored.
     let err = parse_pools("pools: [{name: a}]\n---\npools: [{name: b}]\n", "f").unwrap_err();
     assert!(
