@@ -1,7 +1,6 @@
 //! Cleanup and health hooks: commands a pool's agents run between leases.
 //!
-//! Owns the pool spec's `hooks` block (its fields, defaults and validation, one message per bad
-//! field), the result an agent reports for each hook in `ready` ([`HookResult`]), and the one
+//! Owns the pool spec's `hooks` block (its fields, defaults and validation), the result an agent reports for each hook in `ready` ([`HookResult`]), and the one
 //! decision made from those results: whether the agent is reused or recycled, and why
 //! ([`verdict`]). Pure: the agent runs the commands (`agent/hooks.rs`), the engine acts on the
 //! verdict; nothing here spawns a process or does I/O.
@@ -9,9 +8,7 @@
 use std::time::Duration;
 
 use schemars::JsonSchema;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_yaml::Value;
 
 use crate::spec::Dur;
 
@@ -235,84 +232,6 @@ impl Hooks {
             check("health", &h.command, h.timeout);
         }
         p
-    }
-
-    /// Reads a pools file's `hooks` value, one message per bad field (where serde would stop at
-    /// the first). `prefix` is the pool's (`pools[0].`).
-    pub fn from_yaml(v: Value, prefix: &str, problems: &mut Vec<String>) -> Hooks {
-        let prefix = format!("{prefix}hooks");
-        let Some(mut m) = mapping(v, &prefix, problems) else {
-            return Hooks::default();
-        };
-        let mut hooks = Hooks::default();
-        if let Some(v) = m.remove("cleanup") {
-            let at = format!("{prefix}.cleanup");
-            if let Some(mut h) = mapping(v, &at, problems) {
-                let command = take(&mut h, "command", &at, problems);
-                let timeout = take(&mut h, "timeout", &at, problems);
-                unknown(&h, &at, problems);
-                hooks.cleanup = command.map(|command| CleanupHook {
-                    command,
-                    timeout: timeout.unwrap_or(DEFAULT_CLEANUP_TIMEOUT),
-                });
-            }
-        }
-        if let Some(v) = m.remove("health") {
-            let at = format!("{prefix}.health");
-            if let Some(mut h) = mapping(v, &at, problems) {
-                let command = take(&mut h, "command", &at, problems);
-                let timeout = take(&mut h, "timeout", &at, problems);
-                let max_output_bytes = take(&mut h, "maxOutputBytes", &at, problems);
-                unknown(&h, &at, problems);
-                hooks.health = command.map(|command| HealthHook {
-                    command,
-                    timeout: timeout.unwrap_or(DEFAULT_HEALTH_TIMEOUT),
-                    max_output_bytes,
-                });
-            }
-        }
-        unknown(&m, &prefix, problems);
-        hooks
-    }
-}
-
-fn mapping(v: Value, at: &str, problems: &mut Vec<String>) -> Option<serde_yaml::Mapping> {
-    match v {
-        Value::Mapping(m) => Some(m),
-        Value::Null => Some(serde_yaml::Mapping::new()),
-        _ => {
-            problems.push(format!("{at}: must be a mapping"));
-            None
-        }
-    }
-}
-
-/// Removes and parses `key`; a missing `command` is a problem, other keys are optional.
-fn take<T: DeserializeOwned>(
-    m: &mut serde_yaml::Mapping,
-    key: &str,
-    at: &str,
-    problems: &mut Vec<String>,
-) -> Option<T> {
-    match m.remove(key) {
-        Some(v) => serde_yaml::from_value(v)
-            .map_err(|e| problems.push(format!("{at}.{key}: {e}")))
-            .ok(),
-        None => {
-            if key == "command" {
-                problems.push(format!(
-                    "{at}.command: missing (the program and its arguments)"
-                ));
-            }
-            None
-        }
-    }
-}
-
-fn unknown(m: &serde_yaml::Mapping, at: &str, problems: &mut Vec<String>) {
-    for k in m.keys() {
-        let k = k.as_str().map_or_else(|| format!("{k:?}"), str::to_string);
-        problems.push(format!("{at}.{k}: unknown field"));
     }
 }
 

@@ -406,6 +406,9 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     let mut leader_task = None;
     // Set when this instance lost leadership: the new leader owns the Jenkins nodes now.
     let lost_leadership = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let controller_cfg = crate::k8s::agentpool::ControllerConfig {
+        ca_file: cfg.ca_file.clone(),
+    };
     if kube.is_some() {
         // Not ready until this instance leads (if elected) and has adopted existing pods.
         svc.set_ready(false);
@@ -440,16 +443,17 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
             };
             match leader {
                 None => {
-                    tokio::spawn(crate::backend::kubernetes::run(
+                    tokio::spawn(crate::k8s::agentpool::run(
                         svc.clone(),
                         k,
+                        controller_cfg.clone(),
                         watchers.clone(),
                     ));
                 }
                 Some((client, lcfg)) => {
                     leader_task = Some(tokio::spawn(lead(
                         svc.clone(),
-                        k,
+                        (k, controller_cfg.clone()),
                         client,
                         lcfg,
                         watchers.clone(),
@@ -517,7 +521,8 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
 /// a standby, as Kubernetes controllers do); a normal shutdown releases it.
 async fn lead(
     svc: Arc<Service>,
-    backend: Arc<KubeBackend>,
+    // The backend and the AgentPool controller's settings.
+    (backend, controller_cfg): (Arc<KubeBackend>, crate::k8s::agentpool::ControllerConfig),
     client: kube::Client,
     cfg: crate::k8s::leader::LeaderConfig,
     watchers: CancellationToken,
@@ -531,9 +536,10 @@ async fn lead(
         return;
     }
     // Ready once the adoption in `run` is done, not before.
-    tokio::spawn(crate::backend::kubernetes::run(
+    tokio::spawn(crate::k8s::agentpool::run(
         svc.clone(),
         backend,
+        controller_cfg,
         watchers.clone(),
     ));
     leader::hold(&api, &cfg, &watchers).await;

@@ -1,8 +1,10 @@
-//! The pool specification: one struct shared by the pools file and (later) the `AgentPool` CRD.
+//! The pool specification: one serde model, [`PoolSpec`], read alike from the pools file and from
+//! the `AgentPool` CRD (which flattens it into its spec).
 //!
 //! Owns field names, defaults, duration syntax (`30s`, `10m`, `1h30m`) and validation. Loading a
-//! pools file collects one clear message per bad field instead of stopping at the first; nothing
-//! here starts agents or talks to the network.
+//! pools file collects one clear message per bad field, each naming the field's full path
+//! (`pools[0].provisioning.burst`), instead of stopping at the first (`read`); nothing here
+//! starts agents or talks to the network.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -10,9 +12,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use schemars::JsonSchema;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
-use serde_yaml::{Mapping, Value};
+
+use read::Tree;
 
 /// Agents one pool may have at most (`maxTotal`): a bound on what one spec can make the
 /// service allocate.
@@ -409,20 +411,20 @@ pub fn load_file(path: &Path) -> Result<Vec<PoolDef>> {
 /// ```
 /// let pools = warmpool::spec::parse_pools("pools:\n  - name: go\n    labels: [linux, go]\n", "example").unwrap();
 /// assert_eq!(pools[0].spec.labels, ["linux", "go"]);
-/// let err = warmpool::spec::parse_pools("pools:\n  - name: go\n    minIdle: lots\n", "example").unwrap_err();
-/// assert!(err.to_string().contains("pools[0].minIdle"));
+/// let err = warmpool::spec::parse_pools("pools:\n  - name: go\n    provisioning: {burst: lots}\n", "example").unwrap_err();
+/// assert!(err.to_string().contains("pools[0].provisioning.burst: invalid type: string \"lots\""));
 /// ```
 pub fn parse_pools(text: &str, source_name: &str) -> Result<Vec<PoolDef>> {
-    let doc: Value = serde_yaml::from_str(text).map_err(|e| Error::Yaml {
+    let doc: Tree = serde_saphyr::from_str(text).map_err(|e| Error::Yaml {
         path: source_name.to_string(),
-        message: e.to_string(),
+        message: yaml_message(&e),
     })?;
     let invalid = |problems: Vec<String>| Error::Invalid {
         source_name: source_name.to_string(),
         problems,
     };
     let mut root = match doc {
-        Value::Mapping(m) => m,
+        Tree::Map(_) => doc,
         _ => {
             return Err(invalid(vec![
                 "the file must be a mapping with a `pools` list".into(),
@@ -430,29 +432,27 @@ pub fn parse_pools(text: &str, source_name: &str) -> Result<Vec<PoolDef>> {
         }
     };
     let pools = match root.remove("pools") {
-        Some(Value::Sequence(s)) => s,
+        Some(Tree::Seq(s)) => s,
         Some(_) => return Err(invalid(vec!["pools: must be a list".into()])),
         None => return Err(invalid(vec!["pools: missing (a list of pools)".into()])),
     };
-    let mut problems: Vec<String> = root
-        .keys()
-        .map(|k| format!("{}: unknown field", key_name(k)))
-        .collect();
+    let mut problems: Vec<String> = match &root {
+        Tree::Map(m) => m
+            .iter()
+            .map(|(k, _)| format!("{k}: unknown field"))
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut defs = Vec::new();
     let mut names = BTreeSet::new();
     for (i, item) in pools.into_iter().enumerate() {
-        let Value::Mapping(map) = item else {
-            problems.push(format!("pools[{i}]: must be a mapping"));
-            continue;
-        };
-        match spec_from_mapping(map, &format!("pools[{i}]."), true) {
-            Ok((Some(name), spec)) => {
-                if !names.insert(name.clone()) {
-                    problems.push(format!("pools[{i}].name: {name:?} is defined twice"));
+        match pool_entry(item, &format!("pools[{i}]")) {
+            Ok(def) => {
+                if !names.insert(def.name.clone()) {
+                    problems.push(format!("pools[{i}].name: {:?} is defined twice", def.name));
                 }
-                defs.push(PoolDef { name, spec });
+                defs.push(def);
             }
-            Ok((None, _)) => unreachable!("name is required"),
             Err(mut p) => problems.append(&mut p),
         }
     }
@@ -466,171 +466,60 @@ pub fn parse_pools(text: &str, source_name: &str) -> Result<Vec<PoolDef>> {
     }
 }
 
-fn key_name(k: &Value) -> String {
-    match k {
-        Value::String(s) => s.clone(),
-        other => format!("{other:?}"),
+/// The parser's message, with the source lines around the problem; a second document is named
+/// as such (the parser's own words address a programmer).
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    match e.without_snippet() {
+        serde_saphyr::Error::MultipleDocuments { location, .. } => format!(
+            "line {} column {}: a second YAML document starts here; a pools file holds one",
+            location.line(),
+            location.column()
+        ),
+        _ => e.to_string(),
     }
 }
 
-/// Builds a spec from a YAML mapping, collecting one message per bad field.
-/// With `want_name`, a `name` field is required and returned.
-pub fn spec_from_mapping(
-    mut map: Mapping,
-    prefix: &str,
-    want_name: bool,
-) -> std::result::Result<(Option<String>, PoolSpec), Vec<String>> {
+/// One entry of a pools file's list: a `name` beside the fields of a [`PoolSpec`], read by the
+/// same serde model as the `AgentPool` spec. One message per bad field, each with its full path
+/// below `at` (`pools[0]`); the semantic checks run once every field reads.
+fn pool_entry(mut item: Tree, at: &str) -> std::result::Result<PoolDef, Vec<String>> {
+    if !matches!(item, Tree::Map(_)) {
+        return Err(vec![format!("{at}: must be a mapping")]);
+    }
     let mut problems = Vec::new();
-    let mut take = |key: &str| map.remove(key);
-    let name = if want_name {
-        match take("name") {
-            Some(Value::String(n)) => {
-                if let Some(msg) = validate_name(&n) {
-                    problems.push(format!("{prefix}name: {msg}"));
-                }
-                Some(n)
+    let name = match item.remove("name") {
+        Some(Tree::Str(n)) => {
+            if let Some(msg) = validate_name(&n) {
+                problems.push(format!("{at}.name: {msg}"));
             }
-            Some(other) => {
-                problems.push(format!(
-                    "{prefix}name: must be a string, got {}",
-                    kind(&other)
-                ));
-                None
-            }
-            None => {
-                problems.push(format!("{prefix}name: missing"));
-                None
-            }
+            Some(n)
         }
-    } else {
-        None
+        Some(_) => {
+            problems.push(format!("{at}.name: must be a string"));
+            None
+        }
+        None => {
+            problems.push(format!("{at}.name: missing"));
+            None
+        }
     };
-    let mut spec = PoolSpec::default();
-    fn field<T: DeserializeOwned>(
-        v: Option<Value>,
-        name: &str,
-        prefix: &str,
-        problems: &mut Vec<String>,
-        slot: &mut T,
-    ) {
-        if let Some(v) = v {
-            match serde_yaml::from_value::<T>(v) {
-                Ok(x) => *slot = x,
-                Err(e) => problems.push(format!("{prefix}{name}: {e}")),
+    match read::read::<PoolSpec>(item, at) {
+        Ok(spec) if problems.is_empty() => {
+            let p = spec.validate(&format!("{at}."));
+            match name {
+                Some(name) if p.is_empty() => Ok(PoolDef { name, spec }),
+                _ => Err(p),
             }
         }
-    }
-    field(
-        take("labels"),
-        "labels",
-        prefix,
-        &mut problems,
-        &mut spec.labels,
-    );
-    field(
-        take("minIdle"),
-        "minIdle",
-        prefix,
-        &mut problems,
-        &mut spec.min_idle,
-    );
-    field(
-        take("maxTotal"),
-        "maxTotal",
-        prefix,
-        &mut problems,
-        &mut spec.max_total,
-    );
-    field(
-        take("maxUses"),
-        "maxUses",
-        prefix,
-        &mut problems,
-        &mut spec.max_uses,
-    );
-    field(
-        take("idleTtl"),
-        "idleTtl",
-        prefix,
-        &mut problems,
-        &mut spec.idle_ttl,
-    );
-    field(
-        take("maxAge"),
-        "maxAge",
-        prefix,
-        &mut problems,
-        &mut spec.max_age,
-    );
-    field(
-        take("connectTimeout"),
-        "connectTimeout",
-        prefix,
-        &mut problems,
-        &mut spec.connect_timeout,
-    );
-    field(
-        take("provisioning"),
-        "provisioning",
-        prefix,
-        &mut problems,
-        &mut spec.provisioning,
-    );
-    field(
-        take("health"),
-        "health",
-        prefix,
-        &mut problems,
-        &mut spec.health,
-    );
-    if let Some(v) = take("hooks") {
-        spec.hooks = crate::hooks::Hooks::from_yaml(v, prefix, &mut problems);
-    }
-    field(
-        take("external"),
-        "external",
-        prefix,
-        &mut problems,
-        &mut spec.external,
-    );
-    field(
-        take("agentCommand"),
-        "agentCommand",
-        prefix,
-        &mut problems,
-        &mut spec.agent_command,
-    );
-    field(
-        take("jenkins"),
-        "jenkins",
-        prefix,
-        &mut problems,
-        &mut spec.jenkins,
-    );
-    for k in map.keys() {
-        problems.push(format!("{prefix}{}: unknown field", key_name(k)));
-    }
-    if problems.is_empty() {
-        problems = spec.validate(prefix);
-    }
-    if problems.is_empty() {
-        Ok((name, spec))
-    } else {
-        Err(problems)
+        Ok(_) => Err(problems),
+        Err(mut p) => {
+            problems.append(&mut p);
+            Err(problems)
+        }
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Sequence(_) => "a list",
-        Value::Mapping(_) => "a mapping",
-        Value::Tagged(_) => "a tagged value",
-    }
-}
+mod read;
 
 #[cfg(test)]
 mod tests;

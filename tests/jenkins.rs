@@ -5,62 +5,17 @@
 
 #[path = "support/jenkins.rs"]
 mod jenkins;
+#[path = "support/jenkins_pool.rs"]
+mod jenkins_pool;
 mod support;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use jenkins::{CrumbMode, Endpoint, Fault, JenkinsConfig, JenkinsDouble, NodeMode};
+use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, setup};
 use support::{EXE, Harness, metric, start_with, test_config, wait_until};
 use warmpool::jenkins::JenkinsPoolStatus;
-
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    creds: String,
-    fs: String,
-}
-
-fn setup(user: &str, token: &str) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let creds = dir.path().join("jenkins-credentials");
-    std::fs::write(&creds, format!("{user}:{token}\n")).unwrap();
-    let fs = dir.path().join("agents");
-    Setup {
-        creds: creds.display().to_string(),
-        fs: fs.display().to_string(),
-        _dir: dir,
-    }
-}
-
-/// One Jenkins pool's YAML; `extra` adds lines to the `jenkins` block, `pool_extra` to the pool.
-fn pool_yaml(name: &str, j: &JenkinsDouble, s: &Setup, pool_extra: &str, extra: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    minIdle: 2
-    maxTotal: 6
-    connectTimeout: 20s
-{pool_extra}    jenkins:
-      url: {url}
-      credentialsFile: {creds}
-      remoteFS: {fs}
-      labels: linux docker
-      agentCommand: [{EXE}, fake-jenkins-agent]
-      pollInterval: 100ms
-      maxPollInterval: 1600ms
-{extra}"#,
-        url = j.url(),
-        creds = s.creds,
-        fs = s.fs,
-    )
-}
-
-async fn serve(yaml: &str) -> Harness {
-    let mut cfg = test_config(&format!("pools:\n{yaml}"));
-    cfg.jenkins_delete_on_shutdown = true;
-    start_with(cfg).await
-}
 
 fn status(h: &Harness, pool: &str) -> JenkinsPoolStatus {
     h.server
@@ -79,27 +34,6 @@ fn degraded(st: &JenkinsPoolStatus) -> Option<(String, String)> {
         .iter()
         .find(|c| c.type_ == "Degraded" && c.status == "True")
         .map(|c| (c.reason.clone(), c.message.clone()))
-}
-
-fn online(j: &JenkinsDouble, prefix: &str) -> Vec<String> {
-    j.nodes()
-        .into_iter()
-        .filter(|n| n.name.starts_with(prefix) && n.online && n.busy == 0)
-        .map(|n| n.name)
-        .collect()
-}
-
-async fn jenkins(crumb: CrumbMode) -> JenkinsDouble {
-    JenkinsDouble::start(JenkinsConfig {
-        crumb,
-        ..JenkinsConfig::default()
-    })
-    .await
-}
-
-fn creds_of(j: &JenkinsDouble) -> Setup {
-    let (u, t) = j.credentials();
-    setup(&u, &t)
 }
 
 #[tokio::test]

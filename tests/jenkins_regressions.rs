@@ -19,8 +19,8 @@ mod support;
 
 use std::time::Duration;
 
-use jenkins::{CrumbMode, Endpoint, JenkinsDouble};
-use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, wait_status};
+use jenkins::{CrumbMode, Endpoint, Fault, JenkinsDouble};
+use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, serve_keeping, wait_status};
 
 /// A pool of 20 nodes created at once: every creation runs concurrently (no pacing, 20
 /// connecting slots, a generous request budget).
@@ -83,13 +83,6 @@ async fn secret_is_read_from_jenkins_agent_jnlp_not_slave_agent_jnlp() {
     h.server.shutdown().await;
 }
 
-/// Starts an instance on the pools YAML; `delete` deletes every node at its shutdown.
-async fn instance(yaml: &str, delete: bool) -> support::Harness {
-    let mut cfg = support::test_config(&format!("pools:\n{yaml}"));
-    cfg.jenkins_delete_on_shutdown = delete;
-    support::start_with(cfg).await
-}
-
 /// Waits until the double has answered `n` more node polls.
 async fn polls(j: &JenkinsDouble, n: usize) {
     let start = j.request_count(Endpoint::ComputerSet);
@@ -109,14 +102,10 @@ async fn a_restart_with_one_more_label_deletes_no_unused_node() {
     let j = jenkins(CrumbMode::IssuedTokenExempt).await;
     let s = creds_of(&j);
     let yaml = pool_yaml("linux", &j, &s, "    maxUses: 1\n", "");
-    let h = instance(&yaml, false).await;
+    let h = serve_keeping(&yaml, true).await;
     assert!(j.wait_for(WAIT, |j| online(j, "linux-").len() == 2).await);
     h.server.shutdown().await;
-    let h = instance(
-        &yaml.replace("labels: linux docker", "labels: linux docker extra"),
-        true,
-    )
-    .await;
+    let h = serve(&yaml.replace("labels: linux docker", "labels: linux docker extra")).await;
     wait_status(&h, "linux", "both nodes adopted", WAIT, |st| {
         st["nodes"]["idle"] == 2
     })
@@ -149,7 +138,7 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
     let yaml = pool_yaml("once", &j, &s, "    maxUses: 1\n", "")
         .replace("minIdle: 2", "minIdle: 1")
         .replace("maxTotal: 6", "maxTotal: 1");
-    let h = instance(&yaml, false).await;
+    let h = serve_keeping(&yaml, true).await;
     assert!(j.wait_for(WAIT, |j| online(j, "once-").len() == 1).await);
     let node = online(&j, "once-")[0].clone();
     h.server.shutdown().await;
@@ -158,11 +147,7 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
     let b = j.build_of(first).expect("dispatched at once");
     assert_eq!(b.node, node);
     let second = j.enqueue("linux");
-    let h = instance(
-        &yaml.replace("labels: linux docker", "labels: linux docker extra"),
-        true,
-    )
-    .await;
+    let h = serve(&yaml.replace("labels: linux docker", "labels: linux docker extra")).await;
     wait_status(&h, "once", "busy node adopted", WAIT, |st| {
         st["nodes"]["busy"] == 1
     })
@@ -234,5 +219,123 @@ async fn connecting_slots_are_freed_when_agents_connect_not_at_the_next_poll() {
         "{polls} polls to bring 20 nodes online through 2 slots"
     );
     assert!(j.ws_stats().max_open >= 20);
+    h.server.shutdown().await;
+}
+
+/// After Jenkins recovers, the first good poll brings the interval back to `pollInterval` (it
+/// used to halve once per good poll: 4 polls from 1.6 s to 0.1 s, about 2 minutes from 60 s).
+#[tokio::test]
+async fn the_first_good_poll_after_an_outage_restores_the_poll_interval() {
+    let j = jenkins(CrumbMode::Off).await;
+    let s = creds_of(&j);
+    let h = serve(&pool_yaml("linux", &j, &s, "", "")).await;
+    assert!(j.wait_for(WAIT, |j| online(j, "linux-").len() == 2).await);
+    j.set_fault(Fault::status(503).on(&[Endpoint::ComputerSet]));
+    wait_status(&h, "linux", "backed off to the max", WAIT, |st| {
+        st["pollIntervalSeconds"].as_f64() >= Some(1.6)
+    })
+    .await;
+    let good = |j: &JenkinsDouble| {
+        j.requests()
+            .iter()
+            .filter(|r| r.endpoint == Endpoint::ComputerSet && r.status == 200)
+            .count()
+    };
+    let before = good(&j);
+    j.clear_fault();
+    wait_status(&h, "linux", "back to pollInterval", WAIT, |st| {
+        st["pollIntervalSeconds"].as_f64() <= Some(0.1 + 1e-9)
+    })
+    .await;
+    let polls = good(&j) - before;
+    assert!(
+        polls <= 2,
+        "{polls} good polls to return to the normal interval"
+    );
+    h.server.shutdown().await;
+}
+
+/// A pool whose agents never connect: each leak (a node deleted at `connectTimeout`) counts as a
+/// failed provision, so creations back off (1 s, 2 s, 4 s...) and the pool is Degraded with the
+/// reason; it used to create and delete a node every connectTimeout without pause.
+#[tokio::test]
+async fn leaks_back_the_pools_creations_off() {
+    let j = jenkins(CrumbMode::Off).await;
+    let s = creds_of(&j);
+    let yaml = pool_yaml("stuck", &j, &s, "", "")
+        .replace(
+            &format!("agentCommand: [{}, fake-jenkins-agent]", support::EXE),
+            &format!(
+                "agentCommand: [env, FAKE_JENKINS_AGENT_NEVER_CONNECT=1, {}, fake-jenkins-agent]",
+                support::EXE
+            ),
+        )
+        .replace("connectTimeout: 20s", "connectTimeout: 1s")
+        .replace("minIdle: 2", "minIdle: 1");
+    let h = serve(&yaml).await;
+    let st = wait_status(&h, "stuck", "3 leaks", Duration::from_secs(40), |st| {
+        st["leaksTotal"].as_u64() >= Some(3)
+    })
+    .await;
+    let degraded = st["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(degraded["status"], "True", "{st}");
+    assert_eq!(degraded["reason"], "AgentNeverConnected", "{st}");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .unwrap()
+            .contains("connectTimeout 1s"),
+        "{degraded}"
+    );
+    // The third leak set a 4 s backoff: no creation in the next 10 polls (about 1 s).
+    let created = j.request_count(Endpoint::CreateNode);
+    polls(&j, 10).await;
+    assert_eq!(
+        j.request_count(Endpoint::CreateNode),
+        created,
+        "a node was created right after a leak"
+    );
+    h.server.shutdown().await;
+}
+
+/// The leak backoff ends when a node of the pool comes online: the first two agent handshakes
+/// hang past `connectTimeout` (two leaks, the pool Degraded), the third agent connects, and the
+/// pool is healthy again at minIdle.
+#[tokio::test]
+async fn a_node_online_ends_the_leak_backoff_and_its_degraded_condition() {
+    let j = jenkins(CrumbMode::Off).await;
+    j.set_fault(
+        Fault::slow(Duration::from_secs(3))
+            .on(&[Endpoint::WsAgents])
+            .times(2),
+    );
+    let s = creds_of(&j);
+    let yaml = pool_yaml("late", &j, &s, "", "")
+        .replace("connectTimeout: 20s", "connectTimeout: 1s")
+        .replace("minIdle: 2", "minIdle: 1");
+    let h = serve(&yaml).await;
+    let reason = |st: &serde_json::Value| {
+        st["conditions"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["type"] == "Degraded"))
+            .map(|c| c["reason"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    wait_status(&h, "late", "a leak degrades the pool", WAIT, |st| {
+        reason(st) == "AgentNeverConnected"
+    })
+    .await;
+    let st = wait_status(&h, "late", "a node online", Duration::from_secs(40), |st| {
+        st["nodes"]["idle"] == 1
+    })
+    .await;
+    assert_eq!(reason(&st), "AsExpected", "{st}");
+    assert!(st["leaksTotal"].as_u64() >= Some(1));
     h.server.shutdown().await;
 }

@@ -8,7 +8,6 @@ mod kube_api;
 
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube_api::{KubeApi, install_crd};
-use serde::Deserialize;
 use serde_json::json;
 use warmpool::k8s::crd::{AgentPool, AgentPoolStatus};
 
@@ -181,12 +180,13 @@ async fn manifests_are_accepted_by_the_apiserver() {
     let mut created = 0;
     for f in files {
         let text = std::fs::read_to_string(&f).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).unwrap();
+        let docs: Vec<serde_json::Value> =
+            serde_saphyr::from_multiple(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        for value in docs {
             if value.is_null() {
                 continue;
             }
-            let obj: DynamicObject = serde_yaml::from_value(value.clone()).unwrap();
+            let obj: DynamicObject = serde_json::from_value(value.clone()).unwrap();
             let tm = obj.types.clone().unwrap();
             if tm.api_version == "policy/v1" {
                 // PodDisruptionBudget policy/v1 is GA from 1.21; this apiserver is 1.20.
@@ -207,7 +207,7 @@ async fn manifests_are_accepted_by_the_apiserver() {
                 .unwrap_or_else(|e| panic!("{}: {} rejected: {e}", f.display(), tm.kind));
             created += 1;
             if tm.kind == "AgentPool" {
-                let pool: AgentPool = serde_yaml::from_value(value).unwrap();
+                let pool: AgentPool = serde_json::from_value(value).unwrap();
                 assert!(
                     pool.spec.problems().is_empty(),
                     "{}: {:?}",

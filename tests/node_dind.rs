@@ -32,7 +32,7 @@ fn example_spec(name: &str) -> Value {
         env!("CARGO_MANIFEST_DIR"),
         "/manifests/examples/agentpool-docker.yaml"
     );
-    let doc: Value = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let doc: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let mut spec = doc["spec"].clone();
     assert_eq!(spec["agentContainer"], "agent");
     assert!(spec["hooks"]["cleanup"]["command"][2].is_string());

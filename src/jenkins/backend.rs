@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use super::runner::Launch;
 use super::*;
-use crate::backend::{Backend, BackendEvent, BoxFuture, EventSink, ProvisionRequest};
+use crate::backend::{Backend, BackendEvent, BoxFuture, EventSink, PoolEvent, ProvisionRequest};
 
 /// The description of every node warmpool creates.
 fn description(pool: &str) -> String {
@@ -45,12 +45,19 @@ impl Connector {
 
     /// The node is online: its connecting permit goes back to the controller.
     pub(super) fn connected(&self, agent: &str) {
-        let permit = self
-            .agents
-            .lock()
-            .expect("lock")
-            .get_mut(agent)
-            .and_then(|a| a.permit.take());
+        let (permit, pool) = {
+            let mut agents = self.agents.lock().expect("lock");
+            match agents.get_mut(agent) {
+                Some(a) => (a.permit.take(), Some(a.pool.clone())),
+                None => (None, None),
+            }
+        };
+        // An agent of the pool came online: its agents do connect.
+        if permit.is_some()
+            && let Some(pool) = pool
+        {
+            self.set_problem(&pool, PROBLEM_CONNECT, None);
+        }
         drop(permit);
     }
 
@@ -298,6 +305,25 @@ impl Backend for Connector {
                 detail,
             });
         });
+    }
+
+    fn record(&self, pool: &str, event: PoolEvent) {
+        if let PoolEvent::Leak { agent } = event {
+            let timeout = self
+                .pools
+                .lock()
+                .expect("lock")
+                .get(pool)
+                .map(|e| e.cfg.spec.connect_timeout.to_string())
+                .unwrap_or_default();
+            let p = Problem {
+                reason: "AgentNeverConnected".into(),
+                message: format!(
+                    "pool {pool}: node {agent}: its agent did not come online within connectTimeout {timeout}; node and agent deleted (a leak)"
+                ),
+            };
+            self.set_problem(pool, PROBLEM_CONNECT, Some(p));
+        }
     }
 
     fn shutdown(&self) -> BoxFuture<'_> {

@@ -442,6 +442,19 @@ impl Client {
         Ok((nodes, took))
     }
 
+    /// The nodes online now, by name: a small poll (`computer[displayName,offline]`) that frees
+    /// connecting slots between full polls.
+    pub async fn online_nodes(&self) -> Result<std::collections::BTreeSet<String>, JenkinsError> {
+        let path = format!("computer/api/json?tree={}", model::ONLINE_TREE);
+        let (body, _) = self.get_ok(Endpoint::Computers, &path).await?;
+        let nodes = model::parse_computers(&body).map_err(|e| self.bad_answer(&path, e))?;
+        Ok(nodes
+            .into_iter()
+            .filter(|n| !n.offline)
+            .map(|n| n.name)
+            .collect())
+    }
+
     /// The queue: items waiting for a label or a node.
     pub async fn queue(&self) -> Result<(Vec<QueuedObs>, Duration), JenkinsError> {
         let path = format!("queue/api/json?tree={}", model::QUEUE_TREE);

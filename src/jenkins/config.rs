@@ -94,21 +94,26 @@ fn default_connecting() -> u32 {
     10
 }
 
+/// A label string (`linux docker`) or a list of labels, normalised to single spaces.
 fn labels_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        One(String),
-        Many(Vec<String>),
+    struct Labels;
+    impl<'de> serde::de::Visitor<'de> for Labels {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a label string like \"linux docker\" or a list of labels")
+        }
+        fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<String, E> {
+            Ok(s.split_whitespace().collect::<Vec<_>>().join(" "))
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut a: A) -> Result<String, A::Error> {
+            let mut atoms = Vec::new();
+            while let Some(l) = a.next_element::<String>()? {
+                atoms.extend(l.split_whitespace().map(str::to_string));
+            }
+            Ok(atoms.join(" "))
+        }
     }
-    Ok(match Raw::deserialize(d)? {
-        Raw::One(s) => s.split_whitespace().collect::<Vec<_>>().join(" "),
-        Raw::Many(v) => v
-            .iter()
-            .flat_map(|l| l.split_whitespace())
-            .collect::<Vec<_>>()
-            .join(" "),
-    })
+    d.deserialize_any(Labels)
 }
 
 impl JenkinsSpec {
@@ -271,7 +276,7 @@ mod tests {
     #[test]
     fn defaults_labels_and_validation() {
         let s: JenkinsSpec =
-            serde_yaml::from_str("url: http://j:8080\nlabels: [linux, go]\n").unwrap();
+            serde_saphyr::from_str("url: http://j:8080\nlabels: [linux, go]\n").unwrap();
         assert_eq!(s.labels, "linux go");
         assert_eq!(s.root_url(), "http://j:8080/");
         assert_eq!(s.prefix("go"), "go-");
@@ -289,7 +294,7 @@ mod tests {
             p.iter()
                 .any(|m| m.starts_with("spec.jenkins.nodeNamePrefix"))
         );
-        assert!(serde_yaml::from_str::<JenkinsSpec>("url: x\nbogus: 1\n").is_err());
+        assert!(serde_saphyr::from_str::<JenkinsSpec>("url: x\nbogus: 1\n").is_err());
     }
 
     /// Found by the fuzz pass (tests/fuzz/pools.rs): a label list was joined as written, so
@@ -298,7 +303,7 @@ mod tests {
     #[test]
     fn label_lists_are_normalised_like_label_strings() {
         let labels = |yaml: &str| {
-            serde_yaml::from_str::<JenkinsSpec>(&format!("url: http://j:8080\nlabels: {yaml}\n"))
+            serde_saphyr::from_str::<JenkinsSpec>(&format!("url: http://j:8080\nlabels: {yaml}\n"))
                 .unwrap()
                 .labels
         };

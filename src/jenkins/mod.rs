@@ -26,6 +26,7 @@ pub mod fake_agent;
 pub mod model;
 pub mod pods;
 mod poll;
+pub mod purge;
 pub mod runner;
 
 pub use config::{Credentials, JenkinsSpec};
@@ -90,6 +91,14 @@ const PROBLEM_POLL: &str = "poll";
 const PROBLEM_CREATE: &str = "create";
 const PROBLEM_DELETE: &str = "delete";
 const PROBLEM_DRAIN: &str = "drain";
+const PROBLEM_CONNECT: &str = "connect";
+
+/// True when `node` is named as the nodes of the pool with node name prefix `prefix`: the
+/// prefix and 8 hex digits.
+pub fn is_pool_node(prefix: &str, node: &str) -> bool {
+    node.strip_prefix(prefix)
+        .is_some_and(|rest| rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit()))
+}
 
 struct PoolEntry {
     cfg: Arc<PoolCfg>,

@@ -40,6 +40,9 @@ pub enum ParseError {
 /// The `tree` of the one node poll: every field the connector needs, nothing else.
 pub const COMPUTER_TREE: &str = "computer[displayName,description,offline,idle,numExecutors,assignedLabels[name],executors[idle,currentExecutable[url]]]";
 
+/// The `tree` of the check for connected agents between polls.
+pub const ONLINE_TREE: &str = "computer[displayName,offline]";
+
 /// Appended to a node's description when warmpool drains it (its last allowed build runs): the
 /// drained state, explicit and read back by every poll, also by a restarted instance.
 pub const DRAINED_MARKER: &str = "[warmpool: drained, deleted after its build]";

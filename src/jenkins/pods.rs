@@ -57,7 +57,7 @@ pub fn build_pod(launch: &Launch) -> Result<Pod, String> {
         .agent_pool
         .as_ref()
         .ok_or("no AgentPool to build the pod from")?;
-    pod_from_template(
+    Ok(pod_from_template(
         ap,
         &launch.node,
         launch.spec.agent_command.as_deref(),
@@ -67,7 +67,7 @@ pub fn build_pod(launch: &Launch) -> Result<Pod, String> {
             (LABEL_MANAGED_BY, MANAGED_BY.to_string()),
         ],
         [(ANNOTATION_JENKINS_URL, launch.url.clone())],
-    )
+    )?)
 }
 
 impl Runner for KubeRunner {

@@ -16,7 +16,7 @@ use super::*;
 use crate::engine::{AgentState, Engine, Reason};
 
 /// How often connecting agents are looked for between full polls.
-const CONNECT_CHECK: Duration = Duration::from_millis(200);
+const CONNECT_CHECK: Duration = Duration::from_millis(500);
 
 /// One pool's share of one poll.
 #[derive(Debug, Clone, Default)]
@@ -189,7 +189,7 @@ impl Connector {
         }
     }
 
-    /// One node list (no queue, no agent list) to see connecting agents online: each one seen
+    /// One list of the online nodes (no queue, no agent list) to see connecting agents online: each one seen
     /// is connected in the engine and gives its permit back. Skipped while the controller is
     /// backed off (the full poll's own pace then).
     async fn connect_check(&self, ctl: &Controller) {
@@ -205,20 +205,16 @@ impl Connector {
         let Some(client) = pools.iter().find_map(|p| p.client.clone()) else {
             return;
         };
-        let Ok((nodes, _)) = client.computers().await else {
+        let Ok(online) = client.online_nodes().await else {
             return;
         };
-        let waiting: BTreeSet<String> = self
+        let up: Vec<String> = self
             .agents
             .lock()
             .expect("lock")
             .iter()
-            .filter(|(_, a)| a.root == ctl.root && a.permit.is_some())
+            .filter(|(n, a)| a.root == ctl.root && a.permit.is_some() && online.contains(*n))
             .map(|(n, _)| n.clone())
-            .collect();
-        let up: Vec<NodeObs> = nodes
-            .into_iter()
-            .filter(|n| !n.offline && waiting.contains(&n.name))
             .collect();
         if up.is_empty() {
             return;
@@ -226,19 +222,14 @@ impl Connector {
         let Some(svc) = self.svc.upgrade() else {
             return;
         };
+        // Online: connected (a build it already runs is seen by the next full poll).
         svc.apply(|e, now| {
             for n in &up {
-                match &n.build {
-                    Some(b) => e.external_busy(&n.name, b, now),
-                    None if n.busy => {
-                        e.external_busy(&n.name, &format!("a build on node {}", n.name), now)
-                    }
-                    None => e.external_idle(&n.name, now),
-                }
+                e.external_idle(n, now);
             }
         });
         for n in &up {
-            self.connected(&n.name);
+            self.connected(n);
         }
         self.metrics
             .jenkins_connecting
@@ -381,11 +372,7 @@ impl Connector {
         let by_prefix = |node: &str| -> Option<&str> {
             prefixes
                 .iter()
-                .find(|(p, _)| {
-                    node.strip_prefix(p.as_str()).is_some_and(|rest| {
-                        rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit())
-                    })
-                })
+                .find(|(p, _)| is_pool_node(p, node))
                 .map(|(_, k)| k.as_str())
         };
         // Work finished after the agent list was taken is not judged on this poll.

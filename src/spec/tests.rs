@@ -57,8 +57,7 @@ pools:
         "pools[0].minIdle:",
         "pools[0].idleTtl:",
         "\"soon\" is not a duration",
-        "pools[0].provisioning:",
-        "burts",
+        "pools[0].provisioning.burts: unknown field (did you mean `burst`?)",
         "pools[0].colour: unknown field",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");

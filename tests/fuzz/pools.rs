@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use serde_yaml::{Mapping, Value};
+use serde_json::{Map, Value};
 use warmpool::engine::Pacer;
 use warmpool::pacer::GovernorPacer;
 use warmpool::spec::{self, PoolDef};
@@ -48,8 +48,14 @@ const NESTED: &[&[&str]] = &[
     &["jenkins", "requestsPerSecond"],
 ];
 
+type Mapping = Map<String, Value>;
+
 fn s(v: &str) -> Value {
     Value::String(v.into())
+}
+
+fn key(k: &str) -> String {
+    k.into()
 }
 
 /// A duration as a pools file may write it, from ordinary to absurd.
@@ -71,7 +77,7 @@ fn label() -> impl Strategy<Value = String> {
 
 fn command() -> impl Strategy<Value = Value> {
     prop::collection::vec(prop_oneof!["[a-z]{1,6}", any::<String>()], 1..4)
-        .prop_map(|v| Value::Sequence(v.into_iter().map(Value::String).collect()))
+        .prop_map(|v| Value::Array(v.into_iter().map(Value::String).collect()))
 }
 
 fn hooks() -> impl Strategy<Value = Value> {
@@ -83,25 +89,25 @@ fn hooks() -> impl Strategy<Value = Value> {
         )
             .prop_map(move |(c, t, m)| {
                 let mut h = Mapping::new();
-                h.insert(s("command"), c);
+                h.insert(key("command"), c);
                 if let Some(t) = t {
-                    h.insert(s("timeout"), t);
+                    h.insert(key("timeout"), t);
                 }
                 if let (true, Some(m)) = (extra, m) {
-                    h.insert(s("maxOutputBytes"), Value::from(m));
+                    h.insert(key("maxOutputBytes"), Value::from(m));
                 }
-                Value::Mapping(h)
+                Value::Object(h)
             })
     };
     (prop::option::of(hook(false)), prop::option::of(hook(true))).prop_map(|(c, h)| {
         let mut m = Mapping::new();
         if let Some(c) = c {
-            m.insert(s("cleanup"), c);
+            m.insert(key("cleanup"), c);
         }
         if let Some(h) = h {
-            m.insert(s("health"), h);
+            m.insert(key("health"), h);
         }
-        Value::Mapping(m)
+        Value::Object(m)
     })
 }
 
@@ -119,20 +125,20 @@ fn jenkins() -> impl Strategy<Value = Value> {
     )
         .prop_map(|(labels, as_list, poll, max_poll)| {
             let mut m = Mapping::new();
-            m.insert(s("url"), s("http://127.0.0.1:8080/"));
+            m.insert(key("url"), s("http://127.0.0.1:8080/"));
             let labels = if as_list {
-                Value::Sequence(labels.into_iter().map(Value::String).collect())
+                Value::Array(labels.into_iter().map(Value::String).collect())
             } else {
                 Value::String(labels.join(" "))
             };
-            m.insert(s("labels"), labels);
+            m.insert(key("labels"), labels);
             if let Some(p) = poll {
-                m.insert(s("pollInterval"), p);
+                m.insert(key("pollInterval"), p);
             }
             if let Some(p) = max_poll {
-                m.insert(s("maxPollInterval"), p);
+                m.insert(key("maxPollInterval"), p);
             }
-            Value::Mapping(m)
+            Value::Object(m)
         })
 }
 
@@ -170,17 +176,17 @@ fn pool() -> impl Strategy<Value = Mapping> {
             jenkins,
         ) = f;
         let mut m = Mapping::new();
-        m.insert(s("name"), s(&name));
+        m.insert(key("name"), s(&name));
         let on = |bit: u32| keep >> bit & 1 == 1;
         let mut put = |bit, k: &str, v: Value| {
             if on(bit) {
-                m.insert(s(k), v);
+                m.insert(key(k), v);
             }
         };
         put(
             0,
             "labels",
-            Value::Sequence(labels.into_iter().map(Value::String).collect()),
+            Value::Array(labels.into_iter().map(Value::String).collect()),
         );
         put(1, "minIdle", min.into());
         put(1, "maxTotal", max.into());
@@ -189,14 +195,14 @@ fn pool() -> impl Strategy<Value = Mapping> {
         put(4, "maxAge", age);
         put(5, "connectTimeout", connect);
         let mut p = Mapping::new();
-        p.insert(s("perSecond"), per.into());
-        p.insert(s("burst"), burst.into());
-        p.insert(s("maxConcurrent"), conc.into());
-        put(6, "provisioning", Value::Mapping(p));
+        p.insert(key("perSecond"), per.into());
+        p.insert(key("burst"), burst.into());
+        p.insert(key("maxConcurrent"), conc.into());
+        put(6, "provisioning", Value::Object(p));
         let mut h = Mapping::new();
-        h.insert(s("maxWorkspaceBytes"), health.0.into());
-        h.insert(s("maxLeftoverProcesses"), health.1.into());
-        put(7, "health", Value::Mapping(h));
+        h.insert(key("maxWorkspaceBytes"), health.0.into());
+        h.insert(key("maxLeftoverProcesses"), health.1.into());
+        put(7, "health", Value::Object(h));
         put(8, "hooks", hooks);
         // At most one of external, agentCommand and jenkins, as a valid file has.
         match keep >> 9 & 3 {
@@ -221,25 +227,19 @@ fn hostile() -> impl Strategy<Value = Value> {
         any::<String>().prop_map(Value::String),
         prop::sample::select(&["", "10m", "-1", "~", "null", "yes", "0x10", "1e400", "[a"][..])
             .prop_map(s),
-        (".{0,3}", ".{0,5}").prop_map(|(t, v)| Value::Tagged(Box::new(
-            serde_yaml::value::TaggedValue {
-                tag: serde_yaml::value::Tag::new(format!("t{t}")),
-                value: s(&v)
-            }
-        ))),
     ];
     let tree = leaf.prop_recursive(4, 24, 4, |inner| {
         prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Sequence),
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
             prop::collection::vec((prop::sample::select(KEYS), inner), 0..4).prop_map(|kv| {
-                Value::Mapping(kv.into_iter().map(|(k, v)| (s(k), v)).collect())
+                Value::Object(kv.into_iter().map(|(k, v)| (key(k), v)).collect())
             }),
         ]
     });
     prop_oneof![
         8 => tree,
         // Nesting deeper than any parser should recurse.
-        1 => (1usize..400).prop_map(|n| (0..n).fold(Value::Null, |v, _| Value::Sequence(vec![v]))),
+        1 => (1usize..400).prop_map(|n| (0..n).fold(Value::Null, |v, _| Value::Array(vec![v]))),
     ]
 }
 
@@ -281,7 +281,7 @@ fn mutate(pools: &mut Vec<Value>, root: &mut Mapping, m: &Mutation) {
     match m {
         Mutation::Drop(p, k) => {
             if let Some(i) = pool(pools, p)
-                && let Value::Mapping(map) = &mut pools[i]
+                && let Value::Object(map) = &mut pools[i]
                 && !map.is_empty()
             {
                 let key = map
@@ -294,22 +294,22 @@ fn mutate(pools: &mut Vec<Value>, root: &mut Mapping, m: &Mutation) {
         }
         Mutation::Set(p, k, v) => {
             if let Some(i) = pool(pools, p)
-                && let Value::Mapping(map) = &mut pools[i]
+                && let Value::Object(map) = &mut pools[i]
             {
-                map.insert(s(k), v.clone());
+                map.insert(key(k), v.clone());
             }
         }
         Mutation::SetNested(p, path, _) | Mutation::DropNested(p, path) => {
             let Some(i) = pool(pools, p) else { return };
             let mut at = &mut pools[i];
             for k in &path[..path.len() - 1] {
-                let Value::Mapping(map) = at else { return };
+                let Value::Object(map) = at else { return };
                 at = map
-                    .entry(s(k))
-                    .or_insert_with(|| Value::Mapping(Mapping::new()));
+                    .entry(key(k))
+                    .or_insert_with(|| Value::Object(Mapping::new()));
             }
-            let Value::Mapping(map) = at else { return };
-            let last = s(path[path.len() - 1]);
+            let Value::Object(map) = at else { return };
+            let last = key(path[path.len() - 1]);
             match m {
                 Mutation::SetNested(_, _, v) => {
                     map.insert(last, v.clone());
@@ -332,7 +332,7 @@ fn mutate(pools: &mut Vec<Value>, root: &mut Mapping, m: &Mutation) {
         }
         Mutation::Root(_) | Mutation::Pools(_) => {}
         Mutation::TopLevel(k, v) => {
-            root.insert(s(k), v.clone());
+            root.insert(key(k), v.clone());
         }
     }
 }
@@ -347,14 +347,14 @@ fn document(pools: Vec<Mapping>, muts: &[Mutation]) -> String {
             if let Some(Value::String(n)) = m.get_mut("name") {
                 n.push_str(&format!("-{i}"));
             }
-            Value::Mapping(m)
+            Value::Object(m)
         })
         .collect();
     let mut root = Mapping::new();
     for m in muts {
         mutate(&mut list, &mut root, m);
     }
-    let mut pools_value = Value::Sequence(list);
+    let mut pools_value = Value::Array(list);
     let mut doc = None;
     for m in muts {
         match m {
@@ -363,9 +363,9 @@ fn document(pools: Vec<Mapping>, muts: &[Mutation]) -> String {
             _ => {}
         }
     }
-    root.insert(s("pools"), pools_value);
-    let doc = doc.unwrap_or(Value::Mapping(root));
-    serde_yaml::to_string(&doc).unwrap_or_default()
+    root.insert(key("pools"), pools_value);
+    let doc = doc.unwrap_or(Value::Object(root));
+    serde_saphyr::to_string(&doc).unwrap_or_default()
 }
 
 /// Cuts or splices the text of a document.
@@ -395,7 +395,7 @@ fn input() -> impl Strategy<Value = String> {
     prop_oneof![
         6 => (valid(), muts).prop_map(|(p, m)| document(p, &m)),
         2 => (valid(), prop::collection::vec(mutation(), 0..2), any::<Index>(), 0usize..8,
-            prop::sample::select(&["", ":", "- ", "&a ", "*a", "!!binary ", "\t", "{", "[", "'", "\"", "\n  ", "? ", "<<: ", "é", "\u{0}"][..]))
+            prop::sample::select(&["", ":", "- ", "&a ", "*a", "!!binary ", "\t", "{", "[", "'", "\"", "\n  ", "? ", "<<: ", "!t ", "é", "\u{0}"][..]))
             .prop_map(|(p, m, at, cut, ins)| splice(&document(p, &m), at, cut, ins)),
         1 => ".{0,200}",
         1 => (1usize..12, 1usize..12).prop_map(|(l, w)| alias_bomb(l, w)),
@@ -405,7 +405,7 @@ fn input() -> impl Strategy<Value = String> {
 /// Where a problem message may point: a field of the file, or the file as a whole.
 fn names_a_place(problem: &str) -> bool {
     problem.starts_with("pools")
-        || problem.ends_with(": unknown field")
+        || problem.contains(": unknown field")
         || problem == "the file must be a mapping with a `pools` list"
 }
 
@@ -452,10 +452,10 @@ fn check_valid(defs: &[PoolDef]) -> Result<(), TestCaseError> {
     }
     let mut root = Mapping::new();
     root.insert(
-        s("pools"),
-        serde_yaml::to_value(defs).expect("pools serialise"),
+        key("pools"),
+        serde_json::to_value(defs).expect("pools serialise"),
     );
-    let printed = serde_yaml::to_string(&root).expect("pools print");
+    let printed = serde_saphyr::to_string(&root).expect("pools print");
     match spec::parse_pools(&printed, "printed.yaml") {
         Ok(again) => prop_assert_eq!(again, defs, "printed as:\n{}", printed),
         Err(e) => prop_assert!(

@@ -77,8 +77,13 @@ pub fn pool_yaml(
 
 /// Serves the pools; every node is deleted at shutdown.
 pub async fn serve(yaml: &str) -> Harness {
+    serve_keeping(yaml, false).await
+}
+
+/// Serves the pools; with `keep`, the nodes stay at shutdown (for the next instance to adopt).
+pub async fn serve_keeping(yaml: &str, keep: bool) -> Harness {
     let mut cfg = test_config(&format!("pools:\n{yaml}"));
-    cfg.jenkins_delete_on_shutdown = true;
+    cfg.jenkins_delete_on_shutdown = !keep;
     start_with(cfg).await
 }
 

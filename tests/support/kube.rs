@@ -169,7 +169,7 @@ impl Drop for KubeApi {
 pub async fn install_crd(client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let from_file: CustomResourceDefinition =
-        serde_yaml::from_str(include_str!("../../manifests/crd.yaml"))
+        serde_saphyr::from_str(include_str!("../../manifests/crd.yaml"))
             .expect("manifests/crd.yaml parses");
     assert_eq!(
         from_file.spec,

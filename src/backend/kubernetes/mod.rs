@@ -2,26 +2,30 @@
 //!
 //! Owns pod construction (env `WARMPOOL_HUB`, `WARMPOOL_AGENT_ID`, `WARMPOOL_TOKEN` injected into
 //! the agent container; labels and annotations from which pool state can be rebuilt; an owner
-//! reference to the `AgentPool`), pod creation and deletion, and the watchers that feed the
-//! service: `AgentPool`s become pools (invalid specs are reported, never applied), pod phases
-//! become agent events (Running -> started, gone/Failed/Succeeded -> exited). It also writes each
-//! pool's status through the status subresource.
+//! reference to the `AgentPool`), pod creation and deletion, and the pod watcher: pod phases
+//! become agent events (Running -> started, gone/Failed/Succeeded -> exited). Which template
+//! each pool's pods are built from is set by the AgentPool controller (`k8s/agentpool/`), which
+//! owns AgentPools, their routing, finalizer and status.
 //!
 //! What `maxTotal` caps (the ResourceQuota rule): every pod whose containers may still run, that
 //! is every pod of the pool in a non-terminal phase (Pending, Running, Unknown), being deleted or
 //! not, plus pods asked for and not yet seen. A pod counts until it is Succeeded, Failed or gone;
 //! so an agent is reported exited only then.
 //!
-//! Layout: this file builds pods and implements [`Backend`]; `watch.rs` adopts and watches;
-//! `status.rs` writes AgentPool statuses.
+//! Layout: this file builds pods and implements [`Backend`]; `watch.rs` watches pods;
+//! `repair.rs` re-issues deletes that did not take and holds unschedulable pods' deadlines.
 //!
+//! It never calls the engine: what it learns about agents goes out as [`BackendEvent`]s, and what
+//! it must know of them (known? being terminated?) or report (an outdated template, a pod that
+//! cannot be scheduled) goes through [`AgentView`], which the AgentPool controller implements.
 //! It does not decide sizing: the engine does, and this backend executes. Pods are never patched
 //! on the lease path. On shutdown pods are left running (`keeps_agents_on_shutdown`).
 
-mod status;
+mod repair;
 mod watch;
 
-pub use watch::{adopt, run};
+pub use repair::repair;
+pub use watch::watch_pods;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,6 +54,63 @@ pub const ANNOTATION_POOL_UID: &str = "warmpool.dev/pool-uid";
 /// Annotation: when warmpool created the pod (RFC 3339).
 pub const ANNOTATION_CREATED_AT: &str = "warmpool.dev/created-at";
 
+/// What the pod watcher and the repairs ask of, and report to, the owner of the agents (the
+/// AgentPool controller, which holds the engine): the backend never calls the engine itself.
+pub trait AgentView: Send + Sync + 'static {
+    /// True when this instance has agent `agent`.
+    fn knows(&self, agent: &str) -> bool;
+    /// The agents being terminated, each with how long it has been.
+    fn terminating(&self) -> Vec<(String, Duration)>;
+    /// Agent `agent`'s pod was built from an outdated template: it is to be replaced.
+    fn retire(&self, agent: &str);
+    /// Agent `agent`'s pod cannot be scheduled (kept, not recreated): its provisioning
+    /// deadline is held.
+    fn hold_pending(&self, agent: &str);
+    /// Where agent events go.
+    fn events(&self) -> EventSink;
+}
+
+/// Why a pod cannot be built from an AgentPool's template.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The template has no pod spec.
+    #[error("AgentPool {namespace}/{pool}: the pod template has no spec")]
+    NoPodSpec {
+        /// Namespace.
+        namespace: String,
+        /// AgentPool name.
+        pool: String,
+    },
+    /// The template has no container.
+    #[error("AgentPool {namespace}/{pool}: the pod template has no container")]
+    NoContainer {
+        /// Namespace.
+        namespace: String,
+        /// AgentPool name.
+        pool: String,
+    },
+    /// `agentContainer` names no container of the template.
+    #[error("AgentPool {namespace}/{pool}: no container named {container:?} in the pod template")]
+    NoSuchContainer {
+        /// Namespace.
+        namespace: String,
+        /// AgentPool name.
+        pool: String,
+        /// The `agentContainer`.
+        container: String,
+    },
+}
+
+/// Results of this module.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// For callers that report errors as text (the Jenkins runner).
+impl From<Error> for String {
+    fn from(e: Error) -> String {
+        e.to_string()
+    }
+}
+
 /// Settings of the Kubernetes backend.
 #[derive(Debug, Clone)]
 pub struct KubeConfig {
@@ -66,11 +127,9 @@ pub struct KubeConfig {
 pub struct KubeBackend {
     client: Client,
     cfg: KubeConfig,
-    /// The last valid version of every `AgentPool` (its template builds the pods).
+    /// The AgentPool each pool's pods are built from: the last valid version, set by the
+    /// AgentPool controller when it applies a spec (by key).
     pools: DashMap<String, AgentPool>,
-    /// `AgentPool`s whose latest spec is invalid (by key): the object and one message per
-    /// problem.
-    invalid: DashMap<String, (AgentPool, Vec<String>)>,
     /// Pods that cannot be scheduled (agent -> (pool, why)): kept and reported, not recreated.
     pending: DashMap<String, (String, String)>,
     /// Publishes Events on AgentPools (the recorder folds repeats into a series).
@@ -91,7 +150,6 @@ impl KubeBackend {
             client: client.clone(),
             cfg,
             pools: DashMap::new(),
-            invalid: DashMap::new(),
             pending: DashMap::new(),
             recorder: Recorder::new(
                 client.clone(),
@@ -113,11 +171,13 @@ impl KubeBackend {
         }
     }
 
-    fn key_of(&self, ap: &AgentPool) -> String {
+    /// The engine's key for `ap`.
+    pub fn key_of(&self, ap: &AgentPool) -> String {
         self.pool_key(&ap.namespace().unwrap_or_default(), &ap.name_any())
     }
 
-    fn key_of_pod(&self, pod: &Pod) -> Option<String> {
+    /// The engine's key for the pool of an agent pod.
+    pub fn key_of_pod(&self, pod: &Pod) -> Option<String> {
         let name = pod.labels().get(LABEL_POOL)?;
         Some(self.pool_key(&pod.namespace().unwrap_or_default(), name))
     }
@@ -126,7 +186,23 @@ impl KubeBackend {
         Api::namespaced(self.client.clone(), namespace)
     }
 
-    fn scope<K>(&self) -> Api<K>
+    /// The client.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The namespace served (None: all).
+    pub fn namespace(&self) -> Option<&str> {
+        self.cfg.namespace.as_deref()
+    }
+
+    /// How often pool statuses are written.
+    pub fn status_interval(&self) -> Duration {
+        self.cfg.status_interval
+    }
+
+    /// `K` in the namespace served, or in all.
+    pub fn scope<K>(&self) -> Api<K>
     where
         K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
         <K as kube::Resource>::DynamicType: Default,
@@ -137,11 +213,41 @@ impl KubeBackend {
         }
     }
 
-    /// Forgets a pool that is gone.
-    fn forget(&self, key: &str) {
-        self.pools.remove(key);
-        self.invalid.remove(key);
+    /// Builds the pods of pool `key` from `ap` from now on (a valid spec the engine runs);
+    /// returns the template hash of the AgentPool it replaces.
+    pub fn apply_pool(&self, key: &str, ap: AgentPool) -> Option<String> {
+        self.pools
+            .insert(key.to_string(), ap)
+            .map(|old| template_hash(&old))
+    }
+
+    /// The generation of the AgentPool pool `key`'s pods are built from.
+    pub fn applied_generation(&self, key: &str) -> Option<i64> {
+        self.pools.get(key).and_then(|ap| ap.metadata.generation)
+    }
+
+    /// Forgets a pool that is gone (or that the engine no longer runs); true when it had one.
+    pub fn forget(&self, key: &str) -> bool {
         self.recorded.retain(|(pool, _), _| pool != key);
+        self.pools.remove(key).is_some()
+    }
+
+    /// Remembers the namespace of an agent's pod (for deleting it).
+    pub fn note_namespace(&self, agent: &str, namespace: &str) {
+        self.agent_ns
+            .insert(agent.to_string(), namespace.to_string());
+    }
+
+    /// The pods of pool `key` kept Pending because they cannot be scheduled: `pod: why`.
+    pub fn unschedulable(&self, key: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|e| e.value().0 == key)
+            .map(|e| format!("{}: {}", e.key(), e.value().1))
+            .collect();
+        v.sort();
+        v
     }
 
     fn namespace_of_agent(&self, agent: &str) -> String {
@@ -168,7 +274,7 @@ pub fn template_hash(ap: &AgentPool) -> String {
 /// Builds the pod for one agent of `ap`. The variables the template sets on the agent container
 /// with `env` are the pool's configured variables: the agent passes them on to its jobs
 /// (named in `WARMPOOL_JOB_ENV`).
-pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod, String> {
+pub fn build_pod(ap: &AgentPool, req: &ProvisionRequest, hub_url: &str) -> Result<Pod> {
     pod_from_template(
         ap,
         &req.agent,
@@ -227,17 +333,25 @@ pub fn pod_from_template<const L: usize, const A: usize>(
     env: Vec<(String, String)>,
     labels: [(&str, String); L],
     annotations: [(&str, String); A],
-) -> Result<Pod, String> {
+) -> Result<Pod> {
+    let (namespace, pool) = (ap.namespace().unwrap_or_default(), ap.name_any());
     let mut template = ap.spec.template.clone();
-    let mut spec = template.spec.take().ok_or("the pod template has no spec")?;
+    let Some(mut spec) = template.spec.take() else {
+        return Err(Error::NoPodSpec { namespace, pool });
+    };
     let idx = match &ap.spec.agent_container {
-        Some(name) => spec
-            .containers
-            .iter()
-            .position(|c| &c.name == name)
-            .ok_or_else(|| format!("no container named {name:?} in the pod template"))?,
+        Some(name) => match spec.containers.iter().position(|c| &c.name == name) {
+            Some(i) => i,
+            None => {
+                return Err(Error::NoSuchContainer {
+                    namespace,
+                    pool,
+                    container: name.clone(),
+                });
+            }
+        },
         None if spec.containers.is_empty() => {
-            return Err("the pod template has no container".into());
+            return Err(Error::NoContainer { namespace, pool });
         }
         None => 0,
     };
@@ -308,7 +422,7 @@ impl Backend for KubeBackend {
         let pod = match build_pod(&ap, &req, &self.cfg.hub_url) {
             Ok(p) => p,
             Err(e) => {
-                failed(format!("AgentPool {}/{}: {e}", ns_display, req.pool));
+                failed(e.to_string());
                 return;
             }
         };
@@ -410,6 +524,27 @@ impl Backend for KubeBackend {
                 event_note(&format!("pod {agent} recycled: {detail}")),
             ),
         };
+        let type_ = if reason == "Throttled" {
+            EventType::Normal
+        } else {
+            EventType::Warning
+        };
+        self.publish(pool, reference, type_, reason, action, note);
+    }
+}
+
+impl KubeBackend {
+    /// Publishes an Event on the AgentPool `reference` (pool `pool`), at most once per
+    /// [`EVENT_WINDOW`] per pool and reason; must return at once.
+    pub fn publish(
+        &self,
+        pool: &str,
+        reference: k8s_openapi::api::core::v1::ObjectReference,
+        type_: EventType,
+        reason: &'static str,
+        action: &str,
+        note: String,
+    ) {
         let key = (pool.to_string(), reason);
         let now = std::time::Instant::now();
         if self
@@ -422,19 +557,16 @@ impl Backend for KubeBackend {
         self.recorded.insert(key, now);
         let recorder = self.recorder.clone();
         let ev = KubeEvent {
-            type_: if reason == "Throttled" {
-                EventType::Normal
-            } else {
-                EventType::Warning
-            },
+            type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(event_note(&note)),
             action: action.into(),
             secondary: None,
         };
+        let pool = pool.to_string();
         tokio::spawn(async move {
             if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(error = %e, "publishing an AgentPool event failed");
+                tracing::warn!(pool = %pool, error = %e, "publishing an AgentPool event failed");
             }
         });
     }
@@ -552,6 +684,7 @@ pub fn pod_exit(pod: &Pod) -> String {
     out
 }
 
-fn agent_of(pod: &Pod) -> Option<String> {
+/// The agent id of a pod warmpool made.
+pub fn agent_of(pod: &Pod) -> Option<String> {
     pod.labels().get(LABEL_AGENT).cloned()
 }
