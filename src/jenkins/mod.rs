@@ -108,6 +108,8 @@ struct PoolEntry {
     /// Fired when the pool is removed: its in-flight provisions undo themselves.
     cancel: CancellationToken,
     generation: Option<i64>,
+    /// Its client got a good answer from Jenkins (its credentials and CA work).
+    verified: bool,
 }
 
 /// One agent the connector handles (provisioned, adopted or found as an orphan).
@@ -311,18 +313,19 @@ impl Connector {
         let ctl = self.controller(&root, &cfg.jenkins);
         let old = pools.remove(&cfg.key);
         let moved = old.as_ref().is_some_and(|o| o.root != root);
-        let (client, problems, cancel) = match old {
+        let (client, problems, cancel, verified) = match old {
             Some(old) if old.root == root => {
                 let same_creds = matches!((&old.cfg.credentials, &cfg.credentials), (Ok(a), Ok(b)) if a == b)
                     && old.cfg.jenkins.ca_file == cfg.jenkins.ca_file;
                 let client = if same_creds { old.client.clone() } else { None };
-                (client, old.problems, old.cancel)
+                let verified = same_creds && old.verified;
+                (client, old.problems, old.cancel, verified)
             }
             old => {
                 if let Some(old) = old {
                     old.cancel.cancel();
                 }
-                (None, BTreeMap::new(), CancellationToken::new())
+                (None, BTreeMap::new(), CancellationToken::new(), false)
             }
         };
         // The pool's caFile, or else `serve --ca-file`, besides the platform's roots.
@@ -347,6 +350,7 @@ impl Connector {
             problems,
             cancel,
             generation: cfg.agent_pool.as_ref().and_then(|a| a.metadata.generation),
+            verified,
         };
         match &tls {
             Err(e) => {

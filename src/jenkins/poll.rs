@@ -108,6 +108,7 @@ pub(crate) fn feed(e: &mut Engine, o: &PoolObs, now: Instant) -> Vec<String> {
 struct PoolRef {
     cfg: Arc<PoolCfg>,
     client: Option<Arc<Client>>,
+    verified: bool,
 }
 
 impl Connector {
@@ -120,6 +121,7 @@ impl Connector {
             .map(|e| PoolRef {
                 cfg: e.cfg.clone(),
                 client: e.client.clone(),
+                verified: e.verified,
             })
             .collect()
     }
@@ -255,6 +257,12 @@ impl Connector {
         *iv = if struggling { (*iv * 2).min(max) } else { base };
     }
 
+    fn verified(&self, pool: &str) {
+        if let Some(e) = self.pools.lock().expect("lock").get_mut(pool) {
+            e.verified = true;
+        }
+    }
+
     fn poll_problem(&self, pools: &[PoolRef], f: impl Fn(&PoolCfg) -> Option<Problem>) {
         let mut all = self.pools.lock().expect("lock");
         for p in pools {
@@ -314,6 +322,9 @@ impl Connector {
                     polled = Some(Err(e));
                 }
                 other => {
+                    if other.is_ok() {
+                        self.verified(&p.cfg.key);
+                    }
                     polled = Some(other);
                     break;
                 }
@@ -325,6 +336,20 @@ impl Connector {
         };
         let (nodes, queue) = match polled {
             Ok((nodes, queue, took)) => {
+                // A pool whose own client never got a good answer (other credentials, another
+                // CA file) is checked once, with one request: it is not managed until it works.
+                for p in pools.iter().filter(|p| !p.verified) {
+                    let Some(client) = &p.client else { continue };
+                    if auth_failed.contains_key(&p.cfg.key) {
+                        continue;
+                    }
+                    match client.online_nodes().await {
+                        Ok(_) => self.verified(&p.cfg.key),
+                        Err(e) => {
+                            auth_failed.insert(p.cfg.key.clone(), e);
+                        }
+                    }
+                }
                 if took > slow {
                     tracing::warn!(controller = %ctl.root, took_ms = took.as_millis() as u64, "Jenkins answers slowly; polling less often");
                 }
@@ -434,8 +459,12 @@ impl Connector {
             return;
         };
         for p in pools {
-            // Without credentials nothing can be done; with a clashing prefix nothing is safe.
-            if p.client.is_none() || clashing.contains(&p.cfg.key) {
+            // Without credentials that work nothing can be done; with a clashing prefix nothing
+            // is safe.
+            if p.client.is_none()
+                || clashing.contains(&p.cfg.key)
+                || auth_failed.contains_key(&p.cfg.key)
+            {
                 continue;
             }
             let mut o = obs.remove(&p.cfg.key).unwrap_or_default();
