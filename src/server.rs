@@ -423,10 +423,9 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
                         jenkins: j.clone(),
                         credentials: match &j.credentials_file {
                             Some(f) => crate::jenkins::Credentials::load(f),
-                            None => Err(
-                                "no credentials: set jenkins.credentialsFile to a file holding `user:api-token`"
-                                    .into(),
-                            ),
+                            None => Err(crate::jenkins::CredentialsError::Missing {
+                                hint: "set jenkins.credentialsFile to a file holding `user:api-token`",
+                            }),
                         },
                         agent_pool: None,
                     }),

@@ -205,6 +205,8 @@ async fn docker_in_docker_example_cleans_reused_pods_and_recycles_past_the_healt
     )
     .await;
     assert_eq!(h.recycles("health-check-failed"), 1);
-    h.server.shutdown().await;
+    // Deleted while warmpool runs: its finalizer's cleanup removes the pods, then lets the
+    // AgentPool go (deleted while warmpool is down, it would wait for the next instance).
     delete_pool(&client, &name).await;
+    h.server.shutdown().await;
 }

@@ -248,24 +248,72 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+/// Why a pool has no usable credentials (shown as its `CredentialsMissing` problem).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CredentialsError {
+    /// None configured; `hint` says which field to set.
+    #[error("no credentials: {hint}")]
+    Missing {
+        /// What to set.
+        hint: &'static str,
+    },
+    /// Not one `user:api-token` line.
+    #[error("expected one line `user:api-token`")]
+    Malformed,
+    /// The credentials file cannot be read.
+    #[error("cannot read credentials file {path}: {message}")]
+    Unreadable {
+        /// The file.
+        path: String,
+        /// Why.
+        message: String,
+    },
+    /// The credentials file is not one `user:api-token` line.
+    #[error("credentials file {path}: expected one line `user:api-token`")]
+    MalformedFile {
+        /// The file.
+        path: String,
+    },
+    /// The credentials Secret cannot be read.
+    #[error("cannot read Secret {secret}: {message}")]
+    Secret {
+        /// `namespace/name`.
+        secret: String,
+        /// Why.
+        message: String,
+    },
+    /// The credentials Secret lacks a key.
+    #[error("Secret {secret} has no {keys} key")]
+    SecretKey {
+        /// `namespace/name`.
+        secret: String,
+        /// The key(s) looked for.
+        keys: &'static str,
+    },
+}
+
 impl Credentials {
     /// Parses `user:token` (surrounding whitespace ignored).
-    pub fn parse(text: &str) -> Result<Credentials, String> {
+    pub fn parse(text: &str) -> Result<Credentials, CredentialsError> {
         let t = text.trim();
         match t.split_once(':') {
             Some((u, k)) if !u.trim().is_empty() && !k.trim().is_empty() => Ok(Credentials {
                 user: u.trim().into(),
                 token: k.trim().into(),
             }),
-            _ => Err("expected one line `user:api-token`".into()),
+            _ => Err(CredentialsError::Malformed),
         }
     }
 
     /// Reads a credentials file (`user:api-token`).
-    pub fn load(path: &std::path::Path) -> Result<Credentials, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
-        Credentials::parse(&text).map_err(|e| format!("credentials file {}: {e}", path.display()))
+    pub fn load(path: &std::path::Path) -> Result<Credentials, CredentialsError> {
+        let text = std::fs::read_to_string(path).map_err(|e| CredentialsError::Unreadable {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        Credentials::parse(&text).map_err(|_| CredentialsError::MalformedFile {
+            path: path.display().to_string(),
+        })
     }
 }
 

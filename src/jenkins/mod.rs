@@ -33,7 +33,7 @@ pub mod purge;
 pub mod runner;
 mod status;
 
-pub use config::{Credentials, JenkinsSpec};
+pub use config::{Credentials, CredentialsError, JenkinsSpec};
 pub use status::{ConditionView, Counts, JenkinsPoolStatus};
 
 use std::collections::{BTreeMap, HashMap};
@@ -84,7 +84,7 @@ pub struct PoolCfg {
     /// The Jenkins block.
     pub jenkins: JenkinsSpec,
     /// Credentials, or why there are none.
-    pub credentials: Result<Credentials, String>,
+    pub credentials: Result<Credentials, CredentialsError>,
     /// Kubernetes: the AgentPool (pod template, owner, status target).
     pub agent_pool: Option<Box<crate::k8s::crd::AgentPool>>,
 }

@@ -13,8 +13,9 @@ use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 
+use super::config::CredentialsError;
 use super::config::{Credentials, JenkinsSpec};
-use super::runner::{AgentRef, BoxFuture, Launch, Runner};
+use super::runner::{AgentRef, BoxFuture, Launch, Runner, RunnerError};
 use crate::backend::kubernetes::{LABEL_MANAGED_BY, LABEL_POOL, pod_from_template};
 
 /// Label: the Jenkins node a pod is the agent of (also the pod's name).
@@ -52,12 +53,14 @@ impl KubeRunner {
 }
 
 /// Builds the agent pod of `launch` from its AgentPool's template.
-pub fn build_pod(launch: &Launch) -> Result<Pod, String> {
+pub fn build_pod(launch: &Launch) -> Result<Pod, RunnerError> {
     let ap = launch
         .agent_pool
         .as_ref()
-        .ok_or("no AgentPool to build the pod from")?;
-    Ok(pod_from_template(
+        .ok_or_else(|| RunnerError::NoAgentPool {
+            node: launch.node.clone(),
+        })?;
+    pod_from_template(
         ap,
         &launch.node,
         launch.spec.agent_command.as_deref(),
@@ -67,7 +70,11 @@ pub fn build_pod(launch: &Launch) -> Result<Pod, String> {
             (LABEL_MANAGED_BY, MANAGED_BY.to_string()),
         ],
         [(ANNOTATION_JENKINS_URL, launch.url.clone())],
-    )?)
+    )
+    .map_err(|source| RunnerError::Template {
+        node: launch.node.clone(),
+        source: Box::new(source),
+    })
 }
 
 impl Runner for KubeRunner {
@@ -79,7 +86,7 @@ impl Runner for KubeRunner {
         spec.remote_fs.clone()
     }
 
-    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), String>> {
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), RunnerError>> {
         Box::pin(async move {
             let pod = build_pod(&launch)?;
             let ns = pod.namespace().unwrap_or_default();
@@ -87,12 +94,17 @@ impl Runner for KubeRunner {
             match api.create(&PostParams::default(), &pod).await {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
-                Err(e) => Err(format!("creating pod {ns}/{}: {e}", launch.node)),
+                Err(source) => Err(RunnerError::Pod {
+                    action: "creating",
+                    namespace: ns,
+                    name: launch.node.clone(),
+                    source: Box::new(source),
+                }),
             }
         })
     }
 
-    fn stop(&self, _url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), String>> {
+    fn stop(&self, _url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), RunnerError>> {
         let ns = self.ns_of_key(pool).to_string();
         let node = node.to_string();
         Box::pin(async move {
@@ -100,12 +112,17 @@ impl Runner for KubeRunner {
             match api.delete(&node, &DeleteParams::default()).await {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-                Err(e) => Err(format!("deleting pod {ns}/{node}: {e}")),
+                Err(source) => Err(RunnerError::Pod {
+                    action: "deleting",
+                    namespace: ns,
+                    name: node,
+                    source: Box::new(source),
+                }),
             }
         })
     }
 
-    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, String>> {
+    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, RunnerError>> {
         let url = url.to_string();
         Box::pin(async move {
             let api: Api<Pod> = match &self.namespace {
@@ -116,7 +133,7 @@ impl Runner for KubeRunner {
             let pods = api
                 .list(&lp)
                 .await
-                .map_err(|e| format!("listing agent pods: {e}"))?;
+                .map_err(|e| RunnerError::List(Box::new(e)))?;
             let mut out = Vec::new();
             for pod in pods.items {
                 if pod.annotations().get(ANNOTATION_JENKINS_URL) != Some(&url) {
@@ -163,12 +180,12 @@ pub async fn read_credentials(
     client: &Client,
     namespace: &str,
     name: &str,
-) -> Result<Credentials, String> {
+) -> Result<Credentials, CredentialsError> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let s = api
-        .get(name)
-        .await
-        .map_err(|e| format!("cannot read Secret {namespace}/{name}: {e}"))?;
+    let s = api.get(name).await.map_err(|e| CredentialsError::Secret {
+        secret: format!("{namespace}/{name}"),
+        message: e.to_string(),
+    })?;
     let data = s.data.unwrap_or_default();
     let mut string_data = s.string_data.unwrap_or_default();
     let get = |k: &str, sd: &mut BTreeMap<String, String>| -> Option<String> {
@@ -177,10 +194,15 @@ pub async fn read_credentials(
             .or_else(|| sd.remove(k).map(|v| v.trim().to_string()))
             .filter(|v| !v.is_empty())
     };
-    let user = get("username", &mut string_data)
-        .ok_or_else(|| format!("Secret {namespace}/{name} has no `username` key"))?;
+    let user = get("username", &mut string_data).ok_or_else(|| CredentialsError::SecretKey {
+        secret: format!("{namespace}/{name}"),
+        keys: "`username`",
+    })?;
     let token = get("token", &mut string_data)
         .or_else(|| get("password", &mut string_data))
-        .ok_or_else(|| format!("Secret {namespace}/{name} has no `token` (or `password`) key"))?;
+        .ok_or_else(|| CredentialsError::SecretKey {
+            secret: format!("{namespace}/{name}"),
+            keys: "`token` (or `password`)",
+        })?;
     Ok(Credentials { user, token })
 }

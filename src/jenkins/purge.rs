@@ -8,7 +8,7 @@
 //! or an agent already gone counts as done).
 
 use super::client::{Client, JenkinsError};
-use super::runner::Runner;
+use super::runner::{Runner, RunnerError};
 
 /// Why a purge could not finish.
 #[derive(Debug, thiserror::Error)]
@@ -38,18 +38,18 @@ pub enum Error {
         source: JenkinsError,
     },
     /// The runner could not list the controller's agents.
-    #[error("pool {pool}: listing the agents of Jenkins {controller} failed: {message}")]
+    #[error("pool {pool}: listing the agents of Jenkins {controller} failed: {source}")]
     ListAgents {
         /// Pool key.
         pool: String,
         /// The controller's root URL.
         controller: String,
-        /// The runner's message.
-        message: String,
+        /// Why.
+        source: RunnerError,
     },
     /// An agent could not be stopped.
     #[error(
-        "pool {pool}: stopping the agent of node {node} (Jenkins {controller}) failed: {message}"
+        "pool {pool}: stopping the agent of node {node} (Jenkins {controller}) failed: {source}"
     )]
     StopAgent {
         /// Pool key.
@@ -58,8 +58,8 @@ pub enum Error {
         node: String,
         /// The controller's root URL.
         controller: String,
-        /// The runner's message.
-        message: String,
+        /// Why.
+        source: RunnerError,
     },
 }
 
@@ -101,10 +101,10 @@ pub async fn purge(
     let agents = runner
         .list(&controller)
         .await
-        .map_err(|message| Error::ListAgents {
+        .map_err(|source| Error::ListAgents {
             pool: pool.to_string(),
             controller: controller.clone(),
-            message,
+            source,
         })?;
     let mut purged = Purged::default();
     // The pool's nodes: by prefix, and those its agents run (even after a prefix change).
@@ -129,11 +129,11 @@ pub async fn purge(
         runner
             .stop(&controller, pool, &agent.node)
             .await
-            .map_err(|message| Error::StopAgent {
+            .map_err(|source| Error::StopAgent {
                 pool: pool.to_string(),
                 node: agent.node.clone(),
                 controller: controller.clone(),
-                message,
+                source,
             })?;
         purged.agents += 1;
     }

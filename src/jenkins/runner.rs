@@ -94,6 +94,61 @@ pub struct AgentRef {
     pub started: Option<std::time::SystemTime>,
 }
 
+/// Why a runner could not start, stop or list agents (each names the node, pod or path).
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The agent's work directory or log could not be made.
+    #[error("cannot create {path}: {source}")]
+    WorkDir {
+        /// The directory or file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The agent command could not be started.
+    #[error("cannot start {program} for node {node}: {source}")]
+    Spawn {
+        /// The program (`jenkins.agentCommand[0]`).
+        program: String,
+        /// The node.
+        node: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Scanning /proc for agent processes failed.
+    #[error("scanning processes failed: {0}")]
+    Scan(String),
+    /// The node's pod has no AgentPool to be built from.
+    #[error("node {node}: no AgentPool to build its pod from")]
+    NoAgentPool {
+        /// The node.
+        node: String,
+    },
+    /// The pod could not be built from the AgentPool's template.
+    #[error("node {node}: {source}")]
+    Template {
+        /// The node.
+        node: String,
+        /// Why.
+        source: Box<crate::backend::kubernetes::Error>,
+    },
+    /// The apiserver refused a pod request.
+    #[error("{action} pod {namespace}/{name}: {source}")]
+    Pod {
+        /// `creating`, `deleting`.
+        action: &'static str,
+        /// Namespace.
+        namespace: String,
+        /// Pod (= node) name.
+        name: String,
+        /// Why.
+        source: Box<kube::Error>,
+    },
+    /// Listing the agent pods failed.
+    #[error("listing agent pods: {0}")]
+    List(Box<kube::Error>),
+}
+
 /// Where agents run.
 pub trait Runner: Send + Sync + 'static {
     /// Short name (`process`, `kubernetes`).
@@ -101,11 +156,11 @@ pub trait Runner: Send + Sync + 'static {
     /// The node's remote FS for a pool.
     fn workdir(&self, spec: &JenkinsSpec, node: &str) -> String;
     /// Starts one agent; resolves once it is started (process spawned, pod created).
-    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), String>>;
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), RunnerError>>;
     /// Stops one agent and resolves once it is gone (or, for pods, deleted).
-    fn stop(&self, url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), String>>;
+    fn stop(&self, url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), RunnerError>>;
     /// The live agents started for the controller at `url`.
-    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, String>>;
+    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, RunnerError>>;
 }
 
 /// Agents as local processes, found (whoever started them) by their environment markers.
@@ -149,7 +204,7 @@ impl Runner for ProcessRunner {
             .to_string()
     }
 
-    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), String>> {
+    fn start(&self, launch: Launch) -> BoxFuture<'_, Result<(), RunnerError>> {
         Box::pin(async move {
             let argv = launch
                 .spec
@@ -157,13 +212,16 @@ impl Runner for ProcessRunner {
                 .clone()
                 .unwrap_or_else(|| vec![DEFAULT_AGENT_COMMAND.to_string()]);
             let dir = PathBuf::from(&launch.workdir);
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("cannot create agent work dir {}: {e}", dir.display()))?;
-            let log = std::fs::File::create(dir.join("agent.log"))
-                .map_err(|e| format!("cannot create {}/agent.log: {e}", dir.display()))?;
-            let log2 = log
-                .try_clone()
-                .map_err(|e| format!("cannot open the agent log: {e}"))?;
+            let io = |path: PathBuf| {
+                move |source| RunnerError::WorkDir {
+                    path: path.display().to_string(),
+                    source,
+                }
+            };
+            std::fs::create_dir_all(&dir).map_err(io(dir.clone()))?;
+            let log_path = dir.join("agent.log");
+            let log = std::fs::File::create(&log_path).map_err(io(log_path.clone()))?;
+            let log2 = log.try_clone().map_err(io(log_path))?;
             let mut cmd = Command::new(&argv[0]);
             let started = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -184,8 +242,13 @@ impl Runner for ProcessRunner {
                 // restart of the service, as a pod does.
                 .process_group(0)
                 .kill_on_drop(false);
-            let mut child = crate::backend::process::spawn_tracked(&mut cmd)
-                .map_err(|e| format!("cannot start {}: {e}", argv[0]))?;
+            let mut child = crate::backend::process::spawn_tracked(&mut cmd).map_err(|source| {
+                RunnerError::Spawn {
+                    program: argv[0].clone(),
+                    node: launch.node.clone(),
+                    source,
+                }
+            })?;
             let pid = child.id().unwrap_or(0);
             // Reap it when it exits (it is our child until this service exits).
             tokio::spawn(async move {
@@ -196,7 +259,7 @@ impl Runner for ProcessRunner {
         })
     }
 
-    fn stop(&self, url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), String>> {
+    fn stop(&self, url: &str, pool: &str, node: &str) -> BoxFuture<'_, Result<(), RunnerError>> {
         let (url, pool, node) = (url.to_string(), pool.to_string(), node.to_string());
         Box::pin(async move {
             let found = {
@@ -231,7 +294,7 @@ impl Runner for ProcessRunner {
         })
     }
 
-    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, String>> {
+    fn list(&self, url: &str) -> BoxFuture<'_, Result<Vec<AgentRef>, RunnerError>> {
         let url = url.to_string();
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
@@ -251,7 +314,7 @@ impl Runner for ProcessRunner {
                     .collect::<Vec<_>>()
             })
             .await
-            .map_err(|e| format!("scanning processes failed: {e}"))
+            .map_err(|e| RunnerError::Scan(e.to_string()))
         })
     }
 }

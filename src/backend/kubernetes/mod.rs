@@ -104,13 +104,6 @@ pub enum Error {
 /// Results of this module.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// For callers that report errors as text (the Jenkins runner).
-impl From<Error> for String {
-    fn from(e: Error) -> String {
-        e.to_string()
-    }
-}
-
 /// Settings of the Kubernetes backend.
 #[derive(Debug, Clone)]
 pub struct KubeConfig {

@@ -61,14 +61,14 @@ pub const RETRY: Duration = Duration::from_secs(2);
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A Jenkins pool's nodes cannot be purged without its credentials.
-    #[error("pool {pool}: cannot purge its Jenkins nodes on {controller}: {message}")]
+    #[error("pool {pool}: cannot purge its Jenkins nodes on {controller}: {source}")]
     Credentials {
         /// Pool key.
         pool: String,
         /// The controller's root URL.
         controller: String,
         /// Why there are none.
-        message: String,
+        source: crate::jenkins::CredentialsError,
     },
     /// The Jenkins client cannot be built (the CA file).
     #[error("pool {pool}: cannot purge its Jenkins nodes on {controller}: {message}")]
@@ -366,7 +366,9 @@ async fn apply(ctx: &Ctx, key: &str, ap: &AgentPool) -> Result<Action> {
                 Some(secret) => {
                     crate::jenkins::pods::read_credentials(&ctx.client, &ns, secret).await
                 }
-                None => Err("no credentials: set jenkins.credentialsSecret to a Secret with `username` and `token`".into()),
+                None => Err(crate::jenkins::CredentialsError::Missing {
+                    hint: "set jenkins.credentialsSecret to a Secret with `username` and `token`",
+                }),
             };
             if let Some(c) = svc.jenkins.get() {
                 c.upsert(crate::jenkins::PoolCfg {
@@ -434,12 +436,14 @@ async fn cleanup(ctx: &Ctx, key: &str, ap: &AgentPool) -> Result<Action> {
                 Some(secret) => {
                     crate::jenkins::pods::read_credentials(&ctx.client, &ns, secret).await
                 }
-                None => Err("no credentials: jenkins.credentialsSecret is not set".into()),
+                None => Err(crate::jenkins::CredentialsError::Missing {
+                    hint: "jenkins.credentialsSecret is not set",
+                }),
             }
-            .map_err(|message| Error::Credentials {
+            .map_err(|source| Error::Credentials {
                 pool: key.to_string(),
                 controller: controller.clone(),
-                message,
+                source,
             })?;
             let ca_file = j.ca_file.as_ref().or(ctx.cfg.ca_file.as_ref());
             let tls = crate::tls::client_config(ca_file.map(|p| p.as_path())).map_err(|e| {
