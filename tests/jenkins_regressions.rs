@@ -4,7 +4,8 @@
 //! - crumbs: none with an API token; one, shared, where Jenkins enforces them;
 //! - the agent secret read from `jenkins-agent.jnlp` first;
 //! - drained state explicit (a marker), never inferred from labels;
-//! - a build's label found on a controller without agent nodes (`minIdle` 0);
+//! - a build's label found on a controller without agent nodes (`minIdle` 0), for jobs (their
+//!   `labelExpression`) and Pipelines (a placeholder node makes Jenkins name it);
 //! - node creation not paced by the poll interval;
 //! - the poll back to normal on the first good poll; leaks back the pool's creation off.
 //!
@@ -19,7 +20,7 @@ mod support;
 
 use std::time::Duration;
 
-use jenkins::{CrumbMode, Endpoint, Fault, JenkinsDouble};
+use jenkins::{CrumbMode, Endpoint, Fault, JenkinsDouble, NodeMode, TaskKind};
 use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, serve_keeping, wait_status};
 
 /// A pool of 20 nodes created at once: every creation runs concurrently (no pacing, 20
@@ -168,8 +169,9 @@ async fn a_node_busy_across_a_restart_with_one_more_label_runs_one_build() {
 }
 
 /// minIdle 0 on a controller without any agent node: Jenkins then writes only "Waiting for next
-/// available executor" (no label) for every queued build; the label comes from the queue item's
-/// task (`labelExpression`), so the build gets a node and runs.
+/// available executor" (no label) for every queued build. warmpool reads a job's label from the
+/// queue item's task (`labelExpression`; model.rs's tests), and keeps one offline placeholder
+/// node there so that Jenkins names the label again: the build gets a node and runs.
 #[tokio::test]
 async fn a_build_on_a_controller_without_nodes_gets_a_node_with_min_idle_0() {
     let j = jenkins(CrumbMode::IssuedTokenExempt).await;
@@ -177,14 +179,60 @@ async fn a_build_on_a_controller_without_nodes_gets_a_node_with_min_idle_0() {
     let yaml = pool_yaml("linux", &j, &s, "", "").replace("minIdle: 2", "minIdle: 0");
     let h = serve(&yaml).await;
     polls(&j, 3).await;
-    assert!(j.nodes().is_empty());
+    assert_eq!(
+        j.nodes()
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>(),
+        ["warmpool-placeholder"],
+        "no node of the pool, only the placeholder"
+    );
     let id = j.enqueue("linux && docker");
-    assert_eq!(j.queue()[0].why, "Waiting for next available executor");
+    assert_eq!(
+        j.queue()[0].why,
+        "There are no nodes with the label ‘linux && docker’"
+    );
     assert!(
         j.wait_for(WAIT, |j| j.build_of(id).is_some()).await,
         "the build runs"
     );
     assert!(j.build_of(id).unwrap().node.starts_with("linux-"));
+    h.server.shutdown().await;
+}
+
+/// A Pipeline `node('linux && docker')` block exports no label (`PlaceholderTask`), and a
+/// controller without agent nodes names none in `why`: warmpool creates its placeholder node so
+/// Jenkins names the label, and the pool (minIdle 0) gets the build. The placeholder never takes
+/// a build and belongs to no pool.
+#[tokio::test]
+async fn a_pipeline_build_on_a_controller_without_nodes_gets_a_node_with_min_idle_0() {
+    let j = jenkins(CrumbMode::IssuedTokenExempt).await;
+    let s = creds_of(&j);
+    let yaml = pool_yaml("linux", &j, &s, "", "").replace("minIdle: 2", "minIdle: 0");
+    let h = serve(&yaml).await;
+    let id = j.enqueue_job("pipe", "linux && docker", TaskKind::Pipeline);
+    assert!(
+        j.wait_for(WAIT, |j| j.build_of(id).is_some()).await,
+        "the Pipeline build runs; queue: {:?}, nodes: {:?}",
+        j.queue(),
+        j.nodes().iter().map(|n| &n.name).collect::<Vec<_>>()
+    );
+    assert!(j.build_of(id).unwrap().node.starts_with("linux-"));
+    let ph = j
+        .node("warmpool-placeholder")
+        .expect("the placeholder node");
+    assert!(!ph.online, "nothing runs for the placeholder");
+    assert_eq!(ph.mode, NodeMode::Exclusive);
+    assert_eq!(ph.labels, ["warmpool-placeholder"]);
+    assert_eq!(ph.builds, 0);
+    assert!(
+        ph.description.contains("warmpool placeholder"),
+        "{}",
+        ph.description
+    );
+    // It is nobody's orphan: still there after more polls.
+    polls(&j, 3).await;
+    assert!(j.node("warmpool-placeholder").is_some());
     h.server.shutdown().await;
 }
 

@@ -71,7 +71,12 @@ pub struct NodeObs {
     /// label but its own name: what a drain left before the marker existed (a pool's labels
     /// are never empty, so no label change of the pool can look like this).
     pub drained: bool,
+    /// The controller's built-in node (`Hudson$MasterComputer`), not an agent node.
+    pub built_in: bool,
 }
+
+/// `_class` of the built-in node's computer.
+const BUILT_IN_CLASS: &str = "hudson.model.Hudson$MasterComputer";
 
 #[derive(Deserialize)]
 struct ComputerSet {
@@ -82,6 +87,9 @@ struct ComputerSet {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Computer {
+    /// Jenkins adds `_class` to every exported object, whatever the `tree`.
+    #[serde(rename = "_class", default)]
+    class: Option<String>,
     display_name: String,
     #[serde(default)]
     description: Option<String>,
@@ -142,6 +150,7 @@ pub fn parse_computers(body: &[u8]) -> Result<Vec<NodeObs>, ParseError> {
             let unlabelled = labels.iter().all(|l| *l == c.display_name);
             NodeObs {
                 drained: marked || (unlabelled && !labels.is_empty()),
+                built_in: c.class.as_deref() == Some(BUILT_IN_CLASS),
                 name: c.display_name,
                 offline: c.offline,
                 build,
@@ -338,6 +347,7 @@ mod tests {
                 .contains("computer/api/json")
         );
         assert!(!n[1].drained && !n[2].drained);
+        assert!(n[0].built_in && !n[1].built_in && !n[2].built_in);
         // Drained: the marker in the description, or no label but the node's own name.
         let body = format!(
             r#"{{"computer":[

@@ -15,6 +15,12 @@ use super::model::{NodeObs, Wants};
 use super::*;
 use crate::engine::{AgentState, Engine, Reason};
 
+/// The offline node warmpool keeps on a controller without agent nodes, so that Jenkins names
+/// the label of queued builds (see `Connector::ensure_placeholder`). Its label is its name.
+pub const PLACEHOLDER_NODE: &str = "warmpool-placeholder";
+/// Its description.
+const PLACEHOLDER_DESCRIPTION: &str = "warmpool placeholder: never online, takes no build; it makes Jenkins name the label of queued builds while there is no other agent node (managed: do not edit)";
+
 /// How often connecting agents are looked for between full polls.
 const CONNECT_CHECK: Duration = Duration::from_millis(500);
 
@@ -279,6 +285,39 @@ impl Connector {
         }
     }
 
+    /// Creates [`PLACEHOLDER_NODE`] on a controller without agent nodes when one of its pools
+    /// may have no node (`minIdle` 0): with any agent node, `Queue.BuildableItem
+    /// .getCauseOfBlockage` names a queued build's label ("There are no nodes with the label
+    /// ‘linux’"), whatever the task (a Pipeline `node` block exports no label of its own).
+    /// The placeholder never connects (no agent runs for it) and is EXCLUSIVE with a label no
+    /// build asks for, so no build is ever given to it; no pool's prefix claims it. Best effort:
+    /// a failure is logged and retried by the next poll.
+    async fn ensure_placeholder(&self, ctl: &Controller, pools: &[PoolRef]) {
+        let Some(p) = pools
+            .iter()
+            .find(|p| p.verified && p.cfg.spec.min_idle == 0 && p.client.is_some())
+        else {
+            return;
+        };
+        let client = p.client.as_ref().expect("checked");
+        match client
+            .create_node(
+                PLACEHOLDER_NODE,
+                &p.cfg.jenkins.remote_fs,
+                PLACEHOLDER_NODE,
+                PLACEHOLDER_DESCRIPTION,
+            )
+            .await
+        {
+            Ok(()) => {
+                tracing::info!(controller = %ctl.root, node = PLACEHOLDER_NODE, "controller without agent nodes: placeholder node created so Jenkins names the labels of queued builds")
+            }
+            Err(e) => {
+                tracing::warn!(controller = %ctl.root, node = PLACEHOLDER_NODE, error = %e, "creating the placeholder node failed; the next poll retries")
+            }
+        }
+    }
+
     async fn poll_once(&self, ctl: &Arc<Controller>, pools: &[PoolRef]) {
         let listed_at = Instant::now();
         let agents = match self.runner.list(&ctl.root).await {
@@ -366,6 +405,11 @@ impl Connector {
                 return;
             }
         };
+        // Jenkins names no label in `why` while it has no agent node at all, and a Pipeline's
+        // `node('label')` exports none either: a pool with minIdle 0 would never see its demand.
+        if !nodes.iter().any(|n| !n.built_in) {
+            self.ensure_placeholder(ctl, pools).await;
+        }
         // Node names are prefix + 8 hex digits; two pools with one prefix cannot both work.
         let prefixes: Vec<(String, String)> = pools
             .iter()

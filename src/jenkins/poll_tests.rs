@@ -22,6 +22,7 @@ fn engine(min_idle: u32) -> Engine {
 
 fn node(name: &str, offline: bool, build: Option<&str>, drained: bool) -> NodeObs {
     NodeObs {
+        built_in: false,
         name: name.into(),
         offline,
         build: build.map(str::to_string),

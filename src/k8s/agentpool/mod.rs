@@ -2,10 +2,11 @@
 //!
 //! Owns what an `AgentPool` means to warmpool: it routes each pool, in one place
 //! ([`apply`]), to the engine (a warmpool pool, its pods made by the Kubernetes backend) or to
-//! the Jenkins connector (a pool with a `jenkins` block); it keeps the finalizer
-//! [`FINALIZER`] so a deleted AgentPool's agents (and, for a Jenkins pool, its Jenkins nodes)
-//! are removed before the AgentPool goes, even when warmpool was down when it was deleted
-//! ([`cleanup`]); and it writes every AgentPool's status (`status.rs`, conditions from the one
+//! the Jenkins connector (a pool with a `jenkins` block); on a Jenkins pool it keeps the
+//! finalizer [`FINALIZER`] so a deleted AgentPool's Jenkins nodes and agent pods are removed
+//! before the AgentPool goes, even when warmpool was down when it was deleted ([`cleanup`])
+//! (other pools need none: the garbage collector follows their pods' owner references); and it
+//! writes every AgentPool's status (`status.rs`, conditions from the one
 //! builder in `conditions.rs`). On start, or on becoming leader, it first adopts what a
 //! previous instance left (`adopt.rs`).
 //!
@@ -50,7 +51,7 @@ use crate::jenkins::runner::Runner;
 use crate::k8s::crd::AgentPool;
 use crate::service::Service;
 
-/// The finalizer warmpool keeps on every AgentPool it serves.
+/// The finalizer warmpool keeps on every Jenkins AgentPool (a pool with a `jenkins` block).
 pub const FINALIZER: &str = "warmpool.dev/cleanup";
 /// Every AgentPool is reconciled again after this, whether or not an event came.
 pub const RESYNC: Duration = Duration::from_secs(60);
@@ -294,12 +295,52 @@ async fn reconcile(ap: Arc<AgentPool>, ctx: Arc<Ctx>) -> Result<Action, finalize
     ctx.counters.reconciles.with_label_values(&[&key]).inc();
     let api: Api<AgentPool> =
         Api::namespaced(ctx.client.clone(), &ap.namespace().unwrap_or_default());
-    finalizer::finalizer(&api, FINALIZER, ap, |event| async {
-        match event {
-            Finalizer::Apply(ap) => apply(&ctx, &key, &ap).await,
-            Finalizer::Cleanup(ap) => cleanup(&ctx, &key, &ap).await,
+    let ours = ap.finalizers().iter().any(|f| f == FINALIZER);
+    let deleting = ap.metadata.deletion_timestamp.is_some();
+    if ap.spec.pool.jenkins.is_some() || (ours && deleting) {
+        // A Jenkins pool's nodes live outside the cluster: its finalizer lets warmpool delete
+        // them before the AgentPool goes, even when warmpool was down at the time. (Also the
+        // cleanup of any pool that carries the finalizer already.)
+        return finalizer::finalizer(&api, FINALIZER, ap, |event| async {
+            match event {
+                Finalizer::Apply(ap) => apply(&ctx, &key, &ap).await,
+                Finalizer::Cleanup(ap) => cleanup(&ctx, &key, &ap).await,
+            }
+        })
+        .instrument(span)
+        .await;
+    }
+    // Any other pool needs no finalizer: its pods are owned by the AgentPool, so the garbage
+    // collector removes them once it is gone, warmpool running or not; a finalizer would only
+    // keep a deleted AgentPool (and an uninstall) waiting for warmpool.
+    async {
+        if ours {
+            // Left by a `jenkins` block the spec no longer has.
+            let keep: Vec<String> = ap
+                .finalizers()
+                .iter()
+                .filter(|f| *f != FINALIZER)
+                .cloned()
+                .collect();
+            let patch = serde_json::json!({
+                "metadata": {"finalizers": keep, "resourceVersion": ap.resource_version()}
+            });
+            api.patch(
+                &ap.name_any(),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .map_err(finalizer::Error::RemoveFinalizer)?;
         }
-    })
+        if deleting {
+            // Going: the status pass drops the pool once it is gone.
+            return Ok(Action::await_change());
+        }
+        apply(&ctx, &key, &ap)
+            .await
+            .map_err(finalizer::Error::ApplyFailed)
+    }
     .instrument(span)
     .await
 }
