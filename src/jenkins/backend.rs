@@ -13,9 +13,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use super::runner::Launch;
 use super::*;
 use crate::backend::{Backend, BackendEvent, BoxFuture, EventSink, PoolEvent, ProvisionRequest};
+
+/// The span of the work on one Jenkins agent: its logs carry the pool, the node and the
+/// controller.
+fn agent_span(pool: &str, node: &str, controller: &str) -> tracing::Span {
+    tracing::info_span!("jenkins_agent", pool = %pool, node = %node, controller = %controller)
+}
 
 /// The description of every node warmpool creates.
 fn description(pool: &str) -> String {
@@ -74,24 +82,30 @@ impl Connector {
         };
         let Some(client) = client else { return };
         let (me, pool, node) = (self.this(), pool.to_string(), agent.to_string());
-        self.tasks.spawn(async move {
-            match client
-                .drain_node(&node, &remote_fs, &description(&pool))
-                .await
-            {
-                Ok(()) => {
-                    tracing::info!(pool = %pool, node = %node, "Jenkins node drained: its last allowed build runs, then it is deleted");
-                    me.set_problem(&pool, PROBLEM_DRAIN, None);
-                }
-                Err(e) => {
-                    // Not fatal: the node is still deleted when the build ends, but Jenkins may
-                    // give it one more build first.
-                    tracing::warn!(pool = %pool, node = %node, error = %e, "draining a Jenkins node failed");
-                    let p = Problem::from_error(&pool, Some(&node), "draining the node", &e);
-                    me.set_problem(&pool, PROBLEM_DRAIN, Some(p));
+        let span = agent_span(&pool, &node, client.root());
+        self.tasks.spawn(
+            async move {
+                match client
+                    .drain_node(&node, &remote_fs, &description(&pool))
+                    .await
+                {
+                    Ok(()) => {
+                        tracing::info!(
+                            "Jenkins node drained: its last allowed build runs, then it is deleted"
+                        );
+                        me.set_problem(&pool, PROBLEM_DRAIN, None);
+                    }
+                    Err(e) => {
+                        // Not fatal: the node is still deleted when the build ends, but Jenkins may
+                        // give it one more build first.
+                        tracing::warn!(error = %e, "draining a Jenkins node failed");
+                        let p = Problem::from_error(&pool, Some(&node), "draining the node", &e);
+                        me.set_problem(&pool, PROBLEM_DRAIN, Some(p));
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
     }
 
     async fn provision_agent(
@@ -125,7 +139,7 @@ impl Connector {
             .set(ctl.connecting() as i64);
         let workdir = self.runner.workdir(&cfg.jenkins, &node);
         let fail = |p: Problem| {
-            tracing::warn!(pool = %cfg.key, node = %node, controller = %ctl.root, error = %p.message, "provisioning a Jenkins agent failed");
+            tracing::warn!(error = %p.message, "provisioning a Jenkins agent failed");
             let msg = p.message.clone();
             self.set_problem(&cfg.key, PROBLEM_CREATE, Some(p));
             failed(msg);
@@ -179,7 +193,7 @@ impl Connector {
                 ),
             });
         }
-        tracing::info!(pool = %cfg.key, node = %node, controller = %ctl.root, "Jenkins node created; agent started");
+        tracing::info!("Jenkins node created; agent started");
         self.metrics
             .provisions
             .with_label_values(&[&cfg.key, "started"])
@@ -205,7 +219,7 @@ impl Connector {
     /// poll deletes).
     async fn undo(&self, cfg: &PoolCfg, client: &Client, node: &str) {
         if let Err(e) = client.delete_node(node).await {
-            tracing::warn!(pool = %cfg.key, node, error = %e, "deleting a half-provisioned node failed; the next poll retries");
+            tracing::warn!(error = %e, "deleting a half-provisioned node failed; the next poll retries");
         }
         let _ = self.runner.stop(client.root(), &cfg.key, node).await;
         self.deleted
@@ -248,10 +262,14 @@ impl Backend for Connector {
         };
         self.track(&req.agent, &req.pool);
         let me = self.this();
-        self.tasks.spawn(async move {
-            me.provision_agent(req, ctl, cfg, client, cancel, events)
-                .await
-        });
+        let span = agent_span(&req.pool, &req.agent, &ctl.root);
+        self.tasks.spawn(
+            async move {
+                me.provision_agent(req, ctl, cfg, client, cancel, events)
+                    .await
+            }
+            .instrument(span),
+        );
     }
 
     fn terminate(&self, agent: &str, events: EventSink) {
@@ -277,7 +295,9 @@ impl Backend for Connector {
         };
         drop(permit);
         let (me, node) = (self.this(), agent.to_string());
-        self.tasks.spawn(async move {
+        let span = agent_span(&pool, &node, &root);
+        self.tasks.spawn(
+            async move {
             let mut detail = "node deleted, agent stopped".to_string();
             if let Some(c) = &client {
                 match c.delete_node(&node).await {
@@ -285,7 +305,7 @@ impl Backend for Connector {
                     Err(e) => {
                         // Its agent is stopped below: the next poll finds the node without it
                         // and deletes it as an orphan.
-                        tracing::warn!(pool = %pool, node = %node, error = %e, "deleting a Jenkins node failed; the next poll retries");
+                        tracing::warn!(error = %e, "deleting a Jenkins node failed; the next poll retries");
                         let p = Problem::from_error(&pool, Some(&node), "deleting the node", &e);
                         me.set_problem(&pool, PROBLEM_DELETE, Some(p));
                         detail = format!("agent stopped; deleting the node failed: {e}");
@@ -293,7 +313,7 @@ impl Backend for Connector {
                 }
             }
             if let Err(e) = me.runner.stop(&root, &pool, &node).await {
-                tracing::warn!(pool = %pool, node = %node, error = %e, "stopping an agent failed; the next poll retries");
+                tracing::warn!(error = %e, "stopping an agent failed; the next poll retries");
             }
             me.deleted
                 .lock()
@@ -304,7 +324,9 @@ impl Backend for Connector {
                 agent: node,
                 detail,
             });
-        });
+        }
+            .instrument(span),
+        );
     }
 
     fn record(&self, pool: &str, event: PoolEvent) {

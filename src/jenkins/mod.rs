@@ -45,6 +45,7 @@ use governor::{DefaultDirectRateLimiter, RateLimiter};
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use client::{Client, JenkinsError};
 use runner::Runner;
@@ -467,8 +468,9 @@ impl Connector {
         ctls.insert(root.to_string(), c.clone());
         let me = self.this();
         let task = c.clone();
+        let span = tracing::info_span!("jenkins_poll", controller = %root);
         self.tasks
-            .spawn(async move { me.run_controller(task).await });
+            .spawn(async move { me.run_controller(task).await }.instrument(span));
         c
     }
 

@@ -292,7 +292,7 @@ impl Connector {
     /// The placeholder never connects (no agent runs for it) and is EXCLUSIVE with a label no
     /// build asks for, so no build is ever given to it; no pool's prefix claims it. Best effort:
     /// a failure is logged and retried by the next poll.
-    async fn ensure_placeholder(&self, ctl: &Controller, pools: &[PoolRef]) {
+    async fn ensure_placeholder(&self, pools: &[PoolRef]) {
         let Some(p) = pools
             .iter()
             .find(|p| p.verified && p.cfg.spec.min_idle == 0 && p.client.is_some())
@@ -310,10 +310,13 @@ impl Connector {
             .await
         {
             Ok(()) => {
-                tracing::info!(controller = %ctl.root, node = PLACEHOLDER_NODE, "controller without agent nodes: placeholder node created so Jenkins names the labels of queued builds")
+                tracing::info!(
+                    node = PLACEHOLDER_NODE,
+                    "controller without agent nodes: placeholder node created so Jenkins names the labels of queued builds"
+                )
             }
             Err(e) => {
-                tracing::warn!(controller = %ctl.root, node = PLACEHOLDER_NODE, error = %e, "creating the placeholder node failed; the next poll retries")
+                tracing::warn!(node = PLACEHOLDER_NODE, error = %e, "creating the placeholder node failed; the next poll retries")
             }
         }
     }
@@ -324,7 +327,7 @@ impl Connector {
             Ok(a) => a,
             Err(e) => {
                 // Without the agent list nothing can be judged an orphan: skip this pass.
-                tracing::warn!(controller = %ctl.root, error = %e, "listing Jenkins agents failed");
+                tracing::warn!(error = %e, "listing Jenkins agents failed");
                 self.poll_problem(pools, |cfg| {
                     Some(Problem {
                         reason: "AgentListFailed".into(),
@@ -390,14 +393,17 @@ impl Connector {
                     }
                 }
                 if took > slow {
-                    tracing::warn!(controller = %ctl.root, took_ms = took.as_millis() as u64, "Jenkins answers slowly; polling less often");
+                    tracing::warn!(
+                        took_ms = took.as_millis() as u64,
+                        "Jenkins answers slowly; polling less often"
+                    );
                 }
                 self.backoff(ctl, pools, took > slow);
                 (nodes, queue)
             }
             Err(e) => {
                 self.backoff(ctl, pools, e.is_overload());
-                tracing::warn!(controller = %ctl.root, error = %e, "polling Jenkins failed");
+                tracing::warn!(error = %e, "polling Jenkins failed");
                 self.poll_problem(pools, |cfg| {
                     let e = auth_failed.get(&cfg.key).unwrap_or(&e);
                     Some(Problem::from_error(&cfg.key, None, "polling Jenkins", e))
@@ -408,7 +414,7 @@ impl Connector {
         // Jenkins names no label in `why` while it has no agent node at all, and a Pipeline's
         // `node('label')` exports none either: a pool with minIdle 0 would never see its demand.
         if !nodes.iter().any(|n| !n.built_in) {
-            self.ensure_placeholder(ctl, pools).await;
+            self.ensure_placeholder(pools).await;
         }
         // Node names are prefix + 8 hex digits; two pools with one prefix cannot both work.
         let prefixes: Vec<(String, String)> = pools
