@@ -15,7 +15,7 @@ pub fn labels_of(set: usize) -> Vec<String> {
         "linux".into(),
         format!("team-{}", set % 10),
         format!("tool-{set}"),
-        if set % 2 == 0 {
+        if set.is_multiple_of(2) {
             "amd64".into()
         } else {
             "arm64".into()

@@ -150,7 +150,7 @@ async fn flood(t: &Target, worker: usize, stop: &AtomicBool) -> bool {
     let beat = Message::Text(r#"{"type":"heartbeat","health":{}}"#.into());
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) && !reader.is_finished() {
-        let m = if sent % 2 == 0 {
+        let m = if sent.is_multiple_of(2) {
             beat.clone()
         } else {
             Message::Ping(Vec::new().into())
