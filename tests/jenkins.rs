@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use jenkins::{CrumbMode, Endpoint, Fault, JenkinsConfig, JenkinsDouble, NodeMode};
-use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_yaml, serve, setup};
+use jenkins_pool::{WAIT, creds_of, jenkins, online, pool_status, pool_yaml, serve, setup};
 use support::{EXE, Harness, metric, start_with, test_config, wait_until};
 use warmpool::jenkins::JenkinsPoolStatus;
 
@@ -100,18 +100,9 @@ async fn pool_reaches_min_idle_online_nodes_shaped_as_jenkins_expects() {
     assert!(text.contains("warmpool_jenkins_request_seconds_bucket{endpoint=\"computer\""));
     assert!(text.contains("warmpool_jenkins_connecting_agents"));
     // The pools API shows it too.
-    let body: serde_json::Value = h
-        .http()
-        .await
-        .get(h.url("/v1/jenkins/pools"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(body[0]["name"], "linux");
-    assert_eq!(body[0]["nodes"]["idle"], 2);
+    let body = pool_status(&h, "linux").await;
+    assert_eq!(body["name"], "linux");
+    assert_eq!(body["nodes"]["idle"], 2);
     h.server.shutdown().await;
     assert!(
         j.wait_for(WAIT, |j| j

@@ -174,7 +174,8 @@ impl ProcessKubelet {
                         }
                         if started.insert(name.clone()) {
                             n_started += 1;
-                            let lose = opts.lose_every > 0 && n_started.is_multiple_of(opts.lose_every);
+                            let lose =
+                                opts.lose_every > 0 && n_started.is_multiple_of(opts.lose_every);
                             let lose = lose.then_some(opts.lost_for);
                             tokio::spawn(run_pod(
                                 api.clone(),
