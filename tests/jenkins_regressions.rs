@@ -178,7 +178,12 @@ async fn a_build_on_a_controller_without_nodes_gets_a_node_with_min_idle_0() {
     let s = creds_of(&j);
     let yaml = pool_yaml("linux", &j, &s, "", "").replace("minIdle: 2", "minIdle: 0");
     let h = serve(&yaml).await;
-    polls(&j, 3).await;
+    assert!(
+        j.wait_for(WAIT, |j| j.node("warmpool-placeholder").is_some())
+            .await,
+        "the placeholder node is created"
+    );
+    polls(&j, 2).await;
     assert_eq!(
         j.nodes()
             .iter()

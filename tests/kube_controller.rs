@@ -167,13 +167,8 @@ async fn conditions_keep_last_transition_time_and_status_writes_trigger_no_recon
 #[tokio::test]
 async fn an_agentpool_deleted_while_warmpool_was_down_goes_at_once_and_its_pods_on_start() {
     let c = cluster().await;
-    c.pools()
-        .create(
-            &PostParams::default(),
-            &agent_pool("gone", agent_cmd(), json!({"minIdle": 2, "maxTotal": 4})),
-        )
-        .await
-        .unwrap();
+    c.create_pool("gone", json!({"minIdle": 2, "maxTotal": 4}))
+        .await;
     c.h.wait_idle("gone", 2).await;
     // A finalizer an earlier `jenkins` block left: not this pool's any more.
     let patch = json!({"metadata": {"finalizers": [FINALIZER]}});

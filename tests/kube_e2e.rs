@@ -156,13 +156,8 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
 #[tokio::test]
 async fn deleting_the_agentpool_removes_its_pods_and_scale_drives_min_idle() {
     let c = cluster().await;
-    c.pools()
-        .create(
-            &PostParams::default(),
-            &agent_pool("py", agent_cmd(), json!({"minIdle": 1, "maxTotal": 4})),
-        )
-        .await
-        .unwrap();
+    c.create_pool("py", json!({"minIdle": 1, "maxTotal": 4}))
+        .await;
     c.h.wait_idle("py", 1).await;
     // `kubectl scale agentpool py --replicas=3`
     c.pools()
@@ -194,13 +189,8 @@ async fn deleting_the_agentpool_removes_its_pods_and_scale_drives_min_idle() {
 async fn invalid_spec_is_reported_as_degraded_and_never_applied() {
     let c = cluster().await;
     // maxTotal >= minIdle cannot be expressed in a 1.20 schema: checked at reconcile.
-    c.pools()
-        .create(
-            &PostParams::default(),
-            &agent_pool("bad", agent_cmd(), json!({"minIdle": 3, "maxTotal": 1})),
-        )
-        .await
-        .unwrap();
+    c.create_pool("bad", json!({"minIdle": 3, "maxTotal": 1}))
+        .await;
     c.until(
         "Degraded/InvalidSpec naming the field",
         async |c: &Cluster| {
@@ -239,13 +229,8 @@ async fn invalid_spec_is_reported_as_degraded_and_never_applied() {
 #[tokio::test]
 async fn template_change_rolls_idle_pods_replacement_first() {
     let c = cluster().await;
-    c.pools()
-        .create(
-            &PostParams::default(),
-            &agent_pool("roll", agent_cmd(), json!({"minIdle": 2, "maxTotal": 4})),
-        )
-        .await
-        .unwrap();
+    c.create_pool("roll", json!({"minIdle": 2, "maxTotal": 4}))
+        .await;
     c.h.wait_idle("roll", 2).await;
     let before = c.pod_names("roll").await;
     let patch = json!({"spec": {"template": {"spec": {"containers": [

@@ -74,11 +74,19 @@ impl Engine {
         let pool = a.pool.clone();
         if let Some(p) = self.pools.get_mut(&pool) {
             p.provision_failures_total += 1;
+        }
+        self.back_off(&pool, &format!("agent {id}: {error}"), now);
+    }
+
+    /// One more failure in a row for `pool` (`what` says which): its next provision waits
+    /// ([`backoff`]), and its last error says why and until when.
+    pub(super) fn back_off(&mut self, pool: &str, what: &str, now: Instant) {
+        if let Some(p) = self.pools.get_mut(pool) {
             p.failures_in_a_row += 1;
-            let pause = backoff(&pool, p.failures_in_a_row);
+            let pause = backoff(pool, p.failures_in_a_row);
             p.backoff_until = Some(now + pause);
             p.last_error = Some(format!(
-                "agent {id}: {error} (failure {} in a row; next attempt in {} ms)",
+                "{what} (failure {} in a row; next attempt in {} ms)",
                 p.failures_in_a_row,
                 pause.as_millis()
             ));
@@ -435,14 +443,11 @@ impl Engine {
             // A leak is a failed provision too: a pool whose agents never register backs off
             // instead of starting (and, for Jenkins, creating a node) every connectTimeout.
             p.leaks_total += 1;
-            p.failures_in_a_row += 1;
-            let pause = backoff(&pool, p.failures_in_a_row);
-            p.backoff_until = Some(now + pause);
-            p.last_error = Some(format!(
-                "agent {id} did not register within connectTimeout (failure {} in a row; next attempt in {} ms)",
-                p.failures_in_a_row,
-                pause.as_millis()
-            ));
+            self.back_off(
+                &pool,
+                &format!("agent {id} did not register within connectTimeout"),
+                now,
+            );
         }
         if reason == Reason::ProvisionTimeout {
             // Not running within connectTimeout of its creation (stuck creating, or waiting on

@@ -157,13 +157,7 @@ impl Engine {
         } else if a.state != AgentState::Idle {
             return;
         }
-        let lease_id = loop {
-            let n = self.next_seq();
-            let id = format!("lease-{}-{n}", self.instance);
-            if !self.leases.contains_key(&id) {
-                break id;
-            }
-        };
+        let lease_id = self.new_lease_id();
         let a = self.agents.get_mut(id).expect("exists");
         a.uses += 1;
         a.lease = Some(lease_id.clone());

@@ -176,16 +176,20 @@ impl Engine {
         }
     }
 
-    fn grant(&mut self, w: Waiter, agent: &str, now: Instant) -> (RequestId, Lease) {
-        // Never an id that exists already (a lease restored from before a restart could carry
-        // one if two instances drew the same prefix): a lease id is issued once.
-        let id = loop {
+    /// A lease id never issued before: never one that exists already (a lease restored from
+    /// before a restart could carry one if two instances drew the same prefix).
+    pub(super) fn new_lease_id(&mut self) -> LeaseId {
+        loop {
             let n = self.next_seq();
             let id = format!("lease-{}-{n}", self.instance);
             if !self.leases.contains_key(&id) {
-                break id;
+                return id;
             }
-        };
+        }
+    }
+
+    fn grant(&mut self, w: Waiter, agent: &str, now: Instant) -> (RequestId, Lease) {
+        let id = self.new_lease_id();
         let a = self.agents.get_mut(agent).expect("agent exists");
         a.uses += 1;
         a.lease = Some(id.clone());

@@ -290,16 +290,13 @@ impl Connector {
     /// .getCauseOfBlockage` names a queued build's label ("There are no nodes with the label
     /// ‘linux’"), whatever the task (a Pipeline `node` block exports no label of its own).
     /// The placeholder never connects (no agent runs for it) and is EXCLUSIVE with a label no
-    /// build asks for, so no build is ever given to it; no pool's prefix claims it. Best effort:
-    /// a failure is logged and retried by the next poll.
-    async fn ensure_placeholder(&self, pools: &[PoolRef]) {
-        let Some(p) = pools
-            .iter()
-            .find(|p| p.verified && p.cfg.spec.min_idle == 0 && p.client.is_some())
-        else {
+    /// build asks for, so no build is ever given to it; no pool's prefix claims it. Made with
+    /// `client`, the one Jenkins just answered. Best effort: a failure is logged and retried by
+    /// the next poll.
+    async fn ensure_placeholder(&self, pools: &[PoolRef], client: &Client) {
+        let Some(p) = pools.iter().find(|p| p.cfg.spec.min_idle == 0) else {
             return;
         };
-        let client = p.client.as_ref().expect("checked");
         match client
             .create_node(
                 PLACEHOLDER_NODE,
@@ -349,6 +346,8 @@ impl Connector {
         // Polled with the first pool's credentials that Jenkins accepts: one pool's revoked
         // token degrades that pool, not the controller's other pools.
         let mut polled = None;
+        // The client Jenkins answered.
+        let mut answered: Option<Arc<Client>> = None;
         let mut auth_failed: HashMap<String, JenkinsError> = HashMap::new();
         for p in pools {
             let Some(client) = &p.client else { continue };
@@ -366,6 +365,7 @@ impl Connector {
                 other => {
                     if other.is_ok() {
                         self.verified(&p.cfg.key);
+                        answered = Some(client.clone());
                     }
                     polled = Some(other);
                     break;
@@ -413,8 +413,10 @@ impl Connector {
         };
         // Jenkins names no label in `why` while it has no agent node at all, and a Pipeline's
         // `node('label')` exports none either: a pool with minIdle 0 would never see its demand.
-        if !nodes.iter().any(|n| !n.built_in) {
-            self.ensure_placeholder(pools).await;
+        if !nodes.iter().any(|n| !n.built_in)
+            && let Some(client) = &answered
+        {
+            self.ensure_placeholder(pools, client).await;
         }
         // Node names are prefix + 8 hex digits; two pools with one prefix cannot both work.
         let prefixes: Vec<(String, String)> = pools

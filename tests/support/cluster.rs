@@ -287,6 +287,17 @@ impl Cluster {
     ) -> bool {
         has_condition(&self.client, pool, type_, status, reason, &[text]).await
     }
+    /// Creates AgentPool `name` running `warmpool agent` ([`agent_pool`], [`agent_cmd`]) with
+    /// the spec fields of `extra`.
+    pub async fn create_pool(&self, name: &str, extra: serde_json::Value) {
+        self.pools()
+            .create(
+                &kube::api::PostParams::default(),
+                &agent_pool(name, agent_cmd(), extra),
+            )
+            .await
+            .unwrap();
+    }
     /// See [`until`].
     pub async fn until(&self, what: &str, mut f: impl AsyncFnMut(&Cluster) -> bool) {
         until(what, async || f(self).await).await
