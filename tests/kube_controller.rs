@@ -258,11 +258,7 @@ async fn a_jenkins_agentpool_deleted_while_down_is_purged_and_waits_for_an_unrea
             .count()
     };
     assert!(
-        j.wait_for(Duration::from_secs(30), |j| j
-            .nodes()
-            .iter()
-            .filter(|n| n.name.starts_with("ci-") && n.online)
-            .count()
+        j.wait_for(Duration::from_secs(30), |j| j.online_with_prefix("ci-")
             == 2)
             .await
     );

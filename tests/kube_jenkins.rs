@@ -82,11 +82,7 @@ async fn jenkins_pool_as_pods_secret_status_leaks_orphans_and_adoption() {
 
     // Two nodes online, each the agent of a pod named after it, with the inbound-agent env.
     assert!(
-        j.wait_for(Duration::from_secs(30), |j| j
-            .nodes()
-            .iter()
-            .filter(|n| n.name.starts_with("ci-") && n.online)
-            .count()
+        j.wait_for(Duration::from_secs(30), |j| j.online_with_prefix("ci-")
             == 2)
             .await
     );

@@ -259,14 +259,7 @@ async fn bad_requests_get_json_errors() {
     let b: serde_json::Value = b.json().await.unwrap();
     assert_eq!(a["id"], b["id"]);
     // Pools and probes.
-    let pools: serde_json::Value = http
-        .get(h.url("/v1/pools"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let pools = h.get_json("/v1/pools").await;
     assert_eq!(pools[0]["name"], "linux");
     assert_eq!(pools[0]["leased"], 1);
     assert_eq!(

@@ -174,12 +174,7 @@ async fn in_namespace(ns: &str) -> Option<(kube::Client, Harness)> {
 /// for pods (its `default` service account has its token), without the AgentPools an earlier,
 /// interrupted run left in it.
 async fn node_namespace(kubeconfig: &Path, ns: &str) -> kube::Client {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,warmpool=info")
-        .with_test_writer()
-        .try_init();
-    let client = client_from(kubeconfig).await;
-    ensure_crd(&client).await;
+    let client = node_client(kubeconfig).await;
     build_agent_image_once();
     ensure_namespace(&client, ns).await;
     let aps = pools_in(&client, ns);

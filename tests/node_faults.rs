@@ -49,12 +49,7 @@ struct Bench {
 impl Bench {
     async fn start(case: &str) -> Option<Bench> {
         let kubeconfig = node_kubeconfig()?;
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter("warn,warmpool=info")
-            .with_test_writer()
-            .try_init();
-        let client = client_from(&kubeconfig).await;
-        ensure_crd(&client).await;
+        let client = node_client(&kubeconfig).await;
         static IMAGE_BUILT: OnceLock<()> = OnceLock::new();
         let _ =
             tokio::task::spawn_blocking(|| IMAGE_BUILT.get_or_init(|| build_agent_image(IMAGE)))

@@ -1026,6 +1026,16 @@ impl JenkinsDouble {
         self.shared.lock().nodes.values().map(Node::info).collect()
     }
 
+    /// Online nodes whose name starts with `prefix`.
+    pub fn online_with_prefix(&self, prefix: &str) -> usize {
+        self.shared
+            .lock()
+            .nodes
+            .values()
+            .filter(|n| n.name.starts_with(prefix) && n.online)
+            .count()
+    }
+
     pub fn node(&self, name: &str) -> Option<NodeInfo> {
         self.shared.lock().nodes.get(name).map(Node::info)
     }

@@ -89,16 +89,7 @@ pub async fn serve_keeping(yaml: &str, keep: bool) -> Harness {
 
 /// The pool's entry of `GET /v1/jenkins/pools`.
 pub async fn pool_status(h: &Harness, pool: &str) -> Value {
-    let body: Value = h
-        .http()
-        .await
-        .get(h.url("/v1/jenkins/pools"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body: Value = h.get_json("/v1/jenkins/pools").await;
     body.as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == pool).cloned())
         .unwrap_or_else(|| panic!("pool {pool} not in /v1/jenkins/pools: {body}"))

@@ -124,6 +124,19 @@ impl Harness {
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.server.base_url())
     }
+
+    /// `GET path`, its JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.http()
+            .await
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
 }
 
 /// Polls `f` every 10 ms until it holds or `limit` passes (then panics naming `what`).

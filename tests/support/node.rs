@@ -21,12 +21,7 @@ use crate::cluster::{phase, pools};
 pub async fn node_setup(prefix: &str) -> Option<(kube::Client, String)> {
     let kubeconfig = node_kubeconfig()?;
     let node = std::env::var("WARMPOOL_NODE_NAME").unwrap_or_else(|_| "localhost".into());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("warn,warmpool=info")
-        .with_test_writer()
-        .try_init();
-    let client = client_from(&kubeconfig).await;
-    ensure_crd(&client).await;
+    let client = node_client(&kubeconfig).await;
     delete_leftovers(&client, prefix).await;
     Some((client, node))
 }
@@ -209,4 +204,15 @@ pub async fn ensure_namespace(client: &kube::Client, ns: &str) {
         },
     )
     .await;
+}
+
+/// Test logging (warmpool at info) and a client of the node's apiserver with the CRD installed.
+pub async fn node_client(kubeconfig: &std::path::Path) -> kube::Client {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,warmpool=info")
+        .with_test_writer()
+        .try_init();
+    let client = client_from(kubeconfig).await;
+    ensure_crd(&client).await;
+    client
 }
