@@ -6,7 +6,8 @@
 //!   past a deadline it is terminated, otherwise its entry is pushed to its next deadline. So
 //!   an agent costs one heap entry per heartbeat timeout, not one per heartbeat. Any change
 //!   that can bring a deadline forward (a state change, a lease ending, a spec change) calls
-//!   [`Engine::schedule`]; entries superseded by an earlier one are dropped when they come up.
+//!   [`Engine::schedule`]; entries superseded by an earlier one, or of agents gone, are dropped
+//!   when they come up, or when the heap is rebuilt because they outnumber the live ones.
 //! - Leases: active leases ordered by expiry, kept in step by grants, renewals and ends.
 //!
 //! Pure like the rest of the engine: no I/O, time passed in.
@@ -113,6 +114,15 @@ impl Engine {
         let a = self.agents.get_mut(id).expect("exists");
         a.check_at = Some(due);
         self.deadlines.push(Reverse((due, a.id.clone())));
+        // Entries of agents gone or superseded wait in the heap until they come up: rebuilt
+        // from the live ones when they outnumber them (after as many pushes: amortised O(1)).
+        if self.deadlines.len() > 2 * self.agents.len() + 1024 {
+            self.deadlines = self
+                .agents
+                .values()
+                .filter_map(|a| a.check_at.map(|t| Reverse((t, a.id.clone()))))
+                .collect();
+        }
     }
 
     /// Agents past a deadline (connect, heartbeat, cleanup) at `now`, by id. Visits only the

@@ -282,6 +282,7 @@ impl Engine {
     /// Like [`Engine::check_index`], after bringing every pool up to `now`: the fresh and
     /// stale idle agents and the Cleaning agents counted as supply must be exactly those a
     /// from-scratch pass at `now` finds (tests).
+    #[cfg(test)]
     pub(super) fn check_counters(&mut self, now: Instant) -> Result<(), String> {
         let grace = self.cfg.cleaning_grace;
         for p in self.pools.values_mut() {

@@ -242,3 +242,40 @@ fn sizing_a_large_pool_stays_exact() {
     assert_eq!(stopped, vec![(old_idle[500].clone(), Reason::MaxAge)]);
     e.check_counters(later).unwrap();
 }
+
+#[test]
+fn the_deadline_heap_stays_bounded_under_agent_churn() {
+    // maxUses 1: every lease ends its agent; each new agent pushes a deadline entry that
+    // outlives it (its connect deadline). The heap is rebuilt from the live agents when the
+    // dead entries outnumber them.
+    let t0 = Instant::now();
+    let mut e = engine();
+    e.upsert_pool("p", spec(&["linux"], 1, 2, 1), t0);
+    let acts = e.take_actions();
+    connect_all(&mut e, &acts, t0);
+    for _ in 0..3000 {
+        let l = lease(&mut e, t0);
+        e.release(&l.id, t0).unwrap();
+        loop {
+            let acts = e.take_actions();
+            if acts.is_empty() {
+                break;
+            }
+            for a in acts {
+                match a {
+                    Action::Terminate { agent, .. } => e.agent_exited(&agent, "done", t0),
+                    Action::Provision { agent, pool } => {
+                        e.agent_started(&agent, t0);
+                        e.agent_connected(&agent, Some(&pool), Health::default(), t0)
+                            .unwrap();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        // At most 2 x the live agents + 1024 after a push; the pool never has more than 3.
+        assert!(e.deadlines.len() <= 2 * 3 + 1024, "{}", e.deadlines.len());
+    }
+    e.check_counters(t0).unwrap();
+    e.check_invariants().unwrap();
+}
