@@ -162,7 +162,6 @@ impl Hub {
         enqueue(svc, agent, &conn, msg)
     }
 
-    /// Closes an agent's connection with a code and reason.
     /// Closes an agent's connection with `code`; false when it has none.
     pub fn close(&self, agent: &str, code: u16, reason: &str) -> bool {
         match self.conns.get(agent) {
