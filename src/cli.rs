@@ -484,12 +484,21 @@ mod tests {
     fn heartbeat_interval_defaults_to_30_seconds() {
         let thirty = std::time::Duration::from_secs(30);
         let c = Cli::try_parse_from(["warmpool", "serve"]).unwrap();
-        let Command::Serve(s) = c.command else { panic!() };
+        let Command::Serve(s) = c.command else {
+            panic!()
+        };
         assert_eq!(s.heartbeat_interval.0, thirty);
-        assert_eq!(crate::service::ServiceConfig::default().heartbeat_interval, thirty);
+        assert_eq!(
+            crate::service::ServiceConfig::default().heartbeat_interval,
+            thirty
+        );
         let c = Cli::try_parse_from(["warmpool", "bench", "agents"]).unwrap();
-        let Command::Bench(b) = c.command else { panic!() };
-        let Some(BenchCommand::Agents(a)) = b.sub else { panic!() };
+        let Command::Bench(b) = c.command else {
+            panic!()
+        };
+        let Some(BenchCommand::Agents(a)) = b.sub else {
+            panic!()
+        };
         assert_eq!(a.heartbeat_interval.0, thirty);
     }
 }
