@@ -54,12 +54,13 @@ impl Default for ServiceConfig {
         ServiceConfig {
             engine: EngineConfig {
                 agent_scan_interval: Duration::from_millis(200),
-                heartbeat_timeout: Duration::from_secs(45),
+                heartbeat_timeout: Duration::from_secs(90),
                 ..EngineConfig::default()
             },
-            // Each idle agent costs the service two messages per interval; 15 s keeps 10,000
-            // idle agents under 5 % of a core (docs/BENCHMARKS.md), loss detected in 45 s.
-            heartbeat_interval: Duration::from_secs(15),
+            // Each idle agent costs the service two messages per interval, mostly kernel and
+            // wake-up time: 30 s keeps 10,000 idle agents near 2 % of a core
+            // (docs/BENCHMARKS.md); a half-open connection is noticed within 90 s.
+            heartbeat_interval: Duration::from_secs(30),
             tick: Duration::from_millis(50),
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             agent_queue: 256,
