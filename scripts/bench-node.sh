@@ -18,8 +18,14 @@
 #      OUT_DIR/warm-cold.txt (.json, and the plot .svg), and the split of the cold first byte
 #      into pod created -> agent container started (dockerd's events) -> agent connected ->
 #      first byte: OUT_DIR/cold-split.txt;
-#   2. once their pods are gone, AgentPool `burst`: minIdle 4, maxTotal 10, maxUses 1; once 4
-#      agents are idle, 20 leases at once (`--jobs 20 --concurrency 20`): OUT_DIR/burst.txt.
+#   2. once their pods are gone, AgentPool `burst`: minIdle $BURST_MIN_IDLE (default 4),
+#      maxTotal $BURST_MAX_TOTAL (default 10), maxUses 1; once its agents are idle, 20 leases
+#      at once (`--jobs 20 --concurrency 20`): OUT_DIR/burst.txt (.json), and each agent
+#      container's start, exit and removal from dockerd: OUT_DIR/burst-containers.txt;
+#   3. AgentPool `reuse`: minIdle 4, maxTotal 12, maxUses 0 (agents cleaned and reused), $JOBS
+#      jobs at concurrency 2: OUT_DIR/reuse.txt (pods created: 4 when no request provisions a
+#      pod that a cleaning agent serves within milliseconds).
+# PARTS (default "warm-cold burst reuse") picks which run.
 # `--pods` adds the pods created, each pool's peak of pods that count toward maxTotal, and the
 # split of cold starts (docs/BENCHMARKS.md, "On a real node"). The pools are deleted at the
 # end (their pods go through the garbage collector); serve's log is OUT_DIR/serve.log.
@@ -53,7 +59,7 @@ done
 kubectl apply -f "$root/manifests/crd.yaml" > /dev/null
 kubectl wait --for condition=Established crd/agentpools.warmpool.dev --timeout 60s > /dev/null
 
-# pool NAME MIN_IDLE MAX_TOTAL: an AgentPool whose agents run $image on the host's network.
+# pool NAME MIN_IDLE MAX_TOTAL [MAX_USES]: an AgentPool (maxUses default 1) whose agents run $image on the host's network.
 pool() {
   cat <<YAML
 apiVersion: warmpool.dev/v1alpha1
@@ -63,7 +69,7 @@ spec:
   labels: [linux, bench, $1]
   minIdle: $2
   maxTotal: $3
-  maxUses: 1
+  maxUses: ${4:-1}
   provisioning: {perSecond: 50, burst: 20, maxConcurrent: 20}
   template:
     spec:
@@ -86,7 +92,7 @@ server=http://127.0.0.1:$port
 serve=$!
 cleanup() {
   kill -TERM "$serve" 2> /dev/null && wait "$serve" 2> /dev/null
-  kubectl -n "$ns" delete agentpool warm cold burst --ignore-not-found --wait=false > /dev/null || true
+  kubectl -n "$ns" delete agentpool warm cold burst reuse --ignore-not-found --wait=false > /dev/null || true
 }
 trap cleanup EXIT
 export WARMPOOL_SERVER=$server
@@ -104,7 +110,7 @@ sys.exit(0 if sys.argv[1] in p and p[sys.argv[1]]["idle"] >= int(sys.argv[2]) el
   die "pool $1: not $2 idle agents after 120 s"
 }
 
-parts=${PARTS:-warm-cold burst}
+parts=${PARTS:-warm-cold burst reuse}
 if [[ " $parts " == *" warm-cold "* ]]; then
 log "1. warm vs cold: $jobs jobs of 'echo hi' at concurrency 2"
 { pool warm "$warm_min_idle" "$max_total"; pool cold 0 "$max_total"; } | kubectl apply -f - > /dev/null
@@ -175,5 +181,16 @@ events=$!
   --jobs 20 --concurrency 20 --command 'echo hi' --json "$out/burst.json" | tee "$out/burst.txt"
 sleep 1
 kill "$events"; wait "$events" 2> /dev/null || true
+kubectl -n "$ns" delete agentpool burst --wait=false > /dev/null
+kubectl -n "$ns" wait --for=delete pod -l 'warmpool.dev/pool=burst' --timeout 600s > /dev/null 2>&1 || true
+fi
+if [[ " $parts " == *" reuse "* ]]; then
+# With maxUses 0 an agent is cleaned and reused after each job: a request that arrives while
+# agents clean up (a few ms) waits for them instead of provisioning a pod (the cleaning grace).
+log "3. reuse: $jobs jobs at concurrency 2 on a warm pool of 4 with maxUses 0 (maxTotal 12)"
+pool reuse 4 12 0 | kubectl apply -f - > /dev/null
+wait_idle reuse 4
+"$bin" bench --server "$server" --pods "$ns" --selector 'reuse=bench && reuse' \
+  --jobs "$jobs" --concurrency 2 --command 'echo hi' | tee "$out/reuse.txt"
 fi
 log "done: $out"
