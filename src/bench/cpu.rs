@@ -108,7 +108,10 @@ fn group(comm: &str) -> Group {
 /// utime + stime of a process (all its threads), plus with `with_reaped` the children it has
 /// waited for (cutime + cstime).
 fn process_time(pid: u32, with_reaped: bool) -> Option<Duration> {
-    let st = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    let st = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
     let mut t = st.utime + st.stime;
     if with_reaped {
         t += (st.cutime + st.cstime).max(0) as u64;
@@ -118,7 +121,10 @@ fn process_time(pid: u32, with_reaped: bool) -> Option<Duration> {
 
 /// cutime + cstime of a process: its children that have exited and been waited for.
 fn reaped(pid: u32) -> Option<Duration> {
-    let st = procfs::process::Process::new(pid as i32).ok()?.stat().ok()?;
+    let st = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .stat()
+        .ok()?;
     Some(ticks((st.cutime + st.cstime).max(0) as u64))
 }
 
@@ -172,9 +178,15 @@ mod tests {
         done_tx.send(()).unwrap();
         spinner.join().unwrap();
         // A thread that ran is counted in its group (tick granularity: 10 ms at 100 Hz).
-        assert!(mid.since(&before).server >= Duration::from_millis(20), "{mid:?}");
+        assert!(
+            mid.since(&before).server >= Duration::from_millis(20),
+            "{mid:?}"
+        );
         assert_eq!(mid.since(&before).floor, Duration::ZERO);
-        let mut child = std::process::Command::new("sleep").arg("5").spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
         let found = descendants(std::process::id()).contains(&child.id());
         child.kill().unwrap();
         child.wait().unwrap();

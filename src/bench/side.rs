@@ -91,7 +91,13 @@ pub struct FloorComparison {
 /// The order of the blocks: floor first in even rounds, warmpool first in odd ones.
 pub fn block_order(rounds: usize) -> Vec<bool> {
     (0..rounds)
-        .flat_map(|r| if r % 2 == 0 { [true, false] } else { [false, true] })
+        .flat_map(|r| {
+            if r % 2 == 0 {
+                [true, false]
+            } else {
+                [false, true]
+            }
+        })
         .collect()
 }
 
@@ -153,7 +159,11 @@ pub async fn run(
             super::wait_warm(side.warmpool, Duration::from_secs(120)).await?;
         }
         let block = LoadOptions {
-            targets: vec![if is_floor { floor.clone() } else { warm.clone() }],
+            targets: vec![if is_floor {
+                floor.clone()
+            } else {
+                warm.clone()
+            }],
             jobs,
             duration: block_duration,
             ..opts.clone()
@@ -183,7 +193,13 @@ pub async fn run(
             rounds: side.rounds.max(1),
             order: order
                 .iter()
-                .map(|&fl| if fl { floor.name.clone() } else { warm.name.clone() })
+                .map(|&fl| {
+                    if fl {
+                        floor.name.clone()
+                    } else {
+                        warm.name.clone()
+                    }
+                })
                 .collect(),
             targets: vec![f, w],
             ratios,
