@@ -142,9 +142,14 @@ impl Hub {
     }
 
     /// Closes an agent's connection with a code and reason.
-    pub fn close(&self, agent: &str, code: u16, reason: &str) {
-        if let Some(c) = self.conns.get(agent) {
-            c.close(code, reason);
+    /// Closes an agent's connection with `code`; false when it has none.
+    pub fn close(&self, agent: &str, code: u16, reason: &str) -> bool {
+        match self.conns.get(agent) {
+            Some(c) => {
+                c.close(code, reason);
+                true
+            }
+            None => false,
         }
     }
 
