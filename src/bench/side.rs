@@ -278,6 +278,15 @@ pub fn ratios(w: &SideFigures, f: &SideFigures) -> FloorRatios {
     }
 }
 
+/// A ratio as `3.2x`, or `n/a` when it has no value (a zero floor figure: too few ticks).
+fn times(v: f64, decimals: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.decimals$}x")
+    } else {
+        "n/a".into()
+    }
+}
+
 /// The side-by-side tables.
 pub fn render(c: &FloorComparison) -> String {
     use super::report::{cells, table};
@@ -329,14 +338,14 @@ pub fn render(c: &FloorComparison) -> String {
     let q = &c.ratios;
     let _ = writeln!(
         out,
-        "\n{}/floor ratio: lease p50 {:.1}x p99 {:.1}x; release p50 {:.1}x p99 {:.1}x; throughput {:.2}x; CPU per cycle (server + agents) {:.1}x",
+        "\n{}/floor ratio: lease p50 {} p99 {}; release p50 {} p99 {}; throughput {}; CPU per cycle (server + agents) {}",
         c.targets.get(1).map_or("warmpool", |t| t.name.as_str()),
-        q.lease.p50,
-        q.lease.p99,
-        q.release.p50,
-        q.release.p99,
-        q.throughput,
-        q.cpu
+        times(q.lease.p50, 1),
+        times(q.lease.p99, 1),
+        times(q.release.p50, 1),
+        times(q.release.p99, 1),
+        times(q.throughput, 2),
+        times(q.cpu, 1)
     );
     let _ = writeln!(out, "CPU read from {}", c.cpu_source);
     out
@@ -430,5 +439,6 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("release"), "{text}");
+        assert_eq!(times(f64::NAN, 1), "n/a");
     }
 }
