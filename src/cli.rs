@@ -372,17 +372,29 @@ pub struct BenchLoadArgs {
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
     /// Shell command every job runs; empty: lease and release only (measures the lease API).
-    #[arg(long, default_value = "true")]
-    pub command: String,
+    /// Default `true`; with --floor, empty (the only mode --floor takes).
+    #[arg(long)]
+    pub command: Option<String>,
+    /// Also run the lease API's floor, an empty in-process server with the same lease routes,
+    /// in alternating blocks with warmpool (lease-only), and report both side by side: lease
+    /// and release percentiles, cycles/s, CPU per cycle from /proc, and warmpool/floor ratios.
+    /// With --embedded the pool is the issue's: minIdle = concurrency, maxUses 0.
+    #[arg(long)]
+    pub floor: bool,
+    /// --floor: rounds of one block per target, the order flipping each round (2: floor,
+    /// warmpool, warmpool, floor).
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
     /// Stop starting jobs after this long.
     #[arg(long, value_parser = dur)]
     pub duration: Option<Dur>,
     /// How long a lease request may wait for an agent.
     #[arg(long, value_parser = dur, default_value = "120s")]
     pub wait: Dur,
-    /// `--embedded`: leases an agent serves before it is replaced (1 = a fresh agent per job).
-    #[arg(long, default_value_t = 1)]
-    pub max_uses: u32,
+    /// `--embedded`: leases an agent serves before it is replaced (1 = a fresh agent per job,
+    /// 0 = no limit). Default 1; with --floor, 0.
+    #[arg(long)]
+    pub max_uses: Option<u32>,
     /// Output format; `json` includes every sample.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: OutputFormat,

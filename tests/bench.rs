@@ -97,3 +97,92 @@ fn simulated_agents_join_and_serve_leases() {
     );
     assert!(r["idleCpuPercent"].as_f64().is_some());
 }
+
+#[test]
+fn floor_run_reports_both_targets_side_by_side_with_ratios_and_cpu() {
+    let r = bench_json(&[
+        "--embedded",
+        "--floor",
+        "--jobs",
+        "40",
+        "--concurrency",
+        "2",
+    ]);
+    assert_eq!(r["command"], "", "--floor defaults to lease-only");
+    let f = &r["floor"];
+    assert_eq!(
+        f["order"],
+        serde_json::json!(["floor", "warmpool", "warmpool", "floor"]),
+        "two rounds, ABBA"
+    );
+    let targets = f["targets"].as_array().unwrap();
+    let names: Vec<&str> = targets
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["floor", "warmpool"]);
+    for t in targets {
+        assert_eq!(
+            (t["cycles"].as_u64(), t["errors"].as_u64()),
+            (Some(20), Some(0)),
+            "{t}"
+        );
+        for fig in ["lease", "release"] {
+            assert_eq!(t[fig]["n"], 20, "{fig}: {t}");
+            assert!(t[fig]["p99"].as_f64().unwrap() > 0.0, "{fig}: {t}");
+        }
+        assert!(t["throughput"].as_f64().unwrap() > 0.0, "{t}");
+        for k in ["serverUs", "agentsUs", "totalUs", "loadGeneratorUs"] {
+            assert!(t["cpu"][k].as_f64().is_some(), "{k}: {t}");
+        }
+    }
+    assert_eq!(
+        targets[0]["cpu"]["agentsUs"], 0.0,
+        "the floor has no agents"
+    );
+    for k in ["lease", "release"] {
+        assert!(f["ratios"][k]["p50"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["ratios"][k]["p99"].as_f64().unwrap() > 0.0, "{f}");
+    }
+    assert!(f["ratios"]["throughput"].as_f64().unwrap() > 0.0, "{f}");
+    assert!(r["ratios"].is_null(), "no warm/cold pair in a floor run");
+    // The table names the floor and prints the ratios.
+    let out = Command::new(EXE)
+        .args([
+            "bench",
+            "--embedded",
+            "--floor",
+            "--jobs",
+            "8",
+            "--concurrency",
+            "1",
+            "--rounds",
+            "1",
+        ])
+        .env("WARMPOOL_LOG", "error")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("blocks ran floor, warmpool\n"), "{text}");
+    assert!(text.contains("warmpool/floor ratio: lease p50"), "{text}");
+    assert!(text.contains("CPU per cycle (server + agents)"), "{text}");
+}
+
+#[test]
+fn floor_refuses_a_command() {
+    let out = Command::new(EXE)
+        .args(["bench", "--embedded", "--floor", "--command", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--floor measures the lease API alone"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -8,6 +8,10 @@
 //! starts an in-process service with the process backend and two pools that differ only in
 //! warmth. `bench agents` (agents.rs) opens thousands of simulated agents against a server.
 //!
+//! `--floor` runs warmpool's lease API side by side with an empty server with the same routes
+//! (`floor.rs`), in alternating blocks (`side.rs`), with the CPU per lease cycle read from
+//! /proc (`cpu.rs`).
+//!
 //! Layout: this file runs the load and the baseline; `stats.rs` summarises; `report.rs`
 //! prints tables and JSON; `plot.rs` draws the CDFs; `agents.rs` is the scale test;
 //! `sysinfo.rs` reads a local server's RSS and CPU from /proc; `pods.rs` watches a
@@ -15,9 +19,12 @@
 
 pub mod agents;
 pub mod cmd;
+pub mod cpu;
+pub mod floor;
 pub mod plot;
 pub mod pods;
 pub mod report;
+pub mod side;
 pub mod stats;
 pub mod sysinfo;
 
@@ -112,6 +119,9 @@ pub struct LoadReport {
     /// What the pods did (`--pods`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pods: Option<pods::PodsReport>,
+    /// warmpool side by side with its floor (`--floor`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<side::FloorComparison>,
     /// Every job.
     pub samples: Vec<Sample>,
 }
@@ -144,6 +154,7 @@ async fn job(client: &Client, target: &Target, opts: &LoadOptions, t_run: Instan
         lease_ms: None,
         ttfb_ms: None,
         exit_ms: None,
+        release_ms: None,
         exit_code: None,
         error: None,
     };
@@ -168,8 +179,10 @@ async fn job(client: &Client, target: &Target, opts: &LoadOptions, t_run: Instan
     s.agent = Some(lease.agent.clone());
     if opts.command.is_empty() {
         // Lease-only: measures the lease API alone (lease, then release).
-        if let Err(e) = client.release(&lease.id).await {
-            s.error = Some(format!("release: {e}"));
+        let t = Instant::now();
+        match client.release_unparsed(&lease.id).await {
+            Ok(()) => s.release_ms = Some(t.elapsed().as_secs_f64() * 1000.0),
+            Err(e) => s.error = Some(format!("release: {e}")),
         }
         return s;
     }
@@ -202,10 +215,11 @@ async fn job(client: &Client, target: &Target, opts: &LoadOptions, t_run: Instan
         }
         Err(e) => s.error = Some(format!("exec: {e}")),
     }
-    if let Err(e) = client.release(&lease.id).await
-        && s.error.is_none()
-    {
-        s.error = Some(format!("release: {e}"));
+    let t = Instant::now();
+    match client.release_unparsed(&lease.id).await {
+        Ok(()) => s.release_ms = Some(t.elapsed().as_secs_f64() * 1000.0),
+        Err(e) if s.error.is_none() => s.error = Some(format!("release: {e}")),
+        Err(_) => {}
     }
     s
 }
@@ -314,6 +328,7 @@ pub async fn run(
     server: &str,
     opts: &LoadOptions,
     pods: Option<(kube::Client, String)>,
+    floor: Option<&side::SideRun<'_>>,
 ) -> Result<LoadReport, String> {
     let (mut spawn, mut http) = baseline_samples(server, client.tls(), &opts.command, 25).await;
     let t_run = Instant::now();
@@ -324,7 +339,16 @@ pub async fn run(
         Some((kube, ns)) => Some(pods::PodWatch::start(kube.clone(), ns, t_run).await?),
         None => None,
     };
-    let (samples, seconds) = run_load_from(client, opts, t_run).await;
+    let (samples, seconds, comparison) = match floor {
+        None => {
+            let (samples, seconds) = run_load_from(client, opts, t_run).await;
+            (samples, seconds, None)
+        }
+        Some(f) => {
+            let (samples, c) = side::run(f, opts, t_run).await?;
+            (samples, t_run.elapsed().as_secs_f64(), Some(c))
+        }
+    };
     let pods = match (watch, &pods) {
         (Some(w), Some((_, ns))) => {
             let log = w.stop();
@@ -346,12 +370,32 @@ pub async fn run(
         spawn: Summary::of(&spawn),
         http: Summary::of(&http),
     };
-    let targets: Vec<TargetReport> = opts
-        .targets
-        .iter()
-        .map(|t| TargetReport::of(&t.name, &t.selector, &samples, seconds))
-        .collect();
-    let ratios = pick_pair(&targets).map(|(fast, slow)| Ratios {
+    let targets: Vec<TargetReport> = match &comparison {
+        None => opts
+            .targets
+            .iter()
+            .map(|t| TargetReport::of(&t.name, &t.selector, &samples, seconds))
+            .collect(),
+        // Each target over the wall time of its own blocks.
+        Some(c) => c
+            .targets
+            .iter()
+            .map(|f| {
+                let selector = opts
+                    .targets
+                    .iter()
+                    .find(|t| t.name == f.name)
+                    .map_or("bench && floor", |t| t.selector.as_str());
+                TargetReport::of(&f.name, selector, &samples, f.seconds)
+            })
+            .collect(),
+    };
+    let pair = if comparison.is_some() {
+        None
+    } else {
+        pick_pair(&targets)
+    };
+    let ratios = pair.map(|(fast, slow)| Ratios {
         slow: slow.name.clone(),
         fast: fast.name.clone(),
         lease: slow.lease.ratio_to(&fast.lease),
@@ -369,6 +413,7 @@ pub async fn run(
         targets,
         ratios,
         pods,
+        floor: comparison,
         samples,
     })
 }

@@ -305,6 +305,7 @@ mod tests {
             lease_ms: Some(lease),
             ttfb_ms: Some(ttfb),
             exit_ms: Some(ttfb),
+            release_ms: None,
             exit_code: Some(0),
             error: None,
         }

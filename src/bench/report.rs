@@ -31,6 +31,9 @@ pub fn render(r: &LoadReport) -> String {
         "warmpool bench: {jobs} jobs at concurrency {} running `{}` against {} in {:.1} s",
         r.concurrency, r.command, r.server, r.seconds
     );
+    if let Some(c) = &r.floor {
+        return render_floor(r, c, out);
+    }
     let mut rows = vec![
         ["TARGET", "FIGURE (ms)", "N", "P50", "P90", "P99", "MAX"]
             .map(String::from)
@@ -104,6 +107,27 @@ pub fn render(r: &LoadReport) -> String {
                 .map_or(0.0, |t| t.exit.p50)),
             f(r.baseline.spawn.p50)
         );
+    }
+    out
+}
+
+/// The `--floor` report: the baseline, then warmpool and the floor side by side.
+fn render_floor(r: &LoadReport, c: &super::side::FloorComparison, mut out: String) -> String {
+    let mut rows = vec![
+        ["BASELINE", "FIGURE (ms)", "N", "P50", "P90", "P99", "MAX"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    let mut row = vec!["baseline".to_string(), "loopback HTTP".to_string()];
+    row.extend(cells(&r.baseline.http));
+    rows.push(row);
+    out.push_str(&table(&rows));
+    out.push('\n');
+    out.push_str(&super::side::render(c));
+    for t in r.targets.iter().filter(|t| t.errors > 0) {
+        for e in &t.error_examples {
+            let _ = writeln!(out, "  {} error: {e}", t.name);
+        }
     }
     out
 }

@@ -21,6 +21,9 @@ pub struct Sample {
     pub ttfb_ms: Option<f64>,
     /// Lease request to the exit status.
     pub exit_ms: Option<f64>,
+    /// Release request (`DELETE /v1/leases/{id}`) to its answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_ms: Option<f64>,
     /// The job's exit code.
     pub exit_code: Option<i32>,
     /// What failed, when something did.
@@ -121,6 +124,8 @@ pub struct TargetReport {
     pub ttfb: Summary,
     /// Lease request to the exit.
     pub exit: Summary,
+    /// Release request to its answer.
+    pub release: Summary,
     /// The first few error messages.
     pub error_examples: Vec<String>,
 }
@@ -149,6 +154,7 @@ impl TargetReport {
             lease: Summary::of(&pick(|s| s.lease_ms)),
             ttfb: Summary::of(&pick(|s| s.ttfb_ms)),
             exit: Summary::of(&pick(|s| s.exit_ms)),
+            release: Summary::of(&pick(|s| s.release_ms)),
             error_examples,
         }
     }
@@ -182,6 +188,7 @@ mod tests {
             lease_ms: Some(ms),
             ttfb_ms: Some(ms),
             exit_ms: Some(ms),
+            release_ms: Some(ms),
             exit_code: Some(0),
             error: err.then(|| "boom".to_string()),
         };
