@@ -162,3 +162,112 @@ async fn agent_reconnects_runs_exec_and_drains() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Stops the agent under test whatever happens (SIGTERM: it stops its jobs; then SIGKILL), and
+/// the test's marker processes with it.
+struct AgentGuard(std::process::Child, &'static str);
+
+impl Drop for AgentGuard {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+        for pid in support::pids_matching(self.1) {
+            // SAFETY: a marker process this test started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// How many `sleep` processes have `marker` in their command line.
+fn sleeps(marker: &str) -> usize {
+    support::pids_matching(marker)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        })
+        .count()
+}
+
+/// A retired agent (no uses left, rolled, too old...) exits by itself at once, status 0, with
+/// its job's process group and what the job left behind killed: the hub sends `retire` and
+/// nothing else (no close, no signal from a backend).
+#[tokio::test]
+async fn retired_agent_stops_its_jobs_and_exits_0_by_itself() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ws_dir = tempfile::tempdir().unwrap();
+    let marker = "sleep 9870";
+    let mut guard = AgentGuard(
+        Command::new(support::EXE)
+            .arg("agent")
+            .env("WARMPOOL_HUB", format!("ws://{addr}/"))
+            .env("WARMPOOL_AGENT_ID", "fake-retire")
+            .env("WARMPOOL_TOKEN", "t0k3n")
+            .env("WARMPOOL_WORKSPACE", ws_dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        marker,
+    );
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    assert!(matches!(
+        next_json(&mut ws).await,
+        AgentMessage::Hello { .. }
+    ));
+    let welcome = HubMessage::Welcome {
+        protocol: 1,
+        agent_id: "fake-retire".into(),
+        // Long: this fake hub sends no heartbeats, and the agent must not give up on it.
+        heartbeat_interval_ms: 10_000,
+        max_frame_bytes: 1 << 20,
+    };
+    ws.send(Message::Text(
+        serde_json::to_string(&welcome).unwrap().into(),
+    ))
+    .await
+    .unwrap();
+    // A job that runs on, and a daemon it left in another session.
+    let script = format!("setsid {marker}1 >/dev/null 2>&1 & {marker}2");
+    let exec = serde_json::json!({"type":"exec","execId":1,"script":script});
+    ws.send(Message::Text(exec.to_string().into()))
+        .await
+        .unwrap();
+    support::wait_until("job and daemon running", Duration::from_secs(10), || {
+        sleeps(marker) >= 2
+    })
+    .await;
+    // (Raw JSON: the message as it travels; an agent that does not know it ignores it.)
+    let retire = r#"{"type":"retire","reason":"max-uses"}"#;
+    ws.send(Message::Text(retire.into())).await.unwrap();
+    // The hub keeps reading (a fake hub that only reads: no close from this side).
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = guard.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the retired agent is still running 10 s after `retire`"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    support::wait_until("job and daemon gone", Duration::from_secs(5), || {
+        support::pids_matching(marker).is_empty()
+    })
+    .await;
+    reader.abort();
+}
