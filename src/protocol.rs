@@ -213,15 +213,6 @@ pub enum HubMessage {
         /// Why.
         reason: String,
     },
-    /// The service is done with this agent (no uses left, rolled to a new template, too old,
-    /// unhealthy, its pool removed, or stopped): stop every job's process group and whatever
-    /// they left, close the connection and exit 0 at once, without waiting for the backend to
-    /// stop it, and never reconnect. Sent just before the hub closes the connection with
-    /// [`close::TERMINATED`], which means the same to an agent that does not know this message.
-    Retire {
-        /// Why (the recycle reason, e.g. `max-uses`).
-        reason: String,
-    },
 }
 
 /// What to run: exactly one of `argv` or `script` (run by `sh -c`).

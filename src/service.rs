@@ -375,12 +375,6 @@ impl Service {
                         Reason::Shutdown if external => close::GOING_AWAY,
                         _ => close::TERMINATED,
                     };
-                    if code == close::TERMINATED {
-                        // Queued before the close, so it goes out first: the agent exits by
-                        // itself at once (an older agent exits on the close code).
-                        let reason = reason.to_string();
-                        self.hub.send(self, &agent, HubMessage::Retire { reason });
-                    }
                     self.hub
                         .close(&agent, code, &format!("agent {agent} terminated: {reason}"));
                     // An external machine is not warmpool's to stop: once its connection is

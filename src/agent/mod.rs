@@ -473,10 +473,6 @@ async fn session(
                 tracing::info!(reason = %reason, "draining");
                 draining = true;
             }
-            // Done for good: exit now (the job's groups and leftovers are killed on the way
-            // out) instead of waiting for the backend's SIGTERM, so a pod's container ends
-            // at once (phase Succeeded).
-            HubMessage::Retire { reason } => break End::Exit(format!("retired by hub: {reason}")),
         }
     };
     if let Some(s) = sender.take() {

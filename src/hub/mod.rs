@@ -498,18 +498,6 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         let reason = writer_conn.close_reason.lock().expect("lock").clone();
         let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            // What was queued before the close (a `retire`) goes out first.
-            while let Ok(m) = rx.try_recv() {
-                let m = match m {
-                    Outbound::Msg(m) => {
-                        Message::Text(serde_json::to_string(&m).expect("serialisable").into())
-                    }
-                    Outbound::Binary(b) => Message::Binary(b),
-                };
-                if sink.send(m).await.is_err() {
-                    break;
-                }
-            }
             // After the agent's own Close no other may be sent; flushing sends the reply
             // queued when it arrived (the closing handshake, RFC 6455 5.5.1).
             if sink.send(close_msg(code, &reason)).await.is_err() {
