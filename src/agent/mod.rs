@@ -6,8 +6,7 @@
 //! stops nothing; the next one reports the job in `hello` and the hub re-attaches to its output
 //! (`attach`). On `release` the agent kills every leftover descendant and wipes the workspace
 //! before reporting `ready` with its health ([`cleanup`]: nothing of that when provably nothing
-//! is left). The agent is a child subreaper so jobs cannot escape cleanup by daemonising. On
-//! `retire` (or close 4410) it stops its job and exits 0 by itself.
+//! is left). The agent is a child subreaper so jobs cannot escape cleanup by daemonising.
 
 pub mod cleanup;
 pub mod exec;
