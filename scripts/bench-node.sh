@@ -33,6 +33,8 @@ ns=${WARMPOOL_BENCH_NAMESPACE:-warmpool-bench}
 jobs=${JOBS:-100}
 max_total=${MAX_TOTAL:-45}
 warm_min_idle=${WARM_MIN_IDLE:-4}
+burst_min_idle=${BURST_MIN_IDLE:-4}
+burst_max_total=${BURST_MAX_TOTAL:-10}
 # The agent container's CPU request. Without one a pod is BestEffort: its cgroup's CPU weight is
 # 2 against 1024 for the kubelet and dockerd. 20m for up to 90 pods fits the node's 2 CPUs.
 cpu=${AGENT_CPU_REQUEST:-20m}
@@ -102,6 +104,8 @@ sys.exit(0 if sys.argv[1] in p and p[sys.argv[1]]["idle"] >= int(sys.argv[2]) el
   die "pool $1: not $2 idle agents after 120 s"
 }
 
+parts=${PARTS:-warm-cold burst}
+if [[ " $parts " == *" warm-cold "* ]]; then
 log "1. warm vs cold: $jobs jobs of 'echo hi' at concurrency 2"
 { pool warm "$warm_min_idle" "$max_total"; pool cold 0 "$max_total"; } | kubectl apply -f - > /dev/null
 wait_idle warm "$warm_min_idle"
@@ -155,10 +159,21 @@ PY
 kubectl -n "$ns" delete agentpool warm cold --wait=false > /dev/null
 # The burst starts on a quiet node: the garbage collector and the kubelet are done with these.
 kubectl -n "$ns" wait --for=delete pod -l 'warmpool.dev/pool in (warm,cold)' --timeout 600s > /dev/null 2>&1 || true
+fi
 
-log "2. burst: 20 leases at once on a warm pool of 4 (maxTotal 10)"
-pool burst 4 10 | kubectl apply -f - > /dev/null
-wait_idle burst 4
+if [[ " $parts " == *" burst "* ]]; then
+log "2. burst: 20 leases at once on a warm pool of $burst_min_idle (maxTotal $burst_max_total)"
+pool burst "$burst_min_idle" "$burst_max_total" | kubectl apply -f - > /dev/null
+wait_idle burst "$burst_min_idle"
+# Each agent container's start, exit and removal, from dockerd, during the burst.
+docker events --filter type=container --filter event=start --filter event=die \
+  --filter event=destroy --filter label=io.kubernetes.container.name=agent \
+  --format '{{.TimeNano}} {{.Action}} {{index .Actor.Attributes "io.kubernetes.pod.name"}}' \
+  > "$out/burst-containers.txt" &
+events=$!
 "$bin" bench --server "$server" --pods "$ns" --selector 'burst=bench && burst' \
-  --jobs 20 --concurrency 20 --command 'echo hi' | tee "$out/burst.txt"
+  --jobs 20 --concurrency 20 --command 'echo hi' --json "$out/burst.json" | tee "$out/burst.txt"
+sleep 1
+kill "$events"; wait "$events" 2> /dev/null || true
+fi
 log "done: $out"

@@ -401,6 +401,9 @@ cmd_start() {
   wait_for kube-controller-manager 60 default_sa_ready
   check_alive kube-scheduler
 
+  # --kube-api-qps/--kube-api-burst: the kubelet's defaults since Kubernetes 1.27 (50/100,
+  # kubernetes/kubernetes#116121); v1.20's 5/10 paced every pod status update and delete to a
+  # few a second, so a pod whose agent had exited kept counting toward maxTotal for seconds.
   start_component kubelet "$cache/kubelet" \
     --kubeconfig "$run/node.kubeconfig" --hostname-override "$node" \
     --root-dir "$run/kubelet" --cert-dir "$run/kubelet-pki" \
@@ -413,6 +416,7 @@ cmd_start() {
     --cgroup-driver cgroupfs --fail-swap-on=false --make-iptables-util-chains=false \
     --volume-plugin-dir "$run/kubelet-plugins" \
     --image-gc-high-threshold 100 --image-gc-low-threshold 99 \
+    --kube-api-qps 50 --kube-api-burst 100 \
     --eviction-hard "memory.available<100Mi,nodefs.available<5%,imagefs.available<5%"
   wait_for kubelet 120 node_ready
   check_alive kube-scheduler

@@ -149,8 +149,14 @@ fn lease_ttl(s: f64) -> Result<Duration, ApiError> {
     Ok(Duration::from_secs_f64(s))
 }
 
-/// Read and write buffer size of one agent connection.
-const AGENT_BUFFER_BYTES: usize = 8 * 1024;
+/// Read buffer of one agent connection: allocated (and zeroed) when it opens, so each idle agent
+/// holds it. An idle agent sends a heartbeat of about 60 bytes per interval; a frame larger than
+/// the buffer grows it, and it is read in pieces of this size (16 reads for a 32 KiB output
+/// chunk, a few microseconds).
+const AGENT_READ_BUFFER_BYTES: usize = 2 * 1024;
+/// Bytes of frames the hub buffers before writing to an agent (each send flushes at once; the
+/// buffer grows only to the largest frame written).
+const AGENT_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Builds the router.
 pub fn router(state: ApiState) -> Router {
@@ -239,8 +245,8 @@ async fn agent_connect(
     Ok(ws
         .max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(AGENT_BUFFER_BYTES)
-        .write_buffer_size(AGENT_BUFFER_BYTES)
+        .read_buffer_size(AGENT_READ_BUFFER_BYTES)
+        .write_buffer_size(AGENT_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| hub::serve_agent(svc, socket)))
 }
 

@@ -136,8 +136,10 @@ pub struct ServeArgs {
     /// URL agents dial (default: derived from --listen).
     #[arg(long, env = "WARMPOOL_HUB_URL")]
     pub hub_url: Option<String>,
-    /// Heartbeat period between hub and agents; 3 missed heartbeats lose the agent.
-    #[arg(long, env = "WARMPOOL_HEARTBEAT_INTERVAL", value_parser = dur, default_value = "15s")]
+    /// Heartbeat period between hub and agents; 3 missed heartbeats lose the agent (a shorter
+    /// period notices a half-open connection sooner and costs each idle agent more CPU; see
+    /// docs/BENCHMARKS.md).
+    #[arg(long, env = "WARMPOOL_HEARTBEAT_INTERVAL", value_parser = dur, default_value = "30s")]
     pub heartbeat_interval: Dur,
     /// Agent handshakes accepted per second (protects the service during reconnect storms).
     #[arg(long, env = "WARMPOOL_HANDSHAKES_PER_SECOND", default_value_t = 50)]
@@ -428,8 +430,8 @@ pub struct BenchAgentsArgs {
     /// Handshakes per second a started server accepts.
     #[arg(long, default_value_t = 1000)]
     pub handshakes_per_second: u32,
-    /// Heartbeat interval of a started server.
-    #[arg(long, value_parser = dur, default_value = "15s")]
+    /// Heartbeat interval of a started server (the default is `serve`'s).
+    #[arg(long, value_parser = dur, default_value = "30s")]
     pub heartbeat_interval: Dur,
     /// How long idle CPU is measured.
     #[arg(long, value_parser = dur, default_value = "20s")]
@@ -474,5 +476,29 @@ mod tests {
         let Command::Run(r) = c.command else { panic!() };
         assert_eq!(r.command, ["sh", "-c", "echo hi; exit 3"]);
         assert_eq!(r.selector, "linux");
+    }
+
+    /// The heartbeat default is a CPU-versus-detection trade-off measured in
+    /// docs/BENCHMARKS.md (section 4); `bench agents` measures the same default.
+    #[test]
+    fn heartbeat_interval_defaults_to_30_seconds() {
+        let thirty = std::time::Duration::from_secs(30);
+        let c = Cli::try_parse_from(["warmpool", "serve"]).unwrap();
+        let Command::Serve(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(s.heartbeat_interval.0, thirty);
+        assert_eq!(
+            crate::service::ServiceConfig::default().heartbeat_interval,
+            thirty
+        );
+        let c = Cli::try_parse_from(["warmpool", "bench", "agents"]).unwrap();
+        let Command::Bench(b) = c.command else {
+            panic!()
+        };
+        let Some(BenchCommand::Agents(a)) = b.sub else {
+            panic!()
+        };
+        assert_eq!(a.heartbeat_interval.0, thirty);
     }
 }

@@ -54,12 +54,13 @@ impl Default for ServiceConfig {
         ServiceConfig {
             engine: EngineConfig {
                 agent_scan_interval: Duration::from_millis(200),
-                heartbeat_timeout: Duration::from_secs(45),
+                heartbeat_timeout: Duration::from_secs(90),
                 ..EngineConfig::default()
             },
-            // Each idle agent costs the service two messages per interval; 15 s keeps 10,000
-            // idle agents under 5 % of a core (docs/BENCHMARKS.md), loss detected in 45 s.
-            heartbeat_interval: Duration::from_secs(15),
+            // Each idle agent costs the service two messages per interval, mostly kernel and
+            // wake-up time: 30 s keeps 10,000 idle agents near 2 % of a core
+            // (docs/BENCHMARKS.md); a half-open connection is noticed within 90 s.
+            heartbeat_interval: Duration::from_secs(30),
             tick: Duration::from_millis(50),
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             agent_queue: 256,
@@ -375,8 +376,11 @@ impl Service {
                         Reason::Shutdown if external => close::GOING_AWAY,
                         _ => close::TERMINATED,
                     };
-                    self.hub
-                        .close(&agent, code, &format!("agent {agent} terminated: {reason}"));
+                    let told = self.hub.close(
+                        &agent,
+                        code,
+                        &format!("agent {agent} terminated: {reason}"),
+                    );
                     // An external machine is not warmpool's to stop: once its connection is
                     // closed it is gone (it may join again).
                     if self.specs.get(&pool).is_some_and(|s| s.external) {
@@ -388,10 +392,18 @@ impl Service {
                     }
                     // An agent that exited or never started has nothing left to stop; one that
                     // failed to start is stopped by the backend that reported it.
-                    if !matches!(
+                    if matches!(
                         reason,
                         Reason::Exited(_) | Reason::ProvisionFailed(_) | Reason::StartFailed(_)
                     ) {
+                        continue;
+                    }
+                    // A connected agent told to exit ends by itself (a pod then reaches a
+                    // terminal phase and stops counting toward maxTotal at once, instead of
+                    // waiting for a graceful delete): the backend stops it only if it does not.
+                    if told && exits_when_told(&reason) {
+                        backend.retire(&agent, self.backend_tx.clone());
+                    } else {
                         backend.terminate(&agent, self.backend_tx.clone());
                     }
                 }
@@ -569,7 +581,7 @@ async fn backend_loop(
             }
             BackendEvent::Exited { agent, detail } => {
                 tracing::debug!(agent = %agent, detail = %detail, "agent gone");
-                svc.hub.close(
+                let _ = svc.hub.close(
                     &agent,
                     close::TERMINATED,
                     &format!("agent {agent} exited: {detail}"),
@@ -578,4 +590,22 @@ async fn backend_loop(
             }
         }
     }
+}
+
+/// True when an agent terminated for `reason` still runs its session and so hears the close
+/// (4410) and exits by itself: it was recycled after its lease or by sizing. Not when it is
+/// silent or stuck (heartbeat lost, a timeout), already gone, or at shutdown.
+fn exits_when_told(reason: &Reason) -> bool {
+    matches!(
+        reason,
+        Reason::MaxUses
+            | Reason::IdleTtl
+            | Reason::MaxAge
+            | Reason::Rolled
+            | Reason::Unhealthy(_)
+            | Reason::LeaseExpired
+            | Reason::CleanupFailed(_)
+            | Reason::HealthCheckFailed(_)
+            | Reason::PoolRemoved
+    )
 }

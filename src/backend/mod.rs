@@ -113,6 +113,12 @@ pub trait Backend: Send + Sync + 'static {
     fn provision(&self, req: ProvisionRequest, events: EventSink);
     /// Stops one agent (idempotent); must return at once. Reports `Exited` when it is gone.
     fn terminate(&self, agent: &str, events: EventSink);
+    /// Stops one agent that was just told to exit (its connection closed with 4410) and is
+    /// expected to: a backend where that exit ends the agent by itself may give it time to,
+    /// and stop it only if it has not. The default stops it at once.
+    fn retire(&self, agent: &str, events: EventSink) {
+        self.terminate(agent, events)
+    }
     /// Stops every agent and resolves once all are gone.
     fn shutdown(&self) -> BoxFuture<'_>;
     /// True when agents outlive the service (pods): shutdown then leaves them for the next

@@ -154,7 +154,7 @@ impl Engine {
                 max: p.spec.max_total,
             });
         }
-        self.insert_agent(Agent::new(id, pool, AgentState::Connecting, now));
+        self.insert_agent(Agent::new(id, pool, AgentState::Connecting, now), now);
         self.agent_registered(id, Some(pool), health, lease, uses, now)
     }
 
@@ -238,6 +238,7 @@ impl Engine {
                     idempotency_key: None,
                 },
             );
+            self.lease_started(lease_id);
             tracing::info!(
                 agent = id,
                 lease = lease_id,
@@ -263,11 +264,8 @@ impl Engine {
     /// Marks an agent for replacement (its template is outdated). Idle agents are rotated once
     /// a fresh replacement is idle, paced by the rate limit; a leased one at release.
     pub fn retire(&mut self, id: &str, now: Instant) {
-        if let Some(a) = self.agents.get_mut(id)
-            && !a.retire
-        {
-            a.retire = true;
-            self.dirty.insert(a.pool.clone());
+        if self.agents.get(id).is_some_and(|a| !a.retire) {
+            self.mark_retired(id);
             self.reconcile(now);
         }
     }

@@ -178,7 +178,8 @@ impl Engine {
             end_reason: None,
             idempotency_key: None,
         };
-        self.leases.insert(lease_id, lease);
+        self.leases.insert(lease_id.clone(), lease);
+        self.lease_started(&lease_id);
         self.set_state(id, AgentState::Leased, now);
         if last && !drained {
             self.agents.get_mut(id).expect("exists").drained = true;
@@ -209,7 +210,7 @@ impl Engine {
         if self.agents.contains_key(id) || !self.pools.contains_key(pool) {
             return false;
         }
-        self.insert_agent(Agent::new(id, pool, AgentState::Connecting, now));
+        self.insert_agent(Agent::new(id, pool, AgentState::Connecting, now), now);
         self.terminate(id, reason, now);
         self.reconcile(now);
         true

@@ -5,16 +5,21 @@
 //! it records [`Action`]s (provision, terminate, grant, release) that the async shell executes and
 //! collects with [`Engine::take_actions`]. It never does I/O, never sleeps and never blocks.
 //!
-//! Sizing is level-triggered: [`Engine::reconcile`] recomputes desired versus actual for every
-//! pool from scratch after each event, so a lost event is repaired on the next pass. The only
-//! external input to sizing is the [`Pacer`] (the provisioning rate limiter).
+//! Sizing is level-triggered: [`Engine::reconcile`] compares desired with actual for the pools
+//! an event touched (every pool on a tick), so a lost event is repaired on the next pass. It
+//! reads per-pool counters kept in step by `index.rs`, so an event costs O(1) amortised in the
+//! pool's size. The only external input to sizing is the [`Pacer`] (the provisioning rate
+//! limiter).
 //!
 //! Layout: this file holds the state and the pool and lease events; `agents.rs` the agent
-//! events (started, registered, heartbeats, ready, gone, adoption, termination); `reconcile.rs`
-//! deadlines, waiter assignment and sizing; `status.rs` read-only views, invariants and
-//! shutdown; `types.rs` the value types; `tests.rs` scenarios and the proptest.
+//! events (started, registered, heartbeats, ready, gone, adoption, termination); `index.rs`
+//! the per-pool indexes and counters; `deadlines.rs` the agent deadline heap and the lease
+//! expiry index; `reconcile.rs` the tick, waiter assignment and sizing; `status.rs` read-only
+//! views, invariants and shutdown; `types.rs` the value types; `tests.rs` scenarios and
+//! `proptests.rs` the property tests.
 
 mod agents;
+mod deadlines;
 mod external;
 mod index;
 mod reconcile;
@@ -28,11 +33,14 @@ mod fault_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod sizing_tests;
+#[cfg(test)]
 mod takeover_tests;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,14 +82,23 @@ pub struct EngineConfig {
     /// Ended leases remembered for `GET /v1/leases/{id}`.
     pub lease_history: usize,
     /// Agent deadlines (connect, heartbeat, cleanup) are checked by a tick at most this often
-    /// (zero: every tick). Waiters and leases are checked on every tick. The scan visits every
-    /// agent, so with thousands of agents a 50 ms tick would spend most of its time here.
+    /// (zero: every tick). Waiters and leases are checked on every tick. The check visits only
+    /// the agents whose deadline can be due (`deadlines.rs`).
     pub agent_scan_interval: Duration,
     /// How long an adopted agent (a pod left by a previous instance) may take to reconnect
     /// before it is treated as a leak, when this is longer than its pool's `connectTimeout`.
     /// Its agent is reconnecting after a restart or a crash takeover, not starting.
     pub adopt_grace: Duration,
+    /// The cleaning grace: for this long after an agent begins cleaning after a lease (it will
+    /// be reused: uses left, not retired), it counts toward its pool's supply like an agent
+    /// being provisioned, so a request or the `minIdle` headroom it will cover within
+    /// milliseconds provisions nothing. Past it, sizing provisions as if it were not there.
+    pub cleaning_grace: Duration,
 }
+
+/// Default [`EngineConfig::cleaning_grace`]: far above an agent's cleanup without hooks (1-4 ms
+/// for a process agent), short enough that a slow cleanup delays a provision only a little.
+pub const CLEANING_GRACE: Duration = Duration::from_millis(250);
 
 /// Default [`EngineConfig::adopt_grace`]: well above the agent's longest reconnect pause (10 s
 /// by default, `warmpool agent --max-backoff`) plus a leader takeover (15 s lease by default).
@@ -96,13 +113,15 @@ impl Default for EngineConfig {
             lease_history: 4096,
             agent_scan_interval: Duration::ZERO,
             adopt_grace: ADOPT_GRACE,
+            cleaning_grace: CLEANING_GRACE,
         }
     }
 }
 
 #[derive(Debug)]
 struct Pool {
-    spec: PoolSpec,
+    /// Shared, so sizing holds it without cloning it per event.
+    spec: Arc<PoolSpec>,
     labels: std::collections::BTreeSet<String>,
     removed: bool,
     throttled: bool,
@@ -121,8 +140,17 @@ struct Pool {
     backoff_until: Option<Instant>,
     /// Ids of the pool's agents in any state.
     members: HashSet<AgentId>,
-    /// The pool's idle agents by idle-since (see `index.rs`).
-    idle: BTreeSet<index::IdleKey>,
+    /// Agents by state, indexed by [`index::slot`] (see `index.rs`).
+    counts: [u32; 6],
+    /// Idle agents neither retired nor past `maxAge` (as of the last [`index::promote`]), by
+    /// idle-since.
+    fresh: BTreeSet<index::IdleKey>,
+    /// Idle agents retired or past `maxAge`, by idle-since.
+    stale: BTreeSet<index::IdleKey>,
+    /// The fresh idle agents by creation time (the next to pass `maxAge` first).
+    by_created: BTreeSet<(Instant, AgentId)>,
+    /// Cleaning agents that will be reused, still within the cleaning grace, by cleaning-since.
+    cleaning: BTreeSet<(Instant, AgentId)>,
     /// Externally leased pool (see `external.rs`): nothing is provisioned until the outside
     /// scheduler was observed once (so existing agents are adopted, not duplicated).
     held: bool,
@@ -185,6 +213,10 @@ pub struct Engine {
     matches: HashMap<String, Arc<[String]>>,
     /// When the last agent deadline scan ran.
     last_agent_scan: Option<Instant>,
+    /// Agent deadline checks, soonest first (see `deadlines.rs`).
+    deadlines: BinaryHeap<Reverse<(Instant, AgentId)>>,
+    /// Active leases by expiry (see `deadlines.rs`).
+    expiry: BTreeSet<(Instant, LeaseId)>,
 }
 
 impl Engine {
@@ -208,6 +240,8 @@ impl Engine {
             all_dirty: true,
             matches: HashMap::new(),
             last_agent_scan: None,
+            deadlines: BinaryHeap::new(),
+            expiry: BTreeSet::new(),
         }
     }
 
@@ -230,15 +264,19 @@ impl Engine {
         let held = externally_leased(&spec);
         match self.pools.get_mut(name) {
             Some(p) => {
-                p.spec = spec;
+                let changed = *p.spec != spec;
+                p.spec = Arc::new(spec);
                 p.labels = labels;
                 p.removed = false;
+                if changed {
+                    self.reindex_pool(name, now);
+                }
             }
             None => {
                 self.pools.insert(
                     name.to_string(),
                     Pool {
-                        spec,
+                        spec: Arc::new(spec),
                         labels,
                         removed: false,
                         throttled: false,
@@ -251,7 +289,11 @@ impl Engine {
                         failures_in_a_row: 0,
                         backoff_until: None,
                         members: HashSet::new(),
-                        idle: BTreeSet::new(),
+                        counts: [0; 6],
+                        fresh: BTreeSet::new(),
+                        stale: BTreeSet::new(),
+                        by_created: BTreeSet::new(),
+                        cleaning: BTreeSet::new(),
                         held,
                         external_demand: 0,
                     },
@@ -337,7 +379,7 @@ impl Engine {
         if state == AgentState::Terminating {
             a.terminate_reason = Some(Reason::Shutdown);
         }
-        self.insert_agent(a);
+        self.insert_agent(a, now);
         tracing::info!(
             agent = id,
             pool,
@@ -460,12 +502,15 @@ impl Engine {
         now: Instant,
     ) -> Result<Lease, LeaseError> {
         self.active_lease(id)?;
+        self.lease_stopped(id);
         let l = self.leases.get_mut(id).expect("checked above");
         if let Some(t) = ttl {
             l.ttl = t;
         }
         l.expires = now + l.ttl;
-        Ok(l.clone())
+        let l = l.clone();
+        self.lease_started(id);
+        Ok(l)
     }
 
     /// Releases an active lease: the agent cleans up and returns to idle if it has uses left,
@@ -479,6 +524,7 @@ impl Engine {
     }
 
     fn end_lease(&mut self, id: &str, state: LeaseState, reason: String, _now: Instant) -> Lease {
+        self.lease_stopped(id);
         let l = self.leases.get_mut(id).expect("lease exists");
         debug_assert_eq!(l.state, LeaseState::Active);
         l.state = state;
@@ -497,6 +543,8 @@ impl Engine {
             && a.lease.as_deref() == Some(id)
         {
             a.lease = None;
+            // An agent that served a lease before it registered has a connect deadline again.
+            self.schedule(&lease.agent);
         }
         self.actions.push(Action::LeaseEnded {
             lease: lease.clone(),

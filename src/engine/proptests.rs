@@ -1,6 +1,7 @@
 //! Property tests of the engine: random event sequences against the invariants (no agent in
 //! two leases, maxTotal never exceeded, every request and lease ends with an outcome and a
-//! reason, FIFO among requests with the same selector).
+//! reason, FIFO among requests with the same selector), and the per-pool counters and indexes
+//! against a from-scratch recount after every step (the drift a missed update would cause).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -12,18 +13,28 @@ use super::*;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Request { sel: usize, wait: u64, ttl: u64 },
+    Request {
+        sel: usize,
+        wait: u64,
+        ttl: u64,
+    },
     Cancel(usize),
     Release(usize),
     Renew(usize),
     Start(usize),
     Connect(usize),
     FailProvision(usize),
-    Heartbeat { agent: usize, sick: bool },
+    Heartbeat {
+        agent: usize,
+        sick: bool,
+    },
     Ready(usize),
     Disconnect(usize),
     Exit(usize),
     Advance(u64),
+    Retire(usize),
+    /// Pool a's spec changes (maxAge and connectTimeout shorter or back).
+    Respec(bool),
 }
 
 const SELECTORS: [&str; 6] = ["linux", "go", "rust", "linux && go", "windows", "!go"];
@@ -44,6 +55,8 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Disconnect),
         3 => any::<usize>().prop_map(Op::Exit),
         3 => (1u64..300).prop_map(Op::Advance),
+        1 => any::<usize>().prop_map(Op::Retire),
+        1 => any::<bool>().prop_map(Op::Respec),
     ]
 }
 
@@ -188,10 +201,25 @@ proptest! {
                     if let Some(a) = pick(&by_state(&e, AgentState::Terminating), i) { e.agent_exited(&a, "reaped", now); }
                 }
                 Op::Advance(d) => { now += ms(d); e.tick(now); }
+                Op::Retire(i) => {
+                    let mut all: Vec<AgentId> = e.agents().map(|a| a.id.clone()).collect();
+                    all.sort();
+                    if let Some(a) = pick(&all, i) { e.retire(&a, now); }
+                }
+                Op::Respec(short) => {
+                    let mut s = spec(&["linux", "go"], 1, 3, 0);
+                    if short {
+                        s.max_age = crate::spec::Dur(ms(700));
+                        s.connect_timeout = crate::spec::Dur(ms(200));
+                    }
+                    e.upsert_pool("a", s, now);
+                }
             }
             let acts = e.take_actions();
             m.absorb(&e, acts)?;
             if let Err(msg) = e.check_invariants() { prop_assert!(false, "{}", msg); }
+            // The counters sizing reads equal a recount from scratch at this instant.
+            if let Err(msg) = e.check_counters(now) { prop_assert!(false, "{}", msg); }
             for s in e.pool_status() {
                 prop_assert!(s.total <= s.max_total, "{} total {} > max {}", s.name, s.total, s.max_total);
             }

@@ -1,10 +1,13 @@
-//! Time and sizing for the engine: deadlines (`tick`), the level-triggered pass (`reconcile`),
-//! FIFO assignment of waiters to idle agents, and per-pool sizing (scale up under the pacer and
-//! `maxConcurrent`, rotate stale agents replacement-first, scale idle agents down after `idleTtl`).
+//! Time and sizing for the engine: the tick (deadlines), the level-triggered pass
+//! (`reconcile`), FIFO assignment of waiters to idle agents, and per-pool sizing (scale up under
+//! the pacer and `maxConcurrent`, rotate stale agents replacement-first, scale idle agents down
+//! after `idleTtl`). Sizing reads the pool's counters and idle indexes (`index.rs`): its cost
+//! does not grow with the pool's size, beyond the agents it starts or stops.
 //!
 //! Pure like the rest of the engine: no I/O, time passed in.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::*;
@@ -35,18 +38,11 @@ impl Engine {
                 },
             });
         }
-        // Leases not renewed.
-        let mut due: Vec<(Instant, LeaseId, AgentId)> = self
-            .leases
-            .values()
-            .filter(|l| l.state == LeaseState::Active && l.expires <= now)
-            .map(|l| (l.expires, l.id.clone(), l.agent.clone()))
-            .collect();
-        due.sort();
-        for (_, _, agent) in due {
+        // Leases not renewed, soonest first.
+        for agent in self.expired_leases(now) {
             self.terminate(&agent, Reason::LeaseExpired, now);
         }
-        // Agent deadlines, at most every `agent_scan_interval` (the scan visits every agent).
+        // Agent deadlines, at most every `agent_scan_interval`.
         let scan = self
             .last_agent_scan
             .is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.agent_scan_interval);
@@ -56,62 +52,15 @@ impl Engine {
                 self.terminate(&id, r, now);
             }
         }
-        // Time-based sizing (idleTtl, maxAge, backoff and rate-limit refills) for every pool.
+        // Time-based sizing (idleTtl, maxAge, the cleaning grace, backoff and rate-limit
+        // refills) for every pool.
         self.all_dirty = true;
         self.reconcile(now);
     }
 
-    /// Agents past a deadline (connect, heartbeat, cleanup), by id. Visited by pool, so each
-    /// agent costs one map lookup.
-    fn agent_deadlines(&self, now: Instant) -> Vec<(AgentId, Reason)> {
-        let mut doomed: Vec<(AgentId, Reason)> = Vec::new();
-        for (a, spec) in self
-            .pools
-            .values()
-            .flat_map(|p| p.members.iter().map(move |id| (id, &p.spec)))
-            .map(|(id, spec)| (&self.agents[id], spec))
-        {
-            // An adopted agent is reconnecting after a restart or a takeover, not starting: it
-            // gets its own grace. An agent known to serve a lease is never a leak: its lease's
-            // TTL bounds how long it is waited for.
-            let connect_limit = if a.adopted {
-                spec.connect_timeout.0.max(self.cfg.adopt_grace)
-            } else {
-                spec.connect_timeout.0
-            };
-            match a.state {
-                _ if a.lease.is_some()
-                    && matches!(a.state, AgentState::Provisioning | AgentState::Connecting) => {}
-                AgentState::Provisioning if now.duration_since(a.since) >= connect_limit => {
-                    doomed.push((a.id.clone(), Reason::ProvisionTimeout));
-                }
-                AgentState::Connecting if now.duration_since(a.since) >= connect_limit => {
-                    doomed.push((a.id.clone(), Reason::ConnectTimeout));
-                }
-                // An externally leased agent's liveness is the outside scheduler's word.
-                AgentState::Idle | AgentState::Leased | AgentState::Cleaning
-                    if !externally_leased(spec)
-                        && now.duration_since(a.last_seen) >= self.cfg.heartbeat_timeout =>
-                {
-                    doomed.push((a.id.clone(), Reason::HeartbeatLost));
-                }
-                // The pool's hooks run while Cleaning: their timeouts extend the deadline.
-                AgentState::Cleaning
-                    if now.duration_since(a.since)
-                        >= self.cfg.cleanup_timeout + spec.hooks.budget() =>
-                {
-                    doomed.push((a.id.clone(), Reason::CleanupTimeout));
-                }
-                _ => {}
-            }
-        }
-        doomed.sort_by(|a, b| a.0.cmp(&b.0));
-        doomed
-    }
-
-    /// Level-triggered pass: serve waiters FIFO, then size pools from scratch: every pool on a
-    /// tick, while requests wait, or after a pool change; otherwise only the pools the last
-    /// events touched (the others' inputs did not change).
+    /// Level-triggered pass: serve waiters FIFO, then size pools (desired against actual, from
+    /// the pools' counters): every pool on a tick, while requests wait, or after a pool change;
+    /// otherwise only the pools the last events touched (the others' inputs did not change).
     pub fn reconcile(&mut self, now: Instant) {
         self.assign_waiters(now);
         let demand = if self.waiters.is_empty() {
@@ -122,7 +71,7 @@ impl Engine {
         let names: Vec<String> = if self.all_dirty || !self.waiters.is_empty() {
             self.pools.keys().cloned().collect()
         } else {
-            self.dirty.iter().cloned().collect()
+            std::mem::take(&mut self.dirty).into_iter().collect()
         };
         for name in names {
             if !self.pools.contains_key(&name) {
@@ -134,10 +83,6 @@ impl Engine {
         // What sizing itself changed needs no second pass.
         self.dirty.clear();
         self.all_dirty = false;
-    }
-
-    pub(super) fn is_stale(&self, a: &Agent, now: Instant) -> bool {
-        a.retire || now.duration_since(a.created) >= self.pools[&a.pool].spec.max_age.0
     }
 
     /// Why a stale agent is replaced.
@@ -156,9 +101,10 @@ impl Engine {
         let mut i = 0;
         while i < self.waiters.len() {
             let best = index::find(
-                &self.pools,
+                &mut self.pools,
                 &self.agents,
                 &mut self.matches,
+                self.cfg.cleaning_grace,
                 &self.waiters[i].req,
                 now,
             );
@@ -212,6 +158,7 @@ impl Engine {
             self.keys.insert(k.clone(), id.clone());
         }
         self.leases.insert(id.clone(), lease.clone());
+        self.lease_started(&id);
         self.set_state(agent, AgentState::Leased, now);
         self.actions.push(Action::Bound {
             agent: agent.to_string(),
@@ -257,35 +204,35 @@ impl Engine {
         out
     }
 
+    /// Sizes one pool from its counters: starts what `minIdle` + demand needs, rotates stale
+    /// idle agents, stops idle agents past `idleTtl` above the want. O(1) plus the agents it
+    /// starts or stops (and O(log n) per index lookup).
     fn size_pool(&mut self, name: &str, demand: u32, now: Instant) {
-        let pool = &self.pools[name];
-        let spec = pool.spec.clone();
+        let grace = self.cfg.cleaning_grace;
+        let Some(pool) = self.pools.get_mut(name) else {
+            return;
+        };
         // External agents join by themselves: nothing to start, scale down or rotate.
-        if pool.removed || spec.external {
+        if pool.removed || pool.spec.external {
             return;
         }
-        let mut total = 0u32;
-        let mut in_flight = 0u32;
-        let mut fresh_idle: Vec<(Instant, AgentId)> = Vec::new();
-        let mut stale_idle: Vec<(Instant, AgentId)> = Vec::new();
-        for a in pool.members.iter().map(|id| &self.agents[id]) {
-            total += 1;
-            match a.state {
-                AgentState::Provisioning | AgentState::Connecting => in_flight += 1,
-                AgentState::Idle if self.is_stale(a, now) => {
-                    stale_idle.push((a.since, a.id.clone()))
-                }
-                AgentState::Idle => fresh_idle.push((a.since, a.id.clone())),
-                _ => {}
-            }
-        }
+        index::promote(pool, &self.agents, grace, now);
+        let spec = Arc::clone(&pool.spec);
+        let mut total = pool.members.len() as u32;
+        let mut in_flight = pool.counts[index::slot(AgentState::Provisioning)]
+            + pool.counts[index::slot(AgentState::Connecting)];
+        let fresh = pool.fresh.len() as u32;
+        // Agents cleaning up after a lease, to be reused within milliseconds: supply for the
+        // cleaning grace (a request they will serve provisions nothing).
+        let cleaning = pool.cleaning.len() as u32;
         let want = spec.min_idle + demand + pool.external_demand;
         let held = pool.held;
 
-        // Scale up: fresh idle + in-flight must cover minIdle + demand.
-        let supply = fresh_idle.len() as u32 + in_flight;
+        // Scale up: fresh idle + in-flight + cleaning (within the grace) must cover
+        // minIdle + demand.
+        let supply = fresh + in_flight + cleaning;
         let mut need = want.saturating_sub(supply);
-        let backing_off = self.pools[name].backoff_until.is_some_and(|t| now < t);
+        let backing_off = pool.backoff_until.is_some_and(|t| now < t);
         if self.shutting_down || self.paused || backing_off || held {
             need = 0;
         }
@@ -302,7 +249,7 @@ impl Engine {
                 break;
             }
             let id = self.new_agent_id(name, &spec);
-            self.insert_agent(Agent::new(&id, name, AgentState::Provisioning, now));
+            self.insert_agent(Agent::new(&id, name, AgentState::Provisioning, now), now);
             total += 1;
             in_flight += 1;
             self.actions.push(Action::Provision {
@@ -316,32 +263,32 @@ impl Engine {
         }
         p.throttled = throttled;
 
-        // Rotate stale idle agents once their replacements are warm, or at once when no
-        // replacement is on its way and none can be made (pool at maxTotal).
-        stale_idle.sort();
-        let fresh = fresh_idle.len() as u32;
-        for (_, id) in stale_idle {
-            // Any agent on its way is waited for: a stale agent retired while one comes (when
-            // not all of the want can come at once under maxTotal) leaves the pool below it.
-            let replacement_coming = in_flight > 0;
-            if fresh >= want || (!replacement_coming && total >= spec.max_total) {
-                let reason = self.stale_reason(&id);
-                self.terminate(&id, reason, now);
-                total -= 1;
-            }
+        // Rotate stale idle agents (oldest idle first) once their replacements are warm, or at
+        // once when no replacement is on its way and none can be made (pool at maxTotal). Any
+        // agent on its way is waited for: a stale agent retired while one comes (when not all
+        // of the want can come at once under maxTotal) leaves the pool below it.
+        let replacement_coming = in_flight > 0;
+        while fresh >= want || (!replacement_coming && total >= spec.max_total) {
+            let Some(id) = index::oldest(&self.pools[name].stale) else {
+                break;
+            };
+            let reason = self.stale_reason(&id);
+            self.terminate(&id, reason, now);
+            total -= 1;
         }
 
-        // Scale down: idle agents above minIdle + demand that sat idle past idleTtl, oldest first.
-        fresh_idle.sort();
-        let mut idle = fresh_idle.len() as u32;
-        for (since, id) in fresh_idle {
-            if idle <= want {
+        // Scale down: fresh idle agents above minIdle + demand that sat idle past idleTtl,
+        // oldest first (the first one not past it ends the pass: the rest are younger).
+        let mut idle = fresh;
+        while idle > want {
+            let p = &self.pools[name];
+            let Some(key) = p.fresh.first() else { break };
+            if now.duration_since(key.0) < spec.idle_ttl.0 {
                 break;
             }
-            if now.duration_since(since) >= spec.idle_ttl.0 {
-                self.terminate(&id, Reason::IdleTtl, now);
-                idle -= 1;
-            }
+            let id = index::oldest(&p.fresh).expect("not empty");
+            self.terminate(&id, Reason::IdleTtl, now);
+            idle -= 1;
         }
     }
 }

@@ -84,19 +84,16 @@ impl Engine {
                     last_error: p.last_error.clone(),
                     hook_failures_total: p.hook_failures_total,
                     last_hook_failure: p.last_hook_failure.clone(),
-                    spec: p.spec.clone(),
+                    spec: (*p.spec).clone(),
                 };
-                for a in p.members.iter().map(|id| &self.agents[id]) {
-                    s.total += 1;
-                    match a.state {
-                        AgentState::Provisioning => s.provisioning += 1,
-                        AgentState::Connecting => s.connecting += 1,
-                        AgentState::Idle => s.idle += 1,
-                        AgentState::Leased => s.leased += 1,
-                        AgentState::Cleaning => s.cleaning += 1,
-                        AgentState::Terminating => s.terminating += 1,
-                    }
-                }
+                let n = |st| p.counts[index::slot(st)];
+                s.provisioning = n(AgentState::Provisioning);
+                s.connecting = n(AgentState::Connecting);
+                s.idle = n(AgentState::Idle);
+                s.leased = n(AgentState::Leased);
+                s.cleaning = n(AgentState::Cleaning);
+                s.terminating = n(AgentState::Terminating);
+                s.total = p.members.len() as u32;
                 s
             })
             .collect()
@@ -141,13 +138,10 @@ impl Engine {
     /// Agents of a pool by state (for metrics).
     pub fn counts(&self) -> BTreeMap<(String, AgentState), u32> {
         let mut out = BTreeMap::new();
-        for name in self.pools.keys() {
+        for (name, p) in &self.pools {
             for s in AgentState::ALL {
-                out.insert((name.clone(), s), 0);
+                out.insert((name.clone(), s), p.counts[index::slot(s)]);
             }
-        }
-        for a in self.agents.values() {
-            *out.entry((a.pool.clone(), a.state)).or_default() += 1;
         }
         out
     }

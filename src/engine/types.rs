@@ -191,6 +191,9 @@ pub struct Agent {
     pub away: bool,
     /// Externally leased: told to take no other lease (its last allowed one runs).
     pub drained: bool,
+    /// When its entry in the engine's deadline heap comes up (no later than its earliest
+    /// deadline; `None`: no entry).
+    pub(super) check_at: Option<Instant>,
 }
 
 impl Agent {
@@ -212,6 +215,7 @@ impl Agent {
             adopted: false,
             away: false,
             drained: false,
+            check_at: None,
         }
     }
 }

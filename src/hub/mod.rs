@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use governor::DefaultDirectRateLimiter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -33,18 +33,39 @@ use crate::service::Service;
 /// After the hub's Close, how long it reads on for the agent's.
 const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
+mod halves;
 mod messages;
+mod queue;
+use halves::{read_messages, write_queue};
+use messages::Liveness;
 pub use messages::{LIVENESS_BURST, LIVENESS_PER_SECOND};
-use messages::{Liveness, handle};
+use queue::{Queue, SendError};
 
+/// A frame queued for an agent, already encoded (the answer to a heartbeat is one buffer shared
+/// by every connection).
 enum Outbound {
-    Msg(HubMessage),
+    Text(Utf8Bytes),
     Binary(bytes::Bytes),
+}
+
+impl Outbound {
+    fn msg(m: &HubMessage) -> Outbound {
+        if matches!(m, HubMessage::Heartbeat {}) {
+            // The common message: encoded once, shared by every connection.
+            static HEARTBEAT: std::sync::LazyLock<Utf8Bytes> = std::sync::LazyLock::new(|| {
+                serde_json::to_string(&HubMessage::Heartbeat {})
+                    .expect("serialisable")
+                    .into()
+            });
+            return Outbound::Text(HEARTBEAT.clone());
+        }
+        Outbound::Text(serde_json::to_string(m).expect("serialisable").into())
+    }
 }
 
 struct Conn {
     id: u64,
-    tx: mpsc::Sender<Outbound>,
+    queue: Queue<Outbound>,
     kill: CancellationToken,
     close_reason: Mutex<Option<(u16, String)>>,
     /// The agent keeps its execs across connections and answers `attach` (its `hello` had
@@ -141,10 +162,14 @@ impl Hub {
         enqueue(svc, agent, &conn, msg)
     }
 
-    /// Closes an agent's connection with a code and reason.
-    pub fn close(&self, agent: &str, code: u16, reason: &str) {
-        if let Some(c) = self.conns.get(agent) {
-            c.close(code, reason);
+    /// Closes an agent's connection with `code`; false when it has none.
+    pub fn close(&self, agent: &str, code: u16, reason: &str) -> bool {
+        match self.conns.get(agent) {
+            Some(c) => {
+                c.close(code, reason);
+                true
+            }
+            None => false,
         }
     }
 
@@ -240,7 +265,7 @@ impl Hub {
             return;
         };
         tokio::select! {
-            _ = conn.tx.send(Outbound::Binary(frame)) => {}
+            _ = conn.queue.send(Outbound::Binary(frame)) => {}
             _ = conn.kill.cancelled() => {}
         }
     }
@@ -294,9 +319,9 @@ impl Hub {
 /// Queues a message on a connection without waiting. A full queue means the agent stopped
 /// reading: the connection is closed with 4429 (and its lease and exec client told).
 fn enqueue(svc: &Service, agent: &str, conn: &Conn, msg: HubMessage) -> bool {
-    match conn.tx.try_send(Outbound::Msg(msg)) {
+    match conn.queue.try_send(Outbound::msg(&msg)) {
         Ok(()) => true,
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(SendError::Full(_)) => {
             slow_consumer(
                 svc,
                 conn,
@@ -307,7 +332,7 @@ fn enqueue(svc: &Service, agent: &str, conn: &Conn, msg: HubMessage) -> bool {
             );
             false
         }
-        Err(mpsc::error::TrySendError::Closed(_)) => false,
+        Err(SendError::Closed(_)) => false,
     }
 }
 
@@ -364,14 +389,23 @@ pub(crate) async fn refuse(
 /// Serves one agent connection from handshake to close.
 pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     // 1. hello
-    let Some((mut socket, hello)) = crate::hello::read(&svc, socket).await else {
+    // The handshake's futures are boxed: they live a moment, and inline they would size every
+    // idle connection's task.
+    let Some((mut socket, hello)) = Box::pin(crate::hello::read(&svc, socket)).await else {
         return;
     };
     let (version, agent, pool, token, health, lease, uses, execs) = hello;
     if version != PROTOCOL_VERSION {
         let r =
             format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
-        return refuse(&svc, socket, close::UNSUPPORTED_VERSION, "version", r).await;
+        return Box::pin(refuse(
+            &svc,
+            socket,
+            close::UNSUPPORTED_VERSION,
+            "version",
+            r,
+        ))
+        .await;
     }
     // An agent the service started presents its own token; a machine joining an external pool
     // presents the pool's join token.
@@ -380,7 +414,14 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         Some(p) if !p.is_empty() && svc.key.verify_join(p, &token) => Some(p.to_string()),
         _ => {
             let r = format!("invalid token for agent {agent}");
-            return refuse(&svc, socket, close::INVALID_TOKEN, "invalid-token", r).await;
+            return Box::pin(refuse(
+                &svc,
+                socket,
+                close::INVALID_TOKEN,
+                "invalid-token",
+                r,
+            ))
+            .await;
         }
     };
     if !svc.is_ready() {
@@ -389,21 +430,27 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         let r = format!(
             "agent {agent}: this warmpool instance is not leading yet (standby or adopting); retry soon"
         );
-        return refuse(&svc, socket, close::TRY_AGAIN_LATER, "not-ready", r).await;
+        return Box::pin(refuse(&svc, socket, close::TRY_AGAIN_LATER, "not-ready", r)).await;
     }
     if join.is_some() {
         if let Some(r) = invalid_join_id(&agent) {
-            return refuse(&svc, socket, close::PROTOCOL_VIOLATION, "protocol", r).await;
+            return Box::pin(refuse(
+                &svc,
+                socket,
+                close::PROTOCOL_VIOLATION,
+                "protocol",
+                r,
+            ))
+            .await;
         }
     } else if let Err(e) = svc.read(|e| e.check_connect(&agent, pool.as_deref())) {
-        return refuse_connect(&svc, socket, e).await;
+        return Box::pin(refuse_connect(&svc, socket, e)).await;
     }
     let lease = vouched_lease(&svc, &agent, join.as_deref(), lease);
     // 2. register: at most one live connection per agent id.
-    let (tx, mut rx) = mpsc::channel(svc.cfg.agent_queue);
     let conn = Arc::new(Conn {
         id: svc.hub.next_conn.fetch_add(1, Ordering::Relaxed),
-        tx,
+        queue: Queue::new(svc.cfg.agent_queue),
         kill: CancellationToken::new(),
         close_reason: Mutex::new(None),
         reattach: execs.is_some(),
@@ -412,7 +459,8 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     });
     match svc.hub.conns.entry(agent.clone()) {
         Entry::Occupied(_) => {
-            return refuse_connect(&svc, socket, ConnectError::AlreadyConnected(agent)).await;
+            let e = ConnectError::AlreadyConnected(agent);
+            return Box::pin(refuse_connect(&svc, socket, e)).await;
         }
         Entry::Vacant(v) => {
             v.insert(conn.clone());
@@ -423,7 +471,7 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         None => e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), uses, now),
     }) {
         svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
-        return refuse_connect(&svc, socket, e).await;
+        return Box::pin(refuse_connect(&svc, socket, e)).await;
     }
     let welcome = HubMessage::Welcome {
         protocol: PROTOCOL_VERSION,
@@ -440,130 +488,15 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     tracing::info!(agent = %agent, "agent connected");
     svc.hub.resume_route(&svc, &agent, execs.as_deref());
 
-    // 3. writer: the queue; the only task that writes to the socket. The hub's heartbeat is
-    // the answer to the agent's (queued by the reader): no timer per connection, and one
-    // wake-up serves both directions, which is what thousands of idle agents cost.
-    // A send waits while the agent's TCP window is closed: it has `agent_send_timeout` to
-    // complete and a kill ends it at once, so an agent that stops reading is cut off within
-    // that bound and never holds the teardown.
-    let (mut sink, mut stream) = socket.split();
-    let writer_conn = conn.clone();
-    let (writer_svc, writer_agent) = (svc.clone(), agent.clone());
-    let writer = tokio::spawn(async move {
-        let deadline = writer_svc.cfg.agent_send_timeout;
-        let mut stuck = false;
-        loop {
-            let m = tokio::select! {
-                _ = writer_conn.kill.cancelled() => break,
-                m = rx.recv() => match m {
-                    Some(Outbound::Msg(m)) => {
-                        Message::Text(serde_json::to_string(&m).expect("serialisable").into())
-                    }
-                    Some(Outbound::Binary(b)) => Message::Binary(b),
-                    None => break,
-                },
-            };
-            let send = tokio::time::timeout(deadline, sink.send(m));
-            tokio::pin!(send);
-            tokio::select! {
-                r = &mut send => match r {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        stuck = true;
-                        let r = format!(
-                            "agent {writer_agent} did not read for {deadline:?} (send deadline)"
-                        );
-                        slow_consumer(&writer_svc, &writer_conn, r);
-                        break;
-                    }
-                },
-                _ = writer_conn.kill.cancelled() => {
-                    // An agent that does not read is dropped at once; one closed for another
-                    // reason gets this write finished (briefly) and then the close frame.
-                    if !writer_conn.unreadable.load(Ordering::Relaxed)
-                        && matches!(tokio::time::timeout(CLOSE_DRAIN, &mut send).await, Ok(Ok(Ok(()))))
-                    {
-                        break;
-                    }
-                    stuck = true;
-                    break;
-                }
-            }
-        }
-        if stuck {
-            // A close frame cannot pass a closed window: dropping the socket closes it.
-            return false;
-        }
-        let reason = writer_conn.close_reason.lock().expect("lock").clone();
-        let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-            // After the agent's own Close no other may be sent; flushing sends the reply
-            // queued when it arrived (the closing handshake, RFC 6455 5.5.1).
-            if sink.send(close_msg(code, &reason)).await.is_err() {
-                let _ = sink.flush().await;
-            }
-        })
-        .await;
-        true
-    });
-
-    // 4. reader
-    let why = loop {
-        let msg = tokio::select! {
-            _ = conn.kill.cancelled() => {
-                let r = conn.close_reason.lock().expect("lock").clone();
-                break r.map_or_else(|| "closed by hub".to_string(), |(_, r)| r);
-            }
-            m = stream.next() => m,
-        };
-        let msg = match msg {
-            None => break "connection closed".to_string(),
-            Some(Err(e)) => {
-                let text = e.to_string();
-                if is_too_big(&text) {
-                    svc.metrics
-                        .protocol_errors
-                        .with_label_values(&["frame-too-large"])
-                        .inc();
-                    let r = format!("frame exceeds {} bytes", svc.cfg.max_frame_bytes);
-                    conn.close(close::TOO_BIG, &r);
-                    break r;
-                }
-                break format!("read error: {text}");
-            }
-            Some(Ok(m)) => m,
-        };
-        match handle(&svc, &agent, &conn, msg).await {
-            Ok(true) => {}
-            Ok(false) => break "agent closed the connection".to_string(),
-            Err((metric, reason)) => {
-                svc.metrics
-                    .protocol_errors
-                    .with_label_values(&[metric])
-                    .inc();
-                tracing::warn!(agent = %agent, reason = %reason, "protocol error; closing");
-                let code = match metric {
-                    "message-rate" => close::SLOW_CONSUMER,
-                    _ => close::PROTOCOL_VIOLATION,
-                };
-                conn.close(code, &reason);
-                break reason;
-            }
-        }
-    };
+    // What the handshake needed is freed before the connection settles for hours.
+    drop((token, pool, join, lease, execs));
+    // 3. writer and 4. reader, two halves of this one task: an idle connection is one task,
+    // and a heartbeat's answer (queued by the reader) is written without waking another.
+    let (sink, stream) = socket.split();
+    let writer = write_queue(&svc, &agent, &conn, sink);
+    let reader = read_messages(&svc, &agent, &conn, stream);
+    let ((why, closed_by_hub, dropped, mut stream), close_sent) = tokio::join!(reader, writer);
     // 5. teardown
-    let closed_by_hub = conn.kill.is_cancelled()
-        && conn
-            .close_reason
-            .lock()
-            .expect("lock")
-            .as_ref()
-            .is_some_and(|(c, _)| *c == close::TERMINATED || *c == close::GOING_AWAY);
-    // A connection that dropped on its own (not closed by the hub for a reason) may come back.
-    let dropped = conn.close_reason.lock().expect("lock").is_none();
-    conn.kill.cancel();
-    let close_sent = writer.await.unwrap_or(false);
     svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
     if !conn.reattach {
         // Such an agent stops its exec when its connection drops.
@@ -674,5 +607,27 @@ pub(crate) fn msg_type(m: &AgentMessage) -> &'static str {
         AgentMessage::Exit { .. } => "exit",
         AgentMessage::Attached { .. } => "attached",
         AgentMessage::Ready { .. } => "ready",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future an async fn of two arguments returns.
+    fn future_size<A, B, F: Future>(_: impl Fn(A, B) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle agent's connection is one task holding this future for hours: ten thousand of
+    /// them must fit in tens of megabytes (docs/BENCHMARKS.md, "10,000 idle agents"). The
+    /// handshake's futures are boxed and the queue holds encoded frames, so neither sizes it.
+    /// (2,152 bytes in a debug build of rustc 1.95, less in release.)
+    #[test]
+    fn an_idle_connection_costs_one_small_task() {
+        let task = future_size(serve_agent);
+        assert!(task <= 2560, "serve_agent's future is {task} bytes");
+        let slot = std::mem::size_of::<Outbound>();
+        assert!(slot <= 40, "a queued frame takes {slot} bytes");
     }
 }

@@ -252,6 +252,9 @@ impl KubeBackend {
     }
 }
 
+/// How long a pod whose agent was told to exit gets to end by itself before it is deleted.
+pub const EXIT_GRACE: Duration = Duration::from_secs(10);
+
 /// A pod still present this long after its delete is deleted again.
 const REDELETE_AFTER: Duration = Duration::from_secs(30);
 
@@ -454,6 +457,51 @@ impl Backend for KubeBackend {
         tokio::spawn(async move {
             match api.delete(&agent, &DeleteParams::default()).await {
                 // Exited is reported when the watch sees the pod gone.
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    let _ = events.send(BackendEvent::Exited {
+                        agent,
+                        detail: "pod already gone".into(),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %agent, namespace = %ns, error = %e, "deleting pod failed")
+                }
+            }
+        });
+    }
+
+    /// The agent was told to exit: its container ends and, with `restartPolicy: Never`, the
+    /// pod reaches `Succeeded` (the watch then reports it and deletes the object), which ends
+    /// its count toward maxTotal at once. Deleting it first would not: a kubelet (v1.20, and
+    /// any before terminal phases for deleted pods) writes no terminal phase for a pod being
+    /// deleted, so it counts until its object is gone, seconds later. A pod still running
+    /// after [`EXIT_GRACE`] (a sidecar, an agent that did not exit) is deleted.
+    fn retire(&self, agent: &str, events: EventSink) {
+        let ns = self.namespace_of_agent(agent);
+        let api = self.pods_in(&ns);
+        let agent = agent.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(EXIT_GRACE).await;
+            let ended = match api.get_opt(&agent).await {
+                Ok(None) => true,
+                Ok(Some(p)) => {
+                    p.metadata.deletion_timestamp.is_some()
+                        || p.status
+                            .as_ref()
+                            .and_then(|s| s.phase.as_deref())
+                            .is_some_and(|ph| ph == "Succeeded" || ph == "Failed")
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %agent, namespace = %ns, error = %e, "reading a retired pod failed; deleting it");
+                    false
+                }
+            };
+            if ended {
+                return;
+            }
+            tracing::info!(pod = %agent, namespace = %ns, grace_s = EXIT_GRACE.as_secs(), "agent pod still running after it was told to exit; deleting it");
+            match api.delete(&agent, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {
                     let _ = events.send(BackendEvent::Exited {

@@ -1,0 +1,169 @@
+//! The outbound queue of one agent connection: bounded, first in first out, one reader (the
+//! connection's writer half) and any number of senders.
+//!
+//! It holds no memory while empty, which is how an idle connection spends its life: tokio's
+//! `mpsc` allocates its slots 32 at a time when the channel is made, which for ten thousand
+//! idle agents is megabytes of empty slots. It never blocks a sender that does not ask to
+//! wait: `try_send` on a full queue fails at once (the hub then disconnects the agent).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use tokio::sync::Notify;
+
+/// Why a frame was not queued; the frame comes back.
+#[derive(Debug)]
+pub(super) enum SendError<T> {
+    /// The queue holds its capacity.
+    Full(T),
+    /// The writer is gone; nothing more is sent on this connection.
+    Closed(T),
+}
+
+struct Inner<T> {
+    items: VecDeque<T>,
+    closed: bool,
+}
+
+/// A bounded queue that allocates only while it holds frames.
+pub(super) struct Queue<T> {
+    inner: Mutex<Inner<T>>,
+    cap: usize,
+    /// Wakes the reader.
+    ready: Notify,
+    /// Wakes senders waiting for room.
+    room: Notify,
+}
+
+/// Capacity kept by an emptied queue; a larger buffer (left by a burst) is freed.
+const KEEP: usize = 8;
+
+impl<T> Queue<T> {
+    /// An empty queue of at most `cap` frames (at least one).
+    pub(super) fn new(cap: usize) -> Queue<T> {
+        Queue {
+            inner: Mutex::new(Inner {
+                items: VecDeque::new(),
+                closed: false,
+            }),
+            cap: cap.max(1),
+            ready: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    /// Queues a frame without waiting.
+    pub(super) fn try_send(&self, item: T) -> Result<(), SendError<T>> {
+        let mut i = self.inner.lock().expect("queue lock");
+        if i.closed {
+            return Err(SendError::Closed(item));
+        }
+        if i.items.len() >= self.cap {
+            return Err(SendError::Full(item));
+        }
+        i.items.push_back(item);
+        drop(i);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues a frame, waiting for room; gives it back when the queue closes.
+    pub(super) async fn send(&self, mut item: T) -> Result<(), T> {
+        loop {
+            let room = self.room.notified();
+            tokio::pin!(room);
+            // Registered before the check, so a frame taken in between still wakes it.
+            room.as_mut().enable();
+            match self.try_send(item) {
+                Ok(()) => return Ok(()),
+                Err(SendError::Closed(t)) => return Err(t),
+                Err(SendError::Full(t)) => item = t,
+            }
+            room.await;
+        }
+    }
+
+    /// The next frame; None once the queue is closed.
+    pub(super) async fn recv(&self) -> Option<T> {
+        loop {
+            let ready = self.ready.notified();
+            tokio::pin!(ready);
+            ready.as_mut().enable();
+            {
+                let mut i = self.inner.lock().expect("queue lock");
+                if i.closed {
+                    return None;
+                }
+                if let Some(item) = i.items.pop_front() {
+                    if i.items.is_empty() && i.items.capacity() > KEEP {
+                        i.items.shrink_to(KEEP);
+                    }
+                    drop(i);
+                    self.room.notify_one();
+                    return Some(item);
+                }
+            }
+            ready.await;
+        }
+    }
+
+    /// Closes the queue: what it holds is dropped, senders fail from now on, waiting ones wake.
+    pub(super) fn close(&self) {
+        let items = {
+            let mut i = self.inner.lock().expect("queue lock");
+            i.closed = true;
+            std::mem::take(&mut i.items)
+        };
+        drop(items);
+        self.room.notify_waiters();
+        self.ready.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bounded_fifo_that_closes() {
+        let q = Queue::new(2);
+        q.try_send(1).unwrap();
+        q.try_send(2).unwrap();
+        assert!(matches!(q.try_send(3), Err(SendError::Full(3))));
+        assert_eq!(q.recv().await, Some(1));
+        q.try_send(3).unwrap();
+        assert_eq!(q.recv().await, Some(2));
+        assert_eq!(q.recv().await, Some(3));
+        q.close();
+        assert!(matches!(q.try_send(4), Err(SendError::Closed(4))));
+        assert_eq!(q.recv().await, None);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_sender_gets_room_or_its_frame_back() {
+        let q = std::sync::Arc::new(Queue::new(1));
+        q.try_send(1).unwrap();
+        let sender = {
+            let q = q.clone();
+            tokio::spawn(async move { q.send(2).await })
+        };
+        // The sender waits until the reader takes a frame.
+        assert_eq!(q.recv().await, Some(1));
+        assert_eq!(sender.await.unwrap(), Ok(()));
+        assert_eq!(q.recv().await, Some(2));
+
+        q.try_send(3).unwrap();
+        let sender = {
+            let q = q.clone();
+            tokio::spawn(async move { q.send(4).await })
+        };
+        q.close();
+        assert_eq!(sender.await.unwrap(), Err(4));
+    }
+
+    #[test]
+    fn an_empty_queue_holds_no_buffer() {
+        let q: Queue<u64> = Queue::new(256);
+        assert_eq!(q.inner.lock().unwrap().items.capacity(), 0);
+    }
+}
