@@ -80,9 +80,27 @@ fn client_for(s: &ServerArgs) -> anyhow::Result<client::Client> {
     Ok(client::Client::with_tls(&s.server, token, tls))
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    // An agent is a small process: one thread runs it (every thread of the agent is one more
+    // `children` file to read in each walk of the processes below it); everything else gets
+    // a worker per core.
+    let runtime = match cli.command {
+        Command::Agent(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build();
+    match runtime {
+        Ok(rt) => rt.block_on(async_main(cli)),
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "warmpool: cannot start the runtime: {e}");
+            ExitCode::from(255)
+        }
+    }
+}
+
+async fn async_main(cli: Cli) -> ExitCode {
     // The process-wide rustls provider, for any client built without a warmpool config.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let default_log = match cli.command {

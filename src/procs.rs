@@ -119,16 +119,31 @@ fn children_of(pid: i32) -> Option<Vec<i32>> {
     any.then_some(out)
 }
 
+/// Walks of the process table below this process so far (for tests and diagnostics).
+static WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times this process walked the process table below it ([`sweep`], [`leftovers`]).
+pub fn walks() -> u64 {
+    WALKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The process table below this process: its descendants, read through the children files
-/// (a few reads instead of one per process on the machine: an agent checks this after every
-/// lease and in every heartbeat), or the whole table when those files do not exist.
+/// (a few reads instead of one per process on the machine: one `children` file per thread of
+/// ours, then one per descendant), or the whole table when those files do not exist.
 fn table_below_me() -> Vec<Row> {
+    WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let me = std::process::id() as i32;
-    if children_of(me).is_none() {
+    let Some(mine) = children_of(me) else {
         return table();
-    }
+    };
     let mut out = Vec::new();
-    let mut stack = vec![me];
+    let mut stack = Vec::new();
+    for c in mine {
+        if let Some(row) = stat_of(c) {
+            out.push(row);
+            stack.push(c);
+        }
+    }
     while let Some(p) = stack.pop() {
         for c in children_of(p).unwrap_or_default() {
             if let Some(row) = stat_of(c) {
@@ -140,12 +155,12 @@ fn table_below_me() -> Vec<Row> {
     out
 }
 
-/// Live (non-zombie) descendants of this process, excluding `keep` and their descendants.
-pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
+/// Live (non-zombie) descendants of this process in `table`, excluding `keep` and their
+/// descendants.
+fn leftovers_in(table: &[Row], keep: &HashSet<i32>) -> Vec<i32> {
     let me = std::process::id() as i32;
-    let t = table_below_me();
     let mut children: HashMap<i32, Vec<(i32, char)>> = HashMap::new();
-    for (pid, ppid, st, _) in &t {
+    for (pid, ppid, st, _) in table {
         children.entry(*ppid).or_default().push((*pid, *st));
     }
     let mut out = Vec::new();
@@ -164,17 +179,26 @@ pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
     out
 }
 
-/// Reaps zombie children that nobody else waits for (orphans re-parented to us).
-pub fn reap_orphans(keep: &HashSet<i32>) {
+/// Live (non-zombie) descendants of this process, excluding `keep` and their descendants.
+pub fn leftovers(keep: &HashSet<i32>) -> Vec<i32> {
+    leftovers_in(&table_below_me(), keep)
+}
+
+/// One walk below this process: reaps the zombie children nobody else waits for (orphans
+/// re-parented to us, not in `keep`) and returns the live descendants outside `keep` and their
+/// trees, as [`leftovers`] does.
+pub fn sweep(keep: &HashSet<i32>) -> Vec<i32> {
     let me = std::process::id() as i32;
-    for (pid, ppid, st, _) in table_below_me() {
-        if ppid == me && st == 'Z' && !keep.contains(&pid) {
+    let table = table_below_me();
+    for (pid, ppid, st, _) in &table {
+        if *ppid == me && *st == 'Z' && !keep.contains(pid) {
             // SAFETY: waitpid on a specific zombie child, non-blocking.
             unsafe {
-                libc::waitpid(pid, std::ptr::null_mut(), libc::WNOHANG);
+                libc::waitpid(*pid, std::ptr::null_mut(), libc::WNOHANG);
             }
         }
     }
+    leftovers_in(&table, keep)
 }
 
 /// Kills and reaps what dead agents left behind: every child re-parented to this process (a
@@ -298,8 +322,7 @@ pub fn kill_all_descendants(keep: &std::collections::BTreeSet<i32>, wait: Durati
 pub async fn kill_leftovers(keep: &HashSet<i32>, timeout: Duration) -> usize {
     let deadline = Instant::now() + timeout;
     loop {
-        let left = leftovers(keep);
-        reap_orphans(keep);
+        let left = sweep(keep);
         if left.is_empty() {
             return 0;
         }

@@ -5,9 +5,10 @@
 //! ([`exec`]) and writes into a [`job::Job`] that outlives the connection: a lost connection
 //! stops nothing; the next one reports the job in `hello` and the hub re-attaches to its output
 //! (`attach`). On `release` the agent kills every leftover descendant and wipes the workspace
-//! ([`crate::procs`]) before reporting `ready` with its health. The agent is a child subreaper so jobs
-//! cannot escape cleanup by daemonising.
+//! before reporting `ready` with its health ([`cleanup`]: nothing of that when provably nothing
+//! is left). The agent is a child subreaper so jobs cannot escape cleanup by daemonising.
 
+pub mod cleanup;
 pub mod exec;
 pub mod hooks;
 pub mod job;
@@ -25,8 +26,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_util::sync::CancellationToken;
 
+use self::cleanup::Housekeeping;
 use self::job::Job;
-use crate::engine::Health;
 use crate::procs;
 use crate::protocol::{
     AgentMessage, ExitStatus, HubMessage, PROTOCOL_VERSION, Stream, close, decode_output,
@@ -120,7 +121,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
         hub: cfg.hub.clone(),
         message: format!("cannot create workspace {}: {e}", cfg.workspace.display()),
     })?;
-    let pids = Arc::new(Mutex::new(HashSet::new()));
+    let hk = Arc::new(Housekeeping::new(cfg.workspace.clone()));
     // The lease this agent serves and how many it served, kept across reconnects and
     // reported in `hello`.
     let lease: Arc<Mutex<Served>> = Arc::default();
@@ -129,14 +130,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
     let mut failures = 0u32;
     loop {
         let started = Instant::now();
-        let end = session(
-            &cfg,
-            &shutdown,
-            pids.clone(),
-            lease.clone(),
-            current.clone(),
-        )
-        .await;
+        let end = session(&cfg, &shutdown, hk.clone(), lease.clone(), current.clone()).await;
         let retry_soon =
             matches!(&end, Err(Error::Refused { code, .. }) if *code == close::TRY_AGAIN_LATER);
         match &end {
@@ -162,7 +156,9 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<()> {
             _ = shutdown.cancelled() => break,
         }
     }
-    procs::kill_leftovers(&HashSet::new(), Duration::from_secs(2)).await;
+    if !hk.quiet() {
+        procs::kill_leftovers(&HashSet::new(), Duration::from_secs(2)).await;
+    }
     Ok(())
 }
 
@@ -192,22 +188,6 @@ fn next_pause(failures: u32, max: Duration, retry_soon: bool, jitter: f64) -> (D
     )
 }
 
-fn health(cfg: &AgentConfig, pids: &Arc<Mutex<HashSet<i32>>>) -> Health {
-    let keep = pids.lock().expect("lock").clone();
-    procs::reap_orphans(&keep);
-    Health {
-        workspace_bytes: procs::dir_bytes(&cfg.workspace),
-        leftover_processes: procs::leftovers(&keep).len() as u32,
-    }
-}
-
-async fn health_async(cfg: &AgentConfig, pids: &Arc<Mutex<HashSet<i32>>>) -> Health {
-    let (cfg, pids) = (cfg.clone(), pids.clone());
-    tokio::task::spawn_blocking(move || health(&cfg, &pids))
-        .await
-        .unwrap_or_default()
-}
-
 fn json(m: &AgentMessage) -> Message {
     Message::Text(serde_json::to_string(m).expect("serialisable").into())
 }
@@ -215,7 +195,7 @@ fn json(m: &AgentMessage) -> Message {
 async fn session(
     cfg: &AgentConfig,
     shutdown: &CancellationToken,
-    pids: Arc<Mutex<HashSet<i32>>>,
+    hk: Arc<Housekeeping>,
     current_lease: Arc<Mutex<Served>>,
     current: Slot,
 ) -> Result<End> {
@@ -244,7 +224,7 @@ async fn session(
         lease,
         lease_token,
         uses,
-        health: health_async(cfg, &pids).await,
+        health: hk.health().await,
         execs: Some(
             current
                 .lock()
@@ -300,12 +280,12 @@ async fn session(
         }
     });
     let heartbeat = {
-        let (tx, cfg, pids) = (tx.clone(), cfg.clone(), pids.clone());
+        let (tx, hk) = (tx.clone(), hk.clone());
         tokio::spawn(async move {
             let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             loop {
                 iv.tick().await;
-                let health = health_async(&cfg, &pids).await;
+                let health = hk.health().await;
                 if tx
                     .send(json(&AgentMessage::Heartbeat { health }))
                     .await
@@ -392,9 +372,13 @@ async fn session(
                 }
                 let lease = current_lease.lock().expect("lock").lease.clone();
                 let job = Arc::new(Job::new(exec_id, lease, job::BUFFER_BYTES));
-                let (ws, pids2, j) = (cfg.workspace.clone(), pids.clone(), job.clone());
+                let (ws, hk2, j) = (cfg.workspace.clone(), hk.clone(), job.clone());
+                // Before the spawn and after the end: housekeeping never takes an agent that
+                // ran something for one that provably has nothing below it.
+                hk.changed();
                 let runner = tokio::spawn(async move {
-                    let status = exec::run(j.clone(), spec, &ws, pids2).await;
+                    let status = exec::run(j.clone(), spec, &ws, hk2.pids.clone()).await;
+                    hk2.changed();
                     j.finish(status);
                 });
                 *current.lock().expect("lock") = Some(Current {
@@ -463,7 +447,7 @@ async fn session(
                 if let Some(s) = sender.take() {
                     s.abort();
                 }
-                let (tx2, cfg2, pids2) = (tx.clone(), cfg.clone(), pids.clone());
+                let (tx2, hk2) = (tx.clone(), hk.clone());
                 let previous = cleanup.take();
                 cleanup = Some(tokio::spawn(async move {
                     if let Some(p) = previous {
@@ -473,18 +457,8 @@ async fn session(
                         c.job.cancel.cancel();
                         let _ = c.runner.await;
                     }
-                    let left = procs::kill_leftovers(&HashSet::new(), Duration::from_secs(5)).await;
-                    if left > 0 {
-                        tracing::warn!(left, "leftover processes survived SIGKILL");
-                    }
-                    let ws = cfg2.workspace.clone();
-                    let wiped = tokio::task::spawn_blocking(move || procs::wipe(&ws)).await;
-                    if let Ok(Err(e)) = wiped {
-                        tracing::warn!(error = %e, "workspace not fully wiped");
-                    }
-                    // The pool's cleanup and health hooks; their results decide reuse.
-                    let hooks = hooks::run(&pool_hooks, &cfg2.workspace, &lease, &pids2).await;
-                    let health = health_async(&cfg2, &pids2).await;
+                    // Leftovers, workspace, then the pool's hooks (their results decide reuse).
+                    let (health, hooks) = hk2.after_release(&pool_hooks, &lease).await;
                     let _ = tx2
                         .send(json(&AgentMessage::Ready {
                             lease: Some(lease),
@@ -509,7 +483,7 @@ async fn session(
     if let End::Exit(_) = &end {
         let running = current.lock().expect("lock").take();
         if let Some(c) = running {
-            for pgid in pids.lock().expect("lock").iter() {
+            for pgid in hk.pids.lock().expect("lock").iter() {
                 // SAFETY: signalling a job's own process group.
                 unsafe { libc::killpg(*pgid, libc::SIGKILL) };
             }
