@@ -252,6 +252,23 @@ impl KubeBackend {
     }
 }
 
+/// Deletes an agent's pod. Its `Exited` is reported when the watch sees the pod gone, or here
+/// when it is gone already.
+async fn delete_pod(api: &Api<Pod>, agent: String, ns: &str, events: &EventSink) {
+    match api.delete(&agent, &DeleteParams::default()).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 404 => {
+            let _ = events.send(BackendEvent::Exited {
+                agent,
+                detail: "pod already gone".into(),
+            });
+        }
+        Err(e) => {
+            tracing::warn!(pod = %agent, namespace = %ns, error = %e, "deleting pod failed")
+        }
+    }
+}
+
 /// How long a pod whose agent was told to exit gets to end by itself before it is deleted.
 pub const EXIT_GRACE: Duration = Duration::from_secs(10);
 
@@ -454,21 +471,7 @@ impl Backend for KubeBackend {
         let ns = self.namespace_of_agent(agent);
         let api = self.pods_in(&ns);
         let agent = agent.to_string();
-        tokio::spawn(async move {
-            match api.delete(&agent, &DeleteParams::default()).await {
-                // Exited is reported when the watch sees the pod gone.
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {
-                    let _ = events.send(BackendEvent::Exited {
-                        agent,
-                        detail: "pod already gone".into(),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(pod = %agent, namespace = %ns, error = %e, "deleting pod failed")
-                }
-            }
-        });
+        tokio::spawn(async move { delete_pod(&api, agent, &ns, &events).await });
     }
 
     /// The agent was told to exit: its container ends and, with `restartPolicy: Never`, the
@@ -501,18 +504,7 @@ impl Backend for KubeBackend {
                 return;
             }
             tracing::info!(pod = %agent, namespace = %ns, grace_s = EXIT_GRACE.as_secs(), "agent pod still running after it was told to exit; deleting it");
-            match api.delete(&agent, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {
-                    let _ = events.send(BackendEvent::Exited {
-                        agent,
-                        detail: "pod already gone".into(),
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(pod = %agent, namespace = %ns, error = %e, "deleting pod failed")
-                }
-            }
+            delete_pod(&api, agent, &ns, &events).await;
         });
     }
 
