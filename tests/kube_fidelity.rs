@@ -145,6 +145,23 @@ async fn max_total_caps_pods_that_may_run_during_churn_with_graceful_deletion_an
         }
     });
     futures_util::future::join_all(clients).await;
+    // A used agent exits by itself before its pod is deleted, so the churn leaves no pod being
+    // deleted while it may run. A pod deleted by someone else still counts until its
+    // container is gone: delete an idle one and sample it.
+    let victim = pods_of(&client, "churn")
+        .await
+        .into_iter()
+        .find(|p| phase(p) == "Running" && p.metadata.deletion_timestamp.is_none())
+        .and_then(|p| p.metadata.name)
+        .expect("a running pod of churn");
+    kube::api::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), "default")
+        .delete(&victim, &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while samples.lock().unwrap().deleting_running == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.cancel();
     sampler.await.unwrap();
     let s = std::mem::take(&mut *samples.lock().unwrap());
