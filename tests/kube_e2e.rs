@@ -97,6 +97,50 @@ async fn pool_reaches_min_idle_runs_a_job_and_replaces_the_pod_per_max_uses() {
     drop(c.api);
 }
 
+/// A used agent is told to exit instead of having its pod deleted (docs/KUBERNETES.md, "Pods"):
+/// a pod that ends by itself is reported and deleted by the watch; one whose container outlives
+/// its agent (here the container's shell goes on sleeping) is deleted once the exit grace
+/// (`EXIT_GRACE`, 10 s) has passed, not before.
+#[tokio::test]
+async fn a_pod_whose_container_outlives_its_retired_agent_is_deleted_after_the_exit_grace() {
+    let c = cluster().await;
+    let cmd = json!(["/bin/sh", "-c", format!("{EXE} agent; exec sleep 600")]);
+    c.pools()
+        .create(
+            &PostParams::default(),
+            &agent_pool(
+                "outlive",
+                cmd,
+                // No idle agent is left behind: the process kubelet kills a pod's process, not
+                // its group, so an agent below a killed shell would outlive the test.
+                json!({"minIdle": 0, "maxTotal": 1, "maxUses": 1}),
+            ),
+        )
+        .await
+        .unwrap();
+    let l = c.h.lease("outlive", 30.0, 60.0).await;
+    c.h.client.release(&l.id).await.unwrap();
+    let released = std::time::Instant::now();
+    let used = l.agent.clone();
+    c.until("the used pod deleted", async |c: &Cluster| {
+        match c.pods().get_opt(&used).await.unwrap() {
+            None => true,
+            Some(p) => p.metadata.deletion_timestamp.is_some(),
+        }
+    })
+    .await;
+    let after = released.elapsed();
+    assert!(
+        after >= warmpool::backend::kubernetes::EXIT_GRACE - Duration::from_secs(2),
+        "pod {used} deleted {after:?} after its release: before the exit grace"
+    );
+    c.until("the used pod gone", async |c: &Cluster| {
+        c.pods().get_opt(&used).await.unwrap().is_none()
+    })
+    .await;
+    drop(c.api);
+}
+
 #[tokio::test]
 async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
     let c = cluster().await;
