@@ -118,6 +118,10 @@ async fn a_pod_whose_container_outlives_its_retired_agent_is_deleted_after_the_e
         )
         .await
         .unwrap();
+    c.until("pool outlive applied", async |c: &Cluster| {
+        c.h.server.svc.pools().iter().any(|p| p.name == "outlive")
+    })
+    .await;
     let l = c.h.lease("outlive", 30.0, 60.0).await;
     c.h.client.release(&l.id).await.unwrap();
     let released = std::time::Instant::now();
