@@ -119,19 +119,10 @@ fn children_of(pid: i32) -> Option<Vec<i32>> {
     any.then_some(out)
 }
 
-/// Walks of the process table below this process so far (for tests and diagnostics).
-static WALKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many times this process walked the process table below it ([`sweep`], [`leftovers`]).
-pub fn walks() -> u64 {
-    WALKS.load(std::sync::atomic::Ordering::Relaxed)
-}
-
 /// The process table below this process: its descendants, read through the children files
 /// (a few reads instead of one per process on the machine: one `children` file per thread of
 /// ours, then one per descendant), or the whole table when those files do not exist.
 fn table_below_me() -> Vec<Row> {
-    WALKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let me = std::process::id() as i32;
     let Some(mine) = children_of(me) else {
         return table();

@@ -581,7 +581,7 @@ async fn backend_loop(
             }
             BackendEvent::Exited { agent, detail } => {
                 tracing::debug!(agent = %agent, detail = %detail, "agent gone");
-                let _ = svc.hub.close(
+                svc.hub.close(
                     &agent,
                     close::TERMINATED,
                     &format!("agent {agent} exited: {detail}"),
