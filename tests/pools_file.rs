@@ -128,6 +128,13 @@ fn full_spec() -> Value {
         "provisioning": {"perSecond": 2.5, "burst": 4, "maxConcurrent": 3},
         "health": {"maxWorkspaceBytes": 1000, "maxLeftoverProcesses": 2},
         "external": false,
+        "schedules": [
+            {"cron": "0 8 * * 1-5", "duration": "10h", "timeZone": "Europe/Berlin",
+             "minIdle": 5, "maxTotal": 7},
+            {"cron": "0 20 * * *", "duration": 3600, "minIdle": 0}
+        ],
+        "warmHitTarget": 0.95,
+        "scaleToZeroAfter": "2h",
         "jenkins": {
             "url": "https://jenkins.example.com/",
             "credentialsSecret": "jenkins-token",
@@ -262,4 +269,56 @@ fn the_documented_pools_files_load() {
     for (doc, yaml) in files {
         parse_pools(&yaml, &doc).unwrap_or_else(|e| panic!("{doc}: example does not load: {e}"));
     }
+}
+
+#[test]
+fn schedule_and_policy_fields_are_checked_with_their_paths() {
+    let yaml = r#"
+pools:
+  - name: go
+    maxTotal: 10
+    warmHitTarget: 1.5
+    scaleToZeroAfter: 0s
+    schedules:
+      - {cron: "0 8 * * 1-5", duration: 10h, timeZone: Europe/Berlin, minIdle: 4}
+      - {cron: "0 25 * * *", duration: 0s, timeZone: Moon/Base, minIdle: 12}
+"#;
+    let p = problems(yaml);
+    has(
+        &p,
+        "pools[0].schedules[1].cron:",
+        "\"0 25 * * *\" is not a valid cron expression",
+    );
+    has(
+        &p,
+        "pools[0].schedules[1].timeZone:",
+        "\"Moon/Base\" is not a known IANA time zone",
+    );
+    has(
+        &p,
+        "pools[0].schedules[1].duration:",
+        "must be longer than 0s",
+    );
+    has(
+        &p,
+        "pools[0].schedules[1].minIdle:",
+        "12 is above the pool's maxTotal 10",
+    );
+    has(&p, "pools[0].warmHitTarget:", "between 0 and 1");
+    has(&p, "pools[0].scaleToZeroAfter:", "longer than 0s");
+    assert!(!p.iter().any(|m| m.contains("schedules[0]")), "{p:?}");
+    // A misspelt field, or a missing required one, is named (the semantic checks wait for the
+    // fields to read).
+    let p = problems(
+        "pools:\n  - name: go\n    schedules:\n      - {cron: '0 8 * * *', duration: 1h, minIdel: 2}\n",
+    );
+    has(&p, "pools[0].schedules[0].minIdel:", "unknown field");
+    has(&p, "pools[0].schedules[0].minIdle:", "missing");
+    let ok = "pools:\n  - name: go\n    schedules:\n      - {cron: '0 8 * * 1-5', duration: 10h, minIdle: 3, maxTotal: 12}\n";
+    let defs = parse_pools(ok, "f").unwrap();
+    let w = &defs[0].spec.schedules[0];
+    assert_eq!(
+        (w.time_zone.as_str(), w.min_idle, w.max_total),
+        ("UTC", 3, Some(12))
+    );
 }

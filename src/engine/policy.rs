@@ -333,6 +333,11 @@ impl Engine {
         })
     }
 
+    /// What the sizing policy decided for a pool on its last sizing pass.
+    pub fn decision(&self, pool: &str) -> Option<Decision> {
+        self.pools.get(pool).map(|p| p.policy.decision)
+    }
+
     /// Idle agent-seconds of a pool up to `now` (the cost side of its warm hits).
     pub fn idle_agent_seconds(&self, pool: &str, now: Instant) -> f64 {
         self.pools

@@ -37,7 +37,15 @@ enum Op {
     Respec(bool),
 }
 
-const SELECTORS: [&str; 6] = ["linux", "go", "rust", "linux && go", "windows", "!go"];
+const SELECTORS: [&str; 7] = [
+    "linux",
+    "go",
+    "rust",
+    "linux && go",
+    "windows",
+    "!go",
+    "policy",
+];
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -58,6 +66,30 @@ fn arb_op() -> impl Strategy<Value = Op> {
         1 => any::<usize>().prop_map(Op::Retire),
         1 => any::<bool>().prop_map(Op::Respec),
     ]
+}
+
+/// Pool c: every policy at once, on a time scale the random runs reach.
+fn policy_spec() -> crate::spec::PoolSpec {
+    let mut s = spec(&["linux", "policy"], 1, 4, 1);
+    s.warm_hit_target = Some(0.9);
+    s.scale_to_zero_after = Some(crate::spec::Dur(ms(1000)));
+    s.schedules = vec![
+        crate::spec::Schedule {
+            cron: "0 9 * * *".into(),
+            duration: crate::spec::Dur::secs(1),
+            time_zone: "UTC".into(),
+            min_idle: 2,
+            max_total: Some(2),
+        },
+        crate::spec::Schedule {
+            cron: "* * * * *".into(),
+            duration: crate::spec::Dur::secs(2),
+            time_zone: "UTC".into(),
+            min_idle: 1,
+            max_total: None,
+        },
+    ];
+    s
 }
 
 fn pick<T: Clone>(v: &[T], i: usize) -> Option<T> {
@@ -102,6 +134,9 @@ impl Model {
                         s.total,
                         s.max_total
                     );
+                    // Nor above the cap in effect (an open window's maxTotal).
+                    let cap = e.decision(&pool).unwrap().cap;
+                    prop_assert!(s.total <= cap, "{} has {} > cap {}", pool, s.total, cap);
                 }
                 _ => {}
             }
@@ -118,8 +153,20 @@ proptest! {
         let t0 = Instant::now();
         let mut now = t0;
         let mut e = engine();
+        // Pool c's windows: 09:00:00 for 1 s (minIdle 2, maxTotal 2) and every minute for 2 s
+        // (minIdle 1); the run starts at 08:59:59.5 UTC (runs span a few seconds).
+        let wall0 = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_796_115_599_500);
+        e.set_wall_clock(t0, wall0);
         e.upsert_pool("a", spec(&["linux", "go"], 1, 3, 0), now);
         e.upsert_pool("b", spec(&["linux", "rust"], 0, 2, 2), now);
+        e.upsert_pool("c", policy_spec(), now);
+        let windows: Vec<crate::spec::Window> =
+            policy_spec().schedules.iter().map(|w| w.compile().unwrap()).collect();
+        let quiet = policy_spec().scale_to_zero_after.unwrap().0;
+        // The last request pool c could count (any selector matching it), and the last it must
+        // count (one only it matches); its creation before any.
+        let mut last_any = t0;
+        let mut last_own = t0;
         let mut m = Model::default();
         let mut arrivals = 0usize;
         let acts = e.take_actions();
@@ -139,6 +186,12 @@ proptest! {
             };
             match op {
                 Op::Request { sel, wait, ttl } => {
+                    if ["linux", "!go", "policy"].contains(&SELECTORS[sel]) {
+                        last_any = now;
+                    }
+                    if SELECTORS[sel] == "policy" {
+                        last_own = now;
+                    }
                     let arrival = arrivals;
                     arrivals += 1;
                     match e.request_lease(req(SELECTORS[sel], wait, ttl), now) {
@@ -200,7 +253,30 @@ proptest! {
                 Op::Exit(i) => {
                     if let Some(a) = pick(&by_state(&e, AgentState::Terminating), i) { e.agent_exited(&a, "reaped", now); }
                 }
-                Op::Advance(d) => { now += ms(d); e.tick(now); }
+                Op::Advance(d) => {
+                    now += ms(d);
+                    e.tick(now);
+                    // Every pool was sized at `now`: pool c's decision honours its floors.
+                    let d = e.decision("c").unwrap();
+                    let wall = e.wall_at(now).unwrap();
+                    let open: Vec<_> = windows.iter().filter(|w| w.open_until(wall).is_some()).collect();
+                    let floor = open.iter().map(|w| w.min_idle).max();
+                    let cap = open.iter().filter_map(|w| w.max_total).max().unwrap_or(4);
+                    prop_assert_eq!(d.cap, cap);
+                    prop_assert!(d.desired_idle <= d.cap, "{:?}", d);
+                    if let Some(f) = floor {
+                        prop_assert!(d.desired_idle >= f.min(cap), "floor {} cap {}: {:?}", f, cap, d);
+                    }
+                    // Scale to zero only after the quiet time (and never below an open window).
+                    if d.source == IdleSource::ScaleToZero {
+                        prop_assert!(now.duration_since(last_own) >= quiet, "asleep after {:?}", now.duration_since(last_own));
+                        prop_assert!(floor.is_none());
+                    }
+                    if floor.is_none() && now.duration_since(last_any) >= quiet {
+                        prop_assert_eq!(d.source, IdleSource::ScaleToZero, "{:?}", d);
+                        prop_assert_eq!(d.desired_idle, 0);
+                    }
+                }
                 Op::Retire(i) => {
                     let mut all: Vec<AgentId> = e.agents().map(|a| a.id.clone()).collect();
                     all.sort();
