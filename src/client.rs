@@ -505,6 +505,11 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
         "TOTAL".into(),
         "MIN".into(),
         "MAX".into(),
+        "DESIRED".into(),
+        "SOURCE".into(),
+        "RATE/MIN".into(),
+        "REFILL".into(),
+        "WARM-HIT".into(),
     ]];
     for p in pools {
         rows.push([
@@ -517,6 +522,12 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             p.total.to_string(),
             p.min_idle.to_string(),
             p.max_total.to_string(),
+            p.desired_idle.to_string(),
+            p.desired_idle_source.as_str().to_string(),
+            format!("{:.1}", p.arrival_rate),
+            format!("{:.0}s", p.refill_seconds),
+            p.warm_hit_ratio
+                .map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0)),
         ]);
     }
     table(&rows)

@@ -151,14 +151,34 @@ async fn status_prints_a_table_and_json() {
             "PROVISIONING",
             "TOTAL",
             "MIN",
-            "MAX"
+            "MAX",
+            "DESIRED",
+            "SOURCE",
+            "RATE/MIN",
+            "REFILL",
+            "WARM-HIT"
         ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        row,
-        ["default", "linux,x86_64", "2", "0", "0", "0", "2", "2", "4"]
+        row[..11],
+        [
+            "default",
+            "linux,x86_64",
+            "2",
+            "0",
+            "0",
+            "0",
+            "2",
+            "2",
+            "4",
+            "2",
+            "minIdle"
+        ]
     );
+    // No request yet: no rate, and no warm-hit ratio (the refill time is measured).
+    assert_eq!((row[11], row[13]), ("0.0", "-"), "{row:?}");
+    assert!(row[12].ends_with('s'), "{row:?}");
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v[0]["name"], "default");
     assert_eq!(v[0]["idle"], 2);

@@ -142,6 +142,9 @@ async fn agentpool_crd_on_a_real_apiserver() {
             "Leased",
             "Provisioning",
             "Max",
+            "Desired",
+            "Source",
+            "WarmHit",
             "Age"
         ]
     );

@@ -321,3 +321,48 @@ async fn a_jenkins_agentpool_deleted_while_down_is_purged_and_waits_for_an_unrea
     h2.server.shutdown().await;
     drop(api);
 }
+
+/// The sizing policy reaches the AgentPool: an open schedule window raises the desired idle
+/// count (status `desiredIdle` 2 from `schedule`, with the learned refill time), and a window
+/// whose cron cannot be read is Degraded/InvalidSpec naming the field.
+#[tokio::test]
+async fn the_sizing_policy_is_in_the_agentpool_status_and_a_bad_window_is_invalid() {
+    let c = cluster().await;
+    c.create_pool(
+        "sched",
+        json!({"minIdle": 0, "maxTotal": 4, "warmHitTarget": 0.9,
+               "schedules": [{"cron": "* * * * *", "duration": "100y", "minIdle": 2}]}),
+    )
+    .await;
+    c.h.wait_idle("sched", 2).await;
+    c.until(
+        "status: desiredIdle 2 from the schedule",
+        async |c: &Cluster| {
+            let s = c.status("sched").await;
+            s.desired_idle == Some(2)
+                && s.desired_idle_source.as_deref() == Some("schedule")
+                && s.refill_seconds.is_some_and(|r| r > 0.0)
+                && s.warm_hit_ratio.is_none()
+        },
+    )
+    .await;
+    c.create_pool(
+        "badcron",
+        json!({"schedules": [{"cron": "0 25 * * *", "duration": "1h", "minIdle": 1}]}),
+    )
+    .await;
+    c.until(
+        "Degraded/InvalidSpec naming the window",
+        async |c: &Cluster| {
+            c.has_condition(
+                "badcron",
+                "Degraded",
+                "True",
+                "InvalidSpec",
+                "spec.schedules[0].cron: \"0 25 * * *\" is not a valid cron expression",
+            )
+            .await
+        },
+    )
+    .await;
+}

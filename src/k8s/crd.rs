@@ -31,6 +31,9 @@ use crate::spec::PoolSpec;
     printcolumn = r#"{"name":"Leased","type":"integer","jsonPath":".status.leased"}"#,
     printcolumn = r#"{"name":"Provisioning","type":"integer","jsonPath":".status.provisioning"}"#,
     printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxTotal"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredIdle"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.desiredIdleSource"}"#,
+    printcolumn = r#"{"name":"WarmHit","type":"number","jsonPath":".status.warmHitRatio"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
@@ -108,6 +111,45 @@ pub struct AgentPoolStatus {
     /// Agents that never registered within `connectTimeout`.
     #[serde(default)]
     pub leaks_total: u64,
+    /// Idle agents the sizing policy wants now (docs/SIZING.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_idle: Option<u32>,
+    /// What dominates `desiredIdle`: `minIdle`, `schedule`, `forecast`, `demand` or
+    /// `scaleToZero`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_idle_source: Option<String>,
+    /// Lease requests per minute the forecast expects now (two significant digits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arrival_rate: Option<f64>,
+    /// Learned seconds from provisioning an agent to its registration (two significant
+    /// digits; a default before the first measurement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refill_seconds: Option<f64>,
+    /// Share of the last hour's leases that found an idle agent (two decimals); absent without
+    /// a lease in the hour.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_hit_ratio: Option<f64>,
+}
+
+/// Rounds to two significant digits (status fields that change a little on every pass would
+/// otherwise be rewritten every time).
+fn two_digits(x: f64) -> f64 {
+    if !x.is_finite() || x == 0.0 {
+        return 0.0;
+    }
+    let scale = 10f64.powi(1 - x.abs().log10().floor() as i32);
+    (x * scale).round() / scale
+}
+
+impl AgentPoolStatus {
+    /// Sets the sizing policy's fields from the engine's view of the pool.
+    pub fn set_policy(&mut self, p: &crate::engine::PoolStatus) {
+        self.desired_idle = Some(p.desired_idle);
+        self.desired_idle_source = Some(p.desired_idle_source.as_str().to_string());
+        self.arrival_rate = Some(two_digits(p.arrival_rate));
+        self.refill_seconds = Some(two_digits(p.refill_seconds));
+        self.warm_hit_ratio = p.warm_hit_ratio.map(|r| (r * 100.0).round() / 100.0);
+    }
 }
 
 /// A status condition, shaped like `metav1.Condition`.
@@ -208,6 +250,24 @@ mod tests {
         ] {
             assert!(y.contains(want), "CRD lacks {want:?}:\n{y}");
         }
+    }
+
+    #[test]
+    fn policy_status_fields_are_rounded_for_few_writes() {
+        assert_eq!(two_digits(29.548), 30.0);
+        assert_eq!(two_digits(0.4166), 0.42);
+        assert_eq!(two_digits(26.0), 26.0);
+        assert_eq!(two_digits(0.0), 0.0);
+        let spec: AgentPoolSpec = serde_saphyr::from_str(
+            "schedules:\n  - {cron: '0 8 * * 1-5', duration: 0s, timeZone: Nowhere, minIdle: 1}\n",
+        )
+        .unwrap();
+        let p = spec.problems().join("\n");
+        assert!(p.contains("spec.schedules[0].timeZone: \"Nowhere\""), "{p}");
+        assert!(
+            p.contains("spec.schedules[0].duration: must be longer than 0s"),
+            "{p}"
+        );
     }
 
     #[test]

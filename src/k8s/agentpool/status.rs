@@ -1,7 +1,9 @@
 //! The AgentPool status loop: on a short interval, level-triggered, for every AgentPool in the
 //! store, computes its status (engine pools: counts by state and Ready/Throttled/Degraded;
 //! Jenkins pools: counts of nodes and Ready/Degraded from the connector; invalid specs:
-//! Degraded/InvalidSpec; deleted pools whose cleanup has not finished: Degraded with why) with
+//! Degraded/InvalidSpec; deleted pools whose cleanup has not finished: Degraded with why; the
+//! sizing policy's desired idle count, its source, arrival rate, refill time and warm-hit ratio
+//! for every pool the engine sizes) with
 //! the one condition builder, and writes it through the status subresource when it changed.
 //! It also removes from the engine and the connector every pool the store no longer holds
 //! (deleted without our finalizer, or while it was forced away).
@@ -79,7 +81,7 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
                         *c = desired("Degraded", true, "InvalidSpec", message.clone());
                     }
                 }
-                AgentPoolStatus {
+                let mut st = AgentPoolStatus {
                     provisioning: js.nodes.creating,
                     connecting: js.nodes.connecting,
                     idle: js.nodes.idle,
@@ -88,7 +90,13 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
                     observed_generation: js.observed_generation,
                     conditions: conditions(&previous.conditions, generation, want),
                     leaks_total: js.leaks_total,
+                    ..AgentPoolStatus::default()
+                };
+                // The engine sizes the Jenkins pool: its policy says what and why.
+                if let Some(p) = engine.iter().find(|p| p.name == key) {
+                    st.set_policy(p);
                 }
+                st
             } else if let Some(p) = engine.iter().find(|p| p.name == key) {
                 engine_status(&ctx, p, &previous, generation, invalid)
             } else if let Some(message) = invalid {
@@ -201,7 +209,7 @@ fn engine_status(
             None => desired("Degraded", false, "Healthy", "no provisioning errors"),
         },
     };
-    AgentPoolStatus {
+    let mut st = AgentPoolStatus {
         provisioning: p.provisioning,
         connecting: p.connecting,
         idle: p.idle,
@@ -236,5 +244,8 @@ fn engine_status(
             ],
         ),
         leaks_total: p.leaks_total,
-    }
+        ..AgentPoolStatus::default()
+    };
+    st.set_policy(p);
+    st
 }
