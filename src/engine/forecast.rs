@@ -33,6 +33,11 @@ pub const REFILL_ALPHA: f64 = 0.2;
 /// Below this expected rate (requests per second: one an hour) the forecast keeps no agent;
 /// `minIdle` and schedules still do.
 pub const MIN_RATE: f64 = 1.0 / 3600.0;
+/// The forecast keeps its k-th idle agent only while that agent is expected to turn at least
+/// this many requests an hour from cold to warm (rate x P(exactly k-1 on their way)): at low
+/// rates the target would keep agents that serve almost nothing, and the few requests of quiet
+/// hours weigh little in the ratio.
+pub const MIN_WARM_PER_AGENT_HOUR: f64 = 1.0;
 
 /// Per-pool learned state. O(1) per request and per measurement; advancing the time-of-week
 /// clock costs one step per bucket passed (at most [`BUCKETS`] per call).
@@ -193,12 +198,22 @@ impl Learner {
         {
             return k;
         }
-        let k = headroom(mean, target, cap);
+        let mut k = headroom(mean, target, cap);
+        // (Not when the cap binds: then the pool is overloaded and demand sizes it.)
+        while k > 0 && k < cap && rate * 3600.0 * pmf(mean, k - 1) < MIN_WARM_PER_AGENT_HOUR {
+            k -= 1;
+        }
         if k < cap {
             self.memo = Some((mean, target, k));
         }
         k
     }
+}
+
+/// P(N = `k`), N ~ Poisson(`mean`), computed in log space.
+fn pmf(mean: f64, k: u32) -> f64 {
+    let ln_fact: f64 = (1..=k).map(|i| f64::from(i).ln()).sum();
+    (-mean + f64::from(k) * mean.ln() - ln_fact).exp()
 }
 
 /// The smallest `k` (at most `cap`) with P(N < k) >= `target`, N ~ Poisson(`mean`): the idle
@@ -335,5 +350,18 @@ mod tests {
         assert_eq!(l.headroom(0.401, r, 0.95, 100), k);
         assert_eq!(l.headroom(0.8, r, 0.95, 100), headroom(20.0, 0.95, 100));
         assert_eq!(l.headroom(0.8, r, 0.95, 3), 3);
+    }
+
+    #[test]
+    fn no_agent_is_kept_for_almost_no_request() {
+        let mut l = Learner::default();
+        let r = Duration::from_secs(25);
+        // 12 requests an hour: the target alone keeps 2 (P(N < 1) = 0.92), but the second
+        // would turn 12 x P(N = 1) = 0.92 requests an hour warm: one agent.
+        assert_eq!(headroom(12.0 / 3600.0 * 25.0, 0.95, 100), 2);
+        assert_eq!(l.headroom(12.0 / 3600.0, r, 0.95, 100), 1);
+        // At busy rates the target decides alone.
+        assert_eq!(l.headroom(0.4, r, 0.95, 100), headroom(10.0, 0.95, 100));
+        assert!((pmf(4.0, 2) - 8.0 * (-4.0f64).exp()).abs() < 1e-12);
     }
 }
