@@ -36,7 +36,8 @@ pub struct Counts {
     pub busy: u32,
     /// Being deleted.
     pub deleting: u32,
-    /// Idle nodes wanted now: `minIdle` + queue demand, at most `maxTotal`.
+    /// Idle nodes wanted now: the engine's desired idle count (docs/SIZING.md: `minIdle`, a
+    /// schedule window or the forecast, plus queue demand, at most the cap).
     pub target: u32,
     /// 1 when the rate limit held creations back on the engine's last pass.
     pub throttled: u32,
@@ -100,7 +101,7 @@ impl Connector {
                     idle: p.idle + p.cleaning,
                     busy: p.leased,
                     deleting: p.terminating,
-                    target: (spec.min_idle + demand).min(spec.max_total),
+                    target: p.desired_idle,
                     throttled: u32::from(p.throttled),
                 });
                 let leaks_total = engine.get(key).map_or(0, |p| p.leaks_total);
