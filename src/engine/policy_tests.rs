@@ -182,11 +182,10 @@ fn forecast_headroom_follows_the_learned_rate_and_refill() {
     // Nothing learned: no traffic, no headroom.
     assert_eq!(status(&e).desired_idle, 0);
     // One request every 2 s for 20 minutes; agents take 25 s to come.
-    let mut now = t0;
     let mut pending: Vec<(Instant, String)> = Vec::new();
     let mut leases = Vec::new();
     for i in 0..600u64 {
-        now = t0 + Duration::from_secs(2 * i);
+        let now = t0 + Duration::from_secs(2 * i);
         // Agents provisioned 25 s ago register.
         while let Some(pos) = pending.iter().position(|(t, _)| *t <= now) {
             let (_, id) = pending.remove(pos);
