@@ -269,6 +269,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let code = warmpool::jenkins::fake_agent::run(args).await;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }
+        Command::Simulate(a) => {
+            warmpool::simulate::cmd::run(*a).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Crd => {
             print!("{}", warmpool::k8s::crd::crd_yaml());
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,127 @@
+//! Replays small traces whose figures can be computed by hand.
+
+use std::time::Duration;
+
+use super::*;
+
+fn cfg(lo: u64, hi: u64) -> SimConfig {
+    SimConfig {
+        provision: (Duration::from_secs(lo), Duration::from_secs(hi)),
+        cleanup: Duration::from_secs(1),
+        terminate: Duration::from_secs(1),
+        tick: Duration::from_secs(1),
+        seed: 1,
+        start: default_start(),
+        warmup: Duration::ZERO,
+        wait: Duration::from_secs(3600),
+        quiet: None,
+    }
+}
+
+fn trace(text: &str) -> Trace {
+    trace::parse(
+        &format!("at_seconds,selector,duration_seconds\n{text}"),
+        "t",
+    )
+    .unwrap()
+}
+
+/// minIdle 1, provisioning exactly 10 s, a fresh agent per lease, leases at 0 s and 5 s for a
+/// minute each. The pool starts warm (one idle agent at 0 s). 0 s: warm; the engine provisions
+/// the minIdle replacement (ready at 10 s). 5 s: nothing idle, so it waits; the engine provisions
+/// one more for it (ready at 15 s). 10 s: the replacement serves the waiter (waited 5 s).
+/// 15 s: one agent idle until the end at 70 s (the second job ends 60 s after 10 s): 55 idle
+/// agent-seconds. Peak: 3 agents (two leased or provisioning, one provisioning) from 5 s to 15 s.
+#[test]
+fn hand_computed_trace() {
+    let t = trace("0,linux,60\n5,linux,60\n");
+    let r = simulate(&t, "t", &[baseline(&t, 1, 10)], &cfg(10, 10), None).unwrap();
+    let p = &r.policies[0];
+    assert_eq!(p.name, "minIdle-1");
+    assert_eq!((p.leases, p.warm, p.cold, p.failed), (2, 1, 1, 0));
+    assert_eq!(p.warm_hit_ratio, 0.5);
+    assert_eq!(p.waits, vec![0.0, 5.0]);
+    assert_eq!(p.wait_seconds.p50, 0.0);
+    assert_eq!(p.wait_seconds.p90, 5.0);
+    assert_eq!(p.wait_seconds.p99, 5.0);
+    assert!(
+        (p.idle_agent_hours * 3600.0 - 55.0).abs() < 1e-6,
+        "{}",
+        p.idle_agent_hours * 3600.0
+    );
+    assert_eq!(p.peak_agents, 3);
+    assert_eq!(p.provisions, 2);
+    assert_eq!(p.measured_to_seconds, 70.0);
+}
+
+/// Reused agents (maxUses 0) clean up for the simulated cleanup time, then serve again warm.
+#[test]
+fn reuse_after_cleanup() {
+    let t = trace("0,linux,10\n10.5,linux,10\n11.5,linux,10\n");
+    let mut pol = baseline(&t, 1, 1);
+    pol.pools[0].spec.max_uses = 0;
+    let r = simulate(&t, "t", &[pol], &cfg(10, 10), None).unwrap();
+    let p = &r.policies[0];
+    // 10 s: released, cleaning until 11 s. 10.5 s: waits 0.5 s for it; 11.5 s: waits until the
+    // second job ends at 21 s and its cleanup at 22 s (maxTotal 1: nothing else can start).
+    assert_eq!((p.warm, p.cold), (1, 2));
+    assert_eq!(p.waits, vec![0.0, 0.5, 10.5]);
+    assert_eq!(p.provisions, 0);
+}
+
+#[test]
+fn unmatched_selector_names_selector_and_policy() {
+    let t = trace("0,windows,60\n");
+    let e = simulate(
+        &t,
+        "t",
+        &[baseline(&trace("0,linux,1\n"), 1, 10)],
+        &cfg(1, 1),
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("\"windows\"") && e.contains("minIdle-1"), "{e}");
+}
+
+#[test]
+fn search_finds_the_smallest_min_idle() {
+    // Ten leases in one second: only minIdle >= 10 serves them all warm.
+    let lines: String = (0..10).map(|i| format!("0.{i},linux,60\n")).collect();
+    let t = trace(&lines);
+    let c = cfg(10, 10);
+    let s = search_min_idle(&t, &baseline(&t, 0, 50), &c, 1.0, 64);
+    assert_eq!(s.smallest, Some(10), "{s:?}");
+    assert!(s.rows.windows(2).all(|w| w[0].min_idle < w[1].min_idle));
+    let s = search_min_idle(&t, &baseline(&t, 0, 50), &c, 0.5, 64);
+    assert_eq!(s.smallest, Some(5), "{s:?}");
+}
+
+#[test]
+fn flags() {
+    assert_eq!(
+        parse_range("1.1s..3s").unwrap(),
+        (Duration::from_millis(1100), Duration::from_secs(3))
+    );
+    assert!(parse_range("3s..1s").is_err());
+    assert!(parse_range("3s").is_err());
+    assert_eq!(parse_window("22:00..06:00").unwrap(), (79_200, 21_600));
+    assert!(parse_window("25:00..06:00").is_err());
+    assert_eq!(pool_name("linux && (go || rust)", &[]), "linux-go-rust");
+    assert_eq!(pool_name("", &[]), "any");
+}
+
+#[test]
+fn quiet_window_and_hours() {
+    // One idle agent (minIdle 1, no leases but one at the end) for two hours from 00:00.
+    let t = trace("7200,linux,1\n");
+    let mut c = cfg(1, 1);
+    c.quiet = Some(parse_window("00:00..01:00").unwrap());
+    let r = simulate(&t, "t", &[baseline(&t, 1, 10)], &c, None).unwrap();
+    let p = &r.policies[0];
+    assert!(
+        (p.quiet_idle_agent_hours.unwrap() - 1.0).abs() < 1e-3,
+        "{p:?}"
+    );
+    assert!((p.idle_agent_hours_by_hour[1] - 1.0).abs() < 1e-3, "{p:?}");
+}
