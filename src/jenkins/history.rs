@@ -272,7 +272,7 @@ pub fn to_trace(jobs: &[JobHistory], default_selector: &str) -> Result<Trace> {
             })
         })
         .collect();
-    leases.sort_by(|a, b| a.at.cmp(&b.at));
+    leases.sort_by_key(|l| l.at);
     Ok(Trace {
         leases,
         start: Some(UNIX_EPOCH + Duration::from_millis(first)),

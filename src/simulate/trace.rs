@@ -239,7 +239,7 @@ pub fn write(trace: &Trace) -> String {
 /// Seconds with at most 3 decimals, trailing zeros dropped.
 fn secs_text(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}", ms / 1000)
     } else {
         let s = format!("{}.{:03}", ms / 1000, ms % 1000);
