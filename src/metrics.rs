@@ -4,8 +4,8 @@
 //! engine at scrape time (level-triggered), counters and histograms are updated by the shell.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The registry and its metrics.
@@ -55,6 +55,24 @@ pub struct Metrics {
     pub jenkins_poll_interval: GaugeVec,
     /// `warmpool_jenkins_queue_demand{pool}`: queued builds waiting for the pool's labels.
     pub jenkins_demand: IntGaugeVec,
+    /// `warmpool_leases_total{pool,path}`: leases granted, `warm` (an idle agent was ready at
+    /// request time) or `cold` (the request waited).
+    pub leases: IntCounterVec,
+    /// `warmpool_idle_agent_seconds_total{pool}`: idle agents integrated over time.
+    pub idle_agent_seconds: CounterVec,
+    /// `warmpool_desired_idle_agents{pool}`: what the sizing policy wants idle now.
+    pub desired_idle: IntGaugeVec,
+    /// `warmpool_desired_idle_source{pool,source}`: 1 for the term that dominates the desired
+    /// idle count (minIdle, schedule, forecast, demand, scaleToZero), 0 for the others.
+    pub desired_idle_source: IntGaugeVec,
+    /// `warmpool_arrival_rate_per_minute{pool}`: the lease requests per minute the forecast
+    /// expects.
+    pub arrival_rate: GaugeVec,
+    /// `warmpool_refill_seconds{pool}`: learned provision-to-idle time.
+    pub refill_seconds: GaugeVec,
+    /// `warmpool_warm_hit_ratio{pool}`: share of the last hour's leases that were warm (no
+    /// series while the pool had no lease in the hour).
+    pub warm_hit_ratio: GaugeVec,
 }
 
 fn buckets() -> Vec<f64> {
@@ -111,7 +129,53 @@ impl Metrics {
         registry
             .register(Box::new(jenkins_poll_interval.clone()))
             .expect("unique metric");
+        let fgauge = |name: &str, help: &str| {
+            let g = GaugeVec::new(Opts::new(name, help), &["pool"]).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let idle_agent_seconds = CounterVec::new(
+            Opts::new(
+                "warmpool_idle_agent_seconds_total",
+                "Idle agents integrated over time (agent-seconds), per pool: the cost of warmth.",
+            ),
+            &["pool"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(idle_agent_seconds.clone()))
+            .expect("unique metric");
         Metrics {
+            idle_agent_seconds,
+            leases: counter(
+                "warmpool_leases_total",
+                "Leases granted, by path: warm (an idle agent was ready at request time) or cold (the request waited).",
+                &["pool", "path"],
+            ),
+            desired_idle: gauge(
+                "warmpool_desired_idle_agents",
+                "Idle agents the sizing policy wants now, per pool.",
+                &["pool"],
+            ),
+            desired_idle_source: gauge(
+                "warmpool_desired_idle_source",
+                "1 for the term that dominates a pool's desired idle count (minIdle, schedule, forecast, demand, scaleToZero).",
+                &["pool", "source"],
+            ),
+            arrival_rate: fgauge(
+                "warmpool_arrival_rate_per_minute",
+                "Lease requests per minute the forecast expects, per pool.",
+            ),
+            refill_seconds: fgauge(
+                "warmpool_refill_seconds",
+                "Learned time from provisioning an agent to its registration, per pool.",
+            ),
+            warm_hit_ratio: fgauge(
+                "warmpool_warm_hit_ratio",
+                "Share of the last hour's leases that found an idle agent, per pool.",
+            ),
             jenkins_request_seconds,
             jenkins_poll_interval,
             jenkins_requests: counter(
@@ -202,6 +266,54 @@ impl Metrics {
                 &["pool", "state"],
             ),
             registry,
+        }
+    }
+
+    /// Creates a pool's policy series at zero (so rates and ratios work from the first scrape).
+    pub fn init_pool(&self, pool: &str) {
+        for path in ["warm", "cold"] {
+            self.leases.with_label_values(&[pool, path]);
+        }
+        self.idle_agent_seconds.with_label_values(&[pool]);
+        self.desired_idle.with_label_values(&[pool]);
+        self.arrival_rate.with_label_values(&[pool]);
+        self.refill_seconds.with_label_values(&[pool]);
+    }
+
+    /// Sets a pool's policy gauges and brings its idle agent-seconds counter up to the
+    /// engine's total.
+    pub fn pool_policy(&self, p: &crate::engine::PoolStatus) {
+        let pool = p.name.as_str();
+        self.desired_idle
+            .with_label_values(&[pool])
+            .set(i64::from(p.desired_idle));
+        for s in [
+            crate::engine::IdleSource::MinIdle,
+            crate::engine::IdleSource::Schedule,
+            crate::engine::IdleSource::Forecast,
+            crate::engine::IdleSource::Demand,
+            crate::engine::IdleSource::ScaleToZero,
+        ] {
+            self.desired_idle_source
+                .with_label_values(&[pool, s.as_str()])
+                .set(i64::from(s == p.desired_idle_source));
+        }
+        self.arrival_rate
+            .with_label_values(&[pool])
+            .set(p.arrival_rate);
+        self.refill_seconds
+            .with_label_values(&[pool])
+            .set(p.refill_seconds);
+        match p.warm_hit_ratio {
+            Some(r) => self.warm_hit_ratio.with_label_values(&[pool]).set(r),
+            None => {
+                let _ = self.warm_hit_ratio.remove_label_values(&[pool]);
+            }
+        }
+        let c = self.idle_agent_seconds.with_label_values(&[pool]);
+        let delta = p.idle_agent_seconds - c.get();
+        if delta > 0.0 {
+            c.inc_by(delta);
         }
     }
 

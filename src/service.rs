@@ -157,9 +157,12 @@ impl Service {
             format!("{:06x}", n & 0xff_ffff)
         };
         let (backend_tx, backend_rx) = mpsc::unbounded_channel();
+        let epoch = (Instant::now(), SystemTime::now());
+        let mut engine = Engine::new(cfg.engine.clone(), &instance, pacer);
+        engine.set_wall_clock(epoch.0, epoch.1);
         let svc = Arc::new(Service {
-            engine: Mutex::new(Engine::new(cfg.engine.clone(), &instance, pacer)),
-            epoch: (Instant::now(), SystemTime::now()),
+            engine: Mutex::new(engine),
+            epoch,
             hub: Hub::new(cfg.handshakes_per_second),
             cfg,
             metrics,
@@ -233,6 +236,7 @@ impl Service {
     /// Adds or updates a pool (the spec must be valid).
     pub fn upsert_pool(&self, name: &str, spec: PoolSpec) {
         self.specs.insert(name.to_string(), spec.clone());
+        self.metrics.init_pool(name);
         self.apply(|e, now| e.upsert_pool(name, spec, now));
     }
 
@@ -463,6 +467,11 @@ impl Service {
                         .provision_to_idle
                         .with_label_values(&[&pool])
                         .observe(seconds),
+                    Observation::Leased { pool, warm } => self
+                        .metrics
+                        .leases
+                        .with_label_values(&[pool.as_str(), if warm { "warm" } else { "cold" }])
+                        .inc(),
                     Observation::Throttled { pool } => {
                         self.metrics.throttled.with_label_values(&[&pool]).inc();
                         self.backend_of(&pool).record(&pool, PoolEvent::Throttled);
@@ -474,7 +483,15 @@ impl Service {
 
     /// Refreshes the agent gauges from the engine and renders `/metrics`.
     pub fn render_metrics(&self) -> String {
-        let counts = self.read(|e| e.counts());
+        let (counts, pools) = self.read(|e| (e.counts(), e.pool_status()));
+        self.metrics.desired_idle.reset();
+        self.metrics.desired_idle_source.reset();
+        self.metrics.arrival_rate.reset();
+        self.metrics.refill_seconds.reset();
+        self.metrics.warm_hit_ratio.reset();
+        for p in &pools {
+            self.metrics.pool_policy(p);
+        }
         self.metrics.agents.reset();
         for ((pool, state), n) in counts {
             self.metrics
@@ -555,7 +572,11 @@ async fn tick_loop(svc: std::sync::Weak<Service>, period: Duration) {
     loop {
         iv.tick().await;
         let Some(svc) = svc.upgrade() else { return };
-        svc.apply(|e, now| e.tick(now));
+        // The wall clock follows the system clock (schedules are read against it).
+        svc.apply(|e, now| {
+            e.set_wall_clock(now, SystemTime::now());
+            e.tick(now)
+        });
     }
 }
 
@@ -607,5 +628,6 @@ fn exits_when_told(reason: &Reason) -> bool {
             | Reason::CleanupFailed(_)
             | Reason::HealthCheckFailed(_)
             | Reason::PoolRemoved
+            | Reason::OverCap
     )
 }

@@ -15,6 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use read::Tree;
+pub use schedule::{Schedule, Window};
 
 /// Agents one pool may have at most (`maxTotal`): a bound on what one spec can make the
 /// service allocate.
@@ -233,6 +234,22 @@ pub struct PoolSpec {
     /// own WebSocket remoting, and Jenkins' queue leases them (docs/JENKINS.md).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jenkins: Option<crate::jenkins::JenkinsSpec>,
+    /// Time windows (a cron start, a duration, a time zone) that replace `minIdle`, and
+    /// optionally `maxTotal`, while open. Overlapping windows: the highest `minIdle` and the
+    /// highest `maxTotal` among the open windows that set one (docs/SIZING.md).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<Schedule>,
+    /// Forecast headroom: the share of leases that should find an idle agent (0 < x < 1, like
+    /// 0.95). warmpool learns the pool's arrival rate and refill time and keeps enough idle
+    /// agents for the arrivals expected during one refill; `minIdle` and schedules stay floors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub warm_hit_target: Option<f64>,
+    /// After no lease request for this long the pool may drop to zero idle agents (`minIdle`
+    /// and the forecast stop applying; an open schedule window still does); the next request
+    /// wakes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after: Option<Dur>,
 }
 
 impl Default for PoolSpec {
@@ -251,6 +268,9 @@ impl Default for PoolSpec {
             external: false,
             agent_command: None,
             jenkins: None,
+            schedules: Vec::new(),
+            warm_hit_target: None,
+            scale_to_zero_after: None,
         }
     }
 }
@@ -350,6 +370,32 @@ impl PoolSpec {
             ));
         }
         p.extend(self.hooks.validate(prefix));
+        for (i, w) in self.schedules.iter().enumerate() {
+            p.extend(w.validate(&format!("{prefix}schedules[{i}]."), self.max_total));
+        }
+        if let Some(t) = self.warm_hit_target
+            && !(t.is_finite() && t > 0.0 && t < 1.0)
+        {
+            p.push(format!(
+                "{prefix}warmHitTarget: must be between 0 and 1 (exclusive), like 0.95; got {t}"
+            ));
+        }
+        if self.scale_to_zero_after.is_some_and(|d| d.0.is_zero()) {
+            p.push(format!("{prefix}scaleToZeroAfter: must be longer than 0s"));
+        }
+        if self.external {
+            for (field, set) in [
+                ("schedules", !self.schedules.is_empty()),
+                ("warmHitTarget", self.warm_hit_target.is_some()),
+                ("scaleToZeroAfter", self.scale_to_zero_after.is_some()),
+            ] {
+                if set {
+                    p.push(format!(
+                        "{prefix}{field}: an external pool starts no agents, so it has no sizing policy"
+                    ));
+                }
+            }
+        }
         if let Some(j) = &self.jenkins {
             p.extend(j.validate(&format!("{prefix}jenkins.")));
             if !self.hooks.is_empty() {
@@ -520,6 +566,7 @@ fn pool_entry(mut item: Tree, at: &str) -> std::result::Result<PoolDef, Vec<Stri
 }
 
 mod read;
+pub mod schedule;
 
 #[cfg(test)]
 mod tests;

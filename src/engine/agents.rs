@@ -200,7 +200,8 @@ impl Engine {
         }
         // An adopted agent keeps counting toward maxUses from what it reports.
         a.uses = a.uses.max(uses);
-        a.adopted = false;
+        // An adopted agent's provision-to-idle time says nothing about this pool's refill.
+        let adopted = std::mem::take(&mut a.adopted);
         a.health = health;
         a.last_seen = now;
         let pool_name = a.pool.clone();
@@ -249,6 +250,9 @@ impl Engine {
             return Ok(());
         }
         if !self.pools[&pool].spec.external {
+            if !adopted && let Some(p) = self.pools.get_mut(&pool) {
+                p.policy.learner.refill_measured(seconds);
+            }
             self.actions
                 .push(Action::Observe(Observation::ProvisionToIdle {
                     pool,

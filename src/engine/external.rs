@@ -60,6 +60,11 @@ impl Engine {
     /// The outside scheduler's queue for an externally leased pool: counted like waiting
     /// requests in its sizing (at most `maxTotal` agents in all).
     pub fn set_external_demand(&mut self, pool: &str, demand: u32, now: Instant) {
+        if demand > 0
+            && let Some(p) = self.pools.get_mut(pool)
+        {
+            p.policy.touched(now);
+        }
         if let Some(p) = self.pools.get_mut(pool)
             && p.external_demand != demand
         {
@@ -158,6 +163,9 @@ impl Engine {
             return;
         }
         let lease_id = self.new_lease_id();
+        // A build not seen before: one arrival for the pool's learner.
+        let pool = self.agents[id].pool.clone();
+        self.record_arrival(&pool, now);
         let a = self.agents.get_mut(id).expect("exists");
         a.uses += 1;
         a.lease = Some(lease_id.clone());

@@ -120,6 +120,9 @@ impl Engine {
         let p = self.pools.get_mut(&a.pool).expect("agent of a known pool");
         p.members.insert(a.id.clone());
         enter(p, &a, now);
+        if a.state == AgentState::Idle {
+            p.policy.idle_changed(now, p.counts[slot(AgentState::Idle)]);
+        }
         mark_dirty(&mut self.dirty, &a.pool);
         let id = a.id.clone();
         self.agents.insert(a.id.clone(), a);
@@ -153,6 +156,7 @@ impl Engine {
         a.state = state;
         a.since = now;
         enter(p, a, now);
+        p.policy.idle_changed(now, p.counts[slot(AgentState::Idle)]);
         mark_dirty(&mut self.dirty, &a.pool);
         self.schedule(id);
     }

@@ -14,14 +14,18 @@
 //! Layout: this file holds the state and the pool and lease events; `agents.rs` the agent
 //! events (started, registered, heartbeats, ready, gone, adoption, termination); `index.rs`
 //! the per-pool indexes and counters; `deadlines.rs` the agent deadline heap and the lease
-//! expiry index; `reconcile.rs` the tick, waiter assignment and sizing; `status.rs` read-only
+//! expiry index; `reconcile.rs` the tick, waiter assignment and sizing; `policy.rs` the sizing
+//! policy (schedules, forecast headroom, scale-to-zero, warm hits, idle cost) and the wall
+//! clock; `forecast.rs` what it learns (arrival rate, refill time); `status.rs` read-only
 //! views, invariants and shutdown; `types.rs` the value types; `tests.rs` scenarios and
 //! `proptests.rs` the property tests.
 
 mod agents;
 mod deadlines;
 mod external;
+mod forecast;
 mod index;
+mod policy;
 mod reconcile;
 mod status;
 mod types;
@@ -30,6 +34,8 @@ mod types;
 mod external_tests;
 #[cfg(test)]
 mod fault_tests;
+#[cfg(test)]
+mod policy_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
@@ -44,6 +50,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDequ
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use forecast::headroom;
+pub use policy::{Decision, IdleSource};
 pub use types::*;
 
 use crate::spec::PoolSpec;
@@ -156,6 +164,8 @@ struct Pool {
     held: bool,
     /// Externally leased pool: the outside scheduler's queue waiting for this pool.
     external_demand: u32,
+    /// The sizing policy's state (schedules, learner, warm hits, idle cost).
+    policy: policy::PoolPolicy,
 }
 
 /// True for a pool whose agents are leased by an outside scheduler (Jenkins), never by
@@ -217,6 +227,10 @@ pub struct Engine {
     deadlines: BinaryHeap<Reverse<(Instant, AgentId)>>,
     /// Active leases by expiry (see `deadlines.rs`).
     expiry: BTreeSet<(Instant, LeaseId)>,
+    /// The wall-clock time at an instant ([`Engine::set_wall_clock`]).
+    wall: Option<(Instant, std::time::SystemTime)>,
+    /// The request being decided by [`Engine::request_lease`]: granted now, it is warm.
+    requesting: Option<RequestId>,
 }
 
 impl Engine {
@@ -242,6 +256,8 @@ impl Engine {
             last_agent_scan: None,
             deadlines: BinaryHeap::new(),
             expiry: BTreeSet::new(),
+            wall: None,
+            requesting: None,
         }
     }
 
@@ -269,6 +285,7 @@ impl Engine {
                 p.labels = labels;
                 p.removed = false;
                 if changed {
+                    p.policy.respec(&p.spec);
                     self.reindex_pool(name, now);
                 }
             }
@@ -276,6 +293,7 @@ impl Engine {
                 self.pools.insert(
                     name.to_string(),
                     Pool {
+                        policy: policy::PoolPolicy::new(&spec, now),
                         spec: Arc::new(spec),
                         labels,
                         removed: false,
@@ -431,7 +449,9 @@ impl Engine {
             enqueued: now,
             deadline,
         });
+        self.requesting = Some(id);
         self.reconcile(now);
+        self.requesting = None;
         // Served at once? Take the grant out of the action list and answer directly.
         if let Some(pos) = self
             .actions
@@ -441,7 +461,17 @@ impl Engine {
             let Action::Granted { lease, .. } = self.actions.remove(pos) else {
                 unreachable!()
             };
+            self.record_arrival(&lease.pool, now);
             return Ok(LeaseDecision::Granted(lease));
+        }
+        // It waits (or fails at once): it counts for the pool that will provision for it.
+        let waiting = self.waiters.iter().rev().find(|w| w.id == id);
+        if let Some(pool) = waiting
+            .map(|w| w.req.clone())
+            .and_then(|r| self.attribute(&r))
+        {
+            self.record_arrival(&pool, now);
+            index::mark_dirty(&mut self.dirty, &pool);
         }
         if wait_zero {
             self.waiters.retain(|w| w.id != id);

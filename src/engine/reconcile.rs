@@ -165,10 +165,17 @@ impl Engine {
             pool: pool.clone(),
             lease: id.clone(),
         });
+        // Warm: an idle agent was ready when the request came (granted without waiting).
+        let warm = self.requesting == Some(w.id);
+        if let Some(p) = self.pools.get_mut(&pool) {
+            p.policy.granted(now, warm);
+        }
         self.actions.push(Action::Observe(Observation::LeaseWait {
-            pool,
+            pool: pool.clone(),
             seconds: now.duration_since(w.enqueued).as_secs_f64(),
         }));
+        self.actions
+            .push(Action::Observe(Observation::Leased { pool, warm }));
         (w.id, lease)
     }
 
@@ -179,7 +186,10 @@ impl Engine {
         let mut room: HashMap<&str, i64> = self
             .pools
             .iter()
-            .map(|(n, p)| (n.as_str(), p.spec.max_total as i64 - p.members.len() as i64))
+            .map(|(n, p)| {
+                let cap = p.policy.decision.cap;
+                (n.as_str(), i64::from(cap) - p.members.len() as i64)
+            })
             .collect();
         for w in &self.waiters {
             let pick = self
@@ -204,11 +214,14 @@ impl Engine {
         out
     }
 
-    /// Sizes one pool from its counters: starts what `minIdle` + demand needs, rotates stale
-    /// idle agents, stops idle agents past `idleTtl` above the want. O(1) plus the agents it
-    /// starts or stops (and O(log n) per index lookup).
+    /// Sizes one pool from its counters: starts what the policy's desired idle count needs
+    /// (`policy.rs`: minIdle or an open schedule window, the forecast headroom, scale-to-zero,
+    /// plus demand), rotates stale idle agents, stops idle agents past `idleTtl` above the want
+    /// and idle agents above the policy's cap. O(1) plus the agents it starts or stops (and
+    /// O(log n) per index lookup).
     fn size_pool(&mut self, name: &str, demand: u32, now: Instant) {
         let grace = self.cfg.cleaning_grace;
+        let wall = self.wall_at(now);
         let Some(pool) = self.pools.get_mut(name) else {
             return;
         };
@@ -225,11 +238,17 @@ impl Engine {
         // Agents cleaning up after a lease, to be reused within milliseconds: supply for the
         // cleaning grace (a request they will serve provisions nothing).
         let cleaning = pool.cleaning.len() as u32;
-        let want = spec.min_idle + demand + pool.external_demand;
+        let decision = pool.policy.decide(
+            &spec,
+            now,
+            wall,
+            demand.saturating_add(pool.external_demand),
+        );
+        let want = decision.want;
+        let cap = decision.cap;
         let held = pool.held;
 
-        // Scale up: fresh idle + in-flight + cleaning (within the grace) must cover
-        // minIdle + demand.
+        // Scale up: fresh idle + in-flight + cleaning (within the grace) must cover the want.
         let supply = fresh + in_flight + cleaning;
         let mut need = want.saturating_sub(supply);
         let backing_off = pool.backoff_until.is_some_and(|t| now < t);
@@ -237,7 +256,7 @@ impl Engine {
             need = 0;
         }
         need = need
-            .min(spec.max_total.saturating_sub(total))
+            .min(cap.saturating_sub(total))
             .min(spec.provisioning.max_concurrent.saturating_sub(in_flight));
         let mut throttled = false;
         for _ in 0..need {
@@ -264,11 +283,11 @@ impl Engine {
         p.throttled = throttled;
 
         // Rotate stale idle agents (oldest idle first) once their replacements are warm, or at
-        // once when no replacement is on its way and none can be made (pool at maxTotal). Any
+        // once when no replacement is on its way and none can be made (pool at its cap). Any
         // agent on its way is waited for: a stale agent retired while one comes (when not all
-        // of the want can come at once under maxTotal) leaves the pool below it.
+        // of the want can come at once under the cap) leaves the pool below it.
         let replacement_coming = in_flight > 0;
-        while fresh >= want || (!replacement_coming && total >= spec.max_total) {
+        while fresh >= want || (!replacement_coming && total >= cap) {
             let Some(id) = index::oldest(&self.pools[name].stale) else {
                 break;
             };
@@ -277,9 +296,20 @@ impl Engine {
             total -= 1;
         }
 
-        // Scale down: fresh idle agents above minIdle + demand that sat idle past idleTtl,
-        // oldest first (the first one not past it ends the pass: the rest are younger).
+        // Above the cap (an open schedule window's maxTotal is lower than the pool's agents):
+        // idle agents stop at once, oldest idle first.
         let mut idle = fresh;
+        while total > cap && idle > 0 {
+            let Some(id) = index::oldest(&self.pools[name].fresh) else {
+                break;
+            };
+            self.terminate(&id, Reason::OverCap, now);
+            idle -= 1;
+            total -= 1;
+        }
+
+        // Scale down: fresh idle agents above the want that sat idle past idleTtl, oldest
+        // first (the first one not past it ends the pass: the rest are younger).
         while idle > want {
             let p = &self.pools[name];
             let Some(key) = p.fresh.first() else { break };

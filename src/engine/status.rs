@@ -84,6 +84,14 @@ impl Engine {
                     last_error: p.last_error.clone(),
                     hook_failures_total: p.hook_failures_total,
                     last_hook_failure: p.last_hook_failure.clone(),
+                    desired_idle: p.policy.decision.desired_idle,
+                    desired_idle_source: p.policy.decision.source,
+                    arrival_rate: p.policy.decision.rate * 60.0,
+                    refill_seconds: p.policy.decision.refill.as_secs_f64(),
+                    warm_hit_ratio: p.policy.warm_hit_ratio(p.policy.decided_at),
+                    warm_leases_total: p.policy.warm_total,
+                    cold_leases_total: p.policy.cold_total,
+                    idle_agent_seconds: p.policy.idle_seconds(p.policy.decided_at),
                     spec: (*p.spec).clone(),
                 };
                 let n = |st| p.counts[index::slot(st)];

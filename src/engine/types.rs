@@ -103,6 +103,9 @@ pub enum Reason {
     /// The pool's health hook failed after a lease (exit code, timeout or output over its
     /// limit, with an excerpt).
     HealthCheckFailed(String),
+    /// Idle while its pool had more agents than the cap in effect (an open schedule
+    /// window's `maxTotal`).
+    OverCap,
     /// Its pool was removed.
     PoolRemoved,
     /// An externally leased pool's node exists without its agent (process or pod).
@@ -133,6 +136,7 @@ impl Reason {
             Reason::CleanupTimeout => "cleanup-timeout",
             Reason::CleanupFailed(_) => "cleanup-failed",
             Reason::HealthCheckFailed(_) => "health-check-failed",
+            Reason::OverCap => "over-cap",
             Reason::PoolRemoved => "pool-removed",
             Reason::OrphanNode => "orphan-node",
             Reason::OrphanAgent => "orphan-agent",
@@ -482,6 +486,14 @@ pub enum Observation {
         /// Seconds.
         seconds: f64,
     },
+    /// A lease was granted: `warm` when an idle agent was ready at request time (granted
+    /// without waiting), else cold.
+    Leased {
+        /// Pool.
+        pool: String,
+        /// Granted at once.
+        warm: bool,
+    },
     /// The rate limiter held back one provision.
     Throttled {
         /// Pool.
@@ -534,6 +546,32 @@ pub struct PoolStatus {
     /// pool passes its hooks again.
     #[serde(default)]
     pub last_hook_failure: Option<String>,
+    /// Idle agents the sizing policy wants now (capped by the cap in effect).
+    #[serde(default)]
+    pub desired_idle: u32,
+    /// What dominates `desiredIdle`: minIdle, schedule, forecast, demand or scaleToZero.
+    #[serde(default)]
+    pub desired_idle_source: super::IdleSource,
+    /// Lease requests per minute the forecast expects now (the higher of the recent rate and
+    /// the time-of-week rate over the next refill).
+    #[serde(default)]
+    pub arrival_rate: f64,
+    /// Seconds from provisioning an agent to its registration, as learned (a default before
+    /// the first measurement).
+    #[serde(default)]
+    pub refill_seconds: f64,
+    /// Share of the last hour's leases that found an idle agent; null without a lease.
+    #[serde(default)]
+    pub warm_hit_ratio: Option<f64>,
+    /// Leases granted at once (an idle agent was ready), since start.
+    #[serde(default)]
+    pub warm_leases_total: u64,
+    /// Leases granted after waiting, since start.
+    #[serde(default)]
+    pub cold_leases_total: u64,
+    /// Idle agent-seconds since start (the cost of keeping agents warm).
+    #[serde(default)]
+    pub idle_agent_seconds: f64,
     /// The pool's spec.
     pub spec: crate::spec::PoolSpec,
 }
