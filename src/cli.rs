@@ -529,7 +529,7 @@ pub struct SimulateArgs {
     /// How long a lease request may wait for an agent.
     #[arg(long, env = "WARMPOOL_SIMULATE_WAIT", value_parser = dur, default_value = "1h")]
     pub wait: Dur,
-    /// minIdle of the built-in fixed baseline.
+    /// minIdle of the built-in fixed baseline (the forecast policy has minIdle 0).
     #[arg(long, env = "WARMPOOL_SIMULATE_MIN_IDLE", default_value_t = 2)]
     pub min_idle: u32,
     /// maxTotal of the built-in policies' pools.
@@ -543,9 +543,14 @@ pub struct SimulateArgs {
     /// first --pools file's, with every pool's minIdle set alike) and print the table.
     #[arg(long, env = "WARMPOOL_SIMULATE_SEARCH_MIN_IDLE")]
     pub search_min_idle: bool,
-    /// The warm-hit ratio --search-min-idle looks for.
+    /// The warm-hit ratio --search-min-idle looks for, and the built-in forecast policy's
+    /// `warmHitTarget`.
     #[arg(long, env = "WARMPOOL_SIMULATE_TARGET", default_value_t = 0.95)]
     pub target: f64,
+    /// Also replay the built-in forecast policy with this `scaleToZeroAfter` (as
+    /// `forecast-stz`).
+    #[arg(long, env = "WARMPOOL_SIMULATE_SCALE_TO_ZERO_AFTER", value_parser = dur)]
+    pub scale_to_zero_after: Option<Dur>,
     /// The largest minIdle --search-min-idle tries.
     #[arg(long, env = "WARMPOOL_SIMULATE_SEARCH_LIMIT", default_value_t = 512)]
     pub search_limit: u32,

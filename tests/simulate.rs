@@ -75,6 +75,9 @@ fn replay_json_text_and_plot() {
     assert_eq!(p["peakAgents"], 3);
     assert_eq!(p["provisions"], 2);
     assert_eq!(p["idleAgentHoursByHour"].as_array().unwrap().len(), 24);
+    // Without --pools, the forecast policy runs beside the baseline.
+    assert_eq!(v["policies"][1]["name"], "forecast");
+    assert_eq!(v["policies"][1]["leases"], 2);
     assert_eq!(
         v["setup"]["provisionSeconds"],
         serde_json::json!([10.0, 10.0])

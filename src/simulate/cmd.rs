@@ -94,6 +94,15 @@ fn replay(a: &SimulateArgs, path: &Path) -> Result<()> {
         flag: "--provision",
         message: "missing: the provisioning latency MIN..MAX, e.g. 20s..30s".into(),
     })?;
+    if !(a.target > 0.0 && a.target < 1.0) && a.pools.is_empty() {
+        return Err(Error::Flag {
+            flag: "--target",
+            message: format!(
+                "{}: the forecast's warmHitTarget is above 0 and below 1",
+                a.target
+            ),
+        });
+    }
     if a.tick.0.is_zero() {
         return Err(Error::Flag {
             flag: "--tick",
@@ -116,7 +125,13 @@ fn replay(a: &SimulateArgs, path: &Path) -> Result<()> {
         quiet: a.quiet,
     };
     let policies = if a.pools.is_empty() {
-        super::builtin(&t, a.min_idle, a.max_total)
+        super::builtin(
+            &t,
+            a.min_idle,
+            a.max_total,
+            a.target,
+            a.scale_to_zero_after.map(|d| d.0),
+        )
     } else {
         a.pools
             .iter()

@@ -197,9 +197,44 @@ pub fn baseline(trace: &Trace, min_idle: u32, max_total: u32) -> Policy {
     }
 }
 
-/// The built-in policies for a trace: the fixed-minIdle baseline ([`baseline`]).
-pub fn builtin(trace: &Trace, min_idle: u32, max_total: u32) -> Vec<Policy> {
-    vec![baseline(trace, min_idle, max_total)]
+/// The forecast policy: the baseline's pools with `minIdle: 0` and `warmHitTarget: target`,
+/// and `scaleToZeroAfter` when given (named `forecast`, or `forecast-stz`).
+pub fn forecast(
+    trace: &Trace,
+    target: f64,
+    max_total: u32,
+    scale_to_zero_after: Option<Duration>,
+) -> Policy {
+    let mut p = baseline(trace, 0, max_total);
+    p.name = match scale_to_zero_after {
+        Some(_) => "forecast-stz".into(),
+        None => "forecast".into(),
+    };
+    for d in &mut p.pools {
+        d.spec.warm_hit_target = Some(target);
+        d.spec.scale_to_zero_after = scale_to_zero_after.map(crate::spec::Dur);
+    }
+    p
+}
+
+/// The built-in policies for a trace: the fixed-minIdle baseline ([`baseline`]), the forecast
+/// policy for `target` ([`forecast`]), and, with `scale_to_zero_after`, the forecast policy
+/// with scale-to-zero.
+pub fn builtin(
+    trace: &Trace,
+    min_idle: u32,
+    max_total: u32,
+    target: f64,
+    scale_to_zero_after: Option<Duration>,
+) -> Vec<Policy> {
+    let mut v = vec![
+        baseline(trace, min_idle, max_total),
+        forecast(trace, target, max_total, None),
+    ];
+    if scale_to_zero_after.is_some() {
+        v.push(forecast(trace, target, max_total, scale_to_zero_after));
+    }
+    v
 }
 
 /// A policy from a pools file (the format of `warmpool serve --pools`), named by its file.

@@ -11,6 +11,10 @@
 //! `tick` of virtual time. Heartbeats are not simulated (the heartbeat timeout is set beyond
 //! any trace), nor are provisioning failures.
 //!
+//! The replay starts a lead-in (`provision` MAX + 1 s) before the trace, so the pools' first
+//! agents are idle at its start; the engine's wall clock is set so that the trace's start is
+//! `start` (schedules and the time-of-week model read it). Nothing is counted in the lead-in.
+//!
 //! Must not: sleep, do I/O, or read the real clock except to report its own wall time.
 
 use std::cmp::Ordering;
@@ -139,6 +143,8 @@ struct Sim<'a> {
     pending: HashMap<u64, usize>,
     /// Leases granted and not ended.
     active: usize,
+    /// Virtual time of the trace's start (the lead-in before it warms the pools).
+    offset: Duration,
     rec: Recorder,
 }
 
@@ -169,8 +175,11 @@ impl Sim<'_> {
 
     fn set_now(&mut self, t: Duration) {
         if t > self.now {
-            let (idle, total) = self.counts();
-            self.rec.interval(self.now, t, idle, total);
+            if t > self.offset {
+                let (idle, total) = self.counts();
+                let from = self.now.saturating_sub(self.offset);
+                self.rec.interval(from, t - self.offset, idle, total);
+            }
             self.now = t;
         }
         self.clock.store(self.now.as_nanos() as u64, AtOrd::Relaxed);
@@ -189,7 +198,7 @@ impl Sim<'_> {
     }
 
     fn measured(&self) -> bool {
-        self.now >= self.cfg.warmup
+        self.now >= self.offset + self.cfg.warmup
     }
 
     fn actions(&mut self) {
@@ -211,7 +220,7 @@ impl Sim<'_> {
                 Action::Granted { request, lease } => {
                     if let Some(i) = self.pending.remove(&request) {
                         let l = &self.trace.leases[i];
-                        let wait = self.now.saturating_sub(l.at);
+                        let wait = self.now.saturating_sub(self.offset + l.at);
                         if l.at >= self.cfg.warmup {
                             self.rec.lease(false, Some(wait));
                         }
@@ -299,7 +308,11 @@ pub fn run(trace: &Trace, policy: &Policy, cfg: &SimConfig) -> PolicyResult {
         buckets: HashMap::new(),
     };
     let t0 = Instant::now();
-    let engine = Engine::new(engine_config(), "sim", Box::new(pacer));
+    let mut engine = Engine::new(engine_config(), "sim", Box::new(pacer));
+    // The replay starts a lead-in before the trace, so the pools' first agents (minIdle, an
+    // open schedule window) are provisioned with the simulated latency and idle at its start.
+    let offset = cfg.provision.1 + Duration::from_secs(1);
+    engine.set_wall_clock(t0 + offset, cfg.start);
     let selectors: HashMap<String, crate::labels::Expr> = trace
         .selectors()
         .into_iter()
@@ -321,6 +334,7 @@ pub fn run(trace: &Trace, policy: &Policy, cfg: &SimConfig) -> PolicyResult {
         rng: Rng::new(cfg.seed),
         pending: HashMap::new(),
         active: 0,
+        offset,
         rec: Recorder::new(cfg, end),
     };
     for def in &policy.pools {
@@ -328,13 +342,6 @@ pub fn run(trace: &Trace, policy: &Policy, cfg: &SimConfig) -> PolicyResult {
             .upsert_pool(&def.name, def.spec.clone(), sim.instant());
     }
     sim.actions();
-    // The pools start warm: their first agents are ready at the trace's start (a pool exists
-    // before the traffic it serves). Those provisions are not counted.
-    while let Some(item) = sim.heap.pop() {
-        sim.handle(item.ev);
-        sim.actions();
-    }
-    sim.rec.provisions = 0;
     let mut next_arrival = 0usize;
     let mut next_tick = cfg.tick;
     loop {
@@ -344,7 +351,7 @@ pub fn run(trace: &Trace, policy: &Policy, cfg: &SimConfig) -> PolicyResult {
         }
         // Completions first, then arrivals, then the tick, at one instant.
         let heap_at = sim.heap.peek().map(|i| i.at);
-        let arrival_at = arrivals_left.then(|| trace.leases[next_arrival].at);
+        let arrival_at = arrivals_left.then(|| offset + trace.leases[next_arrival].at);
         let t = [heap_at, arrival_at, Some(next_tick)]
             .into_iter()
             .flatten()
@@ -364,6 +371,7 @@ pub fn run(trace: &Trace, policy: &Policy, cfg: &SimConfig) -> PolicyResult {
         }
         sim.actions();
     }
+    let end = sim.now.saturating_sub(offset);
     sim.rec
-        .finish(&policy.name, sim.now, started.elapsed(), trace.leases.len())
+        .finish(&policy.name, end, started.elapsed(), trace.leases.len())
 }

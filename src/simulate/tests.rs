@@ -125,3 +125,45 @@ fn quiet_window_and_hours() {
     );
     assert!((p.idle_agent_hours_by_hour[1] - 1.0).abs() < 1e-3, "{p:?}");
 }
+
+/// The engine's wall clock follows `start`: a schedule window Mondays 01:00-02:00 UTC (minIdle
+/// 3) has three agents idle for leases at 01:10 when the trace starts on a Monday, none when it
+/// starts on a Tuesday.
+#[test]
+fn schedules_read_the_trace_start() {
+    let t = trace("60,linux,10\n4200,linux,10\n4201,linux,10\n4202,linux,10\n");
+    let pools = crate::spec::parse_pools(
+        "pools:\n  - name: p\n    labels: [linux]\n    minIdle: 0\n    schedules:\n      - {cron: '0 1 * * 1', duration: 1h, minIdle: 3}\n",
+        "t",
+    )
+    .unwrap();
+    let pol = Policy {
+        name: "sched".into(),
+        pools,
+    };
+    let mut c = cfg(10, 10);
+    let r = simulate(&t, "t", std::slice::from_ref(&pol), &c, None).unwrap();
+    assert_eq!((r.policies[0].warm, r.policies[0].cold), (3, 1));
+    c.start = default_start() + Duration::from_secs(86_400);
+    let r = simulate(&t, "t", &[pol], &c, None).unwrap();
+    assert_eq!((r.policies[0].warm, r.policies[0].cold), (0, 4));
+}
+
+#[test]
+fn builtin_policies() {
+    let t = trace("0,linux && go,1\n");
+    let p = builtin(&t, 2, 100, 0.95, Some(Duration::from_secs(600)));
+    let names: Vec<&str> = p.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["minIdle-2", "forecast", "forecast-stz"]);
+    assert_eq!(p[0].pools[0].spec.min_idle, 2);
+    assert_eq!(p[1].pools[0].spec.warm_hit_target, Some(0.95));
+    assert_eq!(p[1].pools[0].spec.min_idle, 0);
+    assert_eq!(p[1].pools[0].spec.labels, ["go", "linux"]);
+    assert!(p[1].pools[0].spec.scale_to_zero_after.is_none());
+    assert!(p[2].pools[0].spec.scale_to_zero_after.is_some());
+    for pol in &p {
+        for d in &pol.pools {
+            assert!(d.spec.validate("").is_empty(), "{:?}", d.spec.validate(""));
+        }
+    }
+}
