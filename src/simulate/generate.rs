@@ -22,7 +22,8 @@ pub enum Profile {
     /// Mondays at 3 times the peak rate (everyone pushes after the weekend).
     Burst,
     /// A nightly batch: 02:00-04:00 every day at the peak rate with longer jobs (about 15
-    /// minutes), quiet otherwise (1 % of the peak rate).
+    /// minutes), quiet otherwise (0.1 % of the peak rate: a rare manual run, about one every
+    /// 100 minutes at the default rate).
     Nightly,
     /// A flat Poisson load at the peak rate, day and night.
     Flat,
@@ -122,7 +123,7 @@ impl Profile {
                 }
             }
             Profile::Nightly if (2.0..4.0).contains(&h) => 1.0,
-            Profile::Nightly => 0.01,
+            Profile::Nightly => 0.001,
             Profile::Flat => 1.0,
         }
     }
