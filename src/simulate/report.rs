@@ -177,13 +177,7 @@ impl Recorder {
     }
 
     /// The result, at the end of the replay.
-    pub fn finish(
-        mut self,
-        name: &str,
-        end: Duration,
-        wall: Duration,
-        _trace_leases: usize,
-    ) -> PolicyResult {
+    pub fn finish(mut self, name: &str, end: Duration, wall: Duration) -> PolicyResult {
         self.waits.sort_by(f64::total_cmp);
         let leases = self.warm + self.cold + self.failed;
         PolicyResult {

@@ -372,6 +372,5 @@ pub fn run(trace: &Trace, policy: &Policy, cfg: &SimConfig) -> PolicyResult {
         sim.actions();
     }
     let end = sim.now.saturating_sub(offset);
-    sim.rec
-        .finish(&policy.name, end, started.elapsed(), trace.leases.len())
+    sim.rec.finish(&policy.name, end, started.elapsed())
 }
