@@ -69,6 +69,10 @@ pub struct PolicyResult {
     /// (hours from the trace's start, idle agents, all agents), sampled.
     #[serde(skip)]
     pub timeline: Vec<(f64, u32, u32)>,
+    /// Leases the engine itself reported warm (`Observation::Leased`), warm-up included: the
+    /// same as `warm` without a warm-up (tests).
+    #[serde(skip)]
+    pub engine_warm: u64,
 }
 
 /// What the simulator reports while it runs.
@@ -89,6 +93,8 @@ pub struct Recorder {
     peak: u32,
     /// Provisions in the measured period (counted by the simulator).
     pub provisions: u64,
+    /// Leases the engine reported warm.
+    pub engine_warm: u64,
     timeline: Vec<(f64, u32, u32)>,
 }
 
@@ -118,6 +124,7 @@ impl Recorder {
             by_hour: [0.0; 24],
             peak: 0,
             provisions: 0,
+            engine_warm: 0,
             timeline: Vec::new(),
         }
     }
@@ -203,6 +210,7 @@ impl Recorder {
             wall_seconds: wall.as_secs_f64(),
             waits: self.waits,
             timeline: self.timeline,
+            engine_warm: self.engine_warm,
         }
     }
 }

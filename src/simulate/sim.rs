@@ -24,7 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering as AtOrd};
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::engine::{
-    Action, AgentState, Engine, EngineConfig, Health, LeaseDecision, LeaseRequest, Pacer, Reason,
+    Action, AgentState, Engine, EngineConfig, Health, LeaseDecision, LeaseRequest, Observation,
+    Pacer, Reason,
 };
 use crate::spec::{PoolDef, PoolSpec};
 
@@ -236,6 +237,9 @@ impl Sim<'_> {
                     }
                 }
                 Action::Release { agent, .. } => self.push(self.cfg.cleanup, Ev::Cleaned(agent)),
+                Action::Observe(Observation::Leased { warm: true, .. }) => {
+                    self.rec.engine_warm += 1;
+                }
                 Action::Bound { .. }
                 | Action::Drain { .. }
                 | Action::LeaseEnded { .. }

@@ -167,3 +167,30 @@ fn builtin_policies() {
         }
     }
 }
+
+/// A lease the simulator counts warm (granted at once by `request_lease`) is one the engine
+/// itself reports warm (`Observation::Leased`, behind `warmpool_leases_total{path="warm"}`),
+/// for the baseline and the forecast, on a day of bursty traffic.
+#[test]
+fn warm_as_the_engine_counts_it() {
+    let t = generate::generate(&generate::GenConfig {
+        profile: generate::Profile::Burst,
+        weeks: 1,
+        seed: 5,
+        selector: "linux".into(),
+        rate_per_minute: 2.0,
+        start: default_start(),
+    });
+    let r = simulate(
+        &t,
+        "t",
+        &builtin(&t, 2, 200, 0.95, None),
+        &cfg(20, 30),
+        None,
+    )
+    .unwrap();
+    for p in &r.policies {
+        assert!(p.warm > 100, "{}: {}", p.name, p.warm);
+        assert_eq!(p.warm, p.engine_warm, "{}", p.name);
+    }
+}
