@@ -23,6 +23,7 @@ fn protocol(c: &mut Criterion) {
 
     let hb = AgentMessage::Heartbeat {
         health: Default::default(),
+        answer: false,
     };
     let hb_text = serde_json::to_string(&hb).unwrap();
     c.bench_function("heartbeat to JSON", |b| {

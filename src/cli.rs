@@ -35,6 +35,10 @@ pub enum Command {
     Crd,
     /// Benchmark a warmpool: warm vs cold side by side, or thousands of simulated agents.
     Bench(BenchArgs),
+    /// Replay a trace of lease requests through the pool engine with a virtual clock and a
+    /// simulated provisioner, per policy side by side; or write a trace (synthetic, or from a
+    /// Jenkins controller's build history). See docs/SIZING.md.
+    Simulate(Box<SimulateArgs>),
     /// A *simulated* Jenkins inbound agent (tests, demos): reads the `JENKINS_*` variables of
     /// the official inbound-agent image and holds a `wsagents/` WebSocket open. No remoting.
     #[command(hide = true, disable_help_flag = true)]
@@ -457,6 +461,141 @@ pub struct BenchAgentsArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value = "table")]
     pub output: OutputFormat,
+    /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
+    #[arg(long, env = "WARMPOOL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn range(s: &str) -> Result<(std::time::Duration, std::time::Duration), String> {
+    crate::simulate::parse_range(s)
+}
+
+fn window(s: &str) -> Result<(u32, u32), String> {
+    crate::simulate::parse_window(s)
+}
+
+fn rfc3339(s: &str) -> Result<std::time::SystemTime, String> {
+    humantime::parse_rfc3339_weak(s)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-01-05T00:00:00Z ({e})"))
+}
+
+/// `warmpool simulate`: replay (`--trace`), generate (`--generate`) or import (`--jenkins`).
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Replay this trace (CSV `at_seconds,selector,duration_seconds`; docs/SIZING.md).
+    #[arg(long, env = "WARMPOOL_SIMULATE_TRACE", conflicts_with_all = ["generate", "jenkins"],
+        required_unless_present_any = ["generate", "jenkins"], requires = "provision")]
+    pub trace: Option<PathBuf>,
+    /// Provisioning latency MIN..MAX (uniform, e.g. `1.1s..3s`, `20s..30s`): from a provision
+    /// to the agent registered and idle.
+    #[arg(long, env = "WARMPOOL_SIMULATE_PROVISION", value_parser = range)]
+    pub provision: Option<(std::time::Duration, std::time::Duration)>,
+    /// A pools file (the format of `serve --pools`) = one policy, named by its file; repeat for
+    /// policies side by side. Default: the built-in policies, one pool per selector of the trace.
+    #[arg(long, env = "WARMPOOL_SIMULATE_POOLS", value_delimiter = ',')]
+    pub pools: Vec<PathBuf>,
+    /// Replay: the report's format, `text` or `json`. --generate and --jenkins: the trace file
+    /// to write (default: standard output).
+    #[arg(
+        long,
+        short = 'o',
+        env = "WARMPOOL_SIMULATE_OUTPUT",
+        alias = "write-trace"
+    )]
+    pub output: Option<String>,
+    /// Also draw the wait CDF and idle agents over time per policy to this SVG file.
+    #[arg(long, env = "WARMPOOL_SIMULATE_PLOT")]
+    pub plot: Option<PathBuf>,
+    /// Seed of the provisioning latencies and of --generate.
+    #[arg(long, env = "WARMPOOL_SIMULATE_SEED", default_value_t = 1)]
+    pub seed: u64,
+    /// Wall time of the trace's start, RFC 3339 (default: the trace's `# start:` comment, else
+    /// Monday 2026-01-05T00:00:00Z). Schedules and the time-of-week model read it.
+    #[arg(long, env = "WARMPOOL_SIMULATE_START", value_parser = rfc3339)]
+    pub start: Option<std::time::SystemTime>,
+    /// Not measured from the trace's start (leases arriving in it, idle time in it). Default:
+    /// the first week when the trace is longer than 8 days, else nothing.
+    #[arg(long, env = "WARMPOOL_SIMULATE_WARMUP", value_parser = dur)]
+    pub warmup: Option<Dur>,
+    /// Simulated cleanup of a reused agent after a release, until it reports ready.
+    #[arg(long, env = "WARMPOOL_SIMULATE_CLEANUP", value_parser = dur, default_value = "2s")]
+    pub cleanup: Dur,
+    /// Simulated stop of an agent, until it is gone (it counts toward maxTotal meanwhile).
+    #[arg(long, env = "WARMPOOL_SIMULATE_TERMINATE", value_parser = dur, default_value = "1s")]
+    pub terminate: Dur,
+    /// Virtual time between engine ticks.
+    #[arg(long, env = "WARMPOOL_SIMULATE_TICK", value_parser = dur, default_value = "1s")]
+    pub tick: Dur,
+    /// How long a lease request may wait for an agent.
+    #[arg(long, env = "WARMPOOL_SIMULATE_WAIT", value_parser = dur, default_value = "1h")]
+    pub wait: Dur,
+    /// minIdle of the built-in fixed baseline (the forecast policy has minIdle 0).
+    #[arg(long, env = "WARMPOOL_SIMULATE_MIN_IDLE", default_value_t = 2)]
+    pub min_idle: u32,
+    /// maxTotal of the built-in policies' pools.
+    #[arg(long, env = "WARMPOOL_SIMULATE_MAX_TOTAL", default_value_t = 500)]
+    pub max_total: u32,
+    /// A daily window HH:MM..HH:MM (UTC, may wrap midnight) whose idle agent-hours are
+    /// reported apart (e.g. a nightly trace's quiet hours).
+    #[arg(long, env = "WARMPOOL_SIMULATE_QUIET", value_parser = window)]
+    pub quiet: Option<(u32, u32)>,
+    /// Also find the smallest fixed minIdle reaching --target (the baseline's pools, or the
+    /// first --pools file's, with every pool's minIdle set alike) and print the table.
+    #[arg(long, env = "WARMPOOL_SIMULATE_SEARCH_MIN_IDLE")]
+    pub search_min_idle: bool,
+    /// The warm-hit ratio --search-min-idle looks for, and the built-in forecast policy's
+    /// `warmHitTarget`.
+    #[arg(long, env = "WARMPOOL_SIMULATE_TARGET", default_value_t = 0.95)]
+    pub target: f64,
+    /// Also replay the built-in forecast policy with this `scaleToZeroAfter` (as
+    /// `forecast-stz`).
+    #[arg(long, env = "WARMPOOL_SIMULATE_SCALE_TO_ZERO_AFTER", value_parser = dur)]
+    pub scale_to_zero_after: Option<Dur>,
+    /// The largest minIdle --search-min-idle tries.
+    #[arg(long, env = "WARMPOOL_SIMULATE_SEARCH_LIMIT", default_value_t = 512)]
+    pub search_limit: u32,
+    /// Write a synthetic trace of this shape (to --output, default standard output).
+    #[arg(
+        long,
+        env = "WARMPOOL_SIMULATE_GENERATE",
+        value_enum,
+        conflicts_with = "jenkins"
+    )]
+    pub generate: Option<crate::simulate::generate::Profile>,
+    /// --generate: weeks of traffic.
+    #[arg(long, env = "WARMPOOL_SIMULATE_WEEKS", default_value_t = 3)]
+    pub weeks: u32,
+    /// --generate: leases per minute at the shape's peak.
+    #[arg(long, env = "WARMPOOL_SIMULATE_RATE", default_value_t = 10.0)]
+    pub rate: f64,
+    /// --generate: the selector of every lease (default `linux`). --jenkins: the selector of
+    /// builds whose job names no label (default: empty, any pool).
+    #[arg(long, short = 's', env = "WARMPOOL_SIMULATE_SELECTOR")]
+    pub selector: Option<String>,
+    /// Make a trace from this Jenkins controller's build history (root URL).
+    #[arg(long, env = "WARMPOOL_SIMULATE_JENKINS")]
+    pub jenkins: Option<String>,
+    /// --jenkins: a job by full name (`folder/job`); repeatable. Default: every job.
+    #[arg(long, env = "WARMPOOL_SIMULATE_JOB", value_delimiter = ',')]
+    pub job: Vec<String>,
+    /// --jenkins: a file holding `user:api-token` (as a pool's `jenkins.credentialsFile`).
+    #[arg(long, env = "WARMPOOL_SIMULATE_JENKINS_CREDENTIALS_FILE")]
+    pub jenkins_credentials_file: Option<PathBuf>,
+    /// --jenkins: the user (with --jenkins-token, instead of a credentials file).
+    #[arg(
+        long,
+        env = "WARMPOOL_SIMULATE_JENKINS_USER",
+        requires = "jenkins_token"
+    )]
+    pub jenkins_user: Option<String>,
+    /// --jenkins: the user's API token.
+    #[arg(
+        long,
+        env = "WARMPOOL_SIMULATE_JENKINS_TOKEN",
+        hide_env_values = true,
+        requires = "jenkins_user"
+    )]
+    pub jenkins_token: Option<String>,
     /// PEM file of CA certificates trusted besides the platform's roots (a private CA).
     #[arg(long, env = "WARMPOOL_CA_FILE")]
     pub ca_file: Option<PathBuf>,

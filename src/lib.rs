@@ -25,6 +25,7 @@
 //! - [`client`]: the lease API client behind `warmpool run` and `warmpool status`.
 //! - [`tls`]: rustls client configs (platform roots + a CA file) and the reloading server cert.
 //! - [`http_server`]: HTTP/1.1 serving with a header deadline and a connection cap.
+//! - [`simulate`]: `warmpool simulate`: trace replay through the engine on a virtual clock.
 //! - [`server`]: wiring: builds everything, serves a bound listener until shutdown.
 //! - [`cli`]: clap definitions for the binary.
 #![deny(missing_docs)]
@@ -54,5 +55,6 @@ pub mod protocol;
 pub mod run;
 pub mod server;
 pub mod service;
+pub mod simulate;
 pub mod spec;
 pub mod tls;

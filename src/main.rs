@@ -219,16 +219,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let stop = CancellationToken::new();
             on_signals(stop.clone());
+            let hub = a.hub;
             agent::run(
                 agent::AgentConfig {
-                    hub: a.hub,
+                    hub: hub.clone(),
                     agent_id: a.agent_id,
                     token,
                     pool: a.pool,
                     labels: a.labels,
                     workspace: a.workspace,
                     max_backoff: a.max_backoff.0,
-                    tls: warmpool::tls::client_config(a.ca_file.as_deref())?,
+                    tls: warmpool::tls::client_config_for(&hub, a.ca_file.as_deref())?,
                 },
                 stop,
             )
@@ -268,6 +269,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::FakeJenkinsAgent { args } => {
             let code = warmpool::jenkins::fake_agent::run(args).await;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Command::Simulate(a) => {
+            warmpool::simulate::cmd::run(*a).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Crd => {
             print!("{}", warmpool::k8s::crd::crd_yaml());

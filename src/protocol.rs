@@ -99,6 +99,12 @@ pub enum AgentMessage {
         /// Current health.
         #[serde(default)]
         health: Health,
+        /// Whether the hub should answer with its own `heartbeat` (absent: yes, as agents
+        /// before this field expect). An agent asks only when it has heard nothing from the
+        /// hub for a while ([`wants_answer`]): an idle agent's heartbeats cost the hub one
+        /// message per interval instead of two, most of them unanswered.
+        #[serde(default = "yes")]
+        answer: bool,
     },
     /// An exec finished. Sent after all its output frames.
     Exit {
@@ -138,6 +144,20 @@ pub enum AgentMessage {
     },
 }
 
+fn yes() -> bool {
+    true
+}
+
+/// Whether an agent's next heartbeat asks the hub for an answer, given how long it has heard
+/// nothing from the hub: after more than 1.5 intervals of silence. An idle agent then asks on
+/// every second heartbeat (the answer comes within an interval), and one that hears the hub
+/// otherwise (leases, execs) does not ask at all. A hub that does not answer is still found
+/// silent after 3 intervals, as before: an ask goes out after 1.5 to 2.5 intervals of silence,
+/// leaving the hub at least half an interval to answer.
+pub fn wants_answer(silence: std::time::Duration, interval: std::time::Duration) -> bool {
+    silence * 2 > interval * 3
+}
+
 /// Messages the hub sends to an agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(
@@ -157,7 +177,7 @@ pub enum HubMessage {
         /// Largest frame the hub accepts.
         max_frame_bytes: usize,
     },
-    /// Hub liveness.
+    /// Hub liveness: the answer to an agent's `heartbeat` that asks for one.
     Heartbeat {},
     /// Run a command.
     Exec {
@@ -480,6 +500,45 @@ mod tests {
         let mut bad = f.clone();
         bad[0] = 9;
         assert_eq!(decode_output(&bad), Err(FrameError::UnknownStream(9)));
+    }
+
+    /// An idle agent that hears only the answers it asks for asks on every second heartbeat;
+    /// a heartbeat without `answer` (an agent from before the field) asks.
+    #[test]
+    fn an_idle_agent_asks_for_every_second_answer() {
+        let iv = std::time::Duration::from_secs(30);
+        let ms = std::time::Duration::from_millis;
+        // Welcome heard at 0; heartbeats every interval (a few ms late, as timers fire).
+        let mut heard = std::time::Duration::ZERO;
+        let mut asks = Vec::new();
+        for beat in 1..=8u32 {
+            let now = iv * beat + ms(3);
+            let ask = wants_answer(now - heard, iv);
+            if ask {
+                heard = now + ms(1);
+            }
+            asks.push(ask);
+        }
+        assert_eq!(
+            asks,
+            [false, true, false, true, false, true, false, true],
+            "one answer per two intervals"
+        );
+        // The longest silence in that pattern stays under the 3 intervals after which an agent
+        // gives the hub up.
+        assert!(!wants_answer(iv * 3 / 2, iv));
+        assert!(wants_answer(iv * 3 / 2 + ms(1), iv));
+        let old: AgentMessage =
+            serde_json::from_str(r#"{"type":"heartbeat","health":{}}"#).unwrap();
+        assert!(matches!(old, AgentMessage::Heartbeat { answer: true, .. }));
+        let quiet = AgentMessage::Heartbeat {
+            health: Health::default(),
+            answer: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&quiet).unwrap(),
+            r#"{"type":"heartbeat","health":{"workspaceBytes":0,"leftoverProcesses":0},"answer":false}"#
+        );
     }
 
     #[test]

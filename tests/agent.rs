@@ -162,3 +162,71 @@ async fn agent_reconnects_runs_exec_and_drains() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Kills the agent process when the test ends, also on a failure.
+struct Reap(std::process::Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An idle agent asks the hub to answer its heartbeat only after 1.5 intervals of silence: the
+/// second heartbeat after the welcome asks (2 intervals of silence), the next one, an interval
+/// after that answer, does not. (A 1 s interval leaves each timer half a second of slack.)
+#[tokio::test]
+async fn idle_agent_asks_for_every_second_heartbeat_answer() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ws_dir = tempfile::tempdir().unwrap();
+    let _child = Reap(
+        Command::new(support::EXE)
+            .arg("agent")
+            .env("WARMPOOL_HUB", format!("ws://{addr}/"))
+            .env("WARMPOOL_AGENT_ID", "fake-2")
+            .env("WARMPOOL_TOKEN", "t0k3n")
+            .env("WARMPOOL_WORKSPACE", ws_dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    assert!(matches!(
+        next_json(&mut ws).await,
+        AgentMessage::Hello { .. }
+    ));
+    let welcome = HubMessage::Welcome {
+        protocol: 1,
+        agent_id: "fake-2".into(),
+        heartbeat_interval_ms: 1000,
+        max_frame_bytes: 1 << 20,
+    };
+    ws.send(Message::Text(
+        serde_json::to_string(&welcome).unwrap().into(),
+    ))
+    .await
+    .unwrap();
+    let mut asks = Vec::new();
+    while asks.len() < 3 {
+        let AgentMessage::Heartbeat { answer, .. } = next_json(&mut ws).await else {
+            panic!("an idle agent sends only heartbeats");
+        };
+        if answer {
+            ws.send(Message::Text(r#"{"type":"heartbeat"}"#.into()))
+                .await
+                .unwrap();
+        }
+        asks.push(answer);
+    }
+    assert_eq!(
+        &asks[1..],
+        [true, false],
+        "asks after two silent intervals, not one interval after an answer: {asks:?}"
+    );
+}

@@ -6,11 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 use warmpool::engine::AgentState;
-use warmpool::protocol::{Stream, close, encode_output};
+use warmpool::protocol::{HubMessage, Stream, close, encode_output};
 
 const POOLS: &str = "
 pools:
@@ -256,5 +256,74 @@ async fn silent_agent_is_lost_after_heartbeat_timeout() {
         h.recycles("heartbeat-lost") >= 1
     })
     .await;
+    h.server.shutdown().await;
+}
+
+fn heartbeat(workspace_bytes: u64, answer: Option<bool>) -> Message {
+    let mut m = serde_json::json!({
+        "type": "heartbeat",
+        "health": {"workspaceBytes": workspace_bytes, "leftoverProcesses": 0}
+    });
+    if let Some(a) = answer {
+        m["answer"] = a.into();
+    }
+    Message::Text(m.to_string().into())
+}
+
+/// The next message from the hub, parsed.
+async fn next_hub_message(ws: &mut Ws) -> HubMessage {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("the hub talks within 10 s")
+            .expect("open")
+            .expect("ok");
+        if let Message::Text(t) = m {
+            return serde_json::from_str(&t).expect("a hub message");
+        }
+    }
+}
+
+/// A heartbeat is answered only when it asks (`answer`; absent, as from agents before the
+/// field: yes). An idle agent asks on every second one, so its heartbeats cost the hub one
+/// message per interval instead of two (docs/PROTOCOL.md, "Heartbeats, both ways").
+#[tokio::test]
+async fn heartbeats_are_answered_only_when_asked() {
+    let (h, ids) = setup().await;
+    let id = ids[0].clone();
+    let mut ws = registered(&h, &id).await;
+    for bytes in 1..=3 {
+        ws.send(heartbeat(bytes, Some(false))).await.unwrap();
+    }
+    // All three handled (the last one's health is in), and the liveness they carry counted.
+    wait_until("heartbeats handled", Duration::from_secs(5), || {
+        h.server
+            .svc
+            .read(|e| e.agent(&id).map(|a| a.health.workspace_bytes))
+            == Some(3)
+    })
+    .await;
+    // The lease's `leased` is queued after any answer to those heartbeats.
+    let lease = h.lease("manual", 5.0, 60.0).await;
+    assert_eq!(lease.agent, id);
+    let mut answers = 0;
+    loop {
+        match next_hub_message(&mut ws).await {
+            HubMessage::Heartbeat {} => answers += 1,
+            HubMessage::Leased { .. } => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        answers, 0,
+        "heartbeats that asked for nothing were answered"
+    );
+
+    // One that asks, and one without the field: both answered.
+    ws.send(heartbeat(4, Some(true))).await.unwrap();
+    ws.send(heartbeat(5, None)).await.unwrap();
+    for _ in 0..2 {
+        assert_eq!(next_hub_message(&mut ws).await, HubMessage::Heartbeat {});
+    }
     h.server.shutdown().await;
 }

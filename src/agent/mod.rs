@@ -15,6 +15,7 @@ pub mod job;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -188,6 +189,12 @@ fn next_pause(failures: u32, max: Duration, retry_soon: bool, jitter: f64) -> (D
     )
 }
 
+/// Bytes tungstenite reads from the hub at a time. It zeroes that much of its buffer before
+/// each read: its default (128 KiB) cost a 128 KiB memset per message received, most of an idle
+/// or leased agent's CPU per message; the hub's messages are a few hundred bytes, and a larger
+/// frame (stdin) is read in pieces of this size.
+const READ_BUFFER_BYTES: usize = 16 * 1024;
+
 fn json(m: &AgentMessage) -> Message {
     Message::Text(serde_json::to_string(m).expect("serialisable").into())
 }
@@ -204,6 +211,7 @@ async fn session(
         message,
     };
     let ws_cfg = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES))
         .max_frame_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES));
     let (ws, _) = crate::tls::connect_ws(&cfg.hub, Some(ws_cfg), &cfg.tls)
@@ -268,6 +276,10 @@ async fn session(
         }
     };
     tracing::info!(agent = %cfg.agent_id, hub = %cfg.hub, "registered");
+    // When the hub was last heard, in ms since `base`: a heartbeat asks for an answer only
+    // after a silence (see protocol::wants_answer).
+    let base = Instant::now();
+    let heard = Arc::new(AtomicU64::new(0));
 
     // Single writer; everything else sends through the bounded channel.
     let (tx, mut rx) = mpsc::channel::<Message>(256);
@@ -280,14 +292,18 @@ async fn session(
         }
     });
     let heartbeat = {
-        let (tx, hk) = (tx.clone(), hk.clone());
+        let (tx, hk, heard) = (tx.clone(), hk.clone(), heard.clone());
         tokio::spawn(async move {
             let mut iv = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             loop {
                 iv.tick().await;
                 let health = hk.health().await;
+                let silence = base
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(heard.load(Ordering::Relaxed)));
+                let answer = crate::protocol::wants_answer(silence, interval);
                 if tx
-                    .send(json(&AgentMessage::Heartbeat { health }))
+                    .send(json(&AgentMessage::Heartbeat { health, answer }))
                     .await
                     .is_err()
                 {
@@ -311,7 +327,10 @@ async fn session(
                 Err(_) => break End::Lost(format!("hub silent for {hub_silence:?}")),
                 Ok(None) => break End::Lost("connection closed".into()),
                 Ok(Some(Err(e))) => break End::Lost(e.to_string()),
-                Ok(Some(Ok(m))) => m,
+                Ok(Some(Ok(m))) => {
+                    heard.store(base.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    m
+                }
             },
             // Wake up to re-check the drain condition when a job finishes.
             _ = tokio::time::sleep(Duration::from_millis(100)), if draining => continue,

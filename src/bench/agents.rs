@@ -1,7 +1,8 @@
 //! `warmpool bench agents`: thousands of real WebSocket agent connections from one process.
 //!
 //! Each simulated agent joins an external pool with the pool's join token, sends heartbeats at
-//! the interval the hub asks for, answers every exec with a fixed reply (`ok` and exit 0) and
+//! the interval the hub asks for (asking for an answer after a silence, like `warmpool agent`),
+//! answers every exec with a fixed reply (`ok` and exit 0) and
 //! every release with `ready`. With the agents connected and idle, the scale test reads the
 //! server's RSS and CPU from /proc (when the server is local), then measures lease latency
 //! under that population through the public lease API. Without `--server` it starts a
@@ -149,16 +150,20 @@ where
     R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    // Like `warmpool agent`: a heartbeat asks for the hub's answer only after a silence.
+    let mut heard = Instant::now();
     loop {
         let m = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = beat.tick() => {
-                let hb = AgentMessage::Heartbeat { health: Default::default() };
+                let answer = protocol::wants_answer(heard.elapsed(), interval);
+                let hb = AgentMessage::Heartbeat { health: Default::default(), answer };
                 tx.send(text(&hb)).await.map_err(|_| "send failed".to_string())?;
                 continue;
             }
             m = rx.next() => m,
         };
+        heard = Instant::now();
         let t = match m {
             Some(Ok(Message::Text(t))) => t,
             Some(Ok(Message::Close(_))) | None => return Ok(()),

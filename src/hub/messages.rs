@@ -95,11 +95,14 @@ pub(super) async fn handle(
             let m: AgentMessage = serde_json::from_str(&t)
                 .map_err(|e| ("malformed", format!("malformed message: {e}")))?;
             match m {
-                AgentMessage::Heartbeat { health } => {
+                AgentMessage::Heartbeat { health, answer } => {
                     conn.liveness.spend(agent)?;
                     svc.apply(|e, now| e.agent_heartbeat(agent, health, now));
+                    // Answered only when asked: an idle agent asks on every second one.
                     // A full queue means the agent stopped reading: it is disconnected.
-                    enqueue(svc, agent, conn, HubMessage::Heartbeat {});
+                    if answer {
+                        enqueue(svc, agent, conn, HubMessage::Heartbeat {});
+                    }
                 }
                 AgentMessage::Ready { health, hooks, .. } => {
                     svc.apply(|e, now| e.agent_ready_after_hooks(agent, health, &hooks, now));

@@ -41,6 +41,10 @@ pub enum Endpoint {
     DeleteNode,
     /// `POST computer/NAME/config.xml`.
     ConfigXml,
+    /// `GET api/json?tree=jobs[...]`, `GET job/NAME/api/json?tree=...` (build history).
+    Jobs,
+    /// `GET job/NAME/config.xml` (a job's label).
+    JobConfig,
 }
 
 impl Endpoint {
@@ -55,6 +59,8 @@ impl Endpoint {
             Endpoint::JenkinsAgentJnlp => "jenkins-agent.jnlp",
             Endpoint::DeleteNode => "doDelete",
             Endpoint::ConfigXml => "config.xml",
+            Endpoint::Jobs => "job",
+            Endpoint::JobConfig => "job-config.xml",
         }
     }
 }
@@ -432,6 +438,12 @@ impl Client {
             }
             return Err(self.err(&Method::POST, path, &a));
         }
+    }
+
+    /// A GET of a read-only path below the root that must answer 200: its body (the
+    /// build-history reader, `history.rs`).
+    pub async fn get(&self, ep: Endpoint, path: &str) -> Result<bytes::Bytes, JenkinsError> {
+        self.get_ok(ep, path).await.map(|(body, _)| body)
     }
 
     /// The one batched node poll; returns the nodes and the exchange's duration.

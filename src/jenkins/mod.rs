@@ -26,6 +26,7 @@ mod backend;
 pub mod client;
 pub mod config;
 pub mod fake_agent;
+pub mod history;
 pub mod model;
 pub mod pods;
 mod poll;

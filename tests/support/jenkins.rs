@@ -23,6 +23,9 @@
 //! - `GET  wsagents/` (WebSocket): checks `Node-Name`, `Secret-Key`, `X-Remoting-Capability`; the
 //!   node is online while the socket is open. No HTTP auth, as in Jenkins (unprotected action).
 //! - `GET  login`: 200 (agent.jar pings it before dialling `wsagents/`).
+//! - `GET  api/json`, `GET job/A/job/B/api/json`, `GET job/A/job/B/config.xml`: jobs, folders
+//!   and build history (`jenkins_jobs.rs`), set up with [`JenkinsDouble::add_job`] and
+//!   [`JenkinsDouble::add_build`].
 //!
 //! Auth, as Jenkins: `Authorization: Basic` with the configured user and API token. A wrong or
 //! malformed Basic header: 401 with `WWW-Authenticate: Basic realm="Jenkins"`. No header
@@ -68,6 +71,9 @@ use axum::routing::{get, post};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
+
+#[path = "jenkins_jobs.rs"]
+mod jobs;
 
 /// The crumb header and form field (`CrumbIssuer.DEFAULT_CRUMB_NAME`).
 pub const CRUMB_FIELD: &str = "Jenkins-Crumb";
@@ -158,6 +164,10 @@ pub enum Endpoint {
     ConfigXml,
     Queue,
     QueueItem,
+    /// `GET api/json` (the root's jobs) and `GET job/.../api/json`.
+    Jobs,
+    /// `GET job/.../config.xml`.
+    JobConfig,
     WsAgents,
     Login,
     Other,
@@ -179,6 +189,9 @@ impl Endpoint {
             ["queue", "item", _, "api", _] => Endpoint::QueueItem,
             ["wsagents"] => Endpoint::WsAgents,
             ["login"] => Endpoint::Login,
+            ["api", _] => Endpoint::Jobs,
+            ["job", .., "api", _] => Endpoint::Jobs,
+            ["job", .., "config.xml"] => Endpoint::JobConfig,
             _ => Endpoint::Other,
         }
     }
@@ -192,6 +205,7 @@ impl Endpoint {
             Endpoint::SlaveAgentJnlp | Endpoint::JenkinsAgentJnlp => {
                 "hudson.model.Computer.Connect"
             }
+            Endpoint::JobConfig => "hudson.model.Item.ExtendedRead",
             _ => "hudson.model.Hudson.Read",
         }
     }
@@ -426,6 +440,8 @@ struct St {
     ws_connects: Vec<Instant>,
     /// WARNING lines Jenkins would log (see [`JenkinsDouble::warnings`]).
     warnings: Vec<String>,
+    /// Jobs, folders and build history.
+    jobs: jobs::Jobs,
 }
 
 #[derive(Clone)]
@@ -884,6 +900,7 @@ impl JenkinsDouble {
             builds_by_node: BTreeMap::new(),
             ws_connects: Vec::new(),
             warnings: Vec::new(),
+            jobs: jobs::Jobs::default(),
         })));
         let app = Router::new()
             .route("/crumbIssuer/api/json", get(crumb_issuer))
@@ -902,6 +919,8 @@ impl JenkinsDouble {
             .route("/wsagents", get(wsagents))
             .route("/wsagents/", get(wsagents))
             .route("/login", get(login))
+            .route("/api/json", get(root_api))
+            .route("/job/{*rest}", get(job_any))
             .fallback(not_found)
             .layer(middleware::from_fn_with_state(shared.clone(), gate))
             .with_state(shared.clone());
@@ -1020,6 +1039,19 @@ impl JenkinsDouble {
             },
         );
         secret
+    }
+
+    /// Adds a job (`folder/name` nests it in folders) with an optional label expression.
+    pub fn add_job(&self, full_name: &str, label: Option<&str>) {
+        self.shared.lock().jobs.add_job(full_name, label);
+    }
+
+    /// Adds a finished build to a job (`duration_ms` 0: still building); returns its number.
+    pub fn add_build(&self, full_name: &str, timestamp_ms: u64, duration_ms: u64) -> u32 {
+        self.shared
+            .lock()
+            .jobs
+            .add_build(full_name, timestamp_ms, duration_ms)
     }
 
     pub fn nodes(&self) -> Vec<NodeInfo> {
@@ -1493,6 +1525,30 @@ fn not_found_page() -> Response {
 
 async fn not_found() -> Response {
     not_found_page()
+}
+
+async fn root_api(State(sh): State<Shared>) -> Response {
+    let st = sh.lock();
+    json_response(st.jobs.root_json(&st.base))
+}
+
+/// `job/A/job/B/api/json` and `job/A/job/B/config.xml`.
+async fn job_any(State(sh): State<Shared>, uri: axum::http::Uri) -> Response {
+    let st = sh.lock();
+    let Some((full, rest)) = jobs::split_job_path(uri.path()) else {
+        return not_found_page();
+    };
+    match rest.as_str() {
+        "api/json" => match st.jobs.job_json(&st.base, &full) {
+            Some(v) => json_response(v),
+            None => not_found_page(),
+        },
+        "config.xml" => match st.jobs.config_xml(&full) {
+            Some(x) => ([(header::CONTENT_TYPE, "application/xml")], x).into_response(),
+            None => not_found_page(),
+        },
+        _ => not_found_page(),
+    }
 }
 
 async fn login() -> Response {
