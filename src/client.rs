@@ -493,6 +493,18 @@ pub enum ExecOutput<'a> {
     Dropped(u64),
 }
 
+/// A refill time for the `status` table: process agents register in milliseconds, pods in
+/// seconds, so both stay readable (`16ms`, `2.4s`, `25s`).
+fn refill_text(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{:.0}ms", seconds * 1000.0)
+    } else if seconds < 10.0 {
+        format!("{seconds:.1}s")
+    } else {
+        format!("{seconds:.0}s")
+    }
+}
+
 /// Renders pools as the `status` table.
 pub fn pools_table(pools: &[PoolStatus]) -> String {
     let mut rows = vec![[
@@ -525,7 +537,7 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             p.desired_idle.to_string(),
             p.desired_idle_source.as_str().to_string(),
             format!("{:.1}", p.arrival_rate),
-            format!("{:.0}s", p.refill_seconds),
+            refill_text(p.refill_seconds),
             p.warm_hit_ratio
                 .map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0)),
         ]);

@@ -178,7 +178,9 @@ async fn status_prints_a_table_and_json() {
     );
     // No request yet: no rate, and no warm-hit ratio (the refill time is measured).
     assert_eq!((row[11], row[13]), ("0.0", "-"), "{row:?}");
-    assert!(row[12].ends_with('s'), "{row:?}");
+    // Process agents register in milliseconds: the refill time reads as such, never "0s".
+    let refill = humantime::parse_duration(row[12]).unwrap_or_else(|e| panic!("{row:?}: {e}"));
+    assert!(refill > std::time::Duration::ZERO, "{row:?}");
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v[0]["name"], "default");
     assert_eq!(v[0]["idle"], 2);
