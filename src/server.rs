@@ -356,6 +356,28 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
     };
     let jenkins = crate::jenkins::Connector::new(&svc, runner, cfg.ca_file.clone());
     let _ = svc.jenkins.set(jenkins.clone());
+    // The pools file (process backend) is applied before the API answers: a client that sees
+    // the service up (`/healthz`) sees every pool of the file. Agents started meanwhile dial a
+    // listener already bound; their connections wait in its backlog.
+    if kube.is_none() {
+        for p in &cfg.pools {
+            match &p.spec.jenkins {
+                Some(j) => jenkins.upsert(crate::jenkins::PoolCfg {
+                    key: p.name.clone(),
+                    spec: p.spec.clone(),
+                    jenkins: j.clone(),
+                    credentials: match &j.credentials_file {
+                        Some(f) => crate::jenkins::Credentials::load(f),
+                        None => Err(crate::jenkins::CredentialsError::Missing {
+                            hint: "set jenkins.credentialsFile to a file holding `user:api-token`",
+                        }),
+                    },
+                    agent_pool: None,
+                }),
+                None => svc.upsert_pool(&p.name, p.spec.clone()),
+            }
+        }
+    }
     let app = router(ApiState {
         svc: svc.clone(),
         api_token: cfg.api_token.clone().map(Arc::new),
@@ -414,25 +436,8 @@ pub async fn start(listener: TcpListener, cfg: ServeConfig) -> Result<Running> {
         svc.set_ready(false);
     }
     match kube {
-        None => {
-            for p in &cfg.pools {
-                match &p.spec.jenkins {
-                    Some(j) => jenkins.upsert(crate::jenkins::PoolCfg {
-                        key: p.name.clone(),
-                        spec: p.spec.clone(),
-                        jenkins: j.clone(),
-                        credentials: match &j.credentials_file {
-                            Some(f) => crate::jenkins::Credentials::load(f),
-                            None => Err(crate::jenkins::CredentialsError::Missing {
-                                hint: "set jenkins.credentialsFile to a file holding `user:api-token`",
-                            }),
-                        },
-                        agent_pool: None,
-                    }),
-                    None => svc.upsert_pool(&p.name, p.spec.clone()),
-                }
-            }
-        }
+        // The pools file was applied before the API started (above).
+        None => {}
         Some(k) => {
             let leader = match &cfg.backend {
                 BackendChoice::Kubernetes { client, leader, .. } => {

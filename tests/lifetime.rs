@@ -298,3 +298,73 @@ fn a_second_sigint_kills_agents_and_jobs_and_removes_the_work_dir() {
         dirs[0].display()
     );
 }
+
+/// `GET path` over plain HTTP/1.0; None while nothing answers.
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.starts_with("HTTP/1.").then_some(out)
+}
+
+/// The pools file is applied before the API answers: a client (`bench agents`, a script
+/// waiting for `/healthz`) that sees the service up sees every pool of the file, never part
+/// of them. Before, the HTTP server started first and `/v1/pools` could list a few.
+#[test]
+fn the_api_answers_only_once_every_pool_of_the_file_is_served() {
+    const POOLS: usize = 1500;
+    let dir = tempfile::tempdir().unwrap();
+    let mut yaml = String::from("pools:\n");
+    for i in 0..POOLS {
+        yaml.push_str(&format!(
+            "  - name: p{i}\n    labels: [l{i}]\n    external: true\n    minIdle: 0\n    maxTotal: 1\n"
+        ));
+    }
+    let file = dir.path().join("pools.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _serve = Kill(
+        Command::new(EXE)
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--pools"])
+            .arg(&file)
+            .env("WARMPOOL_LOG", "error")
+            .env("TMPDIR", dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let healthy = loop {
+        if http_get(port, "/healthz").is_some() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert!(healthy, "serve did not answer /healthz within 30 s");
+    let pools = http_get(port, "/v1/pools").expect("/v1/pools answered");
+    let body = &pools[pools.find("\r\n\r\n").expect("a body") + 4..];
+    let listed: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        listed.len(),
+        POOLS,
+        "the API answered before every pool of the file was served"
+    );
+}
