@@ -137,15 +137,21 @@ async fn agentpool_crd_on_a_real_apiserver() {
         [
             "Name",
             "Labels",
-            "Min",
+            "Ready",
             "Idle",
             "Leased",
-            "Provisioning",
+            "Waiting",
+            "Leaks",
+            "Total",
+            "Min",
             "Max",
+            "Age",
+            "Provisioning",
+            "Connecting",
             "Desired",
             "Source",
             "WarmHit",
-            "Age"
+            "Reason"
         ]
     );
     let row = table["rows"]
@@ -154,7 +160,7 @@ async fn agentpool_crd_on_a_real_apiserver() {
         .iter()
         .find(|r| r["cells"][0] == "go")
         .unwrap();
-    assert_eq!(row["cells"][2], 5, "Min");
+    assert_eq!(row["cells"][8], 5, "Min");
     assert_eq!(row["cells"][3], 2, "Idle");
 }
 

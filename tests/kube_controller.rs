@@ -2,6 +2,8 @@
 //! - conditions are `metav1.Condition`s: each carries `lastTransitionTime` (and
 //!   `observedGeneration`); the time stays when a status rewrite keeps the condition's status
 //!   and moves when the status flips; the apiserver accepts the writes;
+//! - the status loop writes `total`, `labelExpression` and `selector`; the scale subresource
+//!   reads the selector, and it selects the pool's pods;
 //! - warmpool's own status writes do not come back as reconciles (predicate on generation):
 //!   `warmpool_agentpool_reconciles_total` does not follow `warmpool_agentpool_status_writes_total`;
 //! - the finalizer `warmpool.dev/cleanup` is added to every AgentPool;
@@ -26,8 +28,8 @@ use std::time::Duration;
 
 use cluster::*;
 use jenkins::{Fault, JenkinsConfig, JenkinsDouble};
-use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{Api, ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kubelet::ProcessKubelet;
 use serde_json::{Value, json};
 use support::*;
@@ -145,6 +147,30 @@ async fn conditions_keep_last_transition_time_and_status_writes_trigger_no_recon
         c.status("lt").await.idle == 3
     })
     .await;
+    // What `kubectl get` and the scale subresource read, written by the status loop.
+    c.until("status counts 3 in total", async |c: &Cluster| {
+        c.status("lt").await.total == 3
+    })
+    .await;
+    let st = c.status("lt").await;
+    assert_eq!(st.label_expression, "linux && lt");
+    assert_eq!(st.selector, "warmpool.dev/pool=lt");
+    let scale = c.pools().get_scale("lt").await.unwrap();
+    assert_eq!(
+        scale.status.unwrap().selector.as_deref(),
+        Some("warmpool.dev/pool=lt"),
+        "the scale subresource reads status.selector"
+    );
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let selected = pods
+        .list(&ListParams::default().labels(&st.selector))
+        .await
+        .unwrap();
+    assert_eq!(
+        selected.items.len(),
+        3,
+        "the selector matches the pool's pods"
+    );
     let degraded = raw_condition(&c.client, "lt", "Degraded").await.unwrap();
     assert_eq!(degraded["status"], "False");
     assert_eq!(

@@ -3,7 +3,8 @@
 //!
 //! Owns the resource's shape: spec (the pool spec plus a pod `template` and the name of the
 //! `agentContainer`), status (counts by state, `observedGeneration`, conditions, `leaksTotal`),
-//! printer columns and the scale subresource on `minIdle`. Validation that a 1.20 apiserver
+//! printer columns (`kubectl get agentpools`; `-o wide` adds the priority-1 ones) and the scale
+//! subresource on `minIdle` with the pods' label selector (so an HPA can target a pool). Validation that a 1.20 apiserver
 //! can express without CEL lives in the schema (minimums); cross-field rules (`maxTotal >=
 //! minIdle`) are checked by [`AgentPoolSpec::problems`] and reported as a condition.
 
@@ -24,17 +25,23 @@ use crate::spec::PoolSpec;
     shortname = "ap",
     namespaced,
     status = "AgentPoolStatus",
-    scale = r#"{"specReplicasPath":".spec.minIdle","statusReplicasPath":".status.idle"}"#,
-    printcolumn = r#"{"name":"Labels","type":"string","jsonPath":".spec.labels"}"#,
-    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minIdle"}"#,
+    scale = r#"{"specReplicasPath":".spec.minIdle","statusReplicasPath":".status.idle","labelSelectorPath":".status.selector"}"#,
+    printcolumn = r#"{"name":"Labels","type":"string","jsonPath":".status.labelExpression"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Idle","type":"integer","jsonPath":".status.idle"}"#,
     printcolumn = r#"{"name":"Leased","type":"integer","jsonPath":".status.leased"}"#,
-    printcolumn = r#"{"name":"Provisioning","type":"integer","jsonPath":".status.provisioning"}"#,
+    printcolumn = r#"{"name":"Waiting","type":"integer","jsonPath":".status.waiting"}"#,
+    printcolumn = r#"{"name":"Leaks","type":"integer","jsonPath":".status.leaksTotal"}"#,
+    printcolumn = r#"{"name":"Total","type":"integer","jsonPath":".status.total"}"#,
+    printcolumn = r#"{"name":"Min","type":"integer","jsonPath":".spec.minIdle"}"#,
     printcolumn = r#"{"name":"Max","type":"integer","jsonPath":".spec.maxTotal"}"#,
-    printcolumn = r#"{"name":"Desired","type":"integer","jsonPath":".status.desiredIdle"}"#,
-    printcolumn = r#"{"name":"Source","type":"string","jsonPath":".status.desiredIdleSource"}"#,
-    printcolumn = r#"{"name":"WarmHit","type":"number","jsonPath":".status.warmHitRatio"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Provisioning","type":"integer","priority":1,"jsonPath":".status.provisioning"}"#,
+    printcolumn = r#"{"name":"Connecting","type":"integer","priority":1,"jsonPath":".status.connecting"}"#,
+    printcolumn = r#"{"name":"Desired","type":"integer","priority":1,"jsonPath":".status.desiredIdle"}"#,
+    printcolumn = r#"{"name":"Source","type":"string","priority":1,"jsonPath":".status.desiredIdleSource"}"#,
+    printcolumn = r#"{"name":"WarmHit","type":"number","priority":1,"jsonPath":".status.warmHitRatio"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","priority":1,"jsonPath":".status.conditions[?(@.type==\"Degraded\")].reason"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentPoolSpec {
@@ -111,6 +118,19 @@ pub struct AgentPoolStatus {
     /// Agents that never registered within `connectTimeout`.
     #[serde(default)]
     pub leaks_total: u64,
+    /// Lease requests waiting that this pool could serve.
+    #[serde(default)]
+    pub waiting: u32,
+    /// All pods of the pool: provisioning, connecting, idle, leased and terminating.
+    #[serde(default)]
+    pub total: u32,
+    /// The pool's labels as a Jenkins label expression (`linux && e2e`), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label_expression: String,
+    /// Label selector of the pool's pods (`warmpool.dev/pool=NAME`): the scale
+    /// subresource's selector, so a HorizontalPodAutoscaler can target the pool.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub selector: String,
     /// Idle agents the sizing policy wants now (docs/SIZING.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub desired_idle: Option<u32>,
@@ -150,6 +170,36 @@ impl AgentPoolStatus {
         self.refill_seconds = Some(two_digits(p.refill_seconds));
         self.warm_hit_ratio = p.warm_hit_ratio.map(|r| (r * 100.0).round() / 100.0);
     }
+}
+
+impl AgentPoolStatus {
+    /// Sets what `kubectl get agentpools` and the scale subresource read besides the counts:
+    /// `total`, `labelExpression` and `selector` of the AgentPool `name` with `spec`.
+    pub fn set_view(&mut self, name: &str, spec: &AgentPoolSpec) {
+        self.total =
+            self.provisioning + self.connecting + self.idle + self.leased + self.terminating;
+        self.label_expression = label_expression(&spec.pool.labels);
+        self.selector = format!("{}={name}", crate::backend::kubernetes::LABEL_POOL);
+    }
+}
+
+/// Labels as Jenkins writes an expression that selects them all: `linux && e2e`; a label
+/// holding a space or an operator character is double-quoted.
+pub fn label_expression(labels: &[String]) -> String {
+    labels
+        .iter()
+        .map(|l| {
+            if l.is_empty()
+                || l.chars()
+                    .any(|c| c.is_whitespace() || "&|!()<>=\"".contains(c))
+            {
+                format!("{l:?}")
+            } else {
+                l.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" && ")
 }
 
 /// A status condition, shaped like `metav1.Condition`.
@@ -243,13 +293,42 @@ mod tests {
             "specReplicasPath: .spec.minIdle",
             "statusReplicasPath: .status.idle",
             "status: {}",
-            "jsonPath: .spec.labels",
+            "labelSelectorPath: .status.selector",
+            "jsonPath: .status.labelExpression",
+            "priority: 1",
             "jsonPath: .metadata.creationTimestamp",
             "x-kubernetes-preserve-unknown-fields: true",
             "x-kubernetes-int-or-string: true",
         ] {
             assert!(y.contains(want), "CRD lacks {want:?}:\n{y}");
         }
+    }
+
+    #[test]
+    fn the_view_has_a_jenkins_label_expression_a_pod_selector_and_the_total() {
+        let spec: AgentPoolSpec = serde_saphyr::from_str("labels: [linux, e2e]\n").unwrap();
+        let mut st = AgentPoolStatus {
+            provisioning: 1,
+            connecting: 2,
+            idle: 3,
+            leased: 4,
+            terminating: 5,
+            ..Default::default()
+        };
+        st.set_view("go", &spec);
+        assert_eq!(st.total, 15);
+        assert_eq!(st.label_expression, "linux && e2e");
+        // The label the Kubernetes backend puts on every pod of the pool.
+        assert_eq!(st.selector, "warmpool.dev/pool=go");
+        assert_eq!(
+            st.selector,
+            format!("{}=go", crate::backend::kubernetes::LABEL_POOL)
+        );
+        assert_eq!(
+            label_expression(&["a b".into(), "x&y".into(), "ok".into()]),
+            r#""a b" && "x&y" && ok"#
+        );
+        assert_eq!(label_expression(&[]), "");
     }
 
     #[test]

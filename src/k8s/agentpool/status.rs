@@ -3,7 +3,8 @@
 //! Jenkins pools: counts of nodes and Ready/Degraded from the connector; invalid specs:
 //! Degraded/InvalidSpec; deleted pools whose cleanup has not finished: Degraded with why; the
 //! sizing policy's desired idle count, its source, arrival rate, refill time and warm-hit ratio
-//! for every pool the engine sizes) with
+//! for every pool the engine sizes; waiting requests, the total, the label expression and the pod
+//! selector that `kubectl get` and the scale subresource read) with
 //! the one condition builder, and writes it through the status subresource when it changed.
 //! It also removes from the engine and the connector every pool the store no longer holds
 //! (deleted without our finalizer, or while it was forced away).
@@ -50,7 +51,7 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
             let invalid = (!problems.is_empty())
                 .then(|| format!("latest spec not applied: {}", problems.join("; ")));
             let generation = ap.metadata.generation;
-            let status = if ap.metadata.deletion_timestamp.is_some() {
+            let mut status = if ap.metadata.deletion_timestamp.is_some() {
                 let Some(why) = ctx.cleanup.get(&key).map(|e| e.value().clone()) else {
                     continue;
                 };
@@ -94,6 +95,7 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
                 };
                 // The engine sizes the Jenkins pool: its policy says what and why.
                 if let Some(p) = engine.iter().find(|p| p.name == key) {
+                    st.waiting = p.waiting;
                     st.set_policy(p);
                 }
                 st
@@ -118,6 +120,7 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
             } else {
                 continue;
             };
+            status.set_view(&ap.name_any(), &ap.spec);
             if last.get(&cache_key) == Some(&status) {
                 continue;
             }
@@ -244,6 +247,7 @@ fn engine_status(
             ],
         ),
         leaks_total: p.leaks_total,
+        waiting: p.waiting,
         ..AgentPoolStatus::default()
     };
     st.set_policy(p);
