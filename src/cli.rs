@@ -235,7 +235,7 @@ pub struct AgentArgs {
 /// How to reach the service.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Service URL.
+    /// Service URL (`host:port` without a scheme is `http://host:port`).
     #[arg(long, env = "WARMPOOL_SERVER", default_value = "http://127.0.0.1:7420")]
     pub server: String,
     /// File holding the API bearer token.

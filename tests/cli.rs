@@ -77,6 +77,47 @@ fn run_against_no_server_exits_255_with_a_message() {
     );
 }
 
+#[test]
+fn an_unreachable_server_is_one_line_naming_the_url_and_the_way_out() {
+    for args in [&["status"][..], &["run", "--", "true"][..]] {
+        let out = warmpool(args, "http://127.0.0.1:9");
+        assert_eq!(out.status.code(), Some(255), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        for part in [
+            "http://127.0.0.1:9",
+            "`warmpool serve`",
+            "--server",
+            "WARMPOOL_SERVER",
+        ] {
+            assert!(err.contains(part), "{args:?}: {part:?} in {err}");
+        }
+        // Not reqwest's chain ("error sending request for url (...): client error (Connect)").
+        assert!(!err.contains("error sending request"), "{args:?}: {err}");
+        assert!(!err.contains("(Connect)"), "{args:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_without_a_scheme_is_http() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let addr = h
+        .server
+        .base_url()
+        .strip_prefix("http://")
+        .unwrap()
+        .to_string();
+    let out = tokio::task::spawn_blocking(move || warmpool(&["status"], &addr))
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(t.lines().nth(1).unwrap().starts_with("default "), "{t}");
+    h.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn ctrl_c_cancels_the_remote_command_and_releases_the_lease() {
     let h = start_pools(POOL).await;
