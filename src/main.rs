@@ -111,10 +111,23 @@ async fn async_main(cli: Cli) -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "warmpool: {e:#}");
+            let _ = writeln!(std::io::stderr(), "warmpool: {}", one_line(&e));
             ExitCode::from(255)
         }
     }
+}
+
+/// The error and its causes, each cause once: most of our errors already end with their cause
+/// ("cannot read pools file p.yaml: No such file or directory"), which `{e:#}` would repeat.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    message
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

@@ -309,6 +309,25 @@ fn serve_rejects_an_invalid_pools_file_naming_each_field() {
 }
 
 #[test]
+fn a_missing_pools_file_is_named_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("missing.yaml");
+    let out = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--pools"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&*f.to_string_lossy()), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause once: {err}"
+    );
+}
+
+#[test]
 fn serve_rejects_a_connection_reserve_that_leaves_no_ordinary_slot() {
     for (args, want) in [
         (

@@ -322,3 +322,15 @@ pools:
         ("UTC", 3, Some(12))
     );
 }
+
+#[test]
+fn a_negative_burst_is_at_its_own_path_and_a_misspelt_field_gets_a_suggestion() {
+    let p = problems("pools:\n  - name: a\n    maxTotl: 3\n    provisioning:\n      burst: -1\n");
+    has(&p, "pools[0].provisioning.burst: ", "-1");
+    has(
+        &p,
+        "pools[0].maxTotl: unknown field",
+        "did you mean `maxTotal`?",
+    );
+    assert_eq!(p.len(), 2, "{p:?}");
+}
