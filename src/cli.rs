@@ -324,6 +324,25 @@ pub struct StatusArgs {
         default_value = "table"
     )]
     pub output: OutputFormat,
+    /// Print again every interval (`--watch` alone: every 2s; `--watch 500ms`) until
+    /// interrupted; on a terminal the screen is cleared before each refresh.
+    #[arg(
+        long,
+        short = 'w',
+        env = "WARMPOOL_WATCH",
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = positive_dur
+    )]
+    pub watch: Option<Dur>,
+}
+
+fn positive_dur(s: &str) -> Result<Dur, String> {
+    match Dur::parse(s)? {
+        Dur(d) if d.is_zero() => Err(format!("{s:?}: the interval must be above zero")),
+        d => Ok(d),
+    }
 }
 
 /// `warmpool bench`.

@@ -109,6 +109,11 @@ impl Client {
         }
     }
 
+    /// The server URL (with its scheme: `http://127.0.0.1:7420`).
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// The TLS configuration of this client (for other connections to the same server).
     pub fn tls(&self) -> &Arc<rustls::ClientConfig> {
         &self.tls
@@ -556,6 +561,7 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
         "LEASED".into(),
         "CONNECTING".into(),
         "PROVISIONING".into(),
+        "WAITING".into(),
         "TOTAL".into(),
         "MIN".into(),
         "MAX".into(),
@@ -564,6 +570,8 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
         "RATE/MIN".into(),
         "REFILL".into(),
         "WARM-HIT".into(),
+        "LEAKS".into(),
+        "ERROR".into(),
     ]];
     for p in pools {
         rows.push([
@@ -573,6 +581,7 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             (p.leased + p.cleaning).to_string(),
             p.connecting.to_string(),
             p.provisioning.to_string(),
+            p.waiting.to_string(),
             p.total.to_string(),
             p.min_idle.to_string(),
             p.max_total.to_string(),
@@ -582,9 +591,29 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             refill_text(p.refill_seconds),
             p.warm_hit_ratio
                 .map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0)),
+            p.leaks_total.to_string(),
+            p.last_error.as_deref().map_or("-".to_string(), short_error),
         ]);
     }
     table(&rows)
+}
+
+/// The longest `lastError` the status table shows (the JSON output has all of it).
+const ERROR_CHARS: usize = 80;
+
+/// `lastError` on one line of at most [`ERROR_CHARS`] characters, cut with `...`, without
+/// its leading `agent <id>: ` (the agent is gone; what failed is the point).
+fn short_error(e: &str) -> String {
+    let e = match e.strip_prefix("agent ").and_then(|r| r.split_once(": ")) {
+        Some((id, rest)) if !id.contains(' ') => rest,
+        _ => e,
+    };
+    let line = e.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= ERROR_CHARS {
+        return line;
+    }
+    let cut: String = line.chars().take(ERROR_CHARS - 3).collect();
+    format!("{}...", cut.trim_end())
 }
 
 /// Renders rows as text columns padded to their widest cell, two spaces apart.

@@ -190,6 +190,7 @@ async fn status_prints_a_table_and_json() {
             "LEASED",
             "CONNECTING",
             "PROVISIONING",
+            "WAITING",
             "TOTAL",
             "MIN",
             "MAX",
@@ -197,16 +198,19 @@ async fn status_prints_a_table_and_json() {
             "SOURCE",
             "RATE/MIN",
             "REFILL",
-            "WARM-HIT"
+            "WARM-HIT",
+            "LEAKS",
+            "ERROR"
         ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        row[..11],
+        row[..12],
         [
             "default",
             "linux,x86_64",
             "2",
+            "0",
             "0",
             "0",
             "0",
@@ -217,14 +221,123 @@ async fn status_prints_a_table_and_json() {
             "minIdle"
         ]
     );
-    // No request yet: no rate, and no warm-hit ratio (the refill time is measured).
-    assert_eq!((row[11], row[13]), ("0.0", "-"), "{row:?}");
+    // No request yet: no rate, and no warm-hit ratio (the refill time is measured); no leak
+    // and no error.
+    assert_eq!(
+        (row[12], row[14], row[15], row[16]),
+        ("0.0", "-", "0", "-"),
+        "{row:?}"
+    );
     // Process agents register in milliseconds: the refill time reads as such, never "0s".
-    let refill = humantime::parse_duration(row[12]).unwrap_or_else(|e| panic!("{row:?}: {e}"));
+    let refill = humantime::parse_duration(row[13]).unwrap_or_else(|e| panic!("{row:?}: {e}"));
     assert!(refill > std::time::Duration::ZERO, "{row:?}");
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v[0]["name"], "default");
     assert_eq!(v[0]["idle"], 2);
+    h.server.shutdown().await;
+}
+
+/// A pool whose agents all fail to start shows the request waiting for it and why.
+#[tokio::test]
+async fn status_shows_waiting_requests_and_the_last_error_of_a_failing_pool() {
+    let h = start_pools(
+        "pools:\n  - name: broken\n    labels: [broken]\n    minIdle: 1\n    maxTotal: 2\n    agentCommand: [/nonexistent/warmpool-test-agent]\n",
+    )
+    .await;
+    let client = h.client.clone();
+    let waiter = tokio::spawn(async move {
+        client
+            .lease(&warmpool::api::CreateLease {
+                selector: "broken".into(),
+                wait_seconds: Some(60.0),
+                ..Default::default()
+            })
+            .await
+    });
+    wait_until(
+        "a waiting request and an error",
+        Duration::from_secs(20),
+        || {
+            let p = h.pool("broken");
+            p.waiting == 1 && p.last_error.is_some()
+        },
+    )
+    .await;
+    let base = h.server.base_url();
+    let out = tokio::task::spawn_blocking(move || warmpool(&["status"], &base))
+        .await
+        .unwrap();
+    waiter.abort();
+    let t = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = t.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    assert_eq!(row[col("IDLE")], "0", "{t}");
+    assert_eq!(row[col("WAITING")], "1", "{t}");
+    let error = row[col("ERROR")..].join(" ");
+    assert!(
+        error.starts_with("cannot start /nonexistent/warmpool-test-agent"),
+        "{t}"
+    );
+    assert!(error.chars().count() <= 80, "shortened: {error}");
+    h.server.shutdown().await;
+}
+
+/// Kills the child when the test ends, passing or not.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn status_watch_prints_again_until_interrupted() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let mut child = Kill(
+        Command::new(EXE)
+            .args(["status", "--watch", "100ms"])
+            .env("WARMPOOL_SERVER", h.server.base_url())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Read on a blocking thread: the server runs on this test's runtime.
+    let (headers, rows) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut headers, mut rows) = (0, 0);
+        while headers < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                break;
+            };
+            if line.starts_with("NAME ") {
+                headers += 1;
+            } else if line.starts_with("default ") {
+                rows += 1;
+            }
+        }
+        (headers, rows)
+    })
+    .await
+    .unwrap();
+    assert_eq!(headers, 2, "two refreshes before the deadline");
+    assert!(rows >= 1, "a row under the first header");
+    // Still running: only an interrupt ends it.
+    assert!(child.0.try_wait().unwrap().is_none());
+    drop(child);
     h.server.shutdown().await;
 }
 
