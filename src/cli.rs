@@ -1,5 +1,6 @@
-//! Command-line definitions (clap derive). Every flag has an `env` twin; each component's flags
-//! are a flattened struct. Parsing only: `main.rs` acts on the result.
+//! Command-line definitions (clap derive). Every flag has an `env` twin but `run --env` and
+//! `bench`'s measurement flags (tests/cli.rs checks it, README.md names them); each
+//! component's flags are a flattened struct. Parsing only: `main.rs` acts on the result.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -472,3 +472,58 @@ fn serve_rejects_a_connection_reserve_that_leaves_no_ordinary_slot() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
 }
+
+/// Flags with no environment variable twin, as README.md names them: `run --env` (KEY=VALUE
+/// pairs, repeatable) and `bench`'s measurement flags (a one-off experiment is its command
+/// line; its `--server`, `--api-token-file` and `--ca-file` do have twins).
+fn without_env_twin(path: &str, flag: &str) -> bool {
+    (path == "warmpool run" && flag == "env")
+        || (path.starts_with("warmpool bench")
+            && !["server", "api-token-file", "ca-file"].contains(&flag))
+}
+
+#[test]
+fn every_flag_has_an_env_twin_but_the_ones_the_readme_names() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_env().is_none() && !without_env_twin(&path, long) {
+                missing.push(format!("{path} --{long}"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(
+        &warmpool::cli::Cli::command(),
+        "warmpool".into(),
+        &mut missing,
+    );
+    assert!(missing.is_empty(), "flags with no env twin: {missing:?}");
+    // Both exceptions are real (the list is not stale) and README.md says which they are.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sentence = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("Every flag has an environment variable twin"))
+        .take(4)
+        .collect::<Vec<_>>()
+        .join(" ");
+    for named in [
+        "`run --env`",
+        "`bench`",
+        "`--server`, `--api-token-file` and `--ca-file`",
+    ] {
+        assert!(sentence.contains(named), "README names {named}: {sentence}");
+    }
+    let cmd = warmpool::cli::Cli::command();
+    let run = cmd.find_subcommand("run").unwrap();
+    let env = run.get_arguments().find(|a| a.get_long() == Some("env"));
+    assert!(env.is_some_and(|a| a.get_env().is_none()));
+}
