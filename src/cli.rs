@@ -1,5 +1,6 @@
-//! Command-line definitions (clap derive). Every flag has an `env` twin; each component's flags
-//! are a flattened struct. Parsing only: `main.rs` acts on the result.
+//! Command-line definitions (clap derive). Every flag has an `env` twin but `run --env` and
+//! `bench`'s measurement flags (tests/cli.rs checks it, README.md names them); each
+//! component's flags are a flattened struct. Parsing only: `main.rs` acts on the result.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -235,7 +236,7 @@ pub struct AgentArgs {
 /// How to reach the service.
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// Service URL.
+    /// Service URL (`host:port` without a scheme is `http://host:port`).
     #[arg(long, env = "WARMPOOL_SERVER", default_value = "http://127.0.0.1:7420")]
     pub server: String,
     /// File holding the API bearer token.
@@ -324,6 +325,25 @@ pub struct StatusArgs {
         default_value = "table"
     )]
     pub output: OutputFormat,
+    /// Print again every interval (`--watch` alone: every 2s; `--watch 500ms`) until
+    /// interrupted; on a terminal the screen is cleared before each refresh.
+    #[arg(
+        long,
+        short = 'w',
+        env = "WARMPOOL_WATCH",
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "2s",
+        value_parser = positive_dur
+    )]
+    pub watch: Option<Dur>,
+}
+
+fn positive_dur(s: &str) -> Result<Dur, String> {
+    match Dur::parse(s)? {
+        Dur(d) if d.is_zero() => Err(format!("{s:?}: the interval must be above zero")),
+        d => Ok(d),
+    }
 }
 
 /// `warmpool bench`.

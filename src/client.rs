@@ -44,7 +44,19 @@ pub enum Error {
         /// Message.
         message: String,
     },
-    /// The server could not be reached or answered nonsense.
+    /// No connection could be made to the server: nothing listens there, the name does not
+    /// resolve, or the connection timed out (a TLS failure is a [`Error::Transport`]).
+    #[error(
+        "cannot reach a warmpool server at {server} ({cause}): is `warmpool serve` running \
+         there? Point elsewhere with --server or WARMPOOL_SERVER"
+    )]
+    Unreachable {
+        /// Server URL.
+        server: String,
+        /// The innermost cause ("Connection refused (os error 111)").
+        cause: String,
+    },
+    /// The server answered nonsense, or the connection broke after it was made.
     #[error("{server}: {message}")]
     Transport {
         /// Server URL.
@@ -69,8 +81,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client for `base` (`http://127.0.0.1:7420` or `https://...`), with an optional
-    /// bearer token, trusting the platform's root certificates.
+    /// A client for `base` (`http://127.0.0.1:7420` or `https://...`; without a scheme,
+    /// `127.0.0.1:7420`, it is `http://`), with an optional bearer token, trusting the
+    /// platform's root certificates.
     pub fn new(base: &str, token: Option<String>) -> Client {
         Client::with_tls(base, token, crate::tls::default_client_config())
     }
@@ -78,8 +91,14 @@ impl Client {
     /// As [`Client::new`], with a TLS configuration (see [`crate::tls::client_config`]) for
     /// `https://` and the `wss://` exec socket.
     pub fn with_tls(base: &str, token: Option<String>, tls: Arc<rustls::ClientConfig>) -> Client {
+        let base = base.trim_end_matches('/');
+        let base = if base.contains("://") {
+            base.to_string()
+        } else {
+            format!("http://{base}")
+        };
         Client {
-            base: base.trim_end_matches('/').to_string(),
+            base,
             token,
             http: reqwest::Client::builder()
                 .use_preconfigured_tls(crate::tls::for_reqwest(&tls))
@@ -88,6 +107,11 @@ impl Client {
                 .expect("HTTP client"),
             tls,
         }
+    }
+
+    /// The server URL (with its scheme: `http://127.0.0.1:7420`).
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     /// The TLS configuration of this client (for other connections to the same server).
@@ -104,8 +128,26 @@ impl Client {
 
     /// A transport error with its whole cause chain ("... : connection refused"), or the TLS
     /// failure under it ("TLS certificate verification failed: ...").
+    /// A failure to connect at all is [`Error::Unreachable`], with only its innermost cause.
     fn io(&self, e: impl std::error::Error + 'static) -> Error {
+        let connect = (&e as &dyn std::error::Error)
+            .downcast_ref::<reqwest::Error>()
+            .is_some_and(|r| r.is_connect());
+        if connect && crate::tls::failure(&e).is_none() {
+            return self.unreachable(&e);
+        }
         self.transport(crate::tls::describe(&e))
+    }
+
+    fn unreachable(&self, e: &(dyn std::error::Error + 'static)) -> Error {
+        let mut cause = e;
+        while let Some(s) = cause.source() {
+            cause = s;
+        }
+        Error::Unreachable {
+            server: self.base.clone(),
+            cause: cause.to_string(),
+        }
     }
 
     fn req(&self, m: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -287,6 +329,11 @@ impl Client {
                     Err(_) => self.transport(format!("exec socket refused with HTTP {status}")),
                 })
             }
+            Err(tokio_tungstenite::tungstenite::Error::Io(e))
+                if crate::tls::failure(&e).is_none() =>
+            {
+                Err(self.unreachable(&e))
+            }
             Err(e) => Err(self.io(e)),
         }
     }
@@ -463,7 +510,7 @@ fn json_msg(m: &ClientMessage) -> Message {
 /// restored the lease from its agent), 502/504 (a proxy with no backend).
 pub(crate) fn retryable(e: &Error) -> bool {
     match e {
-        Error::Transport { .. } => true,
+        Error::Transport { .. } | Error::Unreachable { .. } => true,
         Error::Api { status, .. } => matches!(status, 404 | 502 | 503 | 504),
         Error::Exec { .. } => false,
     }
@@ -514,6 +561,7 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
         "LEASED".into(),
         "CONNECTING".into(),
         "PROVISIONING".into(),
+        "WAITING".into(),
         "TOTAL".into(),
         "MIN".into(),
         "MAX".into(),
@@ -522,6 +570,8 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
         "RATE/MIN".into(),
         "REFILL".into(),
         "WARM-HIT".into(),
+        "LEAKS".into(),
+        "ERROR".into(),
     ]];
     for p in pools {
         rows.push([
@@ -531,6 +581,7 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             (p.leased + p.cleaning).to_string(),
             p.connecting.to_string(),
             p.provisioning.to_string(),
+            p.waiting.to_string(),
             p.total.to_string(),
             p.min_idle.to_string(),
             p.max_total.to_string(),
@@ -540,9 +591,29 @@ pub fn pools_table(pools: &[PoolStatus]) -> String {
             refill_text(p.refill_seconds),
             p.warm_hit_ratio
                 .map_or("-".to_string(), |r| format!("{:.0}%", r * 100.0)),
+            p.leaks_total.to_string(),
+            p.last_error.as_deref().map_or("-".to_string(), short_error),
         ]);
     }
     table(&rows)
+}
+
+/// The longest `lastError` the status table shows (the JSON output has all of it).
+const ERROR_CHARS: usize = 80;
+
+/// `lastError` on one line of at most [`ERROR_CHARS`] characters, cut with `...`, without
+/// its leading `agent <id>: ` (the agent is gone; what failed is the point).
+fn short_error(e: &str) -> String {
+    let e = match e.strip_prefix("agent ").and_then(|r| r.split_once(": ")) {
+        Some((id, rest)) if !id.contains(' ') => rest,
+        _ => e,
+    };
+    let line = e.split_whitespace().collect::<Vec<_>>().join(" ");
+    if line.chars().count() <= ERROR_CHARS {
+        return line;
+    }
+    let cut: String = line.chars().take(ERROR_CHARS - 3).collect();
+    format!("{}...", cut.trim_end())
 }
 
 /// Renders rows as text columns padded to their widest cell, two spaces apart.

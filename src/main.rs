@@ -111,10 +111,38 @@ async fn async_main(cli: Cli) -> ExitCode {
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "warmpool: {e:#}");
+            let _ = writeln!(std::io::stderr(), "warmpool: {}", one_line(&e));
             ExitCode::from(255)
         }
     }
+}
+
+/// Prints the pools as `status` does; a closed stdout (`status --watch | head`) is an error.
+fn print_status(
+    pools: &[warmpool::engine::PoolStatus],
+    output: OutputFormat,
+) -> anyhow::Result<()> {
+    let text = match output {
+        OutputFormat::Table => client::pools_table(pools),
+        OutputFormat::Json => serde_json::to_string_pretty(pools)? + "\n",
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// The error and its causes, each cause once: most of our errors already end with their cause
+/// ("cannot read pools file p.yaml: No such file or directory"), which `{e:#}` would repeat.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut message = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
+    }
+    message
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -280,12 +308,44 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Status(a) => {
             let c = client_for(&a.server)?;
-            let pools = c.pools().await?;
-            match a.output {
-                OutputFormat::Table => print!("{}", client::pools_table(&pools)),
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&pools)?),
+            let Some(every) = a.watch else {
+                print_status(&c.pools().await?, a.output)?;
+                return Ok(ExitCode::SUCCESS);
+            };
+            // Until interrupted (Ctrl-C ends the process); a failed refresh is shown in place
+            // of the table and the next one tries again, as `watch` does.
+            // A closed stdout (`status --watch | head`) ends the watch quietly.
+            let closed = |e: &anyhow::Error| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            };
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            let mut tick = tokio::time::interval(every.0);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let pools = c.pools().await;
+                let shown = (|| -> anyhow::Result<()> {
+                    let mut out = std::io::stdout().lock();
+                    if terminal {
+                        write!(out, "\x1b[H\x1b[2J")?;
+                    }
+                    writeln!(out, "every {every}: {}", c.base())?;
+                    drop(out);
+                    match &pools {
+                        Ok(p) => print_status(p, a.output)?,
+                        Err(e) => writeln!(std::io::stdout(), "warmpool: {e}")?,
+                    }
+                    if !terminal {
+                        writeln!(std::io::stdout())?;
+                    }
+                    Ok(())
+                })();
+                match shown {
+                    Err(e) if closed(&e) => return Ok(ExitCode::SUCCESS),
+                    other => other?,
+                }
             }
-            Ok(ExitCode::SUCCESS)
         }
     }
 }

@@ -77,6 +77,47 @@ fn run_against_no_server_exits_255_with_a_message() {
     );
 }
 
+#[test]
+fn an_unreachable_server_is_one_line_naming_the_url_and_the_way_out() {
+    for args in [&["status"][..], &["run", "--", "true"][..]] {
+        let out = warmpool(args, "http://127.0.0.1:9");
+        assert_eq!(out.status.code(), Some(255), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        for part in [
+            "http://127.0.0.1:9",
+            "`warmpool serve`",
+            "--server",
+            "WARMPOOL_SERVER",
+        ] {
+            assert!(err.contains(part), "{args:?}: {part:?} in {err}");
+        }
+        // Not reqwest's chain ("error sending request for url (...): client error (Connect)").
+        assert!(!err.contains("error sending request"), "{args:?}: {err}");
+        assert!(!err.contains("(Connect)"), "{args:?}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_server_without_a_scheme_is_http() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let addr = h
+        .server
+        .base_url()
+        .strip_prefix("http://")
+        .unwrap()
+        .to_string();
+    let out = tokio::task::spawn_blocking(move || warmpool(&["status"], &addr))
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let t = String::from_utf8_lossy(&out.stdout);
+    assert!(t.lines().nth(1).unwrap().starts_with("default "), "{t}");
+    h.server.shutdown().await;
+}
+
 #[tokio::test]
 async fn ctrl_c_cancels_the_remote_command_and_releases_the_lease() {
     let h = start_pools(POOL).await;
@@ -149,6 +190,7 @@ async fn status_prints_a_table_and_json() {
             "LEASED",
             "CONNECTING",
             "PROVISIONING",
+            "WAITING",
             "TOTAL",
             "MIN",
             "MAX",
@@ -156,16 +198,19 @@ async fn status_prints_a_table_and_json() {
             "SOURCE",
             "RATE/MIN",
             "REFILL",
-            "WARM-HIT"
+            "WARM-HIT",
+            "LEAKS",
+            "ERROR"
         ]
     );
     let row: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(
-        row[..11],
+        row[..12],
         [
             "default",
             "linux,x86_64",
             "2",
+            "0",
             "0",
             "0",
             "0",
@@ -176,14 +221,123 @@ async fn status_prints_a_table_and_json() {
             "minIdle"
         ]
     );
-    // No request yet: no rate, and no warm-hit ratio (the refill time is measured).
-    assert_eq!((row[11], row[13]), ("0.0", "-"), "{row:?}");
+    // No request yet: no rate, and no warm-hit ratio (the refill time is measured); no leak
+    // and no error.
+    assert_eq!(
+        (row[12], row[14], row[15], row[16]),
+        ("0.0", "-", "0", "-"),
+        "{row:?}"
+    );
     // Process agents register in milliseconds: the refill time reads as such, never "0s".
-    let refill = humantime::parse_duration(row[12]).unwrap_or_else(|e| panic!("{row:?}: {e}"));
+    let refill = humantime::parse_duration(row[13]).unwrap_or_else(|e| panic!("{row:?}: {e}"));
     assert!(refill > std::time::Duration::ZERO, "{row:?}");
     let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(v[0]["name"], "default");
     assert_eq!(v[0]["idle"], 2);
+    h.server.shutdown().await;
+}
+
+/// A pool whose agents all fail to start shows the request waiting for it and why.
+#[tokio::test]
+async fn status_shows_waiting_requests_and_the_last_error_of_a_failing_pool() {
+    let h = start_pools(
+        "pools:\n  - name: broken\n    labels: [broken]\n    minIdle: 1\n    maxTotal: 2\n    agentCommand: [/nonexistent/warmpool-test-agent]\n",
+    )
+    .await;
+    let client = h.client.clone();
+    let waiter = tokio::spawn(async move {
+        client
+            .lease(&warmpool::api::CreateLease {
+                selector: "broken".into(),
+                wait_seconds: Some(60.0),
+                ..Default::default()
+            })
+            .await
+    });
+    wait_until(
+        "a waiting request and an error",
+        Duration::from_secs(20),
+        || {
+            let p = h.pool("broken");
+            p.waiting == 1 && p.last_error.is_some()
+        },
+    )
+    .await;
+    let base = h.server.base_url();
+    let out = tokio::task::spawn_blocking(move || warmpool(&["status"], &base))
+        .await
+        .unwrap();
+    waiter.abort();
+    let t = String::from_utf8_lossy(&out.stdout);
+    let header: Vec<&str> = t.lines().next().unwrap().split_whitespace().collect();
+    let row: Vec<&str> = t.lines().nth(1).unwrap().split_whitespace().collect();
+    let col = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    assert_eq!(row[col("IDLE")], "0", "{t}");
+    assert_eq!(row[col("WAITING")], "1", "{t}");
+    let error = row[col("ERROR")..].join(" ");
+    assert!(
+        error.starts_with("cannot start /nonexistent/warmpool-test-agent"),
+        "{t}"
+    );
+    assert!(error.chars().count() <= 80, "shortened: {error}");
+    h.server.shutdown().await;
+}
+
+/// Kills the child when the test ends, passing or not.
+struct Kill(std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn status_watch_prints_again_until_interrupted() {
+    let h = start_pools(POOL).await;
+    h.wait_idle("default", 2).await;
+    let mut child = Kill(
+        Command::new(EXE)
+            .args(["status", "--watch", "100ms"])
+            .env("WARMPOOL_SERVER", h.server.base_url())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Read on a blocking thread: the server runs on this test's runtime.
+    let (headers, rows) = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let (mut headers, mut rows) = (0, 0);
+        while headers < 2 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = rx.recv_timeout(left) else {
+                break;
+            };
+            if line.starts_with("NAME ") {
+                headers += 1;
+            } else if line.starts_with("default ") {
+                rows += 1;
+            }
+        }
+        (headers, rows)
+    })
+    .await
+    .unwrap();
+    assert_eq!(headers, 2, "two refreshes before the deadline");
+    assert!(rows >= 1, "a row under the first header");
+    // Still running: only an interrupt ends it.
+    assert!(child.0.try_wait().unwrap().is_none());
+    drop(child);
     h.server.shutdown().await;
 }
 
@@ -268,6 +422,25 @@ fn serve_rejects_an_invalid_pools_file_naming_each_field() {
 }
 
 #[test]
+fn a_missing_pools_file_is_named_with_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("missing.yaml");
+    let out = Command::new(EXE)
+        .args(["serve", "--listen", "127.0.0.1:0", "--pools"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(255));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&*f.to_string_lossy()), "{err}");
+    assert_eq!(
+        err.matches("No such file or directory").count(),
+        1,
+        "the cause once: {err}"
+    );
+}
+
+#[test]
 fn serve_rejects_a_connection_reserve_that_leaves_no_ordinary_slot() {
     for (args, want) in [
         (
@@ -298,4 +471,59 @@ fn serve_rejects_a_connection_reserve_that_leaves_no_ordinary_slot() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+}
+
+/// Flags with no environment variable twin, as README.md names them: `run --env` (KEY=VALUE
+/// pairs, repeatable) and `bench`'s measurement flags (a one-off experiment is its command
+/// line; its `--server`, `--api-token-file` and `--ca-file` do have twins).
+fn without_env_twin(path: &str, flag: &str) -> bool {
+    (path == "warmpool run" && flag == "env")
+        || (path.starts_with("warmpool bench")
+            && !["server", "api-token-file", "ca-file"].contains(&flag))
+}
+
+#[test]
+fn every_flag_has_an_env_twin_but_the_ones_the_readme_names() {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, path: String, missing: &mut Vec<String>) {
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if ["help", "version"].contains(&long) || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_env().is_none() && !without_env_twin(&path, long) {
+                missing.push(format!("{path} --{long}"));
+            }
+        }
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+            walk(sub, format!("{path} {}", sub.get_name()), missing);
+        }
+    }
+    let mut missing = Vec::new();
+    walk(
+        &warmpool::cli::Cli::command(),
+        "warmpool".into(),
+        &mut missing,
+    );
+    assert!(missing.is_empty(), "flags with no env twin: {missing:?}");
+    // Both exceptions are real (the list is not stale) and README.md says which they are.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let sentence = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("Every flag has an environment variable twin"))
+        .take(4)
+        .collect::<Vec<_>>()
+        .join(" ");
+    for named in [
+        "`run --env`",
+        "`bench`",
+        "`--server`, `--api-token-file` and `--ca-file`",
+    ] {
+        assert!(sentence.contains(named), "README names {named}: {sentence}");
+    }
+    let cmd = warmpool::cli::Cli::command();
+    let run = cmd.find_subcommand("run").unwrap();
+    let env = run.get_arguments().find(|a| a.get_long() == Some("env"));
+    assert!(env.is_some_and(|a| a.get_env().is_none()));
 }

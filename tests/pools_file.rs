@@ -2,6 +2,10 @@
 //! every field of the CRD is accepted with the same meaning, each bad field gets one message
 //! naming its full path (`pools[0].provisioning.burst`), and the README and docs examples load.
 
+mod support;
+
+use std::time::Duration;
+
 use serde_json::{Value, json};
 use warmpool::spec::{self, PoolSpec, parse_pools};
 
@@ -321,4 +325,54 @@ pools:
         (w.time_zone.as_str(), w.min_idle, w.max_total),
         ("UTC", 3, Some(12))
     );
+}
+
+#[test]
+fn a_negative_burst_is_at_its_own_path_and_a_misspelt_field_gets_a_suggestion() {
+    let p = problems("pools:\n  - name: a\n    maxTotl: 3\n    provisioning:\n      burst: -1\n");
+    has(&p, "pools[0].provisioning.burst: ", "-1");
+    has(
+        &p,
+        "pools[0].maxTotl: unknown field",
+        "did you mean `maxTotal`?",
+    );
+    assert_eq!(p.len(), 2, "{p:?}");
+}
+
+/// Every documented pools file the process backend can serve (no Jenkins pool) runs as
+/// written: served, it grants a lease on each of its pools.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_documented_pools_files_serve_a_lease_per_pool() {
+    let mut served = 0;
+    for (doc, yaml) in documented_pools_files() {
+        let pools = parse_pools(&yaml, &doc).unwrap();
+        if pools.iter().any(|p| p.spec.jenkins.is_some()) {
+            continue;
+        }
+        let h = support::start_pools(&yaml).await;
+        for p in &pools {
+            let selector = p.spec.labels.join(" && ");
+            let lease = tokio::time::timeout(
+                Duration::from_secs(30),
+                h.client.lease(&warmpool::api::CreateLease {
+                    selector: selector.clone(),
+                    wait_seconds: Some(25.0),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{doc}: pool {}: no answer", p.name))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{doc}: pool {} ({selector:?}): no lease: {e}; last error: {:?}",
+                    p.name,
+                    h.pool(&p.name).last_error
+                )
+            });
+            h.client.release(&lease.id).await.unwrap();
+        }
+        h.server.shutdown().await;
+        served += 1;
+    }
+    assert!(served >= 1, "at least the README's example is served");
 }
