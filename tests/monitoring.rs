@@ -121,3 +121,99 @@ async fn every_documented_family_has_a_sample_on_a_fresh_service() {
         );
     }
 }
+
+const MONITORING: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/manifests/monitoring");
+
+fn yaml(path: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// `promtool`, or None (with a loud message) when it is missing outside CI; under
+/// `WARMPOOL_CI` (set by .ci/run, which installs Debian's `prometheus`) a missing promtool fails.
+fn promtool() -> Option<&'static str> {
+    let found = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some("promtool");
+    }
+    if std::env::var_os("WARMPOOL_CI").is_some() {
+        panic!("WARMPOOL_CI is set but promtool is missing: apt-get install prometheus");
+    }
+    eprintln!(
+        "\n*** SKIPPED: promtool is missing (Debian: apt-get install prometheus); \
+         the alert rules were NOT checked ***\n"
+    );
+    None
+}
+
+fn run_promtool(args: &[&str], dir: &str) {
+    let Some(bin) = promtool() else { return };
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_prometheus_rule_and_the_rules_file_hold_the_same_rules() {
+    let plain = yaml(&format!("{MONITORING}/warmpool-rules.yaml"));
+    let operator = yaml(&format!("{MONITORING}/prometheusrule.yaml"));
+    assert_eq!(operator["kind"], "PrometheusRule");
+    assert_eq!(operator["apiVersion"], "monitoring.coreos.com/v1");
+    assert!(plain["groups"].as_array().is_some_and(|g| !g.is_empty()));
+    assert_eq!(
+        plain["groups"], operator["spec"]["groups"],
+        "manifests/monitoring: prometheusrule.yaml's spec.groups differ from warmpool-rules.yaml's groups"
+    );
+}
+
+#[test]
+fn alert_rules_use_only_documented_metrics() {
+    let doc = documented();
+    let rules = std::fs::read_to_string(format!("{MONITORING}/warmpool-rules.yaml")).unwrap();
+    let mut used = BTreeSet::new();
+    for (i, _) in rules.match_indices("warmpool_") {
+        let name: String = rules[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        used.insert(name);
+    }
+    assert!(used.len() >= 6, "rules use {used:?}");
+    for name in used {
+        assert!(
+            doc.iter().any(|(d, _)| *d == name),
+            "warmpool-rules.yaml uses {name}, which docs/API.md does not list"
+        );
+    }
+}
+
+#[test]
+fn promtool_checks_the_rules() {
+    run_promtool(&["check", "rules", "warmpool-rules.yaml"], MONITORING);
+}
+
+#[test]
+fn promtool_unit_tests_of_the_rules_pass() {
+    let dir = format!("{MONITORING}/tests");
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no unit tests in {dir}");
+    let mut args = vec!["test", "rules"];
+    args.extend(files.iter().map(String::as_str));
+    run_promtool(&args, &dir);
+}
