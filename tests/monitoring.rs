@@ -1,6 +1,7 @@
 //! Monitoring: every metric family a fresh service exports exists from the first scrape (the
 //! list in docs/API.md, "Metrics reference"), and the alert rules in `manifests/monitoring/`
-//! are valid, in sync and pass their `promtool test rules` unit tests.
+//! are valid, in sync and pass their `promtool test rules` unit tests; a real Prometheus with
+//! those rules loaded fires the leak alert for a leaking pool.
 
 mod support;
 
@@ -216,4 +217,108 @@ fn promtool_unit_tests_of_the_rules_pass() {
     let mut args = vec!["test", "rules"];
     args.extend(files.iter().map(String::as_str));
     run_promtool(&args, &dir);
+}
+
+/// Kills and reaps the Prometheus child when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_real_prometheus_fires_the_leak_alert_for_a_leaking_pool() {
+    let available = std::process::Command::new("prometheus")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("WARMPOOL_CI").is_none(),
+            "WARMPOOL_CI is set but prometheus is missing: apt-get install prometheus"
+        );
+        eprintln!(
+            "\n*** SKIPPED: prometheus is missing (Debian: apt-get install prometheus); \
+             the leak alert was NOT checked against a real Prometheus ***\n"
+        );
+        return;
+    }
+    // An agent that never connects: a leak every connectTimeout.
+    let h = start_pools(
+        "pools:\n  - name: stuck\n    labels: [linux]\n    minIdle: 1\n    maxTotal: 1\n    connectTimeout: 400ms\n    agentCommand: [sleep, \"7778\"]\n",
+    )
+    .await;
+    let target = h
+        .server
+        .base_url()
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {MONITORING}/warmpool-rules.yaml\nscrape_configs:\n  - job_name: warmpool\n    static_configs:\n      - targets: ['{target}']\n"
+        ),
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let _prometheus = KillOnDrop(
+        std::process::Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus starts"),
+    );
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(50);
+    let mut last = String::new();
+    let fired = loop {
+        if let Ok(r) = http
+            .get(format!("http://127.0.0.1:{port}/api/v1/alerts"))
+            .send()
+            .await
+            && let Ok(v) = r.json::<serde_json::Value>().await
+        {
+            last = v.to_string();
+            let firing = v["data"]["alerts"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|a| {
+                        a["labels"]["alertname"] == "WarmpoolLeaksRising"
+                            && a["labels"]["pool"] == "stuck"
+                            && a["state"] == "firing"
+                    })
+                    .cloned()
+            });
+            if let Some(a) = firing {
+                break Some(a);
+            }
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    };
+    h.server.shutdown().await;
+    let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+    let alert = fired.unwrap_or_else(|| {
+        panic!("WarmpoolLeaksRising never fired within 50 s; last /api/v1/alerts: {last}\nprometheus log:\n{log}")
+    });
+    eprintln!("fired: {alert}");
+    assert_eq!(alert["labels"]["job"], "warmpool");
 }
