@@ -2,10 +2,18 @@
 //!
 //! Names are `warmpool_*` with units in the name. Agent counts by state are refreshed from the
 //! engine at scrape time (level-triggered), counters and histograms are updated by the shell.
+//!
+//! Every family exists from the first scrape, at zero: label values known up front (reasons,
+//! results, states, endpoints) are created in [`Metrics::new`], per-pool series in
+//! [`Metrics::init_pool`] when the pool appears, so alerts and `rate()` work before the first
+//! event. The exceptions (documented in the README's metrics list) are the per-controller Jenkins
+//! gauges, `warmpool_jenkins_nodes`/`warmpool_jenkins_queue_demand` (Jenkins pools only),
+//! `warmpool_warm_hit_ratio` (no series while a pool had no lease in the hour) and
+//! `warmpool_warm_hit_target` (only for pools with `warmHitTarget`).
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The registry and its metrics.
@@ -73,6 +81,138 @@ pub struct Metrics {
     /// `warmpool_warm_hit_ratio{pool}`: share of the last hour's leases that were warm (no
     /// series while the pool had no lease in the hour).
     pub warm_hit_ratio: GaugeVec,
+    /// `warmpool_warm_hit_target{pool}`: the pool's `warmHitTarget` (no series without one).
+    pub warm_hit_target: GaugeVec,
+    /// `warmpool_lease_requests_waiting{pool}`: lease requests queued for the pool now.
+    pub waiting: IntGaugeVec,
+    /// `warmpool_pool_degraded{pool}`: 1 while agents of the pool fail to start or their hooks
+    /// fail (the engine's `lastError` or `lastHookFailure`), else 0.
+    pub pool_degraded: IntGaugeVec,
+    /// `warmpool_ready`: 1 while this instance grants leases (the leader, or the only instance),
+    /// 0 on a standby, while adopting, and when shutting down.
+    pub ready: IntGauge,
+}
+
+/// `reason` values of `warmpool_rejected_connections_total` (the hub's refusals).
+pub const REJECTED_CONNECTION_REASONS: &[&str] = &[
+    "version",
+    "invalid-token",
+    "not-ready",
+    "protocol",
+    "malformed",
+    "unknown-agent",
+    "wrong-pool",
+    "duplicate-agent",
+    "terminating",
+    "not-joinable",
+    "pool-full",
+    "hello-timeout",
+    "closed-before-hello",
+    "bad-frame",
+    "frame-too-large",
+    "hello-too-large",
+    "handshake-rate",
+];
+
+/// `reason` values of `warmpool_protocol_errors_total`.
+pub const PROTOCOL_ERROR_REASONS: &[&str] = &[
+    "bad-frame",
+    "frame-too-large",
+    "hello-too-large",
+    "protocol",
+    "malformed",
+    "message-rate",
+    "slow-consumer",
+];
+
+/// `reason` values of `warmpool_http_connections_refused_total`.
+pub const HTTP_REFUSED_REASONS: &[&str] = &["limit", "reserved-for-agents"];
+
+/// `result` values of `warmpool_provisions_total`.
+pub const PROVISION_RESULTS: &[&str] = &["requested", "started", "failed"];
+
+/// Every recycle reason, as `warmpool_recycles_total{reason}` spells it.
+pub fn recycle_reasons() -> Vec<&'static str> {
+    use crate::engine::Reason;
+    let s = String::new;
+    [
+        Reason::MaxUses,
+        Reason::IdleTtl,
+        Reason::MaxAge,
+        Reason::Rolled,
+        Reason::ConnectTimeout,
+        Reason::HeartbeatLost,
+        Reason::Unhealthy(s()),
+        Reason::LeaseExpired,
+        Reason::Disconnected(s()),
+        Reason::Exited(s()),
+        Reason::ProvisionFailed(s()),
+        Reason::StartFailed(s()),
+        Reason::ProvisionTimeout,
+        Reason::CleanupTimeout,
+        Reason::CleanupFailed(s()),
+        Reason::HealthCheckFailed(s()),
+        Reason::OverCap,
+        Reason::PoolRemoved,
+        Reason::OrphanNode,
+        Reason::OrphanAgent,
+        Reason::Shutdown,
+    ]
+    .iter()
+    .map(|r| r.as_str())
+    .collect()
+}
+
+/// `result` values of `warmpool_lease_requests_total`: `granted`, `queued` and every lease
+/// error code.
+pub fn lease_request_results() -> Vec<&'static str> {
+    use crate::engine::LeaseError as E;
+    let s = String::new;
+    let mut v = vec!["granted", "queued"];
+    v.extend(
+        [
+            E::Unsatisfiable {
+                selector: s(),
+                pools: s(),
+            },
+            E::WaitExpired {
+                selector: s(),
+                waited_ms: 0,
+            },
+            E::QueueFull { limit: 0 },
+            E::NotFound(s()),
+            E::Ended {
+                id: s(),
+                state: s(),
+                reason: s(),
+            },
+            E::DuplicateRequest(s()),
+            E::ShuttingDown,
+        ]
+        .iter()
+        .map(|e| e.code()),
+    );
+    v
+}
+
+/// Every Jenkins endpoint label.
+fn jenkins_endpoints() -> Vec<&'static str> {
+    use crate::jenkins::client::Endpoint as E;
+    [
+        E::Crumb,
+        E::Computers,
+        E::Queue,
+        E::CreateNode,
+        E::SlaveAgentJnlp,
+        E::JenkinsAgentJnlp,
+        E::DeleteNode,
+        E::ConfigXml,
+        E::Jobs,
+        E::JobConfig,
+    ]
+    .iter()
+    .map(|e| e.label())
+    .collect()
 }
 
 fn buckets() -> Vec<f64> {
@@ -147,7 +287,30 @@ impl Metrics {
         registry
             .register(Box::new(idle_agent_seconds.clone()))
             .expect("unique metric");
-        Metrics {
+        let ready = IntGauge::new(
+            "warmpool_ready",
+            "1 while this instance grants leases (the leader, or the only instance), else 0.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(ready.clone()))
+            .expect("unique metric");
+        let m = Metrics {
+            ready,
+            warm_hit_target: fgauge(
+                "warmpool_warm_hit_target",
+                "The pool's warmHitTarget (only for pools that set one).",
+            ),
+            waiting: gauge(
+                "warmpool_lease_requests_waiting",
+                "Lease requests waiting for an agent of the pool now.",
+                &["pool"],
+            ),
+            pool_degraded: gauge(
+                "warmpool_pool_degraded",
+                "1 while the pool's agents fail to start or fail their hooks (lastError or lastHookFailure), else 0.",
+                &["pool"],
+            ),
             idle_agent_seconds,
             leases: counter(
                 "warmpool_leases_total",
@@ -266,6 +429,29 @@ impl Metrics {
                 &["pool", "state"],
             ),
             registry,
+        };
+        m.init_known();
+        m
+    }
+
+    /// Creates the series whose label values are known up front, at zero.
+    fn init_known(&self) {
+        for r in REJECTED_CONNECTION_REASONS {
+            self.rejected_connections.with_label_values(&[r]);
+        }
+        for r in PROTOCOL_ERROR_REASONS {
+            self.protocol_errors.with_label_values(&[r]);
+        }
+        for r in HTTP_REFUSED_REASONS {
+            self.http_refused.with_label_values(&[r]);
+        }
+        for r in lease_request_results() {
+            self.lease_requests.with_label_values(&[r]);
+        }
+        for e in jenkins_endpoints() {
+            self.jenkins_request_seconds.with_label_values(&[e]);
+            // No answer yet; HTTP codes appear as Jenkins answers.
+            self.jenkins_requests.with_label_values(&[e, "error"]);
         }
     }
 
@@ -275,6 +461,23 @@ impl Metrics {
             self.leases.with_label_values(&[pool, path]);
         }
         self.idle_agent_seconds.with_label_values(&[pool]);
+        for h in [&self.lease_wait, &self.provision_to_idle, &self.exec_ttfb] {
+            h.with_label_values(&[pool]);
+        }
+        for r in recycle_reasons() {
+            self.recycles.with_label_values(&[pool, r]);
+        }
+        for c in [&self.leaks, &self.unverified_lease_claims, &self.throttled] {
+            c.with_label_values(&[pool]);
+        }
+        for r in PROVISION_RESULTS {
+            self.provisions.with_label_values(&[pool, r]);
+        }
+        for st in ["released", "expired", "failed"] {
+            self.leases_ended.with_label_values(&[pool, st]);
+        }
+        self.waiting.with_label_values(&[pool]);
+        self.pool_degraded.with_label_values(&[pool]);
         self.desired_idle.with_label_values(&[pool]);
         self.arrival_rate.with_label_values(&[pool]);
         self.refill_seconds.with_label_values(&[pool]);
@@ -301,6 +504,12 @@ impl Metrics {
         self.arrival_rate
             .with_label_values(&[pool])
             .set(p.arrival_rate);
+        self.waiting
+            .with_label_values(&[pool])
+            .set(i64::from(p.waiting));
+        self.pool_degraded.with_label_values(&[pool]).set(i64::from(
+            p.last_error.is_some() || p.last_hook_failure.is_some(),
+        ));
         self.refill_seconds
             .with_label_values(&[pool])
             .set(p.refill_seconds);

@@ -492,7 +492,25 @@ impl Service {
         for p in &pools {
             self.metrics.pool_policy(p);
         }
+        self.metrics.warm_hit_target.reset();
+        for p in &pools {
+            if let Some(t) = self.specs.get(&p.name).and_then(|s| s.warm_hit_target) {
+                self.metrics
+                    .warm_hit_target
+                    .with_label_values(&[&p.name])
+                    .set(t);
+            }
+        }
+        self.metrics.ready.set(i64::from(self.is_ready()));
         self.metrics.agents.reset();
+        // Every state of every pool, at zero unless the engine counts agents in it.
+        for p in &pools {
+            for state in crate::engine::AgentState::ALL {
+                self.metrics
+                    .agents
+                    .with_label_values(&[&p.name, state.as_str()]);
+            }
+        }
         for ((pool, state), n) in counts {
             self.metrics
                 .agents
