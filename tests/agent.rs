@@ -28,6 +28,36 @@ async fn next_json(
     }
 }
 
+/// Accepts the agent's connection as a fake hub: reads its `hello` and answers `welcome` with
+/// this id and heartbeat interval.
+async fn accept_and_welcome(
+    listener: &TcpListener,
+    agent_id: &str,
+    heartbeat_interval_ms: u64,
+) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    assert!(matches!(
+        next_json(&mut ws).await,
+        AgentMessage::Hello { .. }
+    ));
+    let welcome = HubMessage::Welcome {
+        protocol: 1,
+        agent_id: agent_id.into(),
+        heartbeat_interval_ms,
+        max_frame_bytes: 1 << 20,
+    };
+    ws.send(Message::Text(
+        serde_json::to_string(&welcome).unwrap().into(),
+    ))
+    .await
+    .unwrap();
+    ws
+}
+
 #[tokio::test]
 async fn agent_reconnects_runs_exec_and_drains() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -71,26 +101,7 @@ async fn agent_reconnects_runs_exec_and_drains() {
         .await
         .unwrap();
     }
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-    assert!(matches!(
-        next_json(&mut ws).await,
-        AgentMessage::Hello { .. }
-    ));
-    let welcome = HubMessage::Welcome {
-        protocol: 1,
-        agent_id: "fake-1".into(),
-        heartbeat_interval_ms: 100,
-        max_frame_bytes: 1 << 20,
-    };
-    ws.send(Message::Text(
-        serde_json::to_string(&welcome).unwrap().into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = accept_and_welcome(&listener, "fake-1", 100).await;
     assert!(
         matches!(next_json(&mut ws).await, AgentMessage::Heartbeat { .. }),
         "heartbeats flow"
@@ -192,26 +203,7 @@ async fn idle_agent_asks_for_every_second_heartbeat_answer() {
             .spawn()
             .unwrap(),
     );
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
-    assert!(matches!(
-        next_json(&mut ws).await,
-        AgentMessage::Hello { .. }
-    ));
-    let welcome = HubMessage::Welcome {
-        protocol: 1,
-        agent_id: "fake-2".into(),
-        heartbeat_interval_ms: 1000,
-        max_frame_bytes: 1 << 20,
-    };
-    ws.send(Message::Text(
-        serde_json::to_string(&welcome).unwrap().into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = accept_and_welcome(&listener, "fake-2", 1000).await;
     let mut asks = Vec::new();
     while asks.len() < 3 {
         let AgentMessage::Heartbeat { answer, .. } = next_json(&mut ws).await else {
