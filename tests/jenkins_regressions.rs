@@ -123,7 +123,8 @@ async fn a_restart_with_one_more_label_deletes_no_unused_node() {
             &text,
             "warmpool_recycles_total{pool=\"linux\",reason=\"max-uses\"}"
         ),
-        None
+        Some(0.0),
+        "no node recycled as max-uses (the series exists at zero from the start)"
     );
     assert_eq!(online(&j, "linux-").len(), 2);
     h.server.shutdown().await;
