@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::api_error::{ApiError, ErrorBody, ErrorDetail};
 use crate::engine::{Lease, LeaseError, LeaseRequest, PoolStatus};
-use crate::hub::{self, ExecEvent};
+use crate::hub::{self, ExecEvent, ExecStartError};
 use crate::labels::Expr;
 use crate::protocol::{ClientMessage, ServerMessage};
 use crate::service::{Requested, Service};
@@ -545,6 +545,9 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
         ClientMessage::Exec(spec) => {
             match svc.hub.start_exec(&svc, &lease.agent, &lease.id, spec) {
                 Ok((id, rx)) => (id, None, rx),
+                Err(ExecStartError::LeaseEnded(e)) => {
+                    return fail(&mut socket, e.code(), e.to_string()).await;
+                }
                 Err(e) => {
                     let m = format!("lease {}: {e}", lease.id);
                     return fail(&mut socket, "agent_unavailable", m).await;
@@ -557,6 +560,9 @@ async fn run_exec(svc: Arc<Service>, lease: Lease, mut socket: WebSocket) {
                 .attach_exec(&svc, &lease.agent, &lease.id, exec_id, offset)
             {
                 Ok(rx) => (exec_id, Some(offset), rx),
+                Err(ExecStartError::LeaseEnded(e)) => {
+                    return fail(&mut socket, e.code(), e.to_string()).await;
+                }
                 Err(e) => {
                     let m = format!("lease {}: {e}", lease.id);
                     return fail(&mut socket, "agent_unavailable", m).await;

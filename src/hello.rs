@@ -18,7 +18,7 @@ pub const MAX_HELLO_LABELS: usize = 256;
 pub const MAX_LABEL_BYTES: usize = 256;
 
 /// The fields of a `hello` the hub uses: protocol, agent id, pool, token, health, the lease it
-/// claims with its lease token, uses, execs.
+/// claims with its lease token, uses, execs, and whether it takes quiet releases.
 pub(crate) type Hello = (
     u32,
     String,
@@ -28,6 +28,7 @@ pub(crate) type Hello = (
     Option<(String, Option<String>)>,
     u32,
     Option<Vec<ExecReport>>,
+    bool,
 );
 
 /// Refuses the connection (see [`refuse`]); no hello.
@@ -110,10 +111,14 @@ pub(crate) async fn read(svc: &Service, mut socket: WebSocket) -> Option<(WebSoc
                 lease_token,
                 uses,
                 execs,
+                quiet_release,
                 ..
             }) => {
                 let lease = lease.map(|l| (l, lease_token));
-                (protocol, agent_id, pool, token, health, lease, uses, execs)
+                let quiet = quiet_release;
+                (
+                    protocol, agent_id, pool, token, health, lease, uses, execs, quiet,
+                )
             }
             Ok(other) => {
                 let r = format!("expected hello, got {}", msg_type(&other));

@@ -93,6 +93,11 @@ pub enum AgentMessage {
         /// execs when the connection drops): the hub tells the two apart by this field.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         execs: Option<Vec<ExecReport>>,
+        /// The agent acts on a `release` with `quiet` (drops the lease, answers nothing unless
+        /// it finds something to clean after all). Absent: the hub sends every `release`
+        /// without it and waits for `ready`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet_release: bool,
     },
     /// Periodic liveness with health.
     Heartbeat {
@@ -220,13 +225,20 @@ pub enum HubMessage {
         lease_token: Option<String>,
     },
     /// The lease ended: kill leftover processes, clean the workspace, run the pool's hooks,
-    /// then send `ready`.
+    /// then send `ready`. With `quiet` (only to an agent whose `hello` had `quietRelease`):
+    /// nothing ran during the lease, the hub counts the agent idle already and may lease it
+    /// again in the next message; the agent drops the lease and sends nothing, unless it finds
+    /// something left after all: then it cleans before reading on and sends `ready` for this
+    /// lease (docs/PROTOCOL.md).
     Release {
         /// The lease.
         lease: String,
         /// The pool's current hooks (absent when it has none).
         #[serde(default, skip_serializing_if = "crate::hooks::Hooks::is_empty")]
         hooks: crate::hooks::Hooks,
+        /// Nothing to clean as far as the hub knows; no `ready` expected.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
     },
     /// Finish current work, then disconnect and exit.
     Drain {

@@ -187,7 +187,15 @@ impl Service {
         let (r, actions) = {
             let mut e = self.engine.lock().expect("engine lock poisoned");
             let r = f(&mut e, now);
-            (r, e.take_actions())
+            // Messages to agents are queued before the lock is free, so each agent hears them
+            // in the engine's order: a quiet `release` of one lease before the `leased` of the
+            // next, which another request may grant the moment the lock is free.
+            let actions: Vec<Action> = e
+                .take_actions()
+                .into_iter()
+                .filter_map(|a| self.tell_agent(a))
+                .collect();
+            (r, actions)
         };
         self.dispatch(actions);
         r
@@ -284,15 +292,44 @@ impl Service {
         self.ready.load(Ordering::Relaxed)
     }
 
+    /// Queues an action that is a message to an agent (`leased`, `release`) on its connection,
+    /// under the engine lock (see [`Service::apply`]); any other action is handed back. Queuing
+    /// never waits and never takes the engine lock (a full queue closes the connection).
+    fn tell_agent(&self, a: Action) -> Option<Action> {
+        let (agent, m) = match a {
+            Action::Bound { agent, pool, lease } => {
+                let lease_token = Some(self.key.lease_token(&lease, &agent, &pool));
+                (agent, HubMessage::Leased { lease, lease_token })
+            }
+            // The pool's current hooks travel with every release, so a spec change reaches
+            // agents without a reconnect.
+            Action::Release {
+                agent,
+                lease,
+                hooks,
+                quiet,
+            } => (
+                agent,
+                HubMessage::Release {
+                    lease,
+                    hooks,
+                    quiet,
+                },
+            ),
+            other => return Some(other),
+        };
+        self.hub.send(self, &agent, m);
+        None
+    }
+
     fn dispatch(&self, actions: Vec<Action>) {
         let detached = self.detached.load(Ordering::Relaxed);
         for a in actions {
             match a {
                 Action::Provision { .. } | Action::Terminate { .. } if detached => {}
-                Action::Bound { agent, pool, lease } => {
-                    let lease_token = Some(self.key.lease_token(&lease, &agent, &pool));
-                    self.hub
-                        .send(self, &agent, HubMessage::Leased { lease, lease_token });
+                a @ (Action::Bound { .. } | Action::Release { .. }) => {
+                    // Sent under the engine lock by `apply`; here only if handed over otherwise.
+                    let _ = self.tell_agent(a);
                 }
                 Action::Provision { pool, agent } => {
                     let Some(spec) = self.specs.get(&pool).map(|s| s.clone()) else {
@@ -430,22 +467,6 @@ impl Service {
                     if let Some((_, tx)) = self.waiters.remove(&request) {
                         let _ = tx.send(Err(error));
                     }
-                }
-                Action::Release { agent, lease } => {
-                    // The pool's current hooks travel with every release, so a spec change
-                    // reaches agents without a reconnect.
-                    let hooks = self
-                        .read(|e| e.agent(&agent).map(|a| a.pool.clone()))
-                        .and_then(|pool| self.specs.get(&pool).map(|s| s.hooks.clone()))
-                        .unwrap_or_default();
-                    self.hub.send(
-                        self,
-                        &agent,
-                        HubMessage::Release {
-                            lease: lease.clone(),
-                            hooks,
-                        },
-                    );
                 }
                 Action::LeaseEnded { lease } => {
                     self.metrics

@@ -222,3 +222,123 @@ async fn idle_agent_asks_for_every_second_heartbeat_answer() {
         "asks after two silent intervals, not one interval after an answer: {asks:?}"
     );
 }
+
+/// The agent's text messages and stdout until the exit of exec `id` (heartbeats skipped).
+async fn until_exit(
+    ws: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    id: u64,
+) -> (Vec<AgentMessage>, Vec<u8>, warmpool::protocol::ExitStatus) {
+    let (mut texts, mut out) = (Vec::new(), Vec::new());
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("agent talks")
+            .expect("open")
+            .expect("ok")
+        {
+            Message::Binary(b) => {
+                let (s, exec_id, d) = decode_output(&b).unwrap();
+                if exec_id == id && s == Stream::Stdout {
+                    out.extend_from_slice(d);
+                }
+            }
+            Message::Text(t) => match serde_json::from_str::<AgentMessage>(&t).unwrap() {
+                AgentMessage::Exit { exec_id, status } if exec_id == id => {
+                    return (texts, out, status);
+                }
+                AgentMessage::Heartbeat { .. } => {}
+                other => texts.push(other),
+            },
+            _ => {}
+        }
+    }
+}
+
+/// A quiet `release` (the hub counts the agent idle already) is answered by nothing when nothing
+/// is left, and the agent serves the next lease at once. When something is left after all (here
+/// a file the hub did not know of), the agent cleans before it reads the next message and
+/// reports `ready` for that lease: the next lease's command finds the workspace clean.
+#[tokio::test]
+async fn a_quiet_release_is_answered_only_when_something_was_left() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ws_dir = tempfile::tempdir().unwrap();
+    let _child = Reap(
+        Command::new(support::EXE)
+            .arg("agent")
+            .env("WARMPOOL_HUB", format!("ws://{addr}/"))
+            .env("WARMPOOL_AGENT_ID", "fake-3")
+            .env("WARMPOOL_TOKEN", "t0k3n")
+            .env("WARMPOOL_WORKSPACE", ws_dir.path())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+    let AgentMessage::Hello { quiet_release, .. } = next_json(&mut ws).await else {
+        panic!("hello first")
+    };
+    assert!(quiet_release, "the agent offers quiet releases");
+    let welcome = HubMessage::Welcome {
+        protocol: 1,
+        agent_id: "fake-3".into(),
+        heartbeat_interval_ms: 60_000,
+        max_frame_bytes: 1 << 20,
+    };
+    let send = |m: serde_json::Value| Message::Text(m.to_string().into());
+    ws.send(Message::Text(
+        serde_json::to_string(&welcome).unwrap().into(),
+    ))
+    .await
+    .unwrap();
+    let ls = |id: u64| serde_json::json!({"type": "exec", "execId": id, "argv": ["ls", "-A"]});
+
+    // Nothing left: no answer. (An `attach` of an unknown exec is answered at once, with no
+    // side effect: whatever the agent sent for the release comes before its answer.)
+    for m in [
+        serde_json::json!({"type": "leased", "lease": "l-1"}),
+        serde_json::json!({"type": "release", "lease": "l-1", "quiet": true}),
+        serde_json::json!({"type": "attach", "execId": 99, "offset": 0}),
+    ] {
+        ws.send(send(m)).await.unwrap();
+    }
+    let first = loop {
+        match next_json(&mut ws).await {
+            AgentMessage::Heartbeat { .. } => {}
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(first, AgentMessage::Attached { exec_id: 99, .. }),
+        "nothing answers the quiet release: {first:?}"
+    );
+
+    // Something left that the hub did not know of: cleaned, and reported, before the next
+    // lease's command runs.
+    std::fs::write(ws_dir.path().join("junk"), b"x").unwrap();
+    for m in [
+        serde_json::json!({"type": "leased", "lease": "l-2"}),
+        serde_json::json!({"type": "release", "lease": "l-2", "quiet": true}),
+        serde_json::json!({"type": "leased", "lease": "l-3"}),
+        ls(8),
+    ] {
+        ws.send(send(m)).await.unwrap();
+    }
+    let (texts, out, status) = until_exit(&mut ws, 8).await;
+    match texts.as_slice() {
+        [AgentMessage::Ready { lease, health, .. }] => {
+            assert_eq!(lease.as_deref(), Some("l-2"));
+            assert_eq!((health.workspace_bytes, health.leftover_processes), (0, 0));
+        }
+        other => panic!("expected one ready for l-2, got {other:?}"),
+    }
+    assert_eq!(
+        (String::from_utf8_lossy(&out).as_ref(), status.code),
+        ("", Some(0)),
+        "the workspace was wiped before the next command"
+    );
+}

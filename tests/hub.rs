@@ -327,3 +327,114 @@ async fn heartbeats_are_answered_only_when_asked() {
     }
     h.server.shutdown().await;
 }
+
+/// A `hello` that offers quiet releases (`quietRelease`, docs/PROTOCOL.md).
+fn hello_quiet(agent: &str, token: &str) -> Message {
+    let m = serde_json::json!({
+        "type": "hello", "protocol": 1, "agentId": agent, "token": token, "labels": [],
+        "quietRelease": true
+    });
+    Message::Text(m.to_string().into())
+}
+
+fn state_of(h: &Harness, id: &str) -> AgentState {
+    h.server.svc.read(|e| e.agent(id).map(|a| a.state)).unwrap()
+}
+
+fn ready(lease: &str) -> Message {
+    let m = serde_json::json!({"type": "ready", "lease": lease, "health": {}});
+    Message::Text(m.to_string().into())
+}
+
+/// A lease in which nothing ran ends with a quiet `release` to an agent that offered it: the
+/// agent is Idle as soon as the DELETE is answered, no `ready` is awaited, and the next lease's
+/// `leased` follows the release on the connection. An agent that did not offer it gets a plain
+/// `release` and stays Cleaning until its `ready` for that lease (one for another lease does
+/// not end it).
+#[tokio::test]
+async fn a_lease_in_which_nothing_ran_ends_with_a_quiet_release() {
+    // Agents played by hand (the command never dials), reused without limit.
+    let pools = "
+pools:
+  - name: manual
+    labels: [manual]
+    minIdle: 2
+    maxTotal: 2
+    maxUses: 0
+    connectTimeout: 60s
+    agentCommand: [sleep, \"600\"]
+";
+    let h = start_with(test_config(pools)).await;
+    wait_until("manual agents started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 2
+    })
+    .await;
+    let ids = h.agents_in(AgentState::Connecting);
+    let (q, old) = (ids[0].clone(), ids[1].clone());
+    let mut wq = raw_agent(&h.hub_url()).await;
+    wq.send(hello_quiet(&q, &h.server.svc.key.token(&q)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_hub_message(&mut wq).await,
+        HubMessage::Welcome { .. }
+    ));
+    wait_until("quiet agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    for _ in 0..2 {
+        let l = h.lease("manual", 5.0, 60.0).await;
+        assert_eq!(l.agent, q);
+        h.client.release(&l.id).await.unwrap();
+        assert_eq!(state_of(&h, &q), AgentState::Idle, "idle once released");
+        match next_hub_message(&mut wq).await {
+            HubMessage::Leased { lease, .. } => assert_eq!(lease, l.id),
+            other => panic!("expected leased, got {other:?}"),
+        }
+        match next_hub_message(&mut wq).await {
+            HubMessage::Release { lease, quiet, .. } => {
+                assert_eq!(lease, l.id);
+                assert!(quiet, "a quiet release");
+            }
+            other => panic!("expected release, got {other:?}"),
+        }
+    }
+    // Hold the quiet agent; the other one (no `quietRelease`) serves the next lease.
+    let held = h.lease("manual", 5.0, 60.0).await;
+    assert_eq!(held.agent, q);
+    let mut wo = registered(&h, &old).await;
+    wait_until("old agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    let l = h.lease("manual", 5.0, 60.0).await;
+    assert_eq!(l.agent, old);
+    h.client.release(&l.id).await.unwrap();
+    assert_eq!(state_of(&h, &old), AgentState::Cleaning);
+    assert!(matches!(
+        next_hub_message(&mut wo).await,
+        HubMessage::Leased { .. }
+    ));
+    match next_hub_message(&mut wo).await {
+        HubMessage::Release { lease, quiet, .. } => {
+            assert_eq!(lease, l.id);
+            assert!(!quiet, "a plain release");
+        }
+        other => panic!("expected release, got {other:?}"),
+    }
+    // A `ready` for another lease leaves the cleanup running; the one for this lease ends it.
+    wo.send(ready(&held.id)).await.unwrap();
+    // Handled in order: once the heartbeat behind it is answered, that `ready` was too.
+    wo.send(heartbeat(0, Some(true))).await.unwrap();
+    assert_eq!(next_hub_message(&mut wo).await, HubMessage::Heartbeat {});
+    assert_eq!(state_of(&h, &old), AgentState::Cleaning);
+    wo.send(ready(&l.id)).await.unwrap();
+    wait_until(
+        "old agent idle after its ready",
+        Duration::from_secs(5),
+        || state_of(&h, &old) == AgentState::Idle,
+    )
+    .await;
+    h.server.shutdown().await;
+}

@@ -67,6 +67,13 @@ impl Housekeeping {
             && self.clean_at.load(Ordering::SeqCst) == self.changes.load(Ordering::SeqCst)
     }
 
+    /// Nothing can be left after a lease: the agent is [`quiet`](Self::quiet) and its
+    /// workspace is empty (checked, not assumed: another container of a pod may share the
+    /// volume). One directory read; no `/proc`, no blocking thread.
+    pub fn nothing_left(&self) -> bool {
+        self.quiet() && empty_dir(&self.workspace)
+    }
+
     /// Blocking-thread hops taken so far.
     pub fn hops(&self) -> u64 {
         self.hops.load(Ordering::Relaxed)
@@ -89,7 +96,7 @@ impl Housekeeping {
     /// workspace answers at once; otherwise one walk and a workspace measure, off the async
     /// threads.
     pub async fn health(self: &Arc<Self>) -> Health {
-        if self.quiet() && empty_dir(&self.workspace) {
+        if self.nothing_left() {
             return Health::default();
         }
         self.hops.fetch_add(1, Ordering::Relaxed);
@@ -137,7 +144,7 @@ impl Housekeeping {
         lease: &str,
     ) -> (Health, Vec<HookResult>) {
         let mut health = Health::default();
-        if !(self.quiet() && empty_dir(&self.workspace)) {
+        if !self.nothing_left() {
             self.hops.fetch_add(1, Ordering::Relaxed);
             let me = self.clone();
             health = tokio::task::spawn_blocking(move || {

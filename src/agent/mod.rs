@@ -6,7 +6,10 @@
 //! stops nothing; the next one reports the job in `hello` and the hub re-attaches to its output
 //! (`attach`). On `release` the agent kills every leftover descendant and wipes the workspace
 //! before reporting `ready` with its health ([`cleanup`]: nothing of that when provably nothing
-//! is left). The agent is a child subreaper so jobs cannot escape cleanup by daemonising.
+//! is left). A quiet `release` (nothing ran, as far as the hub knows; it counts the agent idle
+//! already) is answered by nothing, unless the agent finds something left: then it cleans before
+//! reading on and reports `ready`. The agent is a child subreaper so jobs cannot escape cleanup
+//! by daemonising.
 
 pub mod cleanup;
 pub mod exec;
@@ -242,6 +245,7 @@ async fn session(
                 .into_iter()
                 .collect(),
         ),
+        quiet_release: true,
     };
     sink.send(json(&hello))
         .await
@@ -457,11 +461,46 @@ async fn session(
             HubMessage::Release {
                 lease,
                 hooks: pool_hooks,
+                quiet,
             } => {
                 let mut l = current_lease.lock().expect("lock");
-                l.lease = None;
-                l.lease_token = None;
+                // Only that lease: never one granted after it.
+                if l.lease.as_deref() == Some(lease.as_str()) {
+                    l.lease = None;
+                    l.lease_token = None;
+                }
                 drop(l);
+                if quiet {
+                    // The hub counts this agent idle already and may lease it in its next
+                    // message: nothing is sent unless something is left after all.
+                    if let Some(p) = cleanup.take() {
+                        let _ = p.await;
+                    }
+                    let job = current.lock().expect("lock").take();
+                    if job.is_none() && hk.nothing_left() {
+                        continue;
+                    }
+                    if let Some(s) = sender.take() {
+                        s.abort();
+                    }
+                    // Something the hub did not know of is left (files in the workspace,
+                    // processes): it is cleaned before the next message is read, so the next
+                    // lease starts clean, and reported in a `ready` for this lease (the hub
+                    // checks its health; it ends no later cleanup).
+                    tracing::info!(lease = %lease, "left over after a quiet release; cleaning up");
+                    if let Some(c) = job {
+                        c.job.cancel.cancel();
+                        let _ = c.runner.await;
+                    }
+                    let (health, hooks) = hk.after_release(&pool_hooks, &lease).await;
+                    let ready = AgentMessage::Ready {
+                        lease: Some(lease),
+                        health,
+                        hooks,
+                    };
+                    let _ = tx.send(json(&ready)).await;
+                    continue;
+                }
                 let running = current.lock().expect("lock").take();
                 if let Some(s) = sender.take() {
                     s.abort();

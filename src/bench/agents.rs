@@ -123,6 +123,7 @@ async fn connect(a: &SimAgent) -> Result<Split, String> {
         uses: 0,
         health: Default::default(),
         execs: None,
+        quiet_release: false,
     }))
     .await
     .map_err(|e| e.to_string())?;

@@ -191,9 +191,14 @@ impl Engine {
             tracing::info!(agent = id, state = a.state.as_str(), "agent reconnected");
             if a.state == AgentState::Cleaning {
                 // Its lease ended while it was away: the release never reached it.
+                let lease = a.cleaning_for.as_deref().or(lease).unwrap_or_default();
+                let lease = lease.to_string();
+                let hooks = self.pools[&a.pool].spec.hooks.clone();
                 self.actions.push(Action::Release {
                     agent: id.to_string(),
-                    lease: lease.unwrap_or_default().to_string(),
+                    lease,
+                    hooks,
+                    quiet: false,
                 });
             }
             return Ok(());
@@ -220,6 +225,8 @@ impl Engine {
             let a = self.agents.get_mut(id).expect("checked");
             // The restored lease is among the uses the agent reported.
             a.uses = a.uses.max(1);
+            // What ran for it under the previous instance is unknown: its release cleans up.
+            a.ran = true;
             a.lease = Some(lease_id.to_string());
             let labels = self.pools[&pool].spec.labels.clone();
             self.leases.insert(
@@ -298,15 +305,31 @@ impl Engine {
 
     /// The agent finished cleaning after a release (Cleaning -> Idle, or recycled if unhealthy).
     pub fn agent_ready(&mut self, id: &str, health: Health, now: Instant) {
-        self.agent_ready_after_hooks(id, health, &[], now);
+        self.agent_ready_for(id, None, health, &[], now);
     }
 
-    /// Like [`Engine::agent_ready`], with the results of the pool's hooks: an agent whose
-    /// cleanup or health hook failed (see [`crate::hooks::verdict`]) is recycled instead of
-    /// returning to idle; its replacement is provisioned under the pool's rate limit.
+    /// Like [`Engine::agent_ready`], with the results of the pool's hooks.
     pub fn agent_ready_after_hooks(
         &mut self,
         id: &str,
+        health: Health,
+        hooks: &[crate::hooks::HookResult],
+        now: Instant,
+    ) {
+        self.agent_ready_for(id, None, health, hooks, now);
+    }
+
+    /// The agent's `ready` for the release of `lease` (None: it did not say), with its health
+    /// and the results of the pool's hooks. It ends the agent's Cleaning only when it is for the
+    /// lease being cleaned up after: a late `ready` for an earlier lease (an agent that cleaned
+    /// after a quiet release, see `quiet_release`) leaves a later cleanup running, and its health
+    /// is checked like a heartbeat's. An agent whose cleanup or health hook failed (see
+    /// [`crate::hooks::verdict`]) is recycled instead of returning to idle; its replacement is
+    /// provisioned under the pool's rate limit.
+    pub fn agent_ready_for(
+        &mut self,
+        id: &str,
+        lease: Option<&str>,
         health: Health,
         hooks: &[crate::hooks::HookResult],
         now: Instant,
@@ -316,9 +339,26 @@ impl Engine {
         };
         a.last_seen = now;
         a.health = health;
-        if a.state != AgentState::Cleaning {
+        let other = lease.is_some_and(|l| a.cleaning_for.as_deref().is_some_and(|c| c != l));
+        if a.state != AgentState::Cleaning || other {
+            tracing::debug!(
+                agent = id,
+                lease,
+                state = a.state.as_str(),
+                "ready for no cleanup under way"
+            );
+            let before = a.state;
+            if matches!(before, AgentState::Idle | AgentState::Leased) {
+                self.check_health(id, now);
+                if self.agents.get(id).is_some_and(|a| a.state != before) {
+                    self.reconcile(now);
+                }
+            }
             return;
         }
+        a.cleaning_for = None;
+        // Cleaned: nothing it ran is left (its health, checked below, says what is).
+        a.ran = false;
         let Some(pool) = self.pools.get_mut(&a.pool) else {
             return;
         };

@@ -18,7 +18,7 @@
 //! policy (schedules, forecast headroom, scale-to-zero, warm hits, idle cost) and the wall
 //! clock; `forecast.rs` what it learns (arrival rate, refill time); `status.rs` read-only
 //! views, invariants and shutdown; `types.rs` the value types; `tests.rs` scenarios and
-//! `proptests.rs` the property tests.
+//! `proptests.rs` the property tests, `quiet_release_tests.rs` the release without cleanup.
 
 mod agents;
 mod deadlines;
@@ -38,6 +38,8 @@ mod fault_tests;
 mod policy_tests;
 #[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod quiet_release_tests;
 #[cfg(test)]
 mod sizing_tests;
 #[cfg(test)]
@@ -606,17 +608,67 @@ impl Engine {
             a.unhealthy.clone().map(Reason::Unhealthy)
         };
         let external = externally_leased(spec);
+        // Nothing can be left to clean: the agent takes a quiet release (see `quiet_release`).
+        let quiet = quiet_release(a, spec);
+        let hooks = spec.hooks.clone();
         match reason {
             Some(r) => self.terminate(agent, r, now),
             // The outside scheduler's agent cleans up by itself: it is free again at once.
             None if external => self.set_state(agent, AgentState::Idle, now),
             None => {
-                self.set_state(agent, AgentState::Cleaning, now);
+                if quiet {
+                    self.set_state(agent, AgentState::Idle, now);
+                } else {
+                    self.set_state(agent, AgentState::Cleaning, now);
+                    let a = self.agents.get_mut(agent).expect("exists");
+                    a.cleaning_for = Some(lease.to_string());
+                }
                 self.actions.push(Action::Release {
                     agent: agent.to_string(),
                     lease: lease.to_string(),
+                    hooks,
+                    quiet,
                 });
             }
         }
     }
+
+    /// An exec is about to be sent for `lease`: Ok when the lease is active, and its agent is
+    /// marked as having run something, so its release cleans up (never quiet). Called under the
+    /// same lock as the exec's sending, so a release either sees the mark or comes first (and
+    /// the exec is refused).
+    pub fn exec_starting(&mut self, lease: &str) -> Result<(), LeaseError> {
+        self.active_lease(lease)?;
+        let agent = &self.leases[lease].agent;
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.ran = true;
+        }
+        Ok(())
+    }
+
+    /// Records whether an agent's connection takes quiet releases (its `hello` had
+    /// `quietRelease`). Set on every registration: a reconnect with an older build clears it.
+    pub fn set_quiet_release(&mut self, id: &str, quiet: bool) {
+        if let Some(a) = self.agents.get_mut(id) {
+            a.quiet_release = quiet;
+        }
+    }
+}
+
+/// Whether the release of an agent that will be reused can be quiet: the agent goes Idle at
+/// once and is told to drop the lease without answering `ready`. Only when nothing can be left
+/// to clean, as far as the service knows: the agent takes quiet releases, no exec was sent to
+/// it since its last cleanup (nor a lease restored), its last health report is clean (no
+/// workspace bytes, no leftover process), its pool has no hooks and is not external (machines
+/// warmpool does not manage are cleaned between leases, always), and it is connected (one that
+/// is away gets its release when it is back). The agent checks its own side too
+/// (`agent::cleanup`): if it finds something left after all, it cleans before reading the
+/// next message and reports `ready` for that lease.
+fn quiet_release(a: &Agent, spec: &PoolSpec) -> bool {
+    a.quiet_release
+        && !a.ran
+        && !a.away
+        && a.health == Health::default()
+        && spec.hooks.is_empty()
+        && !spec.external
 }

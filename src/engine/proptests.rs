@@ -20,6 +20,8 @@ enum Op {
     },
     Cancel(usize),
     Release(usize),
+    /// An exec is sent for a lease (its release then cleans up instead of being quiet).
+    Exec(usize),
     Renew(usize),
     Start(usize),
     Connect(usize),
@@ -53,6 +55,7 @@ fn arb_op() -> impl Strategy<Value = Op> {
             .prop_map(|(sel, wait, ttl)| Op::Request { sel, wait, ttl }),
         1 => any::<usize>().prop_map(Op::Cancel),
         3 => any::<usize>().prop_map(Op::Release),
+        1 => any::<usize>().prop_map(Op::Exec),
         1 => any::<usize>().prop_map(Op::Renew),
         3 => any::<usize>().prop_map(Op::Start),
         3 => any::<usize>().prop_map(Op::Connect),
@@ -220,6 +223,9 @@ proptest! {
                 Op::Release(i) => {
                     if let Some(l) = pick(&m.leases, i) { let _ = e.release(&l, now); }
                 }
+                Op::Exec(i) => {
+                    if let Some(l) = pick(&m.leases, i) { let _ = e.exec_starting(&l); }
+                }
                 Op::Renew(i) => {
                     if let Some(l) = pick(&m.leases, i) { let _ = e.renew(&l, None, now); }
                 }
@@ -228,6 +234,9 @@ proptest! {
                 }
                 Op::Connect(i) => {
                     if let Some(a) = pick(&by_state(&e, AgentState::Connecting), i) {
+                        // Half the agents take quiet releases (Idle at once after a lease in
+                        // which nothing ran).
+                        e.set_quiet_release(&a, i % 2 == 0);
                         e.agent_connected(&a, None, Health::default(), now).unwrap();
                     }
                 }

@@ -794,7 +794,7 @@ fn a_leased_agent_that_keeps_its_job_may_come_back_within_the_heartbeat_timeout(
     let acts = e.take_actions();
     assert!(
         acts.iter().any(
-            |a| matches!(a, Action::Release { agent, lease } if *agent == l.agent && *lease == l.id)
+            |a| matches!(a, Action::Release { agent, lease, .. } if *agent == l.agent && *lease == l.id)
         ),
         "{acts:?}"
     );

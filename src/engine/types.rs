@@ -195,6 +195,16 @@ pub struct Agent {
     pub away: bool,
     /// Externally leased: told to take no other lease (its last allowed one runs).
     pub drained: bool,
+    /// Its connection acts on a quiet `release` without answering `ready` (its `hello` had
+    /// `quietRelease`; docs/PROTOCOL.md).
+    pub quiet_release: bool,
+    /// Something may have run on it since its last cleanup: an exec was sent for its lease
+    /// ([`super::Engine::exec_starting`]), or the lease was restored from its `hello`. Its
+    /// release then cleans up (never quiet).
+    pub ran: bool,
+    /// The lease whose cleanup it is doing (while Cleaning): a `ready` for another lease does
+    /// not end it.
+    pub cleaning_for: Option<LeaseId>,
     /// When its entry in the engine's deadline heap comes up (no later than its earliest
     /// deadline; `None`: no entry).
     pub(super) check_at: Option<Instant>,
@@ -219,6 +229,9 @@ impl Agent {
             adopted: false,
             away: false,
             drained: false,
+            quiet_release: false,
+            ran: false,
+            cleaning_for: None,
             check_at: None,
         }
     }
@@ -444,12 +457,18 @@ pub enum Action {
         /// Agent.
         agent: AgentId,
     },
-    /// Tell an agent its lease ended: clean the workspace, kill leftovers, report ready.
+    /// Tell an agent its lease ended: clean the workspace, kill leftovers, run the pool's
+    /// hooks, report ready. Quiet: nothing ran during the lease and the agent counts as idle
+    /// already; it drops the lease and answers nothing (docs/PROTOCOL.md).
     Release {
         /// Agent.
         agent: AgentId,
         /// The lease that ended.
         lease: LeaseId,
+        /// The pool's current hooks (empty for a quiet release).
+        hooks: crate::hooks::Hooks,
+        /// The agent is Idle already: no `ready` is expected.
+        quiet: bool,
     },
     /// An agent was bound to a lease: tell it (it reports the lease after a reconnect).
     Bound {

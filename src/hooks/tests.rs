@@ -144,6 +144,7 @@ fn wire_shapes() {
     let release = HubMessage::Release {
         lease: "l-1".into(),
         hooks: both(Some(0)),
+        quiet: false,
     };
     let j = serde_json::to_string(&release).unwrap();
     assert_eq!(
@@ -155,9 +156,19 @@ fn wire_shapes() {
     let plain = HubMessage::Release {
         lease: "l-1".into(),
         hooks: Hooks::default(),
+        quiet: false,
     };
     let j = serde_json::to_string(&plain).unwrap();
     assert_eq!(j, r#"{"type":"release","lease":"l-1"}"#);
+    // A quiet release says so; an agent that does not know the field reads a plain release.
+    let quiet = HubMessage::Release {
+        lease: "l-1".into(),
+        hooks: Hooks::default(),
+        quiet: true,
+    };
+    let j = serde_json::to_string(&quiet).unwrap();
+    assert_eq!(j, r#"{"type":"release","lease":"l-1","quiet":true}"#);
+    assert_eq!(serde_json::from_str::<HubMessage>(&j).unwrap(), quiet);
     let ready: AgentMessage = serde_json::from_str(
         r#"{"type":"ready","lease":"l-1","hooks":[{"hook":"health","exitCode":3,"durationMs":12,"stdoutBytes":0,"stderrBytes":4,"stderr":"bad\n"}]}"#,
     )

@@ -104,8 +104,13 @@ pub(super) async fn handle(
                         enqueue(svc, agent, conn, HubMessage::Heartbeat {});
                     }
                 }
-                AgentMessage::Ready { health, hooks, .. } => {
-                    svc.apply(|e, now| e.agent_ready_after_hooks(agent, health, &hooks, now));
+                AgentMessage::Ready {
+                    lease,
+                    health,
+                    hooks,
+                } => {
+                    let lease = lease.as_deref();
+                    svc.apply(|e, now| e.agent_ready_for(agent, lease, health, &hooks, now));
                 }
                 AgentMessage::Exit { exec_id, status } => {
                     if let Some(tx) = svc.hub.routes.exit(agent, exec_id) {

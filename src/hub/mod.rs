@@ -105,6 +105,9 @@ pub enum ExecStartError {
         "agent {0} cannot re-attach to a command (it stops its commands when its connection drops)"
     )]
     NoReattach(String),
+    /// The lease ended before the command could be sent.
+    #[error(transparent)]
+    LeaseEnded(crate::engine::LeaseError),
 }
 
 /// The connection registry.
@@ -205,11 +208,21 @@ impl Hub {
                 });
             }
         }
-        if !self.send(svc, agent, HubMessage::Exec { exec_id, spec }) {
+        // Under the engine lock: the lease is still active, its release will know a command
+        // was sent (it cleans up: no quiet release), and the exec is queued before that
+        // release's message.
+        let sent = svc.apply(|e, _| {
+            e.exec_starting(lease)?;
+            Ok(self.send(svc, agent, HubMessage::Exec { exec_id, spec }))
+        });
+        if sent != Ok(true) {
             self.routes
                 .map
                 .remove_if(agent, |_, r| r.exec_id == exec_id);
-            return Err(ExecStartError::Slow(agent.to_string()));
+            return Err(match sent {
+                Err(e) => ExecStartError::LeaseEnded(e),
+                Ok(_) => ExecStartError::Slow(agent.to_string()),
+            });
         }
         Ok((exec_id, rx))
     }
@@ -230,6 +243,9 @@ impl Hub {
         if conn.as_ref().is_some_and(|c| !c.reattach) {
             return Err(ExecStartError::NoReattach(agent.to_string()));
         }
+        // An exec of this lease exists: its release cleans up (see `start_exec`).
+        svc.apply(|e, _| e.exec_starting(lease))
+            .map_err(ExecStartError::LeaseEnded)?;
         let (tx, rx) = mpsc::channel(64);
         let route = ExecRoute {
             exec_id,
@@ -394,7 +410,7 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     let Some((mut socket, hello)) = Box::pin(crate::hello::read(&svc, socket)).await else {
         return;
     };
-    let (version, agent, pool, token, health, lease, uses, execs) = hello;
+    let (version, agent, pool, token, health, lease, uses, execs, quiet) = hello;
     if version != PROTOCOL_VERSION {
         let r =
             format!("unsupported protocol version {version}; this hub speaks {PROTOCOL_VERSION}");
@@ -468,7 +484,11 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
     }
     if let Err(e) = svc.apply(|e, now| match &join {
         Some(p) => e.agent_joined(&agent, p, health, lease.as_deref(), uses, now),
-        None => e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), uses, now),
+        None => {
+            // Before it registers: a lease granted at registration may end quietly.
+            e.set_quiet_release(&agent, quiet);
+            e.agent_registered(&agent, pool.as_deref(), health, lease.as_deref(), uses, now)
+        }
     }) {
         svc.hub.conns.remove_if(&agent, |_, c| c.id == conn.id);
         return Box::pin(refuse_connect(&svc, socket, e)).await;
