@@ -473,14 +473,18 @@ pub async fn serve_agent(svc: Arc<Service>, socket: WebSocket) {
         liveness: Liveness::new(),
         unreadable: std::sync::atomic::AtomicBool::new(false),
     });
-    match svc.hub.conns.entry(agent.clone()) {
-        Entry::Occupied(_) => {
-            let e = ConnectError::AlreadyConnected(agent);
-            return Box::pin(refuse_connect(&svc, socket, e)).await;
-        }
+    // The registry's entry is released before anything is awaited: messages to agents are
+    // queued under the engine lock and must never wait for a connection's handshake.
+    let duplicate = match svc.hub.conns.entry(agent.clone()) {
+        Entry::Occupied(_) => true,
         Entry::Vacant(v) => {
             v.insert(conn.clone());
+            false
         }
+    };
+    if duplicate {
+        let e = ConnectError::AlreadyConnected(agent);
+        return Box::pin(refuse_connect(&svc, socket, e)).await;
     }
     if let Err(e) = svc.apply(|e, now| match &join {
         Some(p) => e.agent_joined(&agent, p, health, lease.as_deref(), uses, now),
