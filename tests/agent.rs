@@ -298,7 +298,8 @@ async fn a_quiet_release_is_answered_only_when_something_was_left() {
     let ls = |id: u64| serde_json::json!({"type": "exec", "execId": id, "argv": ["ls", "-A"]});
 
     // Nothing left: no answer. (An `attach` of an unknown exec is answered at once, with no
-    // side effect: whatever the agent sent for the release comes before its answer.)
+    // side effect. A `ready` for l-1, sent now or later, would show up below, before the exit
+    // of l-3's command.)
     for m in [
         serde_json::json!({"type": "leased", "lease": "l-1"}),
         serde_json::json!({"type": "release", "lease": "l-1", "quiet": true}),
