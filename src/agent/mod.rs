@@ -463,13 +463,14 @@ async fn session(
                 hooks: pool_hooks,
                 quiet,
             } => {
-                let mut l = current_lease.lock().expect("lock");
-                // Only that lease: never one granted after it.
-                if l.lease.as_deref() == Some(lease.as_str()) {
-                    l.lease = None;
-                    l.lease_token = None;
+                {
+                    let mut l = current_lease.lock().expect("lock");
+                    // Only that lease: never one granted after it.
+                    if l.lease.as_deref() == Some(lease.as_str()) {
+                        l.lease = None;
+                        l.lease_token = None;
+                    }
                 }
-                drop(l);
                 if quiet {
                     // The hub counts this agent idle already and may lease it in its next
                     // message: nothing is sent unless something is left after all.
