@@ -137,7 +137,7 @@ async fn ready_scale_template_roll_and_ready_lost_are_events() {
     })
     .await;
     c.h.wait_idle("ev", 2).await;
-    // A new template whose agents never register: the idle agents roll, Ready is lost.
+    // A new template whose agents never register: the idle agents roll.
     c.pools()
         .patch(
             "ev",
@@ -152,6 +152,16 @@ async fn ready_scale_template_roll_and_ready_lost_are_events() {
         has_event(&c.client, "ev", "TemplateChanged", "Normal", "rolling").await
     })
     .await;
+    // Rolling is replacement first: the old agents stay idle while the new ones never
+    // register. One more wanted idle: Ready is lost.
+    c.pools()
+        .patch_scale(
+            "ev",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
     c.until("Warning NotReady event", async |c: &Cluster| {
         has_event(&c.client, "ev", "NotReady", "Warning", "BelowMinIdle").await
     })
