@@ -172,8 +172,11 @@ impl Events {
                 s
             }
             Some(s) => {
-                // Ended: a new Event (what the old one did not hold is lost with it).
+                // Ended: a new Event (what the old one did not hold is lost with it); a writer
+                // still running goes on with it.
+                let writing = s.writing;
                 *s = Series::new(reference, note, s.epoch + 1, now);
+                s.writing = writing;
                 s
             }
             None => map
@@ -189,10 +192,10 @@ impl Events {
         tokio::spawn(async move { this.write(key).await });
     }
 
-    /// Forgets the series of pool `pool` (gone): their writers stop.
-    pub fn forget(&self, pool: &str) {
+    /// Forgets the series of every pool `live` does not hold (gone): their writers stop.
+    pub fn forget_all_but(&self, live: &std::collections::HashSet<String>) {
         let mut map = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|k, _| k.pool != pool);
+        map.retain(|k, _| live.contains(&k.pool));
     }
 
     /// Writes series `key` until the apiserver holds every occurrence.
@@ -250,7 +253,7 @@ impl Events {
     }
 
     fn next_write(&self, key: &Key, s: &Series) -> Write {
-        let series = (s.count >= 2).then(|| EventSeries {
+        let series = (s.count >= 2).then_some(EventSeries {
             count: s.count,
             last_observed_time: MicroTime(s.last_observed),
         });
@@ -412,7 +415,7 @@ mod tests {
             MAX_SERIES + 3,
             "every occurrence counted: {hooks:?}"
         );
-        ev.forget("go");
+        ev.forget_all_but(&["other".to_string()].into());
         assert!(series(&ev).is_empty());
     }
 

@@ -219,9 +219,13 @@ impl KubeBackend {
 
     /// Forgets a pool that is gone (or that the engine no longer runs); true when it had one.
     pub fn forget(&self, key: &str) -> bool {
-        self.events.forget(key);
-        self.verdicts.remove(key);
         self.pools.remove(key).is_some()
+    }
+
+    /// Forgets the Event series and template verdicts of every pool `live` does not hold.
+    pub fn forget_all_but(&self, live: &std::collections::HashSet<String>) {
+        self.events.forget_all_but(live);
+        self.verdicts.retain(|k, _| live.contains(k));
     }
 
     /// Remembers the namespace of an agent's pod (for deleting it).

@@ -202,8 +202,12 @@ fn conditions(
     build(previous, generation, SystemTime::now(), want)
 }
 
-/// Pools the store no longer holds leave the engine and the connector.
+/// Pools the store no longer holds leave the engine and the connector, and what the
+/// controller and the backend remember of them goes.
 fn forget_gone(ctx: &Ctx, keys: &HashSet<String>) {
+    ctx.backend.forget_all_but(keys);
+    ctx.told_invalid.retain(|k, _| keys.contains(k));
+    ctx.min_idle.retain(|k, _| keys.contains(k));
     for p in ctx.svc.pools() {
         if !keys.contains(&p.name) {
             tracing::info!(pool = %p.name, "AgentPool gone; removing its pool");
