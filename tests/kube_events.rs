@@ -348,3 +348,27 @@ async fn a_template_the_pod_validation_refuses_is_invalid_spec_and_creates_no_po
     })
     .await;
 }
+
+/// A used pod (maxUses reached) whose agent was told to exit ends `Succeeded`, as designed:
+/// that is the normal recycle, not a `PodFailed` Warning.
+#[tokio::test]
+async fn a_retired_pod_that_succeeds_is_no_pod_failed_warning() {
+    let c = cluster().await;
+    c.create_pool("used", json!({"minIdle": 1, "maxTotal": 2, "maxUses": 1}))
+        .await;
+    c.h.wait_idle("used", 1).await;
+    let l = c.h.lease("used", 10.0, 60.0).await;
+    c.h.client.release(&l.id).await.unwrap();
+    let used = l.agent.clone();
+    // The watch sees it Succeeded, records what it records, then deletes it.
+    c.until("the used pod Succeeded and deleted", async |c: &Cluster| {
+        !c.pod_names("used").await.contains(&used)
+    })
+    .await;
+    c.h.wait_idle("used", 1).await;
+    let failed = events(&c.client, "used", "PodFailed").await;
+    assert!(
+        failed.is_empty(),
+        "a retired pod that Succeeded: {failed:?}"
+    );
+}
