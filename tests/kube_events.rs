@@ -10,6 +10,7 @@
 //! - a pod template the CRD schema can judge (a container without image, a CPU limit that is no
 //!   quantity) is refused at apply; one only the apiserver's pod validation can judge is found
 //!   by a server-side dry run: Degraded/InvalidSpec naming the field, the Event, and no pod.
+//! - a used pod whose agent was told to exit and that Succeeded is no `PodFailed` Warning.
 
 #[path = "support/cluster.rs"]
 mod cluster;

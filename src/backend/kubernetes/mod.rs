@@ -67,6 +67,10 @@ pub trait AgentView: Send + Sync + 'static {
     fn knows(&self, agent: &str) -> bool;
     /// The agents being terminated, each with how long it has been.
     fn terminating(&self) -> Vec<(String, Duration)>;
+    /// True when agent `agent` is being terminated (told to exit, or its pod deleted).
+    fn is_terminating(&self, agent: &str) -> bool {
+        self.terminating().iter().any(|(a, _)| a == agent)
+    }
     /// Agent `agent`'s pod was built from an outdated template: it is to be replaced.
     fn retire(&self, agent: &str);
     /// Agent `agent`'s pod cannot be scheduled (kept, not recreated): its provisioning

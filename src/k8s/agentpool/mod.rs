@@ -284,6 +284,13 @@ impl AgentView for EngineView {
         })
     }
 
+    fn is_terminating(&self, agent: &str) -> bool {
+        self.0.read(|e| {
+            e.agent(agent)
+                .is_some_and(|a| a.state == crate::engine::AgentState::Terminating)
+        })
+    }
+
     fn retire(&self, agent: &str) {
         self.0.apply(|e, now| e.retire(agent, now));
     }
