@@ -240,12 +240,16 @@ async fn an_invalid_spec_is_one_event_per_generation() {
 async fn a_template_the_schema_can_judge_is_refused_at_apply() {
     let (_api, client) = apiserver().await;
     for (name, container, field) in [
-        ("noimage", json!({"name": "agent"}), "image"),
+        (
+            "noimage",
+            json!({"name": "agent"}),
+            "spec.template.spec.containers.image: Required value",
+        ),
         (
             "banana",
             json!({"name": "agent", "image": "warmpool:dev",
                    "resources": {"limits": {"cpu": "banana"}}}),
-            "resources.limits.cpu",
+            r#"spec.template.spec.containers.resources.limits.cpu: Invalid value: "banana""#,
         ),
     ] {
         let ap = agent_pool_with(
@@ -324,6 +328,18 @@ async fn a_template_the_pod_validation_refuses_is_invalid_spec_and_creates_no_po
     assert!(
         c.pod_names("upper").await.is_empty(),
         "no pod for a rejected template"
+    );
+    let st = c.status("upper").await;
+    let degraded = st
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert!(
+        degraded.message.contains(
+            r#"spec.template: the apiserver refuses a pod built from it (server-side dry run): Pod "upper-dry-run-"#
+        ) && degraded.message.contains(r#"spec.containers[0].name: Invalid value: "Agent""#),
+        "{degraded:?}"
     );
     let m = c.h.server.svc.render_metrics();
     assert!(
