@@ -401,6 +401,51 @@ async fn serve_binary_starts_the_default_pool_and_stops_cleanly_on_sigterm() {
     }
 }
 
+/// `--hub-url` as a person writes it (host and port, no scheme, no path) reaches the hub: the
+/// agents used to dial the bare URL and got 404 forever, the pool never warm.
+#[tokio::test]
+async fn a_hub_url_without_scheme_or_path_reaches_the_hub() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(EXE)
+        .args(["serve", "--listen", &listen, "--hub-url", &listen])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serve = Term(child);
+    let client = warmpool::client::Client::new(&format!("http://{listen}"), None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pools = client.pools().await;
+        if let Ok(p) = &pools
+            && p.len() == 1
+            && p[0].idle == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents given --hub-url {listen} never connected: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(serve);
+}
+
+/// Stops a `serve` child with SIGTERM (it stops its agents) and waits, passing or not.
+struct Term(std::process::Child);
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn serve_rejects_an_invalid_pools_file_naming_each_field() {
     let dir = tempfile::tempdir().unwrap();
