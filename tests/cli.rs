@@ -283,6 +283,39 @@ async fn status_shows_waiting_requests_and_the_last_error_of_a_failing_pool() {
     h.server.shutdown().await;
 }
 
+/// `run` whose wait expires says where the pool stood and why, not only that it waited: the
+/// README's old example failed every provision and `run` said only "became free within".
+#[tokio::test]
+async fn run_whose_wait_expires_names_the_pool_state_and_its_last_error() {
+    let h = start_pools(
+        "pools:\n  - name: broken\n    labels: [broken]\n    minIdle: 1\n    maxTotal: 2\n    agentCommand: [/nonexistent/warmpool-test-agent]\n",
+    )
+    .await;
+    wait_until("the pool's error", Duration::from_secs(20), || {
+        h.pool("broken").last_error.is_some()
+    })
+    .await;
+    let base = h.server.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        warmpool(
+            &["run", "--wait", "1s", "--selector", "broken", "--", "true"],
+            &base,
+        )
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{err}");
+    assert!(err.contains("became free within"), "{err}");
+    assert!(err.contains("pool broken: 0 idle"), "{err}");
+    assert!(err.contains("of maxTotal 2"), "{err}");
+    assert!(
+        err.contains("last error: agent broken-") && err.contains("cannot start /nonexistent/"),
+        "{err}"
+    );
+    h.server.shutdown().await;
+}
+
 /// Kills the child when the test ends, passing or not.
 struct Kill(std::process::Child);
 
