@@ -99,7 +99,11 @@ impl Kubectl {
     /// Runs kubectl; panics with its output when it fails.
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "kubectl {args:?} failed:\n{}", text(&out));
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}",
+            text(&out)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -175,20 +179,27 @@ fn doc_sh_blocks(heading: &str) -> Vec<String> {
     let doc = std::fs::read_to_string(Path::new(REPO).join("docs/KUBERNETES.md")).unwrap();
     let level = heading.split(' ').next().unwrap().len();
     let mut lines = doc.lines().skip_while(|l| *l != heading);
-    assert!(lines.next().is_some(), "docs/KUBERNETES.md has no {heading:?}");
+    assert!(
+        lines.next().is_some(),
+        "docs/KUBERNETES.md has no {heading:?}"
+    );
+    // Every fenced block, with its info string ("sh", "yaml", ""): a `#` line inside one is
+    // no heading.
     let mut blocks = Vec::new();
-    let mut block: Option<String> = None;
+    let mut fence: Option<(&str, String)> = None;
     for line in lines {
-        match &mut block {
-            Some(b) if line == "```" => {
-                blocks.push(std::mem::take(b));
-                block = None;
+        match &mut fence {
+            Some((info, body)) if line == "```" => {
+                if *info == "sh" {
+                    blocks.push(std::mem::take(body));
+                }
+                fence = None;
             }
-            Some(b) => {
-                b.push_str(line);
-                b.push('\n');
+            Some((_, body)) => {
+                body.push_str(line);
+                body.push('\n');
             }
-            None if line == "```sh" => block = Some(String::new()),
+            None if line.starts_with("```") => fence = Some((&line[3..], String::new())),
             None => {
                 let hashes = line.len() - line.trim_start_matches('#').len();
                 if (1..=level).contains(&hashes) && line[hashes..].starts_with(' ') {
@@ -247,9 +258,16 @@ async fn kustomize_base_and_overlays_pass_a_server_side_dry_run() {
         r#"namespaces "warmpool" not found"#,
     );
     kubectl.ok(&["apply", "-f", "manifests/namespace.yaml"]);
-    for dir in ["manifests", "overlays/namespaced", "overlays/all-namespaces"] {
+    for dir in [
+        "manifests",
+        "overlays/namespaced",
+        "overlays/all-namespaces",
+    ] {
         let out = kubectl.ok(&["apply", "-k", dir, "--dry-run=server"]);
-        assert!(out.contains("deployment.apps/warmpool created (server dry run)"), "{dir}: {out}");
+        assert!(
+            out.contains("deployment.apps/warmpool created (server dry run)"),
+            "{dir}: {out}"
+        );
     }
 
     // The monitoring objects need prometheus-operator's CRDs.
@@ -278,7 +296,12 @@ async fn kustomize_base_and_overlays_pass_a_server_side_dry_run() {
 
     // The PodDisruptionBudget: v1.20 predates policy/v1.
     kubectl.fails(
-        &["apply", "-f", "manifests/pdb/policy-v1.yaml", "--dry-run=server"],
+        &[
+            "apply",
+            "-f",
+            "manifests/pdb/policy-v1.yaml",
+            "--dry-run=server",
+        ],
         r#"no matches for kind "PodDisruptionBudget" in version "policy/v1""#,
     );
     kubectl.ok(&[
@@ -289,7 +312,14 @@ async fn kustomize_base_and_overlays_pass_a_server_side_dry_run() {
     ]);
 
     // Dry runs created nothing.
-    let left = kubectl.ok(&["-n", "warmpool", "get", "deployments,services,roles", "-o", "name"]);
+    let left = kubectl.ok(&[
+        "-n",
+        "warmpool",
+        "get",
+        "deployments,services,roles",
+        "-o",
+        "name",
+    ]);
     assert_eq!(left, "", "a dry run created objects");
 }
 
@@ -298,7 +328,9 @@ fn own_overlay_from_docs() -> String {
     let doc = std::fs::read_to_string(Path::new(REPO).join("docs/KUBERNETES.md")).unwrap();
     let start = doc
         .find("```yaml\n# my-warmpool/kustomization.yaml")
-        .expect("docs/KUBERNETES.md shows an overlay of one's own (# my-warmpool/kustomization.yaml)");
+        .expect(
+            "docs/KUBERNETES.md shows an overlay of one's own (# my-warmpool/kustomization.yaml)",
+        );
     let body = &doc[start + "```yaml\n".len()..];
     body[..body.find("```").unwrap()].to_string()
 }
@@ -344,6 +376,9 @@ async fn the_install_steps_of_the_docs_run_as_written() {
     assert!(uninstall.contains("kubectl delete"), "{uninstall}");
     let dry = "set -e\nkubectl() { command kubectl \"$@\" --dry-run=server; }\n";
     let out = kubectl.bash(&format!("{dry}{uninstall}"));
-    assert!(out.contains("namespace \"warmpool\" deleted (server dry run)"), "{out}");
+    assert!(
+        out.contains("namespace \"warmpool\" deleted (server dry run)"),
+        "{out}"
+    );
     kubectl.ok(&["get", "namespace", "warmpool"]);
 }
