@@ -16,6 +16,7 @@
 //! API version and namespaces of the monitoring objects, not the operator's field validation.
 
 #[path = "support/kube.rs"]
+#[allow(dead_code)] // install_crd: here the install applies the CRD itself
 mod kube_api;
 
 use std::collections::BTreeSet;
@@ -310,6 +311,17 @@ async fn kustomize_base_and_overlays_pass_a_server_side_dry_run() {
         "manifests/pdb/policy-v1beta1.yaml",
         "--dry-run=server",
     ]);
+    let pdb = |file: &str| -> Value {
+        let path = Path::new(REPO).join("manifests/pdb").join(file);
+        let mut v: Value = serde_saphyr::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        v.as_object_mut().unwrap().remove("apiVersion");
+        v
+    };
+    assert_eq!(
+        pdb("policy-v1.yaml"),
+        pdb("policy-v1beta1.yaml"),
+        "the two PodDisruptionBudgets differ in more than their apiVersion"
+    );
 
     // Dry runs created nothing.
     let left = kubectl.ok(&[
@@ -321,6 +333,7 @@ async fn kustomize_base_and_overlays_pass_a_server_side_dry_run() {
         "name",
     ]);
     assert_eq!(left, "", "a dry run created objects");
+    kubectl.fails(&["get", "clusterrole", "warmpool"], "NotFound");
 }
 
 /// The ```yaml block of the docs' Install section that starts with `# my-warmpool/`.
