@@ -142,7 +142,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WARMPOOL_NAMESPACE")]
     pub namespace: Option<String>,
     /// Kubernetes backend: serve the `AgentPool`s of every namespace (pools are then named
-    /// `namespace.name`; needs cluster-wide RBAC, manifests/rbac-all-namespaces.yaml).
+    /// `namespace.name`; needs cluster-wide RBAC: overlays/all-namespaces).
     #[arg(long, env = "WARMPOOL_ALL_NAMESPACES")]
     pub all_namespaces: bool,
     /// Kubernetes backend: elect one leader among replicas with a coordination.k8s.io Lease
