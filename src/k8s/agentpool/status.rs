@@ -8,7 +8,8 @@
 //! the one condition builder, and writes it through the status subresource when it changed.
 //! It also removes from the engine and the connector every pool the store no longer holds
 //! (deleted without our finalizer, or while it was forced away), and publishes an Event when a
-//! written Ready condition flips: `Ready` (Normal) or `NotReady` (Warning, with the
+//! written Ready condition flips: `Ready` (Normal) or `NotReady` (Normal while refilling,
+//! Warning when the pool is also Degraded; with the
 //! condition's reason and message); a pool first written not Ready publishes nothing.
 
 use std::collections::{BTreeMap, HashSet};
@@ -172,10 +173,15 @@ fn tell_ready_flip(ctx: &Ctx, key: &str, ap: &AgentPool, before: &[Condition], n
     if on == was {
         return;
     }
-    let (type_, event_reason) = if on {
-        (EventType::Normal, "Ready")
-    } else {
-        (EventType::Warning, "NotReady")
+    // Below minIdle while refilling is how a busy pool works (a lease takes an idle agent):
+    // Normal. A Warning only when the pool is also Degraded (its agents fail to come).
+    let degraded = now
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.status == "True");
+    let (type_, event_reason) = match (on, degraded) {
+        (true, _) => (EventType::Normal, "Ready"),
+        (false, false) => (EventType::Normal, "NotReady"),
+        (false, true) => (EventType::Warning, "NotReady"),
     };
     ctx.backend.publish(
         key,
