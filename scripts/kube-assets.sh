@@ -9,8 +9,14 @@
 #      package, built with golang-1.19 in GOPATH mode (scripts/lib/kube-src.sh, shared with
 #      scripts/kube-node.sh, which builds the same cache on its way).
 #
-# Needs root (apt-get) the first time. Takes a few minutes on 2 cores; everything it writes is
-# outside the checkout. Progress goes to stderr; only the directory goes to stdout.
+# What the build changes on the system, each said on stderr ("SYSTEM CHANGE: ...") before it is
+# done: only when a host tool (make, rsync, dpkg-dev, openssl) is missing, `apt-get update` and
+# `apt-get install --no-upgrade` of the missing ones, as root. The etcd-server, golang-1.19 and
+# Go library packages, and the kubernetes source, are downloaded with a private apt
+# configuration in a temporary directory and unpacked there, not installed: no apt source is
+# added, no installed package is upgraded, no etcd.service is enabled or started. Takes a few
+# minutes on 2 cores; everything else it writes is outside the checkout, in the cache and a
+# temporary directory. Progress goes to stderr; only the directory goes to stdout.
 set -euo pipefail
 
 log() { echo "kube-assets: $*" >&2; }
@@ -24,11 +30,8 @@ fi
 cache=$(kube_assets_cache)
 if kube_assets_have "$cache"; then echo "$cache"; exit 0; fi
 
-if [ "$(id -u)" != 0 ]; then
-  log "building kube-apiserver needs root for apt-get (or set KUBEBUILDER_ASSETS)"
-  exit 1
-fi
-kube_src_deps etcd-server
+log "no kube-apiserver and etcd in $cache: building them there (a few minutes)"
+kube_src_deps
 work=$(mktemp -d /tmp/warmpool-kube-build.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 kube_src_prepare "$work"

@@ -128,7 +128,7 @@ cmd_build() {
     log "cached: $cache and $assets"
     return
   fi
-  kube_src_deps etcd-server
+  kube_src_deps
   local work
   work=$(mktemp -d /tmp/warmpool-kube-build.XXXXXX)
   # shellcheck disable=SC2064

@@ -89,6 +89,45 @@ fn dur(s: &str) -> Result<Dur, String> {
     Dur::parse(s)
 }
 
+/// A hub URL as agents dial it, from what a person writes: `ws://` or `wss://`; `http://` and
+/// `https://` become `ws://` and `wss://`, no scheme means `ws://`; a URL without a path (or
+/// with `/` only) gets the hub's path, [`crate::api::AGENT_CONNECT_PATH`]. Any other path is
+/// kept (a proxy may mount the hub elsewhere).
+pub fn hub_url(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    let (scheme, rest) = match raw.split_once("://") {
+        Some((s, rest)) => (s.to_ascii_lowercase(), rest),
+        None => ("ws".to_string(), raw),
+    };
+    let scheme = match scheme.as_str() {
+        "ws" | "http" => "ws",
+        "wss" | "https" => "wss",
+        other => {
+            return Err(format!(
+                "hub URL {raw:?}: scheme {other}:// is not a WebSocket one (use ws:// or wss://)"
+            ));
+        }
+    };
+    let (authority, path) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() {
+        return Err(format!("hub URL {raw:?} names no host"));
+    }
+    let path = if path.is_empty() || path == "/" {
+        crate::api::AGENT_CONNECT_PATH.to_string()
+    } else if let Some(query) = path.strip_prefix("/?").or_else(|| path.strip_prefix('?')) {
+        format!("{}?{query}", crate::api::AGENT_CONNECT_PATH)
+    } else {
+        path.to_string()
+    };
+    let url = format!("{scheme}://{authority}{path}");
+    url.parse::<tokio_tungstenite::tungstenite::http::Uri>()
+        .map_err(|e| format!("hub URL {raw:?}: {e}"))?;
+    Ok(url)
+}
+
 /// `warmpool serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -103,7 +142,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WARMPOOL_NAMESPACE")]
     pub namespace: Option<String>,
     /// Kubernetes backend: serve the `AgentPool`s of every namespace (pools are then named
-    /// `namespace.name`; needs cluster-wide RBAC, manifests/rbac-all-namespaces.yaml).
+    /// `namespace.name`; needs cluster-wide RBAC: overlays/all-namespaces).
     #[arg(long, env = "WARMPOOL_ALL_NAMESPACES")]
     pub all_namespaces: bool,
     /// Kubernetes backend: elect one leader among replicas with a coordination.k8s.io Lease
@@ -138,8 +177,10 @@ pub struct ServeArgs {
     /// Directory for agents' workspaces (default: a fresh temporary directory).
     #[arg(long, env = "WARMPOOL_WORK_DIR")]
     pub work_dir: Option<PathBuf>,
-    /// URL agents dial (default: derived from --listen).
-    #[arg(long, env = "WARMPOOL_HUB_URL")]
+    /// URL agents dial, e.g. ws://warmpool-hub.warmpool.svc:7420 (default: derived from
+    /// --listen). Without a path the hub's, /v1/agents/connect, is added; http(s):// means
+    /// ws(s)://.
+    #[arg(long, env = "WARMPOOL_HUB_URL", value_parser = hub_url)]
     pub hub_url: Option<String>,
     /// Heartbeat period between hub and agents; 3 missed heartbeats lose the agent (a shorter
     /// period notices a half-open connection sooner and costs each idle agent more CPU; see
@@ -198,8 +239,9 @@ pub struct ServeArgs {
 /// `warmpool agent`.
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Hub URL, e.g. ws://127.0.0.1:7420/v1/agents/connect (wss:// for a TLS hub).
-    #[arg(long, env = "WARMPOOL_HUB")]
+    /// Hub URL, e.g. ws://127.0.0.1:7420/v1/agents/connect (wss:// for a TLS hub; without a
+    /// path, /v1/agents/connect is added).
+    #[arg(long, env = "WARMPOOL_HUB", value_parser = hub_url)]
     pub hub: String,
     /// This agent's id (given by the service).
     #[arg(long, env = "WARMPOOL_AGENT_ID")]
@@ -647,6 +689,41 @@ mod tests {
         let Command::Run(r) = c.command else { panic!() };
         assert_eq!(r.command, ["sh", "-c", "echo hi; exit 3"]);
         assert_eq!(r.selector, "linux");
+    }
+
+    #[test]
+    fn a_hub_url_gets_the_hub_path_and_a_websocket_scheme() {
+        let ok = |raw: &str| hub_url(raw).unwrap();
+        assert_eq!(ok("ws://h:7420"), "ws://h:7420/v1/agents/connect");
+        assert_eq!(ok("ws://h:7420/"), "ws://h:7420/v1/agents/connect");
+        assert_eq!(
+            ok("127.0.0.1:7420"),
+            "ws://127.0.0.1:7420/v1/agents/connect"
+        );
+        assert_eq!(
+            ok("https://hub.example"),
+            "wss://hub.example/v1/agents/connect"
+        );
+        assert_eq!(ok("HTTP://h:1"), "ws://h:1/v1/agents/connect");
+        assert_eq!(ok("wss://h/?x=1"), "wss://h/v1/agents/connect?x=1");
+        // A path is the user's: a proxy may mount the hub elsewhere.
+        assert_eq!(ok("wss://h/ci/hub"), "wss://h/ci/hub");
+        assert_eq!(
+            ok("ws://h:7420/v1/agents/connect"),
+            "ws://h:7420/v1/agents/connect"
+        );
+        let err = hub_url("ftp://h").unwrap_err();
+        assert!(err.contains("ws:// or wss://"), "{err}");
+        assert!(hub_url("ws://").unwrap_err().contains("no host"));
+        assert!(hub_url("ws://a b:1").is_err());
+        let c = Cli::try_parse_from(["warmpool", "serve", "--hub-url", "hub:7420"]).unwrap();
+        let Command::Serve(s) = c.command else {
+            panic!()
+        };
+        assert_eq!(
+            s.hub_url.as_deref(),
+            Some("ws://hub:7420/v1/agents/connect")
+        );
     }
 
     /// The heartbeat default is a CPU-versus-detection trade-off measured in

@@ -178,6 +178,7 @@ pub fn lease_request_results() -> Vec<&'static str> {
             E::WaitExpired {
                 selector: s(),
                 waited_ms: 0,
+                pools: s(),
             },
             E::QueueFull { limit: 0 },
             E::NotFound(s()),

@@ -283,6 +283,39 @@ async fn status_shows_waiting_requests_and_the_last_error_of_a_failing_pool() {
     h.server.shutdown().await;
 }
 
+/// `run` whose wait expires says where the pool stood and why, not only that it waited: the
+/// README's old example failed every provision and `run` said only "became free within".
+#[tokio::test]
+async fn run_whose_wait_expires_names_the_pool_state_and_its_last_error() {
+    let h = start_pools(
+        "pools:\n  - name: broken\n    labels: [broken]\n    minIdle: 1\n    maxTotal: 2\n    agentCommand: [/nonexistent/warmpool-test-agent]\n",
+    )
+    .await;
+    wait_until("the pool's error", Duration::from_secs(20), || {
+        h.pool("broken").last_error.is_some()
+    })
+    .await;
+    let base = h.server.base_url();
+    let out = tokio::task::spawn_blocking(move || {
+        warmpool(
+            &["run", "--wait", "1s", "--selector", "broken", "--", "true"],
+            &base,
+        )
+    })
+    .await
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(255), "{err}");
+    assert!(err.contains("became free within"), "{err}");
+    assert!(err.contains("pool broken: 0 idle"), "{err}");
+    assert!(err.contains("of maxTotal 2"), "{err}");
+    assert!(
+        err.contains("last error: agent broken-") && err.contains("cannot start /nonexistent/"),
+        "{err}"
+    );
+    h.server.shutdown().await;
+}
+
 /// Kills the child when the test ends, passing or not.
 struct Kill(std::process::Child);
 
@@ -398,6 +431,51 @@ async fn serve_binary_starts_the_default_pool_and_stops_cleanly_on_sigterm() {
     assert_eq!(status.code(), Some(0));
     for p in agents {
         assert!(!alive(p), "agent {p} outlived the service");
+    }
+}
+
+/// `--hub-url` as a person writes it (host and port, no scheme, no path) reaches the hub: the
+/// agents used to dial the bare URL and got 404 forever, the pool never warm.
+#[tokio::test]
+async fn a_hub_url_without_scheme_or_path_reaches_the_hub() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(EXE)
+        .args(["serve", "--listen", &listen, "--hub-url", &listen])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let serve = Term(child);
+    let client = warmpool::client::Client::new(&format!("http://{listen}"), None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pools = client.pools().await;
+        if let Ok(p) = &pools
+            && p.len() == 1
+            && p[0].idle == 2
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents given --hub-url {listen} never connected: {pools:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(serve);
+}
+
+/// Stops a `serve` child with SIGTERM (it stops its agents) and waits, passing or not.
+struct Term(std::process::Child);
+
+impl Drop for Term {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
     }
 }
 

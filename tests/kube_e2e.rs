@@ -198,7 +198,7 @@ async fn pod_that_never_connects_is_deleted_and_counted_as_a_leak() {
         .iter()
         .filter(|e| e.reason.as_deref() == Some("AgentLeaked"))
         .count();
-    assert_eq!(leaked, 1, "one event per reason and pool per minute");
+    assert_eq!(leaked, 1, "repeats fold into one Event's series");
 }
 
 #[tokio::test]

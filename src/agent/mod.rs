@@ -202,6 +202,22 @@ fn json(m: &AgentMessage) -> Message {
     Message::Text(serde_json::to_string(m).expect("serialisable").into())
 }
 
+/// A failed dial in words; a 404 says where the hub listens (a hub URL given without its path
+/// was the usual cause).
+fn connect_failure(e: &tokio_tungstenite::tungstenite::Error) -> String {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(r)
+            if r.status() == tokio_tungstenite::tungstenite::http::StatusCode::NOT_FOUND =>
+        {
+            format!(
+                "HTTP 404 Not Found: no agent hub at this URL's path (warmpool's hub is at {})",
+                crate::api::AGENT_CONNECT_PATH
+            )
+        }
+        _ => crate::tls::describe(e),
+    }
+}
+
 async fn session(
     cfg: &AgentConfig,
     shutdown: &CancellationToken,
@@ -219,7 +235,7 @@ async fn session(
         .max_frame_size(Some(crate::protocol::DEFAULT_MAX_FRAME_BYTES));
     let (ws, _) = crate::tls::connect_ws(&cfg.hub, Some(ws_cfg), &cfg.tls)
         .await
-        .map_err(|e| transport(crate::tls::describe(&e)))?;
+        .map_err(|e| transport(connect_failure(&e)))?;
     let (mut sink, mut stream) = ws.split();
     let Served {
         lease,
@@ -569,6 +585,13 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_404_from_the_hub_url_names_the_hub_path() {
+        let resp = http::Response::builder().status(404).body(None).unwrap();
+        let m = connect_failure(&tokio_tungstenite::tungstenite::Error::Http(Box::new(resp)));
+        assert!(m.contains("404") && m.contains("/v1/agents/connect"), "{m}");
+    }
 
     #[test]
     fn backoff_doubles_up_to_the_maximum() {

@@ -476,11 +476,18 @@ impl Engine {
             index::mark_dirty(&mut self.dirty, &pool);
         }
         if wait_zero {
+            let req = self
+                .waiters
+                .iter()
+                .find(|w| w.id == id)
+                .map(|w| w.req.clone());
             self.waiters.retain(|w| w.id != id);
             self.reconcile(now);
+            let pools = req.map(|r| self.waited_on(&r)).unwrap_or_default();
             return Err(LeaseError::WaitExpired {
                 selector,
                 waited_ms: 0,
+                pools,
             });
         }
         // Only a request that has to wait can find the queue full.

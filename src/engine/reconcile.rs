@@ -19,22 +19,20 @@ impl Engine {
         let mut expired = Vec::new();
         self.waiters.retain(|w| {
             if w.deadline <= now {
-                expired.push((
-                    w.id,
-                    w.req.selector_text.clone(),
-                    now.duration_since(w.enqueued),
-                ));
+                expired.push((w.id, w.req.clone(), now.duration_since(w.enqueued)));
                 false
             } else {
                 true
             }
         });
-        for (request, selector, waited) in expired {
+        for (request, req, waited) in expired {
+            let pools = self.waited_on(&req);
             self.actions.push(Action::WaitFailed {
                 request,
                 error: LeaseError::WaitExpired {
-                    selector,
+                    selector: req.selector_text.clone(),
                     waited_ms: waited.as_millis() as u64,
+                    pools,
                 },
             });
         }

@@ -107,6 +107,34 @@ impl Engine {
             .collect()
     }
 
+    /// Where the pools `req` matches stand, for a person whose request waited in vain:
+    /// "pool go: 0 idle, 2 leased, 3 connecting, 0 provisioning, 5 of maxTotal 6; last error:
+    /// ...", one clause per pool, `; ` between them.
+    pub(super) fn waited_on(&mut self, req: &LeaseRequest) -> String {
+        let names = self.matching_pools(req);
+        let mut parts = Vec::new();
+        for name in names.iter() {
+            let Some(p) = self.pools.get(name) else {
+                continue;
+            };
+            let n = |st| p.counts[index::slot(st)];
+            let mut part = format!(
+                "pool {name}: {} idle, {} leased, {} connecting, {} provisioning, {} of maxTotal {}",
+                n(AgentState::Idle),
+                n(AgentState::Leased) + n(AgentState::Cleaning),
+                n(AgentState::Connecting),
+                n(AgentState::Provisioning),
+                p.members.len(),
+                p.spec.max_total,
+            );
+            if let Some(e) = &p.last_error {
+                part.push_str(&format!("; last error: {e}"));
+            }
+            parts.push(part);
+        }
+        parts.join("; ")
+    }
+
     /// Number of waiting requests.
     pub fn waiting(&self) -> usize {
         self.waiters.len()

@@ -332,12 +332,15 @@ pub enum LeaseError {
         pools: String,
     },
     /// The request waited its whole `wait` without an agent.
-    #[error("no agent matching {selector:?} became free within {waited_ms} ms")]
+    #[error("no agent matching {selector:?} became free within {waited_ms} ms ({pools})")]
     WaitExpired {
         /// The selector.
         selector: String,
         /// How long it waited.
         waited_ms: u64,
+        /// Where the pools it matches stood when the wait ended (agents by state, the last
+        /// error): what a person needs to tell a busy pool from a broken one.
+        pools: String,
     },
     /// Too many requests are waiting.
     #[error("lease queue is full ({limit} requests waiting); retry later")]

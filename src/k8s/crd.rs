@@ -5,7 +5,8 @@
 //! `agentContainer`), status (counts by state, `observedGeneration`, conditions, `leaksTotal`),
 //! printer columns (`kubectl get agentpools`; `-o wide` adds the priority-1 ones) and the scale
 //! subresource on `minIdle` with the pods' label selector (so an HPA can target a pool). Validation that a 1.20 apiserver
-//! can express without CEL lives in the schema (minimums); cross-field rules (`maxTotal >=
+//! can express without CEL lives in the schema (minimums; the pod template's containers have a
+//! name and an image, their resources are quantities); cross-field rules (`maxTotal >=
 //! minIdle`) are checked by [`AgentPoolSpec::problems`] and reported as a condition.
 
 use k8s_openapi::api::core::v1::PodTemplateSpec;
@@ -57,13 +58,47 @@ pub struct AgentPoolSpec {
     pub agent_container: Option<String>,
 }
 
-/// A pod template is validated by the apiserver when pods are created from it; the CRD keeps
-/// it as an open object so the CRD stays small and version-independent.
+/// What a 1.20 apiserver can check of a pod template at admission, in a structural schema:
+/// every container (and init container) has a `name` and an `image`, and its resource limits
+/// and requests are quantities. The rest stays an open object (`x-kubernetes-preserve-unknown-
+/// fields`): the CRD stays small and independent of the Kubernetes version, and the controller
+/// has the apiserver judge the whole pod in a server-side dry run when it first sees a template
+/// (docs/KUBERNETES.md, Validation).
 fn pod_template_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    // resource.Quantity's own pattern (k8s.io/apimachinery, as controller-gen writes it).
+    let quantity = serde_json::json!({
+        "x-kubernetes-int-or-string": true,
+        "pattern": r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTP]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+    });
+    let quantities = serde_json::json!({"type": "object", "additionalProperties": quantity});
+    let container = serde_json::json!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+        "required": ["name", "image"],
+        "properties": {
+            "name": {"type": "string", "minLength": 1},
+            "image": {"type": "string", "minLength": 1},
+            "resources": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true,
+                "properties": {"limits": quantities, "requests": quantities}
+            }
+        }
+    });
     schemars::json_schema!({
         "type": "object",
         "x-kubernetes-preserve-unknown-fields": true,
-        "description": "A core/v1 PodTemplateSpec: metadata and spec of the agent pods."
+        "description": "A core/v1 PodTemplateSpec: metadata and spec of the agent pods.",
+        "properties": {
+            "spec": {
+                "type": "object",
+                "x-kubernetes-preserve-unknown-fields": true,
+                "properties": {
+                    "containers": {"type": "array", "items": container},
+                    "initContainers": {"type": "array", "items": container}
+                }
+            }
+        }
     })
 }
 

@@ -13,7 +13,10 @@
 //! so an agent is reported exited only then.
 //!
 //! Layout: this file builds pods and implements [`Backend`]; `watch.rs` watches pods;
-//! `repair.rs` re-issues deletes that did not take and holds unschedulable pods' deadlines.
+//! `repair.rs` re-issues deletes that did not take and holds unschedulable pods' deadlines;
+//! `events.rs` publishes Events on AgentPools, every occurrence counted in a series;
+//! `dry_run.rs` asks the apiserver (a server-side dry run) whether a pod built from a template
+//! would be accepted.
 //!
 //! It never calls the engine: what it learns about agents goes out as [`BackendEvent`]s, and what
 //! it must know of them (known? being terminated?) or report (an outdated template, a pod that
@@ -21,9 +24,12 @@
 //! It does not decide sizing: the engine does, and this backend executes. Pods are never patched
 //! on the lease path. On shutdown pods are left running (`keeps_agents_on_shutdown`).
 
+mod dry_run;
+pub mod events;
 mod repair;
 mod watch;
 
+pub use events::{Occurrence, event_note};
 pub use repair::repair;
 pub use watch::watch_pods;
 
@@ -34,7 +40,7 @@ use dashmap::DashMap;
 use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{Api, DeleteParams, PostParams};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::{Client, Resource, ResourceExt};
 use sha2::{Digest, Sha256};
 
@@ -61,6 +67,10 @@ pub trait AgentView: Send + Sync + 'static {
     fn knows(&self, agent: &str) -> bool;
     /// The agents being terminated, each with how long it has been.
     fn terminating(&self) -> Vec<(String, Duration)>;
+    /// True when agent `agent` is being terminated (told to exit, or its pod deleted).
+    fn is_terminating(&self, agent: &str) -> bool {
+        self.terminating().iter().any(|(a, _)| a == agent)
+    }
     /// Agent `agent`'s pod was built from an outdated template: it is to be replaced.
     fn retire(&self, agent: &str);
     /// Agent `agent`'s pod cannot be scheduled (kept, not recreated): its provisioning
@@ -125,16 +135,14 @@ pub struct KubeBackend {
     pools: DashMap<String, AgentPool>,
     /// Pods that cannot be scheduled (agent -> (pool, why)): kept and reported, not recreated.
     pending: DashMap<String, (String, String)>,
-    /// Publishes Events on AgentPools (the recorder folds repeats into a series).
-    recorder: Recorder,
-    /// Last time each (pool, reason) was published: repeats within a minute are dropped.
-    recorded: DashMap<(String, &'static str), std::time::Instant>,
+    /// Publishes Events on AgentPools, folding repeats into series.
+    events: events::Events,
+    /// What the apiserver said of a pod built from each pool's template (by key): the
+    /// AgentPool's uid, the template hash, and why it refuses it (None: accepted).
+    verdicts: DashMap<String, (String, String, Option<String>)>,
     /// Namespace of every agent pod this instance knows.
     agent_ns: DashMap<String, String>,
 }
-
-/// Repeats of one event reason on one pool within this window are not published again.
-const EVENT_WINDOW: Duration = Duration::from_secs(60);
 
 impl KubeBackend {
     /// A backend for one namespace.
@@ -144,14 +152,8 @@ impl KubeBackend {
             cfg,
             pools: DashMap::new(),
             pending: DashMap::new(),
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: "warmpool".into(),
-                    instance: None,
-                },
-            ),
-            recorded: DashMap::new(),
+            events: events::Events::new(client.clone()),
+            verdicts: DashMap::new(),
             agent_ns: DashMap::new(),
         }
     }
@@ -221,8 +223,13 @@ impl KubeBackend {
 
     /// Forgets a pool that is gone (or that the engine no longer runs); true when it had one.
     pub fn forget(&self, key: &str) -> bool {
-        self.recorded.retain(|(pool, _), _| pool != key);
         self.pools.remove(key).is_some()
+    }
+
+    /// Forgets the Event series and template verdicts of every pool `live` does not hold.
+    pub fn forget_all_but(&self, live: &std::collections::HashSet<String>) {
+        self.events.forget_all_but(live);
+        self.verdicts.retain(|k, _| live.contains(k));
     }
 
     /// Remembers the namespace of an agent's pod (for deleting it).
@@ -520,106 +527,73 @@ impl Backend for KubeBackend {
         let Some(reference) = self.pools.get(pool).map(|ap| ap.object_ref(&())) else {
             return;
         };
-        let (reason, action, note) = match event {
-            PoolEvent::Leak { agent } => (
-                "AgentLeaked",
-                "DeletePod",
-                format!("pod {agent} did not register within connectTimeout; deleted"),
-            ),
-            PoolEvent::ProvisionFailed { agent, error } => (
-                "ProvisioningFailed",
-                "CreatePod",
-                format!("pod {agent}: {error}"),
-            ),
-            PoolEvent::PodFailed { agent, detail } => (
-                "PodFailed",
-                "DeletePod",
-                event_note(&format!("pod {agent} ended by itself: {detail}; deleted")),
-            ),
-            PoolEvent::Throttled => (
-                "Throttled",
-                "CreatePod",
-                "the provisioning rate limit is holding pod creation back".to_string(),
-            ),
+        // Notes name the pod of the first occurrence; the fold key leaves the pod out, so
+        // repeats join one series (its count says how many).
+        let fold = |text: &str, agent: &str| Some(text.replace(agent, "<pod>"));
+        let occ = match event {
+            PoolEvent::Leak { agent } => Occurrence {
+                type_: EventType::Warning,
+                reason: "AgentLeaked",
+                action: "DeletePod",
+                note: format!(
+                    "pod {agent} did not register within connectTimeout; deleted (the series counts every leak)"
+                ),
+                fold: Some(String::new()),
+            },
+            PoolEvent::ProvisionFailed { agent, error } => Occurrence {
+                type_: EventType::Warning,
+                reason: "ProvisioningFailed",
+                action: "CreatePod",
+                fold: fold(&error, &agent),
+                note: format!("pod {agent}: {error}"),
+            },
+            PoolEvent::PodFailed { agent, detail } => Occurrence {
+                type_: EventType::Warning,
+                reason: "PodFailed",
+                action: "DeletePod",
+                fold: fold(&detail, &agent),
+                note: format!("pod {agent} ended by itself: {detail}; deleted"),
+            },
+            PoolEvent::Throttled => Occurrence {
+                type_: EventType::Normal,
+                reason: "Throttled",
+                action: "CreatePod",
+                note: "the provisioning rate limit is holding pod creation back".into(),
+                fold: None,
+            },
             PoolEvent::HookFailed {
                 agent,
                 reason,
                 detail,
-            } => (
-                if reason == "cleanup-failed" {
+            } => Occurrence {
+                type_: EventType::Warning,
+                reason: if reason == "cleanup-failed" {
                     "CleanupHookFailed"
                 } else {
                     "HealthCheckFailed"
                 },
-                "DeletePod",
-                // An Event's note holds at most 1 KiB: keep the start (which hook, how it
-                // ended) and the end of the excerpt.
-                event_note(&format!("pod {agent} recycled: {detail}")),
-            ),
+                action: "DeletePod",
+                fold: fold(&detail, &agent),
+                // An Event's note holds at most 1 KiB: the start (which hook, how it ended)
+                // and the end of the excerpt are kept.
+                note: format!("pod {agent} recycled: {detail}"),
+            },
         };
-        let type_ = if reason == "Throttled" {
-            EventType::Normal
-        } else {
-            EventType::Warning
-        };
-        self.publish(pool, reference, type_, reason, action, note);
+        self.publish(pool, reference, occ);
     }
 }
 
 impl KubeBackend {
-    /// Publishes an Event on the AgentPool `reference` (pool `pool`), at most once per
-    /// [`EVENT_WINDOW`] per pool and reason; must return at once.
+    /// Publishes an Event on the AgentPool `reference` (pool `pool`): counted at once in its
+    /// series, written by a background task (events.rs); returns at once.
     pub fn publish(
         &self,
         pool: &str,
         reference: k8s_openapi::api::core::v1::ObjectReference,
-        type_: EventType,
-        reason: &'static str,
-        action: &str,
-        note: String,
+        occ: Occurrence,
     ) {
-        let key = (pool.to_string(), reason);
-        let now = std::time::Instant::now();
-        if self
-            .recorded
-            .get(&key)
-            .is_some_and(|t| now.duration_since(*t) < EVENT_WINDOW)
-        {
-            return;
-        }
-        self.recorded.insert(key, now);
-        let recorder = self.recorder.clone();
-        let ev = KubeEvent {
-            type_,
-            reason: reason.into(),
-            note: Some(event_note(&note)),
-            action: action.into(),
-            secondary: None,
-        };
-        let pool = pool.to_string();
-        tokio::spawn(async move {
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(pool = %pool, error = %e, "publishing an AgentPool event failed");
-            }
-        });
+        self.events.publish(pool, reference, occ);
     }
-}
-
-/// `note` cut to fit an Event (at most 1024 bytes): its first and last bytes, on char boundaries.
-fn event_note(note: &str) -> String {
-    const MAX: usize = 1000;
-    if note.len() <= MAX {
-        return note.to_string();
-    }
-    let mut head = 300;
-    while !note.is_char_boundary(head) {
-        head -= 1;
-    }
-    let mut tail = note.len() - (MAX - head - 5);
-    while !note.is_char_boundary(tail) {
-        tail += 1;
-    }
-    format!("{} ... {}", &note[..head], &note[tail..])
 }
 
 /// Why a Pending pod cannot start: unschedulable or scheduling-gated (None otherwise).

@@ -110,7 +110,13 @@ pub async fn watch_pods(
                     }
                     "Failed" | "Succeeded" => {
                         let detail = pod_exit(&pod);
-                        if !deleting && let Some(pool) = pool_key.as_ref() {
+                        // A pod whose agent was told to exit (a used or rolled agent, sizing)
+                        // and that Succeeded is the normal recycle, not a failure.
+                        let retired = phase == "Succeeded" && view.is_terminating(&agent);
+                        if !deleting
+                            && !retired
+                            && let Some(pool) = pool_key.as_ref()
+                        {
                             // It ended by itself (crashed, OOM-killed, evicted): say so where
                             // the pool's owners look, whether or not its agent had registered.
                             tracing::warn!(pod = %agent, detail = %detail, "agent pod failed");

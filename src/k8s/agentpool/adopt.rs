@@ -24,7 +24,10 @@ pub async fn adopt(svc: &Service, backend: &KubeBackend) -> Result<usize, kube::
             continue;
         }
         let key = backend.key_of(&ap);
-        if super::problems_of(&key, &ap).is_empty() {
+        // A template the apiserver refuses creates no pod: asked before anything is created.
+        if super::problems_of(backend, &key, &ap).is_empty()
+            && backend.check_template(&key, &ap).await.is_none()
+        {
             backend.apply_pool(&key, ap.clone());
             svc.upsert_pool(&key, ap.spec.pool.clone());
         }

@@ -19,6 +19,12 @@
 //!
 //! It must not create or delete agent pods itself except in [`cleanup`] (pods of a deleted
 //! AgentPool that no engine agent owns): the backend does, on the engine's actions.
+//!
+//! Events it publishes on the AgentPool (through the backend, which folds repeats into series):
+//! `InvalidSpec` once per generation it refuses (the spec's own rules, or the apiserver refusing
+//! a pod built from the template in a server-side dry run, asked once per template), `Scaled`
+//! when `minIdle` changes, `TemplateChanged` when a new template rolls the pool's agents; the
+//! status loop publishes `Ready` and `NotReady` when the Ready condition flips.
 
 mod adopt;
 pub mod conditions;
@@ -43,9 +49,11 @@ use prometheus::IntCounterVec;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use kube::runtime::events::EventType;
+
 use crate::backend::kubernetes::{
     AgentView, KubeBackend, LABEL_MANAGED_BY, LABEL_POOL, LABEL_TEMPLATE_HASH, MAX_POOL_KEY,
-    template_hash,
+    Occurrence, template_hash,
 };
 use crate::jenkins::runner::Runner;
 use crate::k8s::crd::AgentPool;
@@ -170,6 +178,10 @@ struct Ctx {
     counters: Counters,
     /// Why the cleanup of a deleted pool has not finished (by key): (reason, message).
     cleanup: DashMap<String, (&'static str, String)>,
+    /// The last generation told invalid (`InvalidSpec` Event), by key: (uid, generation).
+    told_invalid: DashMap<String, (String, Option<i64>)>,
+    /// The `minIdle` last applied, by key: (uid, minIdle), for `Scaled` Events.
+    min_idle: DashMap<String, (String, u32)>,
 }
 
 /// Runs the controller until `stop` fires: adopts what a previous instance left (provisioning
@@ -223,6 +235,8 @@ pub async fn run(
         client,
         cfg,
         cleanup: DashMap::new(),
+        told_invalid: DashMap::new(),
+        min_idle: DashMap::new(),
     });
     let controller = Controller::for_stream(trigger, store.clone())
         .run(reconcile, error_policy, ctx.clone())
@@ -267,6 +281,13 @@ impl AgentView for EngineView {
                 .filter(|a| a.state == crate::engine::AgentState::Terminating)
                 .map(|a| (a.id.clone(), now.duration_since(a.since)))
                 .collect()
+        })
+    }
+
+    fn is_terminating(&self, agent: &str) -> bool {
+        self.0.read(|e| {
+            e.agent(agent)
+                .is_some_and(|a| a.state == crate::engine::AgentState::Terminating)
         })
     }
 
@@ -358,13 +379,16 @@ fn error_policy(ap: Arc<AgentPool>, error: &finalizer::Error<Error>, ctx: Arc<Ct
             ctx.backend.publish(
                 &key,
                 ap.object_ref(&()),
-                kube::runtime::events::EventType::Warning,
-                reason,
-                "Cleanup",
-                format!(
-                    "{e}; the finalizer {FINALIZER} stays until this succeeds (retried every {}s)",
-                    RETRY.as_secs()
-                ),
+                Occurrence {
+                    type_: EventType::Warning,
+                    reason: "CleanupFailed",
+                    action: "Cleanup",
+                    note: format!(
+                        "{e}; the finalizer {FINALIZER} stays until this succeeds (retried every {}s)",
+                        RETRY.as_secs()
+                    ),
+                    fold: None,
+                },
             );
         } else {
             tracing::info!(error = %e, "deleted AgentPool: waiting for its pods");
@@ -376,9 +400,11 @@ fn error_policy(ap: Arc<AgentPool>, error: &finalizer::Error<Error>, ctx: Arc<Ct
     Action::requeue(RETRY)
 }
 
-/// What is wrong with `ap`'s latest spec (empty: valid).
-fn problems_of(key: &str, ap: &AgentPool) -> Vec<String> {
+/// What is wrong with `ap`'s latest spec (empty: valid), the apiserver's verdict on its
+/// template included once [`KubeBackend::check_template`] asked.
+fn problems_of(backend: &KubeBackend, key: &str, ap: &AgentPool) -> Vec<String> {
     let mut problems = ap.spec.problems();
+    problems.extend(backend.template_problem(key, ap));
     if key.len() > MAX_POOL_KEY {
         problems.push(format!(
             "metadata.name: pool {key:?} is longer than {MAX_POOL_KEY} characters (agent ids derive from it and must fit in a label value)"
@@ -388,14 +414,22 @@ fn problems_of(key: &str, ap: &AgentPool) -> Vec<String> {
 }
 
 /// Routes a live AgentPool: a valid spec goes to the engine, or to the Jenkins connector when
-/// it has a `jenkins` block (and leaves the other); an invalid one is not applied (the status
-/// loop reports it) and the last valid spec keeps running.
+/// it has a `jenkins` block (and leaves the other); an invalid one (its own rules, or a
+/// template the apiserver refuses in a dry run) is not applied (an `InvalidSpec` Event once per
+/// generation; the status loop reports it) and the last valid spec keeps running.
 async fn apply(ctx: &Ctx, key: &str, ap: &AgentPool) -> Result<Action> {
-    let problems = problems_of(key, ap);
+    let mut problems = problems_of(&ctx.backend, key, ap);
+    if problems.is_empty()
+        && let Some(p) = ctx.backend.check_template(key, ap).await
+    {
+        problems.push(p);
+    }
     if !problems.is_empty() {
         tracing::warn!(problems = ?problems, "invalid AgentPool spec; not applied");
+        tell_invalid(ctx, key, ap, &problems);
         return Ok(Action::requeue(RESYNC));
     }
+    tell_scaled(ctx, key, ap);
     let svc = &ctx.svc;
     match &ap.spec.pool.jenkins {
         Some(j) => {
@@ -425,8 +459,22 @@ async fn apply(ctx: &Ctx, key: &str, ap: &AgentPool) -> Result<Action> {
             remove_jenkins_pool(svc, key);
             let old_hash = ctx.backend.apply_pool(key, ap.clone());
             svc.upsert_pool(key, ap.spec.pool.clone());
-            if old_hash.is_some_and(|h| h != template_hash(ap)) {
-                retire_outdated(ctx, ap).await;
+            if let Some(old) = old_hash.filter(|h| *h != template_hash(ap)) {
+                let rolled = retire_outdated(ctx, ap).await;
+                ctx.backend.publish(
+                    key,
+                    ap.object_ref(&()),
+                    Occurrence {
+                        type_: EventType::Normal,
+                        reason: "TemplateChanged",
+                        action: "RollPods",
+                        note: format!(
+                            "pod template changed ({old} -> {}): rolling {rolled} agents built from the old one (idle ones once a replacement is idle, leased ones at release)",
+                            template_hash(ap)
+                        ),
+                        fold: None,
+                    },
+                );
             }
         }
     }
@@ -441,12 +489,59 @@ fn remove_jenkins_pool(svc: &Service, key: &str) {
     }
 }
 
-/// Marks the pool's pods built from an older template for replacement.
-async fn retire_outdated(ctx: &Ctx, ap: &AgentPool) {
+/// Publishes `InvalidSpec` for `ap`'s generation unless it was told already.
+fn tell_invalid(ctx: &Ctx, key: &str, ap: &AgentPool, problems: &[String]) {
+    let seen = (ap.uid().unwrap_or_default(), ap.metadata.generation);
+    if ctx.told_invalid.get(key).is_some_and(|t| *t == seen) {
+        return;
+    }
+    ctx.told_invalid.insert(key.to_string(), seen);
+    ctx.backend.publish(
+        key,
+        ap.object_ref(&()),
+        Occurrence {
+            type_: EventType::Warning,
+            reason: "InvalidSpec",
+            action: "Reconcile",
+            note: format!(
+                "generation {} not applied (the last valid spec keeps running): {}",
+                ap.metadata.generation.unwrap_or_default(),
+                problems.join("; ")
+            ),
+            fold: Some(problems.join("; ")),
+        },
+    );
+}
+
+/// Publishes `Scaled` when `ap`'s `minIdle` differs from the one applied before (an edit, or
+/// the scale subresource: `kubectl scale`, an HPA).
+fn tell_scaled(ctx: &Ctx, key: &str, ap: &AgentPool) {
+    let (uid, min) = (ap.uid().unwrap_or_default(), ap.spec.pool.min_idle);
+    let Some((old_uid, old)) = ctx.min_idle.insert(key.to_string(), (uid.clone(), min)) else {
+        return;
+    };
+    if old_uid == uid && old != min {
+        ctx.backend.publish(
+            key,
+            ap.object_ref(&()),
+            Occurrence {
+                type_: EventType::Normal,
+                reason: "Scaled",
+                action: "Scale",
+                note: format!("minIdle {old} -> {min}"),
+                fold: None,
+            },
+        );
+    }
+}
+
+/// Marks the pool's pods built from an older template for replacement; returns how many.
+async fn retire_outdated(ctx: &Ctx, ap: &AgentPool) -> usize {
     let hash = template_hash(ap);
     let lp = ListParams::default().labels(&format!("{LABEL_POOL}={}", ap.name_any()));
     let ns = ap.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut rolled = 0;
     match pods.list(&lp).await {
         Ok(pods) => {
             for pod in pods.items {
@@ -454,12 +549,14 @@ async fn retire_outdated(ctx: &Ctx, ap: &AgentPool) {
                     && let Some(agent) = crate::backend::kubernetes::agent_of(&pod)
                 {
                     ctx.svc.apply(|e, now| e.retire(&agent, now));
+                    rolled += usize::from(pod.metadata.deletion_timestamp.is_none());
                 }
             }
         }
         // The pod watch repairs this: every pod event checks its template hash.
         Err(e) => tracing::warn!(error = %e, "listing pods to roll failed"),
     }
+    rolled
 }
 
 /// Removes what a deleted AgentPool had, then lets the finalizer go. A Jenkins pool: the

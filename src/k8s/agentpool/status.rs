@@ -7,18 +7,23 @@
 //! selector that `kubectl get` and the scale subresource read) with
 //! the one condition builder, and writes it through the status subresource when it changed.
 //! It also removes from the engine and the connector every pool the store no longer holds
-//! (deleted without our finalizer, or while it was forced away).
+//! (deleted without our finalizer, or while it was forced away), and publishes an Event when a
+//! written Ready condition flips: `Ready` (Normal) or `NotReady` (Normal while refilling,
+//! Warning when the pool is also Degraded; with the
+//! condition's reason and message); a pool first written not Ready publishes nothing.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
 use tracing::Instrument;
 
 use super::conditions::{Desired, build, desired};
 use super::{Ctx, problems_of};
+use crate::backend::kubernetes::Occurrence;
 use crate::k8s::crd::{AgentPool, AgentPoolStatus, Condition};
 
 /// Writes each AgentPool's status when it changed, every `status_interval`.
@@ -47,7 +52,7 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
                 .cloned()
                 .or_else(|| ap.status.clone())
                 .unwrap_or_default();
-            let problems = problems_of(&key, &ap);
+            let problems = problems_of(&ctx.backend, &key, &ap);
             let invalid = (!problems.is_empty())
                 .then(|| format!("latest spec not applied: {}", problems.join("; ")));
             let generation = ap.metadata.generation;
@@ -144,10 +149,55 @@ pub(super) async fn write_statuses(ctx: Arc<Ctx>) {
             .await;
             if written {
                 ctx.counters.status_writes.with_label_values(&[&key]).inc();
+                tell_ready_flip(&ctx, &key, &ap, &previous.conditions, &status.conditions);
                 last.insert(cache_key, status);
             }
         }
     }
+}
+
+/// Publishes `Ready` or `NotReady` when the Ready condition's status differs from the one
+/// written before (none counts as not Ready).
+fn tell_ready_flip(ctx: &Ctx, key: &str, ap: &AgentPool, before: &[Condition], now: &[Condition]) {
+    let ready = |cs: &[Condition]| {
+        cs.iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| (c.status == "True", c.reason.clone(), c.message.clone()))
+    };
+    // A pool being deleted is not Ready, as its owner asked: no Event.
+    let Some((on, reason, message)) = ready(now).filter(|_| ap.meta().deletion_timestamp.is_none())
+    else {
+        return;
+    };
+    let was = ready(before).is_some_and(|(on, ..)| on);
+    if on == was {
+        return;
+    }
+    // Below minIdle while refilling is how a busy pool works (a lease takes an idle agent):
+    // Normal. A Warning only when the pool is also Degraded (its agents fail to come).
+    let degraded = now
+        .iter()
+        .any(|c| c.type_ == "Degraded" && c.status == "True");
+    let (type_, event_reason) = match (on, degraded) {
+        (true, _) => (EventType::Normal, "Ready"),
+        (false, false) => (EventType::Normal, "NotReady"),
+        (false, true) => (EventType::Warning, "NotReady"),
+    };
+    ctx.backend.publish(
+        key,
+        ap.object_ref(&()),
+        Occurrence {
+            type_,
+            reason: event_reason,
+            action: "UpdateStatus",
+            note: format!(
+                "Ready is {}: {reason}: {message}",
+                if on { "True" } else { "False" }
+            ),
+            // Repeats of one condition reason fold, whatever the counts in the message.
+            fold: Some(reason),
+        },
+    );
 }
 
 fn conditions(
@@ -158,8 +208,12 @@ fn conditions(
     build(previous, generation, SystemTime::now(), want)
 }
 
-/// Pools the store no longer holds leave the engine and the connector.
+/// Pools the store no longer holds leave the engine and the connector, and what the
+/// controller and the backend remember of them goes.
 fn forget_gone(ctx: &Ctx, keys: &HashSet<String>) {
+    ctx.backend.forget_all_but(keys);
+    ctx.told_invalid.retain(|k, _| keys.contains(k));
+    ctx.min_idle.retain(|k, _| keys.contains(k));
     for p in ctx.svc.pools() {
         if !keys.contains(&p.name) {
             tracing::info!(pool = %p.name, "AgentPool gone; removing its pool");
