@@ -392,12 +392,7 @@ fn children_of(pid: u32) -> Vec<u32> {
 
 #[tokio::test]
 async fn serve_binary_starts_the_default_pool_and_stops_cleanly_on_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen_addr();
     let base = format!("http://{listen}");
     let mut child = Command::new(EXE)
         .args(["serve", "--listen", &listen, "--shutdown-grace", "1s"])
@@ -438,12 +433,7 @@ async fn serve_binary_starts_the_default_pool_and_stops_cleanly_on_sigterm() {
 /// agents used to dial the bare URL and got 404 forever, the pool never warm.
 #[tokio::test]
 async fn a_hub_url_without_scheme_or_path_reaches_the_hub() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    let listen = free_listen_addr();
     let child = Command::new(EXE)
         .args(["serve", "--listen", &listen, "--hub-url", &listen])
         .stderr(Stdio::null())
@@ -604,4 +594,10 @@ fn every_flag_has_an_env_twin_but_the_ones_the_readme_names() {
     let run = cmd.find_subcommand("run").unwrap();
     let env = run.get_arguments().find(|a| a.get_long() == Some("env"));
     assert!(env.is_some_and(|a| a.get_env().is_none()));
+}
+
+/// A loopback address with a port free right now, for a `serve` child to listen on.
+fn free_listen_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
 }

@@ -270,14 +270,7 @@ async fn bad_requests_get_json_errors() {
         http.get(h.url("/readyz")).send().await.unwrap().status(),
         200
     );
-    let m = http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = h.metrics_text().await;
     for name in [
         "warmpool_agents{pool=\"linux\",state=\"leased\"} 1",
         "warmpool_lease_wait_seconds_bucket",

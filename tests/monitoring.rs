@@ -59,16 +59,7 @@ fn family(line: &str) -> &str {
 #[tokio::test]
 async fn every_documented_family_has_a_sample_on_a_fresh_service() {
     let h = start_pools(FRESH_POOL).await;
-    let text = h
-        .http()
-        .await
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics_text().await;
     h.server.shutdown().await;
     let sampled: BTreeSet<&str> = text
         .lines()
@@ -603,16 +594,7 @@ async fn every_dashboard_query_uses_exported_metrics_and_a_real_prometheus_evalu
     h.client.release(&lease.id).await.expect("released");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let (exported, text) = loop {
-        let text = h
-            .http()
-            .await
-            .get(h.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = h.metrics_text().await;
         let exported: BTreeSet<String> = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())

@@ -125,6 +125,19 @@ impl Harness {
         format!("{}{path}", self.server.base_url())
     }
 
+    /// `GET /metrics`, its text.
+    pub async fn metrics_text(&self) -> String {
+        self.http()
+            .await
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `GET path`, its JSON body.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         self.http()
