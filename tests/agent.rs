@@ -174,6 +174,21 @@ async fn agent_reconnects_runs_exec_and_drains() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// A `warmpool agent` dialing the fake hub at `addr` as `id`, reaped when dropped.
+fn spawn_agent(addr: std::net::SocketAddr, id: &str, workspace: &std::path::Path) -> Reap {
+    Reap(
+        Command::new(support::EXE)
+            .arg("agent")
+            .env("WARMPOOL_HUB", format!("ws://{addr}/"))
+            .env("WARMPOOL_AGENT_ID", id)
+            .env("WARMPOOL_TOKEN", "t0k3n")
+            .env("WARMPOOL_WORKSPACE", workspace)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
 /// Kills the agent process when the test ends, also on a failure.
 struct Reap(std::process::Child);
 
@@ -192,17 +207,7 @@ async fn idle_agent_asks_for_every_second_heartbeat_answer() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ws_dir = tempfile::tempdir().unwrap();
-    let _child = Reap(
-        Command::new(support::EXE)
-            .arg("agent")
-            .env("WARMPOOL_HUB", format!("ws://{addr}/"))
-            .env("WARMPOOL_AGENT_ID", "fake-2")
-            .env("WARMPOOL_TOKEN", "t0k3n")
-            .env("WARMPOOL_WORKSPACE", ws_dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _child = spawn_agent(addr, "fake-2", ws_dir.path());
     let mut ws = accept_and_welcome(&listener, "fake-2", 1000).await;
     let mut asks = Vec::new();
     while asks.len() < 3 {
@@ -263,17 +268,7 @@ async fn a_quiet_release_is_answered_only_when_something_was_left() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let ws_dir = tempfile::tempdir().unwrap();
-    let _child = Reap(
-        Command::new(support::EXE)
-            .arg("agent")
-            .env("WARMPOOL_HUB", format!("ws://{addr}/"))
-            .env("WARMPOOL_AGENT_ID", "fake-3")
-            .env("WARMPOOL_TOKEN", "t0k3n")
-            .env("WARMPOOL_WORKSPACE", ws_dir.path())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _child = spawn_agent(addr, "fake-3", ws_dir.path());
     let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
         .await
         .unwrap()
