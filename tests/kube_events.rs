@@ -2,7 +2,8 @@
 //! validation, against a real kube-apiserver v1.20 with the process kubelet
 //! (tests/support/kubelet.rs, the only simulated part):
 //! - every leak is counted: the `AgentLeaked` series (`series.count`, 1 without a series) sums to
-//!   the pool's leaks, in one Event object, however fast the agents leak;
+//!   the pool's leaks, in one Event object, however fast the agents leak, written at most once
+//!   per 10 s;
 //! - a pool reaching Ready, a scale change (scale subresource), a template roll and Ready lost
 //!   are each an Event (`Ready`, `Scaled`, `TemplateChanged`, `NotReady`);
 //! - an invalid spec is a Warning `InvalidSpec` Event once per generation, not once per
@@ -67,6 +68,28 @@ fn leaks(c: &Cluster, pool: &str) -> u64 {
 #[tokio::test]
 async fn every_leak_is_counted_in_the_agent_leaked_series() {
     let c = cluster().await;
+    // Every write of the AgentLeaked Event (its create and each patch), seen by a watch.
+    let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let api: Api<Event> = Api::namespaced(c.client.clone(), "default");
+    let mut stream = Box::pin(
+        api.watch(&kube::api::WatchParams::default(), "0")
+            .await
+            .unwrap(),
+    );
+    let counter = writes.clone();
+    let watch = tokio::spawn(async move {
+        use futures_util::StreamExt;
+        use kube::api::WatchEvent;
+        while let Some(Ok(ev)) = stream.next().await {
+            if let WatchEvent::Added(e) | WatchEvent::Modified(e) = ev
+                && e.reason.as_deref() == Some("AgentLeaked")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("leaky")
+            {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+    let started = std::time::Instant::now();
     c.pools()
         .create(
             &PostParams::default(),
@@ -112,6 +135,17 @@ async fn every_leak_is_counted_in_the_agent_leaked_series() {
     assert!(
         e.note.as_deref().is_some_and(|n| n.contains("leaky-")),
         "the note names the first leaked pod: {e:?}"
+    );
+    // A leak storm costs the apiserver one write per 10 s per series (docs/KUBERNETES.md,
+    // Events): the create, then at most one patch per 10 s begun.
+    watch.abort();
+    let writes = writes.load(std::sync::atomic::Ordering::Relaxed);
+    let cap = 1 + started.elapsed().as_secs() as usize / 10 + 1;
+    assert!(
+        writes <= cap && (writes as i32) < series.count,
+        "{writes} writes of the AgentLeaked Event for {} leaks in {:?} (at most {cap})",
+        series.count,
+        started.elapsed()
     );
 }
 
