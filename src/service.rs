@@ -177,6 +177,7 @@ impl Service {
             jenkins: std::sync::OnceLock::new(),
         });
         tokio::spawn(tick_loop(Arc::downgrade(&svc), svc.cfg.tick));
+        tokio::spawn(deferred_loop(Arc::downgrade(&svc)));
         tokio::spawn(backend_loop(Arc::downgrade(&svc), backend_rx));
         svc
     }
@@ -318,7 +319,13 @@ impl Service {
             ),
             other => return Some(other),
         };
-        self.hub.send(self, &agent, m);
+        // A quiet release waits for the next message to this agent (usually the next lease's
+        // `leased`), so the two cost one write and one wake-up of the agent.
+        if matches!(m, HubMessage::Release { quiet: true, .. }) {
+            self.hub.send_deferred(self, &agent, m);
+        } else {
+            self.hub.send(self, &agent, m);
+        }
         None
     }
 
@@ -616,6 +623,27 @@ async fn tick_loop(svc: std::sync::Weak<Service>, period: Duration) {
             e.set_wall_clock(now, SystemTime::now());
             e.tick(now)
         });
+    }
+}
+
+/// Writes out the hub's deferred messages (quiet releases), each at most
+/// [`crate::hub::DEFER_AT_MOST`] after it was queued; sleeps while there are none.
+async fn deferred_loop(svc: std::sync::Weak<Service>) {
+    loop {
+        let Some(s) = svc.upgrade() else { return };
+        let wake = s.hub.deferred_wake();
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        // Registered before the check: a first deferred message queued in between wakes it.
+        woken.as_mut().enable();
+        let pending = s.hub.has_deferred();
+        drop(s);
+        if !pending {
+            woken.await;
+        }
+        tokio::time::sleep(crate::hub::DEFER_AT_MOST).await;
+        let Some(s) = svc.upgrade() else { return };
+        s.hub.flush_deferred();
     }
 }
 

@@ -438,3 +438,71 @@ pools:
     .await;
     h.server.shutdown().await;
 }
+
+/// A quiet `release` waits in the queue for the next message to its agent (so the two cost one
+/// write), at most `DEFER_AT_MOST`; when the hub closes the connection in that time (a restart
+/// that leaves the agents to the next instance), the release still goes out before the Close:
+/// an agent that missed it would report the ended lease to the next instance, which would
+/// restore it.
+#[tokio::test]
+async fn a_deferred_quiet_release_goes_out_before_the_close() {
+    let pools = "
+pools:
+  - name: manual
+    labels: [manual]
+    minIdle: 1
+    maxTotal: 1
+    maxUses: 0
+    connectTimeout: 60s
+    agentCommand: [sleep, \"600\"]
+";
+    let h = start_with(test_config(pools)).await;
+    wait_until("manual agent started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 1
+    })
+    .await;
+    let q = h.agents_in(AgentState::Connecting)[0].clone();
+    let mut wq = raw_agent(&h.hub_url()).await;
+    wq.send(hello_quiet(&q, &h.server.svc.key.token(&q)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_hub_message(&mut wq).await,
+        HubMessage::Welcome { .. }
+    ));
+    wait_until("quiet agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    let l = h.lease("manual", 5.0, 60.0).await;
+    match next_hub_message(&mut wq).await {
+        HubMessage::Leased { lease, .. } => assert_eq!(lease, l.id),
+        other => panic!("expected leased, got {other:?}"),
+    }
+    h.client.release(&l.id).await.unwrap();
+    // The release is deferred: within DEFER_AT_MOST the hub closes the connection.
+    h.server
+        .svc
+        .hub
+        .close_all(close::GOING_AWAY, "warmpool is restarting; reconnect");
+    match next_hub_message(&mut wq).await {
+        HubMessage::Release { lease, quiet, .. } => {
+            assert_eq!(lease, l.id);
+            assert!(quiet);
+        }
+        other => panic!("expected the release before the close, got {other:?}"),
+    }
+    let close = loop {
+        match tokio::time::timeout(Duration::from_secs(5), wq.next()).await {
+            Ok(Some(Ok(Message::Close(c)))) => break c,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("expected a Close, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        close.map(|c| u16::from(c.code)),
+        Some(close::GOING_AWAY),
+        "the Close follows the release"
+    );
+    h.server.shutdown().await;
+}

@@ -26,15 +26,16 @@ pub(super) async fn write_queue(svc: &Service, agent: &str, conn: &Conn, mut sin
     let deadline = svc.cfg.agent_send_timeout;
     let mut stuck = false;
     loop {
-        let m = tokio::select! {
+        let first = tokio::select! {
             _ = conn.kill.cancelled() => break,
             m = conn.queue.recv() => match m {
-                Some(Outbound::Text(t)) => Message::Text(t),
-                Some(Outbound::Binary(b)) => Message::Binary(b),
+                Some(m) => m,
                 None => break,
             },
         };
-        let send = tokio::time::timeout(deadline, sink.send(m));
+        // Every frame queued by now goes in one write (a quiet `release` and the `leased`
+        // behind it, a burst of stdin).
+        let send = tokio::time::timeout(deadline, write_batch(&mut sink, conn, first));
         tokio::pin!(send);
         tokio::select! {
             r = &mut send => match r {
@@ -60,15 +61,25 @@ pub(super) async fn write_queue(svc: &Service, agent: &str, conn: &Conn, mut sin
             }
         }
     }
-    // Nothing more is queued: what it holds goes now, not with the connection.
-    conn.queue.close();
-    if stuck {
+    if stuck || conn.unreadable.load(Ordering::Relaxed) {
         // A close frame cannot pass a closed window: dropping the socket closes it.
+        conn.queue.close();
         return false;
     }
     let reason = conn.close_reason.lock().expect("lock").clone();
     let (code, reason) = reason.unwrap_or((close::GOING_AWAY, "closing".into()));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(CLOSE_DRAIN, async {
+        // What was queued before the close goes first (a `release` the agent must hear before
+        // it reconnects elsewhere, or it would report a lease that ended), then the Close.
+        for _ in 0..svc.cfg.agent_queue {
+            let Some(m) = conn.queue.try_recv() else {
+                break;
+            };
+            if sink.feed(message(m)).await.is_err() {
+                break;
+            }
+        }
+        conn.queue.close();
         // After the agent's own Close no other may be sent; flushing sends the reply
         // queued when it arrived (the closing handshake, RFC 6455 5.5.1).
         if sink.send(close_msg(code, &reason)).await.is_err() {
@@ -76,7 +87,31 @@ pub(super) async fn write_queue(svc: &Service, agent: &str, conn: &Conn, mut sin
         }
     })
     .await;
+    conn.queue.close();
     true
+}
+
+fn message(m: Outbound) -> Message {
+    match m {
+        Outbound::Text(t) => Message::Text(t),
+        Outbound::Binary(b) => Message::Binary(b),
+    }
+}
+
+/// Frames written in one go at most: a sender that keeps the queue full still sees each
+/// batch flushed, and a batch finishes well within the send deadline.
+const BATCH: usize = 64;
+
+/// Writes `first` and the frames queued behind it (up to [`BATCH`]), then flushes once.
+async fn write_batch(sink: &mut Sink, conn: &Conn, first: Outbound) -> Result<(), axum::Error> {
+    sink.feed(message(first)).await?;
+    for _ in 1..BATCH {
+        let Some(m) = conn.queue.try_recv() else {
+            break;
+        };
+        sink.feed(message(m)).await?;
+    }
+    sink.flush().await
 }
 
 /// The reading half of a connection: handles the agent's messages until it closes, breaks

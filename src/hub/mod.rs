@@ -33,6 +33,10 @@ use crate::service::Service;
 /// After the hub's Close, how long it reads on for the agent's.
 const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How long a deferred message (a quiet `release`) may wait in its connection's queue for
+/// the next message to travel with (docs/PROTOCOL.md, "Quiet release").
+pub const DEFER_AT_MOST: std::time::Duration = std::time::Duration::from_millis(20);
+
 mod halves;
 mod messages;
 mod queue;
@@ -118,6 +122,10 @@ pub struct Hub {
     next_exec: AtomicU64,
     handshakes: DefaultDirectRateLimiter,
     restarting: CancellationToken,
+    /// Connections holding a deferred message, for the flusher ([`Hub::flush_deferred`]).
+    deferred: Mutex<Vec<std::sync::Weak<Conn>>>,
+    /// Wakes the flusher when `deferred` gets its first entry.
+    deferred_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Hub {
@@ -133,6 +141,63 @@ impl Hub {
             next_exec: AtomicU64::new(rand::random::<u64>() % (1 << 52) + 1),
             handshakes: governor::RateLimiter::direct(crate::pacer::quota(n as f64, n)),
             restarting: CancellationToken::new(),
+            deferred: Mutex::new(Vec::new()),
+            deferred_wake: Arc::new(tokio::sync::Notify::new()),
+        }
+    }
+
+    /// What the deferred-message flusher waits on: notified when a connection gets the first
+    /// deferred message of an empty list (see [`Hub::send_deferred`]).
+    pub fn deferred_wake(&self) -> Arc<tokio::sync::Notify> {
+        self.deferred_wake.clone()
+    }
+
+    /// True while a connection may hold a deferred message.
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.lock().expect("deferred lock").is_empty()
+    }
+
+    /// Wakes the connections that hold deferred messages, so they write them now. The flusher
+    /// calls it [`DEFER_AT_MOST`] after the first of them was queued.
+    pub fn flush_deferred(&self) {
+        let due = std::mem::take(&mut *self.deferred.lock().expect("deferred lock"));
+        for c in due.iter().filter_map(std::sync::Weak::upgrade) {
+            c.queue.wake_deferred();
+        }
+    }
+
+    /// Queues a message to an agent without waking its connection: it is written with the next
+    /// message queued for that agent, or after [`DEFER_AT_MOST`]. Used for the quiet `release`,
+    /// which the agent answers with nothing and which the next lease's `leased` usually
+    /// follows within microseconds: the two then cost one write and one wake-up of the agent.
+    /// A full queue disconnects the agent (as [`Hub::send`]).
+    pub fn send_deferred(&self, svc: &Service, agent: &str, msg: HubMessage) -> bool {
+        let Some(conn) = self.conns.get(agent).map(|c| c.clone()) else {
+            return false;
+        };
+        match conn.queue.try_send_deferred(Outbound::msg(&msg)) {
+            Ok(first) => {
+                if first {
+                    let mut d = self.deferred.lock().expect("deferred lock");
+                    d.push(Arc::downgrade(&conn));
+                    if d.len() == 1 {
+                        self.deferred_wake.notify_one();
+                    }
+                }
+                true
+            }
+            Err(SendError::Full(_)) => {
+                slow_consumer(
+                    svc,
+                    &conn,
+                    format!(
+                        "agent {agent} send queue full ({} messages)",
+                        svc.cfg.agent_queue
+                    ),
+                );
+                false
+            }
+            Err(SendError::Closed(_)) => false,
         }
     }
 

@@ -5,6 +5,11 @@
 //! `mpsc` allocates its slots 32 at a time when the channel is made, which for ten thousand
 //! idle agents is megabytes of empty slots. It never blocks a sender that does not ask to
 //! wait: `try_send` on a full queue fails at once (the hub then disconnects the agent).
+//!
+//! A frame may also be queued *deferred* (`try_send_deferred`): it does not wake the reader,
+//! and goes out with the next frame queued normally, or when the hub's flusher calls
+//! `wake_deferred` (see `Hub::send_deferred`). The reader takes every frame it finds
+//! (`try_recv`) and writes them in one go.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -23,6 +28,8 @@ pub(super) enum SendError<T> {
 struct Inner<T> {
     items: VecDeque<T>,
     closed: bool,
+    /// Holds a deferred frame that no wake-up has announced to the reader yet.
+    deferred: bool,
 }
 
 /// A bounded queue that allocates only while it holds frames.
@@ -45,6 +52,7 @@ impl<T> Queue<T> {
             inner: Mutex::new(Inner {
                 items: VecDeque::new(),
                 closed: false,
+                deferred: false,
             }),
             cap: cap.max(1),
             ready: Notify::new(),
@@ -65,6 +73,51 @@ impl<T> Queue<T> {
         drop(i);
         self.ready.notify_one();
         Ok(())
+    }
+
+    /// Queues a frame without waiting and without waking the reader: it goes out with the next
+    /// frame queued by [`Queue::try_send`], or at [`Queue::wake_deferred`]. True when the queue
+    /// held no deferred frame yet (the caller then arranges for that wake-up).
+    pub(super) fn try_send_deferred(&self, item: T) -> Result<bool, SendError<T>> {
+        let mut i = self.inner.lock().expect("queue lock");
+        if i.closed {
+            return Err(SendError::Closed(item));
+        }
+        if i.items.len() >= self.cap {
+            return Err(SendError::Full(item));
+        }
+        i.items.push_back(item);
+        Ok(!std::mem::replace(&mut i.deferred, true))
+    }
+
+    /// Wakes the reader for the deferred frames still queued; false when there were none (a
+    /// later frame took them out already).
+    pub(super) fn wake_deferred(&self) -> bool {
+        let mut i = self.inner.lock().expect("queue lock");
+        if !std::mem::take(&mut i.deferred) || i.items.is_empty() {
+            return false;
+        }
+        drop(i);
+        self.ready.notify_one();
+        true
+    }
+
+    /// The next frame if one is queued, without waiting (None also once closed).
+    pub(super) fn try_recv(&self) -> Option<T> {
+        let mut i = self.inner.lock().expect("queue lock");
+        if i.closed {
+            return None;
+        }
+        let item = i.items.pop_front()?;
+        if i.items.is_empty() {
+            i.deferred = false;
+            if i.items.capacity() > KEEP {
+                i.items.shrink_to(KEEP);
+            }
+        }
+        drop(i);
+        self.room.notify_one();
+        Some(item)
     }
 
     /// Queues a frame, waiting for room; gives it back when the queue closes.
@@ -95,8 +148,11 @@ impl<T> Queue<T> {
                     return None;
                 }
                 if let Some(item) = i.items.pop_front() {
-                    if i.items.is_empty() && i.items.capacity() > KEEP {
-                        i.items.shrink_to(KEEP);
+                    if i.items.is_empty() {
+                        i.deferred = false;
+                        if i.items.capacity() > KEEP {
+                            i.items.shrink_to(KEEP);
+                        }
                     }
                     drop(i);
                     self.room.notify_one();
@@ -159,6 +215,53 @@ mod tests {
         };
         q.close();
         assert_eq!(sender.await.unwrap(), Err(4));
+    }
+
+    /// Polls once with a waker that does nothing.
+    fn poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> std::task::Poll<F::Output> {
+        f.poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[tokio::test]
+    async fn a_deferred_frame_waits_for_the_next_frame_or_its_wake_up() {
+        let q = Queue::new(4);
+        // Deferred: the reader is not woken.
+        assert_eq!(q.try_send_deferred(1).map_err(|_| ()), Ok(true));
+        assert_eq!(
+            q.try_send_deferred(2).map_err(|_| ()),
+            Ok(false),
+            "one wake-up asked"
+        );
+        let recv = q.recv();
+        tokio::pin!(recv);
+        // The first poll takes what is queued (the reader was busy before): what a deferred
+        // frame saves is the wake-up, not the read.
+        assert_eq!(poll_once(recv.as_mut()), std::task::Poll::Ready(Some(1)));
+        assert_eq!(q.try_recv(), Some(2));
+        assert_eq!(q.try_recv(), None);
+        assert!(!q.wake_deferred(), "taken out already: nothing to wake for");
+
+        // A waiting reader sleeps through a deferred frame...
+        let recv = q.recv();
+        tokio::pin!(recv);
+        assert!(poll_once(recv.as_mut()).is_pending());
+        assert_eq!(q.try_send_deferred(3).map_err(|_| ()), Ok(true));
+        assert!(poll_once(recv.as_mut()).is_pending(), "not woken");
+        // ...until the flusher's wake-up, or the next ordinary frame.
+        assert!(q.wake_deferred());
+        assert_eq!(recv.await, Some(3));
+        assert_eq!(q.try_send_deferred(4).map_err(|_| ()), Ok(true));
+        q.try_send(5).unwrap();
+        assert_eq!(q.recv().await, Some(4));
+        assert_eq!(q.try_recv(), Some(5));
+        // Full and closed as for `try_send`.
+        for i in 0..4 {
+            q.try_send(i).unwrap();
+        }
+        assert!(matches!(q.try_send_deferred(9), Err(SendError::Full(9))));
+        q.close();
+        assert!(matches!(q.try_send_deferred(9), Err(SendError::Closed(9))));
+        assert_eq!(q.try_recv(), None);
     }
 
     #[test]
