@@ -319,9 +319,14 @@ impl Service {
             ),
             other => return Some(other),
         };
-        // A quiet release waits for the next message to this agent (usually the next lease's
-        // `leased`), so the two cost one write and one wake-up of the agent.
-        if matches!(m, HubMessage::Release { quiet: true, .. }) {
+        // `leased` and a quiet `release` wait for the next message to this agent (the lease's
+        // `exec`, the next lease's `leased`), so they cost no write and no wake-up of the agent
+        // of their own (at most `hub::DEFER_AT_MOST` late). A plain `release` goes at once: the
+        // agent's cleanup is on the way back to idle.
+        if matches!(
+            m,
+            HubMessage::Leased { .. } | HubMessage::Release { quiet: true, .. }
+        ) {
             self.hub.send_deferred(self, &agent, m);
         } else {
             self.hub.send(self, &agent, m);

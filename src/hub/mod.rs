@@ -33,8 +33,8 @@ use crate::service::Service;
 /// After the hub's Close, how long it reads on for the agent's.
 const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// How long a deferred message (a quiet `release`) may wait in its connection's queue for
-/// the next message to travel with (docs/PROTOCOL.md, "Quiet release").
+/// How long a deferred message (`leased`, a quiet `release`) may wait in its connection's
+/// queue for the next message to travel with (docs/PROTOCOL.md, "Deferred messages").
 pub const DEFER_AT_MOST: std::time::Duration = std::time::Duration::from_millis(20);
 
 mod halves;
@@ -167,9 +167,10 @@ impl Hub {
     }
 
     /// Queues a message to an agent without waking its connection: it is written with the next
-    /// message queued for that agent, or after [`DEFER_AT_MOST`]. Used for the quiet `release`,
-    /// which the agent answers with nothing and which the next lease's `leased` usually
-    /// follows within microseconds: the two then cost one write and one wake-up of the agent.
+    /// message queued for that agent, or after [`DEFER_AT_MOST`]. Used for what the agent
+    /// answers with nothing and need not act on at once: `leased` (the lease's `exec` usually
+    /// follows within milliseconds) and the quiet `release` (the next lease's `leased` often
+    /// follows within microseconds): they then travel in the write of the message behind them.
     /// A full queue disconnects the agent (as [`Hub::send`]).
     pub fn send_deferred(&self, svc: &Service, agent: &str, msg: HubMessage) -> bool {
         let Some(conn) = self.conns.get(agent).map(|c| c.clone()) else {
