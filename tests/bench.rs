@@ -186,3 +186,40 @@ fn floor_refuses_a_command() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--floor` measures the lease path in the steady state of its load: before the first block,
+/// `steady_pool` holds `concurrency` leases until the pool has its `minIdle` idle agents again,
+/// so a block of that many leases at once starts no agent (it used to grow the pool from
+/// `minIdle` to `minIdle + concurrency` inside the measured blocks, agents' start-up included).
+#[tokio::test]
+async fn the_floor_run_brings_the_pool_to_its_steady_state_before_measuring() {
+    let h = support::start_pools(
+        "
+pools:
+  - name: steady
+    labels: [steady]
+    minIdle: 2
+    maxTotal: 10
+    maxUses: 0
+",
+    )
+    .await;
+    warmpool::bench::wait_warm(&h.client, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    warmpool::bench::steady_pool(&h.client, "steady", 3)
+        .await
+        .unwrap();
+    let p = h.pool("steady");
+    assert_eq!((p.idle, p.leased, p.total), (5, 0, 5), "{p:?}");
+    // A block of 3 leases at once, as the load holds them: nothing to start.
+    let held: Vec<_> =
+        futures_util::future::join_all((0..3).map(|_| h.lease("steady", 5.0, 60.0))).await;
+    let p = h.pool("steady");
+    assert_eq!((p.idle, p.leased, p.total), (2, 3, 5), "{p:?}");
+    assert_eq!(p.provisioning + p.connecting, 0, "no agent starts: {p:?}");
+    for l in held {
+        h.client.release(&l.id).await.unwrap();
+    }
+    h.server.shutdown().await;
+}

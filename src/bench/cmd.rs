@@ -86,6 +86,11 @@ async fn run_load(a: BenchLoadArgs) -> anyhow::Result<i32> {
         super::wait_warm(&client, Duration::from_secs(120))
             .await
             .map_err(anyhow::Error::msg)?;
+        if a.floor {
+            super::steady_pool(&client, "bench && warm", a.concurrency)
+                .await
+                .map_err(anyhow::Error::msg)?;
+        }
         targets = if a.floor {
             vec![Target {
                 name: "warmpool".into(),

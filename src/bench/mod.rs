@@ -454,6 +454,43 @@ pub fn embedded_pools(concurrency: usize, max_uses: u32) -> Vec<PoolDef> {
     vec![pool("warm", c), pool("cold", 0)]
 }
 
+/// Brings the pool of `selector` to the steady state of a load of `concurrency` leases at once
+/// (unmeasured): holds that many leases until the pool has its `minIdle` idle agents again,
+/// then releases them. The pool then holds `concurrency` more agents than `minIdle` (idle until
+/// `idleTtl`), so no agent starts during a measured block: `--floor` measures the lease path,
+/// not the pool's growth.
+pub async fn steady_pool(
+    client: &Client,
+    selector: &str,
+    concurrency: usize,
+) -> Result<(), String> {
+    let req = CreateLease {
+        selector: selector.into(),
+        wait_seconds: Some(120.0),
+        ttl_seconds: Some(300.0),
+        holder: Some("warmpool bench (warm-up)".into()),
+        idempotency_key: None,
+    };
+    let leases =
+        futures_util::future::join_all((0..concurrency.max(1)).map(|_| client.lease(&req))).await;
+    let refilled = wait_warm(client, Duration::from_secs(120)).await;
+    let mut failed = None;
+    for l in &leases {
+        match l {
+            Ok(l) => {
+                if let Err(e) = client.release(&l.id).await {
+                    failed.get_or_insert(format!("warm-up release of {}: {e}", l.id));
+                }
+            }
+            Err(e) => {
+                failed.get_or_insert(format!("warm-up lease on {selector:?}: {e}"));
+            }
+        }
+    }
+    refilled?;
+    failed.map_or(Ok(()), Err)
+}
+
 /// Waits until every pool reports at least its `minIdle` idle agents.
 pub async fn wait_warm(client: &Client, limit: Duration) -> Result<(), String> {
     let t = Instant::now();
