@@ -506,3 +506,67 @@ pools:
     );
     h.server.shutdown().await;
 }
+
+/// `leased` is deferred (docs/PROTOCOL.md, "Deferred messages"): nothing is written to the agent
+/// when the lease is granted; the next message to the agent carries it, in order (here the
+/// answer to a heartbeat), and without one it goes out after `DEFER_AT_MOST`.
+#[tokio::test]
+async fn leased_travels_with_the_next_message_or_after_the_deferral() {
+    let pools = "
+pools:
+  - name: manual
+    labels: [manual]
+    minIdle: 1
+    maxTotal: 1
+    maxUses: 0
+    connectTimeout: 60s
+    agentCommand: [sleep, \"600\"]
+";
+    let h = start_with(test_config(pools)).await;
+    wait_until("manual agent started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == 1
+    })
+    .await;
+    let q = h.agents_in(AgentState::Connecting)[0].clone();
+    let mut wq = raw_agent(&h.hub_url()).await;
+    wq.send(hello_quiet(&q, &h.server.svc.key.token(&q)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_hub_message(&mut wq).await,
+        HubMessage::Welcome { .. }
+    ));
+    wait_until("quiet agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    // Granted: nothing is written yet (the flusher waits DEFER_AT_MOST from the first deferred
+    // message, so nothing can arrive sooner on its own).
+    let t0 = tokio::time::Instant::now();
+    let l = h.lease("manual", 5.0, 60.0).await;
+    // Checked while the grant is surely younger than DEFER_AT_MOST (a slow machine skips it).
+    if t0.elapsed() < warmpool::hub::DEFER_AT_MOST / 2 {
+        let quiet_until = t0 + warmpool::hub::DEFER_AT_MOST - Duration::from_millis(1);
+        let early = tokio::time::timeout_at(quiet_until, wq.next()).await;
+        assert!(early.is_err(), "leased written at once: {early:?}");
+    }
+    // The next message to the agent carries it, ahead of itself.
+    wq.send(heartbeat(0, Some(true))).await.unwrap();
+    match next_hub_message(&mut wq).await {
+        HubMessage::Leased { lease, .. } => assert_eq!(lease, l.id),
+        other => panic!("expected leased, got {other:?}"),
+    }
+    assert_eq!(next_hub_message(&mut wq).await, HubMessage::Heartbeat {});
+    // Without a message behind it, it goes out on its own (after DEFER_AT_MOST).
+    h.client.release(&l.id).await.unwrap();
+    let l2 = h.lease("manual", 5.0, 60.0).await;
+    match next_hub_message(&mut wq).await {
+        HubMessage::Release { lease, quiet, .. } => assert!(quiet && lease == l.id),
+        other => panic!("expected the quiet release, got {other:?}"),
+    }
+    match next_hub_message(&mut wq).await {
+        HubMessage::Leased { lease, .. } => assert_eq!(lease, l2.id),
+        other => panic!("expected leased, got {other:?}"),
+    }
+    h.server.shutdown().await;
+}

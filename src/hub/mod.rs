@@ -11,6 +11,8 @@
 //! closes that connection (close code 4429) and ends its lease at once. Protocol errors close the
 //! connection with a reason and bump `warmpool_protocol_errors_total{reason}`. What each
 //! incoming message does, and the budget that cuts off a flooding agent, are in `messages`.
+//! `leased` and the quiet `release` are queued deferred ([`Hub::send_deferred`]): they travel
+//! with the agent's next message, or after [`DEFER_AT_MOST`] (the service's flusher task).
 
 use std::sync::Arc;
 use std::sync::Mutex;
