@@ -353,32 +353,9 @@ fn ready(lease: &str) -> Message {
 /// not end it).
 #[tokio::test]
 async fn a_lease_in_which_nothing_ran_ends_with_a_quiet_release() {
-    // Agents played by hand (the command never dials), reused without limit.
-    let pools = "
-pools:
-  - name: manual
-    labels: [manual]
-    minIdle: 2
-    maxTotal: 2
-    maxUses: 0
-    connectTimeout: 60s
-    agentCommand: [sleep, \"600\"]
-";
-    let h = start_with(test_config(pools)).await;
-    wait_until("manual agents started", Duration::from_secs(10), || {
-        h.agents_in(AgentState::Connecting).len() == 2
-    })
-    .await;
-    let ids = h.agents_in(AgentState::Connecting);
+    let (h, ids) = manual_agents(2).await;
     let (q, old) = (ids[0].clone(), ids[1].clone());
-    let mut wq = raw_agent(&h.hub_url()).await;
-    wq.send(hello_quiet(&q, &h.server.svc.key.token(&q)))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_hub_message(&mut wq).await,
-        HubMessage::Welcome { .. }
-    ));
+    let mut wq = registered_quiet(&h, &q).await;
     wait_until("quiet agent idle", Duration::from_secs(5), || {
         h.pool("manual").idle == 1
     })
@@ -439,6 +416,55 @@ pools:
     h.server.shutdown().await;
 }
 
+/// Registers agent `id` by hand with `quietRelease`; the socket is past its `welcome`.
+async fn registered_quiet(h: &Harness, id: &str) -> Ws {
+    let mut ws = raw_agent(&h.hub_url()).await;
+    ws.send(hello_quiet(id, &h.server.svc.key.token(id)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_hub_message(&mut ws).await,
+        HubMessage::Welcome { .. }
+    ));
+    ws
+}
+
+/// A pool `manual` of one agent played by hand (reused without limit), registered with
+/// `quietRelease` and idle: the server and the agent's socket (past its `welcome`).
+async fn one_quiet_agent() -> (Harness, Ws) {
+    let (h, ids) = manual_agents(1).await;
+    let wq = registered_quiet(&h, &ids[0]).await;
+    wait_until("quiet agent idle", Duration::from_secs(5), || {
+        h.pool("manual").idle == 1
+    })
+    .await;
+    (h, wq)
+}
+
+/// A pool `manual` of `n` agents played by hand (their command never dials), reused without
+/// limit: the server and the agents' ids, all still to connect.
+async fn manual_agents(n: usize) -> (Harness, Vec<String>) {
+    let pools = format!(
+        "
+pools:
+  - name: manual
+    labels: [manual]
+    minIdle: {n}
+    maxTotal: {n}
+    maxUses: 0
+    connectTimeout: 60s
+    agentCommand: [sleep, \"600\"]
+"
+    );
+    let h = start_with(test_config(&pools)).await;
+    wait_until("manual agents started", Duration::from_secs(10), || {
+        h.agents_in(AgentState::Connecting).len() == n
+    })
+    .await;
+    let ids = h.agents_in(AgentState::Connecting);
+    (h, ids)
+}
+
 /// A quiet `release` waits in the queue for the next message to its agent (so the two cost one
 /// write), at most `DEFER_AT_MOST`; when the hub closes the connection in that time (a restart
 /// that leaves the agents to the next instance), the release still goes out before the Close:
@@ -446,34 +472,7 @@ pools:
 /// restore it.
 #[tokio::test]
 async fn a_deferred_quiet_release_goes_out_before_the_close() {
-    let pools = "
-pools:
-  - name: manual
-    labels: [manual]
-    minIdle: 1
-    maxTotal: 1
-    maxUses: 0
-    connectTimeout: 60s
-    agentCommand: [sleep, \"600\"]
-";
-    let h = start_with(test_config(pools)).await;
-    wait_until("manual agent started", Duration::from_secs(10), || {
-        h.agents_in(AgentState::Connecting).len() == 1
-    })
-    .await;
-    let q = h.agents_in(AgentState::Connecting)[0].clone();
-    let mut wq = raw_agent(&h.hub_url()).await;
-    wq.send(hello_quiet(&q, &h.server.svc.key.token(&q)))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_hub_message(&mut wq).await,
-        HubMessage::Welcome { .. }
-    ));
-    wait_until("quiet agent idle", Duration::from_secs(5), || {
-        h.pool("manual").idle == 1
-    })
-    .await;
+    let (h, mut wq) = one_quiet_agent().await;
     let l = h.lease("manual", 5.0, 60.0).await;
     match next_hub_message(&mut wq).await {
         HubMessage::Leased { lease, .. } => assert_eq!(lease, l.id),
@@ -512,34 +511,7 @@ pools:
 /// answer to a heartbeat), and without one it goes out after `DEFER_AT_MOST`.
 #[tokio::test]
 async fn leased_travels_with_the_next_message_or_after_the_deferral() {
-    let pools = "
-pools:
-  - name: manual
-    labels: [manual]
-    minIdle: 1
-    maxTotal: 1
-    maxUses: 0
-    connectTimeout: 60s
-    agentCommand: [sleep, \"600\"]
-";
-    let h = start_with(test_config(pools)).await;
-    wait_until("manual agent started", Duration::from_secs(10), || {
-        h.agents_in(AgentState::Connecting).len() == 1
-    })
-    .await;
-    let q = h.agents_in(AgentState::Connecting)[0].clone();
-    let mut wq = raw_agent(&h.hub_url()).await;
-    wq.send(hello_quiet(&q, &h.server.svc.key.token(&q)))
-        .await
-        .unwrap();
-    assert!(matches!(
-        next_hub_message(&mut wq).await,
-        HubMessage::Welcome { .. }
-    ));
-    wait_until("quiet agent idle", Duration::from_secs(5), || {
-        h.pool("manual").idle == 1
-    })
-    .await;
+    let (h, mut wq) = one_quiet_agent().await;
     // Granted: nothing is written yet (the flusher waits DEFER_AT_MOST from the first deferred
     // message, so nothing can arrive sooner on its own).
     let t0 = tokio::time::Instant::now();

@@ -62,6 +62,13 @@ impl<T> Queue<T> {
 
     /// Queues a frame without waiting.
     pub(super) fn try_send(&self, item: T) -> Result<(), SendError<T>> {
+        drop(self.push(item)?);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Appends a frame if the queue is open and has room; the lock stays held.
+    fn push(&self, item: T) -> Result<std::sync::MutexGuard<'_, Inner<T>>, SendError<T>> {
         let mut i = self.inner.lock().expect("queue lock");
         if i.closed {
             return Err(SendError::Closed(item));
@@ -70,23 +77,14 @@ impl<T> Queue<T> {
             return Err(SendError::Full(item));
         }
         i.items.push_back(item);
-        drop(i);
-        self.ready.notify_one();
-        Ok(())
+        Ok(i)
     }
 
     /// Queues a frame without waiting and without waking the reader: it goes out with the next
     /// frame queued by [`Queue::try_send`], or at [`Queue::wake_deferred`]. True when the queue
     /// held no deferred frame yet (the caller then arranges for that wake-up).
     pub(super) fn try_send_deferred(&self, item: T) -> Result<bool, SendError<T>> {
-        let mut i = self.inner.lock().expect("queue lock");
-        if i.closed {
-            return Err(SendError::Closed(item));
-        }
-        if i.items.len() >= self.cap {
-            return Err(SendError::Full(item));
-        }
-        i.items.push_back(item);
+        let mut i = self.push(item)?;
         Ok(!std::mem::replace(&mut i.deferred, true))
     }
 
@@ -104,11 +102,18 @@ impl<T> Queue<T> {
 
     /// The next frame if one is queued, without waiting (None also once closed).
     pub(super) fn try_recv(&self) -> Option<T> {
+        self.take().ok().flatten()
+    }
+
+    /// Takes the next frame: `Ok(None)` when empty, `Err(())` once closed.
+    fn take(&self) -> Result<Option<T>, ()> {
         let mut i = self.inner.lock().expect("queue lock");
         if i.closed {
-            return None;
+            return Err(());
         }
-        let item = i.items.pop_front()?;
+        let Some(item) = i.items.pop_front() else {
+            return Ok(None);
+        };
         if i.items.is_empty() {
             i.deferred = false;
             if i.items.capacity() > KEEP {
@@ -117,7 +122,7 @@ impl<T> Queue<T> {
         }
         drop(i);
         self.room.notify_one();
-        Some(item)
+        Ok(Some(item))
     }
 
     /// Queues a frame, waiting for room; gives it back when the queue closes.
@@ -142,22 +147,10 @@ impl<T> Queue<T> {
             let ready = self.ready.notified();
             tokio::pin!(ready);
             ready.as_mut().enable();
-            {
-                let mut i = self.inner.lock().expect("queue lock");
-                if i.closed {
-                    return None;
-                }
-                if let Some(item) = i.items.pop_front() {
-                    if i.items.is_empty() {
-                        i.deferred = false;
-                        if i.items.capacity() > KEEP {
-                            i.items.shrink_to(KEEP);
-                        }
-                    }
-                    drop(i);
-                    self.room.notify_one();
-                    return Some(item);
-                }
+            match self.take() {
+                Ok(Some(item)) => return Some(item),
+                Err(()) => return None,
+                Ok(None) => {}
             }
             ready.await;
         }
